@@ -1,0 +1,130 @@
+"""Ops backends: the three operations a GPT needs besides matmuls.
+
+A backend is any object with these methods (shapes are the only contract):
+
+    layer_norm(x, weight, bias, eps=1e-5)        x (..., C), weight/bias (C,) -> (..., C)
+    gelu(x, approximate="tanh")                  any shape -> same shape
+    causal_attention(q, k, v, dropout_p=0.0, scale=None)
+                                                 q, k, v (B, H, T, D) -> (B, H, T, D)
+
+Backends:
+
+    torch   readable PyTorch (``kernels/reference.py``): the definition every kernel is checked against
+    triton  our Triton kernels (``kernels/attention.py``, ``layer_norm.py``, ``gelu.py``); on a machine without
+            a GPU they run in Triton's interpreter, which is slow and meant for learning and debugging
+    auto    per call: ``triton`` for CUDA tensors when Triton is installed, ``torch`` otherwise
+
+This package knows nothing of minigpt and never imports it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+__all__ = ["get_backend", "available_backends", "BACKENDS", "BackendUnavailable"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this machine (the message says why and what to do)."""
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+_interpreter_warned = False
+
+
+def _prepare_triton() -> None:
+    """Switch Triton to its CPU interpreter when there is no GPU.
+
+    ``TRITON_INTERPRET=1`` is read when a kernel is decorated with ``@triton.jit``, i.e. when our kernel modules
+    are first imported, so it must be set before that import. On a GPU machine nothing changes.
+    """
+    global _interpreter_warned
+    if not _cuda_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"
+    if os.environ.get("TRITON_INTERPRET") == "1" and not _interpreter_warned:
+        _interpreter_warned = True
+        warnings.warn(
+            "no CUDA GPU: Triton kernels run in Triton's CPU interpreter — correct but very slow, "
+            "meant for learning and debugging (use --kernels torch for speed on CPU)",
+            stacklevel=3,
+        )
+
+
+def available_backends() -> list[str]:
+    """Names of the backends this machine can run (``triton`` needs the package; without a GPU it interprets)."""
+    names = ["torch"]
+    if _triton_installed():
+        names.append("triton")
+    return names
+
+
+def get_backend(name: str = "auto"):
+    """Return the backend object called ``name`` (one of ``BACKENDS``)."""
+    name = (name or "auto").lower()
+    if name == "torch":
+        from .reference import TorchBackend
+
+        return TorchBackend()
+    if name == "triton":
+        if not _triton_installed():
+            raise BackendUnavailable(
+                "the triton backend needs the 'triton' package — `pip install triton` (Linux), or use kernels='torch'"
+            )
+        _prepare_triton()
+        from .triton_backend import TritonBackend
+
+        return TritonBackend()
+    if name == "auto":
+        return AutoBackend()
+    raise BackendUnavailable(f"unknown kernels backend {name!r} — choose one of {', '.join(BACKENDS)}")
+
+
+class AutoBackend:
+    """Chooses per call: Triton kernels for CUDA tensors when Triton is installed, plain PyTorch otherwise.
+
+    Deciding at call time (not at construction) means ``model.to("cuda")`` after building the model on the CPU
+    still gets the kernels.
+    """
+
+    name = "auto"
+
+    def __init__(self) -> None:
+        from .reference import TorchBackend
+
+        self._torch = TorchBackend()
+        self._triton = None
+        self._use_triton = _triton_installed() and _cuda_available()
+
+    def _pick(self, x):
+        if self._use_triton and x.is_cuda:
+            if self._triton is None:
+                self._triton = get_backend("triton")
+            return self._triton
+        return self._torch
+
+    def layer_norm(self, x, weight, bias, eps: float = 1e-5):
+        return self._pick(x).layer_norm(x, weight, bias, eps)
+
+    def gelu(self, x, approximate: str = "tanh"):
+        return self._pick(x).gelu(x, approximate)
+
+    def causal_attention(self, q, k, v, dropout_p: float = 0.0, scale: float | None = None):
+        return self._pick(q).causal_attention(q, k, v, dropout_p, scale)
+
+    def resolved_name(self, device) -> str:
+        """Which backend a tensor on ``device`` would get ("triton" or "torch")."""
+        import torch
+
+        return "triton" if (self._use_triton and torch.device(device).type == "cuda") else "torch"

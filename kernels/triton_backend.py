@@ -1,0 +1,22 @@
+"""The ``triton`` backend: our kernels behind the backend interface (see ``kernels/__init__.py``)."""
+from __future__ import annotations
+
+from .attention import causal_attention
+from .gelu import gelu
+from .layer_norm import layer_norm
+from .reference import EPS
+
+
+class TritonBackend:
+    """Triton kernels for LayerNorm, GELU and FlashAttention-style causal attention, forward and backward."""
+
+    name = "triton"
+
+    def layer_norm(self, x, weight, bias, eps: float = EPS):
+        return layer_norm(x, weight, bias, eps)
+
+    def gelu(self, x, approximate: str = "tanh"):
+        return gelu(x, approximate)
+
+    def causal_attention(self, q, k, v, dropout_p: float = 0.0, scale: float | None = None):
+        return causal_attention(q, k, v, dropout_p, scale)

@@ -1,0 +1,13 @@
+"""minigpt: a GPT from scratch in PyTorch, with our own Triton kernels behind a pluggable ops backend.
+
+    from minigpt import GPTModel, GPTConfig
+    model = GPTModel(GPTConfig(), kernels="auto")   # or GPTModel(GPT_CONFIG_124M) with the seed's dict
+
+Heavy or optional packages (datasets, tiktoken, matplotlib, triton) are imported where they are used.
+"""
+from .config import GPT_CONFIG_124M, GPT_CONFIG_LARGE, GPT_CONFIG_SMALL, PRESETS, GPTConfig, get_preset
+from .model import GPTModel
+
+__version__ = "0.1.0"
+__all__ = ["GPTModel", "GPTConfig", "PRESETS", "get_preset", "GPT_CONFIG_124M", "GPT_CONFIG_SMALL",
+           "GPT_CONFIG_LARGE", "__version__"]

@@ -1,0 +1,187 @@
+"""Text generation: the sampling loop, and ``python -m minigpt.generate``.
+
+    python -m minigpt.generate --checkpoint out/checkpoint.pt --prompt "Once upon a time"
+    python -m minigpt.generate --checkpoint model.pth --preset gpt2-124m      # a seed notebook's model.pth
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .checkpoint import (
+    CheckpointError,
+    is_minigpt_checkpoint,
+    load_model_state,
+    load_torch,
+)
+from .config import PRESETS, ConfigError, GPTConfig, get_preset
+from .model import GPTModel
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    context_size: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Extend ``idx`` (B, T) by up to ``max_new_tokens`` tokens.
+
+    temperature 0 picks the most likely token (greedy, the seed's ``generate_text_simple``); otherwise the logits
+    are divided by the temperature, cut to the ``top_k`` most likely tokens and/or the smallest set whose
+    probability reaches ``top_p`` (nucleus sampling), and a token is drawn. Stops early when every sequence has just
+    produced ``eos_id``. The context is cropped to the last ``context_size`` tokens.
+    """
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]
+        logits = model(idx_cond)[:, -1, :].float()  # (B, V): only the last position predicts the next token
+        if temperature > 0.0:
+            logits = logits / temperature
+            if top_k is not None and top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if top_p is not None and top_p < 1.0:
+                sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+                cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+                # drop a token when the tokens before it already reach top_p (the first token always stays)
+                drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+                drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+                logits = logits.masked_fill(drop, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs.cpu(), num_samples=1, generator=generator).to(idx.device)
+        else:
+            idx_next = torch.argmax(logits, dim=-1, keepdim=True)  # (B, 1)
+        idx = torch.cat((idx, idx_next), dim=1)
+        if eos_id is not None and bool((idx_next == eos_id).all()):
+            break
+    return idx
+
+
+def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long).unsqueeze(0)  # (1, T)
+
+
+def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
+    return tokenizer.decode(token_ids.squeeze(0).tolist())
+
+
+def sample_text(model, tokenizer, device, start_context: str, max_new_tokens: int = 50) -> str:
+    """Greedy continuation of ``start_context`` (the seed's sample after each evaluation), on one line."""
+    was_training = model.training
+    model.eval()
+    context_size = model.pos_emb.weight.shape[0]
+    encoded = text_to_token_ids(start_context, tokenizer).to(device)
+    token_ids = generate(model, encoded, max_new_tokens, context_size, eos_id=tokenizer.eot_token)
+    model.train(was_training)
+    return token_ids_to_text(token_ids, tokenizer).replace("\n", " ")
+
+
+def generate_and_print_sample(model, tokenizer, device, start_context: str, max_new_tokens: int = 50) -> None:
+    """The seed's function of the same name."""
+    print(sample_text(model, tokenizer, device, start_context, max_new_tokens))
+
+
+def load_for_inference(checkpoint: str, preset: str | None = None, kernels: str = "auto", device: str = "cpu",
+                       tokenizer: str | None = None):
+    """(model, tokenizer) from our ``checkpoint.pt`` or a seed ``model.pth`` (plain state dict + ``preset``)."""
+    from .tokenizer import get_tokenizer, tokenizer_from_name
+
+    obj = load_torch(checkpoint)
+    if is_minigpt_checkpoint(obj):
+        cfg = GPTConfig.from_any(obj["config"])
+        state, tok_name = obj["model"], tokenizer or obj["tokenizer"]
+    elif isinstance(obj, dict) and "tok_emb.weight" in obj:  # a plain state dict, as the seed saves model.pth
+        cfg = _config_for_state_dict(obj, preset)
+        state, tok_name = obj, tokenizer or ("gpt2" if cfg.vocab_size == 50257 else "bytes")
+    else:
+        raise CheckpointError(f"{checkpoint} is neither a minigpt checkpoint nor a GPT state dict")
+    tok = tokenizer_from_name(tok_name) if tok_name != "auto" else get_tokenizer("auto")
+    if tok.n_vocab != cfg.vocab_size:
+        raise CheckpointError(
+            f"tokenizer {tok.name!r} has {tok.n_vocab} tokens but the model has vocab_size {cfg.vocab_size} — "
+            "pass the --tokenizer the model was trained with"
+        )
+    model = GPTModel(cfg, kernels=kernels)
+    load_model_state(model, state, checkpoint)
+    return model.to(device).eval(), tok
+
+
+def _config_for_state_dict(sd: dict, preset: str | None) -> GPTConfig:
+    """A seed state dict does not store its config: shapes give most fields, the preset gives n_heads."""
+    vocab_size, emb_dim = sd["tok_emb.weight"].shape
+    context_length = sd["pos_emb.weight"].shape[0]
+    n_layers = len({k.split(".")[1] for k in sd if k.startswith("trf_blocks.")})
+    qkv_bias = "trf_blocks.0.att.W_query.bias" in sd
+    if preset is None:
+        matches = [n for n, p in PRESETS.items() if (p.emb_dim, p.n_layers) == (emb_dim, n_layers)]
+        if not matches:
+            raise CheckpointError(
+                f"a plain state dict (emb_dim {emb_dim}, {n_layers} layers) needs --preset to say its number of "
+                f"heads — one of: {', '.join(PRESETS)}"
+            )
+        preset = matches[0]
+    base = get_preset(preset)
+    return GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim, n_heads=base.n_heads,
+                     n_layers=n_layers, drop_rate=base.drop_rate, qkv_bias=qkv_bias)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minigpt.generate", description="Generate text with a trained GPT.")
+    p.add_argument("--checkpoint", default="out/checkpoint.pt",
+                   help="our checkpoint.pt, or a seed notebook's model.pth (default: out/checkpoint.pt)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="config of a plain model.pth (n_heads is not stored in it); inferred when unambiguous")
+    p.add_argument("--tokenizer", default=None, choices=["gpt2", "bytes"],
+                   help="override the tokenizer recorded in the checkpoint")
+    p.add_argument("--prompt", default="Once upon a time", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (always the most likely token)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .runtime import resolve_device
+    from .tokenizer import TokenizerError
+
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.num_samples < 1:
+        raise SystemExit("error: --max-new-tokens and --temperature must be >= 0 and --num-samples >= 1")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise SystemExit("error: --top-p must be in (0, 1]")
+    try:
+        device = resolve_device(args.device)
+        model, tok = load_for_inference(args.checkpoint, args.preset, args.kernels, device, args.tokenizer)
+    except (CheckpointError, ConfigError, TokenizerError) as e:
+        raise SystemExit(f"error: {e}") from None
+    ids = tok.encode(args.prompt)
+    if not ids:
+        ids = [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
+    gen = torch.Generator().manual_seed(args.seed)
+    for i in range(args.num_samples):
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        out = generate(model, idx, args.max_new_tokens, model.cfg.context_length, args.temperature,
+                       args.top_k or None, args.top_p, eos_id=tok.eot_token, generator=gen)
+        new = out[0, len(ids):].tolist()
+        if new and new[-1] == tok.eot_token:
+            new = new[:-1]
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt + tok.decode(new))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,624 @@
+"""Training: ``python -m minigpt.train`` (and ``torchrun --nproc_per_node=N -m minigpt.train`` for several GPUs).
+
+    python -m minigpt.train                                   # no GPU: a tiny model on a subset, a few minutes
+    python -m minigpt.train --preset gpt2-124m --kernels triton --compile     # the seed's run, fast, on a GPU
+
+Flow: arguments -> config -> tokenizer -> data (token cache -> windows) -> model (asks its backend for the ops)
+-> loss -> AdamW. Every ``--eval-interval`` steps: train/val loss, a sample from a fixed prompt, the checkpoint,
+metrics.csv and the loss plot, all written atomically to ``--out-dir``. ``--resume auto`` continues a stopped run
+exactly where it stopped: weights, optimizer, LR schedule, loss scaler, data position and random state.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    is_minigpt_checkpoint,
+    load_model_state,
+    load_torch,
+    save_torch,
+)
+from .config import PRESETS, ConfigError, GPTConfig, get_preset
+from .distributed import (
+    WindowSampler,
+    all_reduce_mean,
+    init_distributed,
+    shutdown_distributed,
+)
+from .metrics import save_loss_plot, write_metrics_csv
+from .model import GPTModel, seed_state_dict
+from .runtime import (
+    peak_flops,
+    resolve_device,
+    resolve_dtype,
+    rng_state,
+    set_rng_state,
+)
+
+# The seed's OTHER_SETTINGS
+DEFAULT_LR = 5e-4
+DEFAULT_EPOCHS = 20
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_WEIGHT_DECAY = 0.1
+
+# A run on a machine with no GPU and no --preset: the tiny preset on the first CPU_MAX_DOCS documents for
+# CPU_MAX_STEPS steps — a few minutes on 2 cores, with the loss falling far below its start (see README).
+CPU_PRESET = "tiny"
+CPU_MAX_DOCS = 2000
+CPU_MAX_STEPS = 300
+SAMPLE_PROMPT = "Once upon a time"
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minigpt.train", description="Train a GPT from scratch.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help=f"model size; default: gpt2-124m on a GPU, {CPU_PRESET} on a CPU")
+    g.add_argument("--emb-dim", type=int, default=None, help="override the preset's emb_dim")
+    g.add_argument("--n-layers", type=int, default=None, help="override the preset's n_layers")
+    g.add_argument("--n-heads", type=int, default=None, help="override the preset's n_heads")
+    g.add_argument("--context-length", type=int, default=None, help="override the preset's context_length")
+    g.add_argument("--drop-rate", type=float, default=None, help="override the preset's drop_rate")
+    g.add_argument("--qkv-bias", action="store_true", default=None, help="biases in the query/key/value layers")
+    g.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                   help="ops backend: auto = triton on CUDA when installed, else torch")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="tinystories (default) | stories (generated, offline) | hf:NAME[:CONFIG] | a .txt file, folder "
+                        "or glob; --resume reuses the checkpoint's")
+    g.add_argument("--text-field", default="text", help="text column of an hf: dataset")
+    g.add_argument("--max-docs", type=int, default=None,
+                   help=f"use only the first N documents (default with no GPU and no --preset: {CPU_MAX_DOCS})")
+    g.add_argument("--tokenizer", default="auto", choices=["auto", "gpt2", "bytes"],
+                   help="auto = GPT-2 BPE, or bytes when the GPT-2 files cannot be loaded offline")
+    g.add_argument("--train-ratio", type=float, default=0.9, help="train share where the source has no val split")
+    g.add_argument("--cache-dir", default=None, help="token cache (default $MINIGPT_CACHE or ~/.cache/minigpt)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="windows per micro-batch per GPU")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=None, help="cosine decay ends here (default lr/10; = lr: constant)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the cosine decay")
+    g.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY, help="AdamW decay of weight matrices")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast precision: auto = bf16 on GPUs that have it, else fp32; fp16 uses a GradScaler")
+    g.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    g.add_argument("--max-steps", type=int, default=None,
+                   help=f"total optimizer steps of the run, resumed parts included (default with no GPU and no "
+                        f"--preset: {CPU_MAX_STEPS})")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations and checkpoints")
+    g.add_argument("--eval-iters", type=int, default=20, help="batches per loss estimate")
+    g.add_argument("--sample-prompt", default=SAMPLE_PROMPT, help="prompt of the sample printed after each eval")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    g.add_argument("--seed", type=int, default=123)
+    g.add_argument("--out-dir", default="out")
+    g.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="continue from a checkpoint; auto = OUT_DIR/checkpoint.pt if it exists, else start fresh")
+    g.add_argument("--log", default=None, choices=["tensorboard"], help="also log to TensorBoard (OUT_DIR/tb)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per evaluation)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings that depend on the machine, and flags that contradict each other
+
+
+def resolve_run_settings(args, device: torch.device) -> tuple[str, str | None]:
+    """Fill in the defaults that depend on the machine; returns (preset name, a note saying why, or None)."""
+    if args.preset is not None:
+        return args.preset, None
+    if device.type == "cuda":
+        return "gpt2-124m", None
+    if args.max_docs is None:
+        args.max_docs = CPU_MAX_DOCS
+    if args.max_steps is None:
+        args.max_steps = CPU_MAX_STEPS
+    note = (f"no GPU and no --preset: using preset '{CPU_PRESET}' on the first {args.max_docs} documents for "
+            f"{args.max_steps} steps, so the run takes minutes on a CPU (pass --preset gpt2-124m for the seed's run)")
+    return CPU_PRESET, note
+
+
+def check_args(args) -> None:
+    """Reject impossible or contradictory flags with one line each (before any work is done)."""
+    for name in ("batch_size", "epochs", "eval_interval", "eval_iters", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_steps", "warmup_steps", "grad_clip", "weight_decay"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if args.max_docs is not None and args.max_docs < 1:
+        raise ConfigError(f"--max-docs must be >= 1, got {args.max_docs}")
+    if args.lr <= 0:
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
+        raise ConfigError(f"--min-lr must be between 0 and --lr ({args.lr}), got {args.min_lr}")
+    if not 0.0 < args.train_ratio < 1.0:
+        raise ConfigError(f"--train-ratio must be between 0 and 1, got {args.train_ratio}")
+
+
+def check_compile(args, device: torch.device) -> None:
+    if not args.compile:
+        return
+    if args.kernels == "triton" and device.type != "cuda":
+        raise ConfigError("--compile with --kernels triton needs a CUDA GPU (the Triton interpreter cannot be "
+                          "compiled) — drop --compile, or use --kernels torch")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
+    """AdamW with weight decay on the weight matrices of the Linear layers only.
+
+    Biases and LayerNorm scale/shift are offsets and gains, not capacity: decaying them only pulls the model away
+    from the identity. The embeddings are excluded too: a row of ``tok_emb`` is updated only when its token occurs,
+    but decay would shrink every row at every step, rare tokens toward zero. (nanoGPT decays embeddings; minGPT
+    does not. We follow minGPT.)
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() >= 2 and not name.startswith(("tok_emb", "pos_emb"))
+        (decay if is_matrix else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
+    """Factor of the peak LR at a step: linear warm-up, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if total_steps <= warmup_steps:
+            return 1.0
+        progress = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def calc_loss_batch(input_batch, target_batch, model, device) -> torch.Tensor:
+    """Mean next-token cross-entropy of one batch (B, T) -> scalar (the seed's function of the same name)."""
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
+
+
+@torch.no_grad()
+def calc_loss_loader(data_loader, model, device, num_batches: int | None = None) -> float:
+    """Average loss over the first ``num_batches`` batches (the seed's calc_loss_loader)."""
+    total, n = 0.0, 0
+    for i, (x, y) in enumerate(data_loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        total += calc_loss_batch(x, y, model, device).item()
+        n += 1
+    return total / n if n else float("nan")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    """One training run. ``fit()`` does the work; ``on_step(trainer)`` (optional) is called after every step."""
+
+    def __init__(self, args, on_step=None):
+        self.args, self.on_step = args, on_step
+        self.parser_defaults = vars(build_parser().parse_args([]))
+        self.stop_requested = False
+
+    # -- set-up --------------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from .data import load_token_splits
+        from .tokenizer import get_tokenizer, tokenizer_from_name
+
+        args = self.args
+        check_args(args)
+        self.dist, device_name = init_distributed(args.device)
+        self.device = device = resolve_device(device_name)
+        self.dtype = resolve_dtype(args.dtype, device)
+        check_compile(args, device)
+        self.resume_from = self._resume_path()
+        ckpt = load_torch(self.resume_from) if self.resume_from else None
+        if ckpt is not None and not is_minigpt_checkpoint(ckpt):
+            raise CheckpointError(f"{self.resume_from} is not a training checkpoint (a plain model.pth cannot resume: "
+                                  "it has no optimizer state) — pass the run's checkpoint.pt")
+        if ckpt is not None:  # data flags not given again default to the checkpoint's
+            for name in ("data", "max_docs", "text_field", "train_ratio"):
+                if getattr(args, name) in (None, self.parser_defaults.get(name)):
+                    setattr(args, name, ckpt["args"].get(name, getattr(args, name)))
+            args.preset = args.preset or ckpt.get("preset")
+        args.data = args.data or "tinystories"
+        preset, note = resolve_run_settings(args, device)
+        if note:
+            self.log(f"note: {note}")
+
+        torch.manual_seed(args.seed + self.dist.rank)  # ranks draw different dropout masks
+        random.seed(args.seed + self.dist.rank)
+        if ckpt is not None:
+            self.tokenizer = tokenizer_from_name(ckpt["tokenizer"])
+            self.cfg = GPTConfig.from_any(ckpt["config"])
+        else:
+            self.tokenizer = get_tokenizer(args.tokenizer)
+            self.cfg = get_preset(preset).with_overrides(
+                vocab_size=self.tokenizer.n_vocab, emb_dim=args.emb_dim, n_layers=args.n_layers,
+                n_heads=args.n_heads, context_length=args.context_length, drop_rate=args.drop_rate,
+                qkv_bias=args.qkv_bias)
+        self.preset = preset
+        self.train_tokens, self.val_tokens, self.data_info = load_token_splits(
+            args.data, self.tokenizer, max_docs=args.max_docs, text_field=args.text_field,
+            train_ratio=args.train_ratio, cache_dir=args.cache_dir)
+        self._build_loaders()
+
+        self.raw_model = GPTModel(self.cfg, kernels=args.kernels).to(device)
+        self.model = self.raw_model
+        if args.compile:
+            self.model = torch.compile(self.model)
+        self.eval_model = self.model  # evaluation runs outside DDP: ranks evaluate different batches
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = configure_optimizer(self.raw_model, args.lr, args.weight_decay, device)
+        min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(args.warmup_steps, self.total_steps, min_lr / args.lr))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.state = {"step": 0, "epoch": 0, "epoch_windows": 0, "tokens_seen": 0}
+        self.rows: list[dict] = []
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.out_dir = Path(args.out_dir)
+        self.flops_per_token = self.raw_model.flops_per_token(self.cfg.context_length)
+        self.peak = peak_flops(device)
+        self.tb = self._tensorboard() if args.log == "tensorboard" and self.dist.is_main else None
+
+        backend = getattr(self.raw_model.ops, "resolved_name", lambda d: self.raw_model.kernels)(device)
+        cfg = self.cfg
+        self.log(f"model: {preset} {self.raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layers} layers, "
+                 f"emb_dim {cfg.emb_dim}, {cfg.n_heads} heads, context {cfg.context_length}; kernels: {backend}; "
+                 f"device: {device}; dtype: {str(self.dtype).replace('torch.', '')}"
+                 + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
+        self.log(f"data: {self.data_info['source']} — {self.data_info['train_tokens']:,} train / "
+                 f"{self.data_info['val_tokens']:,} val tokens ({self.tokenizer.name} tokenizer, vocab "
+                 f"{self.tokenizer.n_vocab}); {self.steps_per_epoch} steps per epoch of {self.tokens_per_step:,} "
+                 f"tokens")
+        if self.resume_from:
+            self.log(f"resumed from {self.resume_from} at step {self.state['step']}")
+
+    def _resume_path(self) -> Path | None:
+        r = self.args.resume
+        if r is None:
+            return None
+        if r == "auto":
+            path = Path(self.args.out_dir) / "checkpoint.pt"
+            return path if path.exists() else None
+        path = Path(r)
+        if not path.exists():
+            raise CheckpointError(f"--resume {r}: no such checkpoint — check the path, or use --resume auto")
+        return path
+
+    def _build_loaders(self) -> None:
+        from torch.utils.data import DataLoader
+
+        from .data import DataError, TokenWindows
+
+        args, ctx, d = self.args, self.cfg.context_length, self.dist
+        # stride = context_length: windows do not overlap, as the seed's loaders
+        train_windows = TokenWindows(self.train_tokens, ctx, ctx)
+        val_windows = TokenWindows(self.val_tokens, ctx, ctx)
+        global_batch = args.batch_size * d.world_size * args.grad_accum
+        if len(train_windows) < global_batch:
+            need = (global_batch - 1) * ctx + ctx + 1
+            raise DataError(
+                f"the training split has {len(self.train_tokens):,} tokens: {len(train_windows)} windows of "
+                f"{ctx}, but one step needs {global_batch} ({need:,} tokens) — use more data (--max-docs), "
+                "a smaller --context-length or a smaller --batch-size / --grad-accum")
+        if len(val_windows) < 1:
+            raise DataError(
+                f"the validation split has {len(self.val_tokens):,} tokens, fewer than the {ctx + 1} one window of "
+                f"context {ctx} needs — use more data (--max-docs) or a smaller --context-length")
+        self.train_sampler = WindowSampler(len(train_windows), args.batch_size, d.world_size, d.rank, shuffle=True,
+                                           seed=args.seed, drop_last=True, accum=args.grad_accum)
+        # Each DataLoader draws a seed when it is iterated; a private generator keeps that draw out of the global
+        # random stream, so dropout masks do not depend on how often loaders were started (exact resume).
+        def loader(dataset, **kw):
+            return DataLoader(dataset, batch_size=args.batch_size, generator=torch.Generator(), **kw)
+
+        self.train_loader = loader(train_windows, sampler=self.train_sampler)
+        # Evaluation reads fixed batches (the same ones every time, so the curve is smooth), shared across ranks.
+        eval_n = min(len(train_windows), args.eval_iters * args.batch_size * d.world_size)
+        self.train_eval_loader = loader(torch.utils.data.Subset(train_windows, range(eval_n)))
+        self.val_loader = loader(val_windows)
+        self.steps_per_epoch = len(train_windows) // global_batch
+        self.tokens_per_step = global_batch * ctx
+        total = self.steps_per_epoch * args.epochs
+        self.total_steps = total if args.max_steps is None else min(total, args.max_steps)
+
+    def _restore(self, ckpt: dict) -> None:
+        info = ckpt.get("data", {})
+        if info and info.get("train_tokens") != self.data_info["train_tokens"]:
+            raise CheckpointError(
+                f"--resume: the checkpoint was trained on {info.get('source')} with {info.get('train_tokens'):,} "
+                f"train tokens, this run has {self.data_info['train_tokens']:,} — pass the same --data, --max-docs "
+                "and --tokenizer as the run that wrote it")
+        load_model_state(self.raw_model, ckpt["model"], str(self.resume_from))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = dict(ckpt["state"])
+        self.rows = list(ckpt.get("metrics", []))
+        ranks = ckpt.get("rng", [])
+        if self.dist.rank < len(ranks):
+            set_rng_state(ranks[self.dist.rank], self.device)
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("--log tensorboard needs the tensorboard package — pip install tensorboard") from None
+        return SummaryWriter(str(self.out_dir / "tb"))
+
+    # -- output --------------------------------------------------------------------------------------------------
+
+    def log(self, msg: str) -> None:
+        if not self.dist.is_main:
+            return
+        bar = getattr(self, "bar", None)
+        (bar.write if bar is not None and not bar.disable else print)(msg)
+
+    def save(self, final: bool = False) -> None:
+        """checkpoint.pt (+ model.pth at the end), metrics.csv, loss plot; rank 0 writes, every rank's RNG kept."""
+        rng = [rng_state(self.device)]
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            rng = [None] * self.dist.world_size
+            dist.all_gather_object(rng, rng_state(self.device))
+        if not self.dist.is_main:
+            return
+        ckpt = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.name, "preset": self.preset,
+            "step": self.state["step"], "state": dict(self.state), "metrics": self.rows, "rng": rng,
+            "data": {k: v for k, v in self.data_info.items() if isinstance(v, (int, float, str))},
+            "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        }
+        save_torch(ckpt, self.out_dir / "checkpoint.pt")
+        if final:
+            save_torch(seed_state_dict(self.raw_model), self.out_dir / "model.pth")
+        if self.rows:
+            write_metrics_csv(self.out_dir / "metrics.csv", self.rows)
+            save_loss_plot(self.out_dir, self.rows)
+
+    def evaluate(self, grad_norm: float | None, tokens_per_s: float | None) -> None:
+        from .generate import sample_text
+
+        self.eval_model.eval()
+        with self._autocast():
+            losses = []
+            for loader in (self.train_eval_loader, self.val_loader):
+                total, count = 0.0, 0
+                with torch.no_grad():
+                    # eval_iters global batches, each rank its share; weighted by tokens, so that the estimate
+                    # is the same for any split of the batch over ranks
+                    for i, (x, y) in enumerate(loader):
+                        if i >= self.args.eval_iters * self.dist.world_size:
+                            break
+                        if i % self.dist.world_size == self.dist.rank:
+                            total += calc_loss_batch(x, y, self.eval_model, self.device).item() * y.numel()
+                            count += y.numel()
+                losses.append((total, count))
+        self.eval_model.train()
+        train_loss, val_loss = all_reduce_mean([l for l, _ in losses], [c for _, c in losses], self.dist, self.device)
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise NonFiniteLoss(f"evaluation loss is {train_loss} / {val_loss} at step {self.state['step']}")
+        mfu = self._mfu(tokens_per_s)
+        row = {"step": self.state["step"], "epoch": self.state["epoch"], "tokens_seen": self.state["tokens_seen"],
+               "train_loss": train_loss, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
+               "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
+               "elapsed_s": time.time() - self.t0}
+        self.rows.append(row)
+        self.log(f"step {row['step']:>6} (epoch {row['epoch'] + 1}): train loss {train_loss:.3f}, "
+                 f"val loss {val_loss:.3f}")
+        if self.tb is not None:
+            for k in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                if row[k] is not None:
+                    self.tb.add_scalar(k, row[k], row["step"])
+            self.tb.flush()
+        if self.dist.is_main:
+            with self._autocast():
+                self.log(f"sample: {sample_text(self.raw_model, self.tokenizer, self.device, self.args.sample_prompt)}")
+        self.save()
+
+    def _mfu(self, tokens_per_s: float | None) -> float | None:
+        if not tokens_per_s or self.peak is None:
+            return None
+        return self.flops_per_token * tokens_per_s / (self.peak * self.dist.world_size)
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def train_step(self, micro_batches) -> tuple[float, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, gradient norm before clipping)."""
+        args, model = self.args, self.model
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # DDP all-reduces gradients in backward(); on all but the last micro-batch that would be wasted work
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else model.no_sync()
+            with sync:
+                with self._autocast():
+                    loss = calc_loss_batch(x, y, model, self.device) / len(micro_batches)
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        loss_value = total.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"training loss is {loss_value} at step {self.state['step'] + 1}")
+        self.scaler.unscale_(self.optimizer)
+        max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).item()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm
+
+    def fit(self) -> dict:
+        from tqdm.auto import tqdm
+
+        args, st = self.args, self.state
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+        self.bar = tqdm(total=self.total_steps, initial=st["step"], unit="step", dynamic_ncols=True,
+                        disable=args.no_progress or not self.dist.is_main)
+        old_handlers = self._install_signal_handlers()
+        tokens_per_s, grad_norm = None, None
+        try:
+            if st["step"] == 0 and not self.rows:
+                self.evaluate(None, None)
+            while st["step"] < self.total_steps and st["epoch"] < args.epochs and not self.stop_requested:
+                self.train_sampler.set_epoch(st["epoch"], st["epoch_windows"])
+                batches = iter(self.train_loader)
+                epoch_done = False
+                while st["step"] < self.total_steps and not self.stop_requested:
+                    micro = [b for _, b in zip(range(args.grad_accum), batches)]
+                    if len(micro) < args.grad_accum:
+                        epoch_done = True
+                        break
+                    t = time.time()
+                    loss, grad_norm = self.train_step(micro)
+                    st["step"] += 1
+                    st["tokens_seen"] += self.tokens_per_step
+                    st["epoch_windows"] += self.tokens_per_step // self.cfg.context_length
+                    rate = self.tokens_per_step / max(time.time() - t, 1e-9)
+                    tokens_per_s = rate if tokens_per_s is None else 0.9 * tokens_per_s + 0.1 * rate
+                    mfu = self._mfu(tokens_per_s)
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                         **({"mfu": f"{100 * mfu:.0f}%"} if mfu else {}))
+                    if self.on_step is not None:
+                        self.on_step(self)
+                    if st["step"] % args.eval_interval == 0 or st["step"] == self.total_steps:
+                        self.evaluate(grad_norm, tokens_per_s)
+                if epoch_done:
+                    st["epoch"] += 1
+                    st["epoch_windows"] = 0
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, in the middle of a step
+            self.stop_requested = True
+            self.log("interrupted: the checkpoint of the last evaluation is kept")
+            self.bar.close()
+            return self._summary(interrupted=True, saved=False)
+        finally:
+            self.bar.close()
+            self._restore_signal_handlers(old_handlers)
+            if self.tb is not None:
+                self.tb.close()
+        if self.stop_requested:
+            self.log(f"stopped at step {st['step']}: saving {self.out_dir / 'checkpoint.pt'} "
+                     f"(continue with --resume auto)")
+        self.save(final=True)
+        if self.dist.is_main:
+            self.log(f"done: {st['step']} steps, {st['tokens_seen']:,} tokens in {time.time() - self.t0:.0f}s; wrote "
+                     f"{self.out_dir}/checkpoint.pt, model.pth, metrics.csv, loss.pdf, loss.png")
+        return self._summary(interrupted=self.stop_requested, saved=True)
+
+    def _summary(self, interrupted: bool, saved: bool) -> dict:
+        return {"steps": self.state["step"], "tokens_seen": self.state["tokens_seen"], "metrics": self.rows,
+                "out_dir": str(self.out_dir), "interrupted": interrupted, "saved": saved, "preset": self.preset,
+                "config": self.cfg}
+
+    def _install_signal_handlers(self):
+        """First Ctrl-C (or SIGTERM from a scheduler): finish the step, save, exit. A second one: stop at once."""
+
+        def handler(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.log("stopping after this step (Ctrl-C again to stop at once)")
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old) -> None:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def train(args, on_step=None) -> dict:
+    """Run training as ``args`` (from ``build_parser()``) say; returns a summary dict."""
+    trainer = Trainer(args, on_step)
+    try:
+        trainer.setup()
+        return trainer.fit()
+    except NonFiniteLoss as e:
+        out = Path(args.out_dir) / "checkpoint.pt"
+        raise SystemExit(f"error: {e} — the run diverged; the last good checkpoint is kept in {out}. "
+                         "Try a lower --lr, a --warmup-steps, or --grad-clip 1.0") from None
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit("error: the GPU ran out of memory — lower --batch-size (and raise --grad-accum to keep the "
+                         "same batch), a smaller --context-length or preset, or --dtype bf16") from None
+    finally:
+        shutdown_distributed()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from kernels import BackendUnavailable
+
+    from .data import DataError
+    from .tokenizer import TokenizerError
+
+    try:
+        summary = train(args)
+    except (ConfigError, CheckpointError, BackendUnavailable, DataError, TokenizerError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if summary["interrupted"] and not summary["saved"]:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="minigpt",
+    version="0.1.0",
+    description="A GPT from scratch in PyTorch with its own Triton kernels (FlashAttention, LayerNorm, GELU)",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["minigpt", "minigpt.*", "kernels", "kernels.*", "benchmarks", "benchmarks.*"]),
+    install_requires=[
+        "torch>=2.11",
+        "numpy",
+        "tiktoken",
+        "datasets",
+        "matplotlib",
+        "tqdm",
+        'triton>=3.6; platform_system == "Linux"',
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={
+        "console_scripts": [
+            "minigpt-train=minigpt.train:main",
+            "minigpt-generate=minigpt.generate:main",
+        ],
+    },
+)

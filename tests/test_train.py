@@ -1,0 +1,255 @@
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.train import build_parser, lr_lambda, main, train
+from tests.seed_notebook import SeedGPTModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A model and data small enough that a step takes milliseconds on a CPU.
+TINY = ["--data", "stories", "--max-docs", "300", "--tokenizer", "bytes", "--preset", "tiny", "--n-layers", "1",
+        "--emb-dim", "32", "--n-heads", "2", "--context-length", "32", "--batch-size", "4", "--eval-iters", "2",
+        "--no-progress", "--device", "cpu", "--kernels", "torch"]
+
+
+def run_train(tmp_path, *extra, on_step=None, out="out"):
+    args = build_parser().parse_args(TINY + ["--out-dir", str(tmp_path / out), *extra])
+    return train(args, on_step=on_step)
+
+
+def read_metrics(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_lowers_the_loss_and_writes_every_output(tmp_path):
+    summary = run_train(tmp_path, "--max-steps", "60", "--eval-interval", "20", "--lr", "3e-3")
+    out = tmp_path / "out"
+    for name in ("checkpoint.pt", "model.pth", "metrics.csv", "loss.pdf", "loss.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = read_metrics(out / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [0, 20, 40, 60]
+    first, last = float(rows[0]["val_loss"]), float(rows[-1]["val_loss"])
+    assert abs(first - torch.log(torch.tensor(257.0)).item()) < 0.5  # untrained: about ln(vocab)
+    assert last < first - 1.0
+    assert summary["steps"] == 60
+    # the final model.pth is the seed's format: it loads strictly into the seed notebook's model
+    cfg = summary["config"].to_dict()
+    SeedGPTModel(cfg).load_state_dict(torch.load(out / "model.pth", weights_only=True))
+    # and the checkpoint holds everything a resume needs
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "config", "tokenizer", "rng", "state"} <= set(ckpt)
+    assert ckpt["tokenizer"] == "bytes" and ckpt["step"] == 60
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--emb-dim", "30", "--n-heads", "4"], "divisible by n_heads"),
+    (["--data", "/no/such/place.txt"], "no such file"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--dtype", "fp16"], "fp16 needs a CUDA GPU"),
+    (["--compile", "--kernels", "triton"], "--compile with --kernels triton"),
+    (["--resume", "/no/such/checkpoint.pt"], "no such checkpoint"),
+    (["--min-lr", "1.0"], "--min-lr"),
+    (["--context-length", "100000", "--max-docs", "5"], "tokens"),
+])
+def test_bad_input_is_one_line_that_names_the_fix(tmp_path, extra, match):
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--out-dir", str(tmp_path / "out"), *extra])
+    msg = str(e.value)
+    assert msg.startswith("error:") and match in msg and "\n" not in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_device_without_gpu(tmp_path):
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        main(TINY + ["--out-dir", str(tmp_path), "--device", "cuda"])
+
+
+def test_too_short_corpus_says_how_many_tokens_are_needed(tmp_path):
+    (tmp_path / "short.txt").write_text("A very short story.")
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--out-dir", str(tmp_path / "out"), "--data", str(tmp_path / "short.txt")])
+    assert "tokens" in str(e.value) and "needs" in str(e.value)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import minigpt.train as T
+
+    real = T.calc_loss_batch
+    steps = {"n": 0}
+
+    def poisoned(x, y, model, device):
+        loss = real(x, y, model, device)
+        if model.training:
+            steps["n"] += 1
+            if steps["n"] == 5:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(T, "calc_loss_batch", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--max-steps", "10", "--eval-interval", "2")
+    assert "diverged" in str(e.value) and "training loss is nan at step 5" in str(e.value)
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4  # the evaluation at step 4 was the last good one
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def _interrupt_at(step):
+    def on_step(trainer):
+        if trainer.state["step"] == step:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+    return on_step
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_cleanly(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    summary = run_train(tmp_path, "--max-steps", "10", "--eval-interval", "4", on_step=_interrupt_at(3))
+    assert summary["interrupted"] and summary["saved"] and summary["steps"] == 3
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_continues_exactly(tmp_path, accum):
+    # drop_rate > 0 so the dropout RNG must be restored too; few windows so the run crosses epoch boundaries
+    common = ["--max-steps", "9", "--eval-interval", "3", "--drop-rate", "0.1", "--max-docs", "2",
+              "--grad-accum", str(accum), "--warmup-steps", "2"]
+    straight = run_train(tmp_path, *common, out="a")
+    first = run_train(tmp_path, *common, on_step=_interrupt_at(5), out="b")
+    assert first["steps"] == 5
+    resumed = run_train(tmp_path, *common, "--resume", "auto", out="b")
+    assert resumed["steps"] == 9
+    assert straight["config"].drop_rate == 0.1
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["state"]["epoch"] >= 1  # the data really wrapped into a second epoch
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise: same batches, masks, LR, order of sums
+    assert read_metrics(tmp_path / "a" / "metrics.csv") == [
+        {**r, "elapsed_s": ra["elapsed_s"], "tokens_per_s": ra["tokens_per_s"]}
+        for r, ra in zip(read_metrics(tmp_path / "b" / "metrics.csv"), read_metrics(tmp_path / "a" / "metrics.csv"))
+    ]
+
+
+def test_max_steps_is_the_total_of_the_run(tmp_path):
+    run_train(tmp_path, "--max-steps", "4", "--eval-interval", "2")
+    summary = run_train(tmp_path, "--max-steps", "8", "--eval-interval", "2", "--resume", "auto")
+    assert summary["steps"] == 8
+    assert [r["step"] for r in summary["metrics"]] == [0, 2, 4, 6, 8]
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
+    summary = run_train(tmp_path, "--max-steps", "2", "--eval-interval", "2", "--resume", "auto")
+    assert summary["steps"] == 2
+
+
+def test_resume_refuses_other_data(tmp_path):
+    run_train(tmp_path, "--max-steps", "2", "--eval-interval", "2")
+    with pytest.raises(SystemExit, match="same --data"):
+        main(TINY + ["--out-dir", str(tmp_path / "out"), "--max-steps", "4", "--resume", "auto",
+                     "--max-docs", "200"])
+
+
+def test_lr_schedule_by_hand():
+    f = lr_lambda(warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and abs(f(9) - 0.55) < 1e-12 and abs(f(14) - 0.1) < 1e-12 and f(100) == f(14)
+
+
+def test_weight_decay_only_on_linear_weight_matrices():
+    from minigpt import GPTModel
+    from minigpt.train import configure_optimizer
+
+    model = GPTModel(dict(vocab_size=11, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0,
+                          qkv_bias=True), kernels="torch")
+    opt = configure_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    expected = {n for n, p in model.named_parameters() if p.dim() == 2 and "emb" not in n}
+    assert decayed == expected and "out_head.weight" in decayed and "tok_emb.weight" not in decayed
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install tensorboard"):
+            main(TINY + ["--out-dir", str(tmp_path), "--log", "tensorboard", "--max-steps", "1"])
+    else:
+        run_train(tmp_path, "--max-steps", "2", "--eval-interval", "1", "--log", "tensorboard")
+        assert any((tmp_path / "out" / "tb").iterdir())
+
+
+KILLER = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {root!r})
+    from minigpt.checkpoint import save_torch
+    path = sys.argv[1]
+    i = 0
+    while True:
+        i += 1
+        save_torch({{"step": i, "w": torch.full((2_000_000,), float(i))}}, path)
+        print(i, flush=True)
+""")
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    script = tmp_path / "saver.py"
+    script.write_text(KILLER.format(root=str(ROOT)))
+    path = tmp_path / "checkpoint.pt"
+    for delay_lines in (1, 3, 6):
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(delay_lines):  # let it finish a few saves, then kill it in the middle of the next one
+            proc.stdout.readline()
+        proc.kill()
+        proc.wait()
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["step"] >= delay_lines and torch.all(ckpt["w"] == ckpt["step"])
+
+
+def _torchrun(tmp_path, nproc, *extra, out):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "minigpt.train", *TINY, "--out-dir", str(tmp_path / out), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_metrics(tmp_path / out / "metrics.csv")
+
+
+@pytest.mark.slow
+def test_two_ranks_train_like_one_rank_with_twice_the_batch(tmp_path):
+    common = ["--max-steps", "6", "--eval-interval", "3", "--max-docs", "200"]
+    two = _torchrun(tmp_path, 2, *common, "--batch-size", "2", out="two")
+    one = run_train(tmp_path, *common, "--batch-size", "4", out="one")["metrics"]
+    assert [int(r["step"]) for r in two] == [r["step"] for r in one] == [0, 3, 6]
+    for r2, r1 in zip(two, one):
+        assert abs(float(r2["train_loss"]) - r1["train_loss"]) < 1e-4
+        assert abs(float(r2["val_loss"]) - r1["val_loss"]) < 1e-4
+    # a checkpoint written by the 2-rank run resumes on one process
+    resumed = run_train(tmp_path, *common[2:], "--max-steps", "8", "--batch-size", "4", "--resume",
+                        str(tmp_path / "two" / "checkpoint.pt"), out="two")
+    assert resumed["steps"] == 8
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager():
+    from minigpt import GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel(dict(vocab_size=64, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0,
+                          qkv_bias=False), kernels="torch")
+    idx = torch.randint(0, 64, (2, 16))
+    eager = model(idx)
+    compiled = torch.compile(model)(idx)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
