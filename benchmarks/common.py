@@ -1,0 +1,476 @@
+"""What both benchmarks share: the device, its measured ceilings, the timer, time limits and the output files.
+
+Ceilings.  A throughput means little without the most this device can do, so every run starts by measuring two
+numbers on the same device, in the same process, just before its own rows (datasheet figures are not used):
+
+    bandwidth  a large device-to-device copy, dst.copy_(src): bytes read + bytes written = 2 * nbytes per copy
+    FLOP/s     a large square matmul a @ b in the dtype asked for (bf16 by default): 2 * N^3 FLOPs per product
+
+Inputs are random, never zeros (a matmul on zeros can run faster than on real data).
+
+Timing.  On CUDA ``triton.testing.do_bench`` reports the median of many runs timed with CUDA events, after a
+warm-up and with the L2 cache flushed before each run; without it (or with an unknown signature) the same is done
+with CUDA events directly. On the CPU the host clock (``time.perf_counter``) gives the median over a few runs.
+Warm-up (and with it Triton's JIT compilation and torch.compile) never enters the numbers.
+
+torch is imported inside functions so that importing this module does no work.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import inspect
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Sizes of the ceiling measurements: large enough to reach the device's steady state (1 GiB moves far past any
+# cache; an 8192^3 matmul keeps every multiprocessor busy), small enough to take a second. Quick mode and the CPU
+# use smaller ones.
+COPY_BYTES = {"cuda": 1 << 30, "cuda-quick": 1 << 28, "cpu": 1 << 26, "cpu-quick": 1 << 24}
+MATMUL_N = {"cuda": 8192, "cuda-quick": 4096, "cpu": 1024, "cpu-quick": 256}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device
+
+
+def resolve_device(name: str):
+    """``auto`` -> cuda when there is a GPU, else cpu; ``cuda`` without a GPU is a clear error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: unknown device {name!r} — use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA GPU is visible — use --device cpu (or auto)")
+    if device.type not in ("cuda", "cpu"):
+        raise SystemExit(f"error: unsupported device {name!r} — use auto, cpu or cuda")
+    return device
+
+
+def prepare_interpreter(device) -> None:
+    """On the CPU the Triton kernels can only run in Triton's interpreter, which must be switched on before the
+    kernel modules are imported (``kernels.get_backend('triton')`` does it too when there is no GPU at all; this
+    also covers ``--device cpu`` on a machine that has one)."""
+    if device.type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def set_threads(device, threads: int | None, quick: bool) -> None:
+    """CPU threads for torch: as asked, else 1 in --quick mode on the CPU (a small shared CI machine times one
+    thread steadily; several threads there mostly wait for each other), else torch's default."""
+    import torch
+
+    if threads is None and quick and device.type == "cpu":
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def device_name(device) -> str:
+    """The device's marketing name, lower case, every run of other characters turned into one '-':
+    'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'; the CPU is 'cpu'."""
+    import torch
+
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def default_out_dir(device) -> Path:
+    return RESULTS_DIR / device_name(device)
+
+
+def environment(device) -> dict:
+    """Versions, device and date: what a results table must state next to its numbers."""
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, multiprocessors=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1), l2_bytes=l2_cache_bytes(device))
+    else:
+        info.update(cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads())
+    return info
+
+
+def l2_cache_bytes(device) -> int:
+    """The GPU's L2 cache size as the device reports it; 0 on the CPU, where inputs are not rotated."""
+    import torch
+
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
+
+
+def memory_budget(device, fraction: float = 0.6) -> int:
+    """Bytes a benchmark row may plan to allocate: a fraction of what is free now (GPU) or available (CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # ours to reuse
+        return int((free + cached) * fraction)
+    try:
+        with open("/proc/meminfo") as f:
+            available_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return int(available_kb * 1024 * fraction)
+    except (OSError, StopIteration, ValueError):
+        return int(4 * 2**30 * fraction)
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64 (NaN when ``a`` has NaNs, so that it never passes an ``err <= tol`` test)."""
+    b = b.double()
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an out-of-memory error on either device (CUDA raises its own type, the CPU a RuntimeError)."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters, for a table cell."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def free_memory(device, collect: bool = False) -> None:
+    """Return cached GPU blocks to the driver; ``collect`` also runs the garbage collector (after an error, whose
+    traceback can hold tensors in reference cycles) — it takes a fraction of a second with torch's big heap."""
+    import gc
+
+    import torch
+
+    if collect:
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_ms(fn, device, warmup_ms: float = 25.0, rep_ms: float = 100.0, grad_to_none=None) -> float:
+    """Median milliseconds of one call of ``fn`` on ``device`` (warm-up excluded).
+
+    ``grad_to_none``: tensors whose ``.grad`` is reset before every run, so a timed backward never pays for
+    accumulating into an old gradient.
+    """
+    if device.type == "cuda":
+        bench = _triton_do_bench()
+        if bench is not None:
+            return bench(fn, warmup_ms, rep_ms, grad_to_none)
+        return _cuda_events_median(fn, warmup_ms, rep_ms, grad_to_none)
+    return _host_clock_median(fn, warmup_ms, rep_ms, grad_to_none)
+
+
+def _triton_do_bench():
+    """``do_bench`` asked for the median, whatever spelling this Triton has (``return_mode`` in 3.x, with
+    ``quantiles`` as the older way); None when Triton is missing or its signature is unknown."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    params = inspect.signature(do_bench).parameters
+    if not {"warmup", "rep", "grad_to_none"} <= params.keys():
+        return None
+    if "return_mode" in params:
+        def bench(fn, warmup_ms, rep_ms, grad_to_none):
+            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"))
+    elif "quantiles" in params:
+        def bench(fn, warmup_ms, rep_ms, grad_to_none):
+            result = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5])
+            return float(result[0] if isinstance(result, (list, tuple)) else result)
+    else:
+        return None
+    return bench
+
+
+def _reset_grads(tensors) -> None:
+    for t in tensors or ():
+        t.grad = None
+
+
+def _cuda_events_median(fn, warmup_ms, rep_ms, grad_to_none) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    n = max(5, int(rep_ms / estimate))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        _reset_grads(grad_to_none)
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def _host_clock_median(fn, warmup_ms, rep_ms, grad_to_none) -> float:
+    _reset_grads(grad_to_none)
+    fn()  # the first call: allocations, lazy initialisation
+    t0 = time.perf_counter()
+    _reset_grads(grad_to_none)
+    fn()
+    estimate = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    for _ in range(min(10, int(warmup_ms / estimate))):
+        _reset_grads(grad_to_none)
+        fn()
+    times = []
+    for _ in range(max(3, min(100, int(rep_ms / estimate)))):
+        _reset_grads(grad_to_none)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_pass(fn, sets, pass_: str, device, warmup_ms: float, rep_ms: float) -> float:
+    """Median ms of one pass of ``fn`` over input sets (``.tensors``: leaves requiring grad, ``.dy``: the upstream
+    gradient), cycling through them so that rotated copies keep the inputs out of the cache. ``fwd`` times the
+    forward as training runs it (saving what backward needs); ``bwd`` times out.backward(dy) alone (the forwards run
+    once, outside the timed region, and the graph is kept); ``fwd+bwd`` both. Gradients are reset before every run."""
+    leaves = [t for s in sets for t in s.tensors]
+    order = itertools.cycle(range(len(sets)))
+    if pass_ == "fwd":
+        def run():
+            fn(*sets[next(order)].tensors)
+    elif pass_ == "bwd":
+        outs = [fn(*s.tensors) for s in sets]  # the forwards, outside the timed region
+
+        def run():
+            i = next(order)
+            outs[i].backward(sets[i].dy, retain_graph=True)
+    else:
+        def run():
+            s = sets[next(order)]
+            fn(*s.tensors).backward(s.dy)
+    return time_ms(run, device, warmup_ms, rep_ms, grad_to_none=leaves)
+
+
+def measure_ceilings(device, matmul_dtypes=("bf16",), quick: bool = False) -> dict:
+    """This device's bandwidth (GB/s, from a copy) and matmul rate (TFLOP/s per dtype), measured now."""
+    key = device.type + ("-quick" if quick else "")
+    rep_ms = 50 if quick else 200
+    n = MATMUL_N[key]
+    ceilings = {"copy_bytes": COPY_BYTES[key], "matmul_n": n,
+                "bandwidth_gbps": 2 * COPY_BYTES[key] / (_copy_ms(COPY_BYTES[key], device, rep_ms) * 1e-3) / 1e9,
+                "matmul_tflops": {name: 2 * n**3 / (_matmul_ms(n, name, device, rep_ms) * 1e-3) / 1e12
+                                  for name in dict.fromkeys(matmul_dtypes)}}  # bytes read + written; 2 FLOPs/FMA
+    free_memory(device)
+    return ceilings
+
+
+def _copy_ms(nbytes: int, device, rep_ms: float) -> float:
+    import torch
+
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src), device, warmup_ms=10, rep_ms=rep_ms)
+
+
+def _matmul_ms(n: int, dtype: str, device, rep_ms: float) -> float:
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=torch_dtype(dtype)) for _ in range(2))
+    c = torch.empty_like(a)
+    return time_ms(lambda: torch.matmul(a, b, out=c), device, warmup_ms=10, rep_ms=rep_ms)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Time limits: a part that runs out of time still writes what it measured
+
+
+class Budget:
+    """Seconds a run may spend (None: unlimited); rows after the limit are recorded as skipped, not run."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    def spent(self) -> float:
+        return time.monotonic() - self.start
+
+    def expired(self) -> bool:
+        return self.seconds is not None and self.spent() > self.seconds
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised on SIGTERM (e.g. from ``timeout``) so a run can write its partial results before it exits."""
+
+
+def stop_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise Terminated(f"received signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def add_run_args(p, what: str) -> None:
+    """The options both benchmarks take (``what``: the file stem, for --summarize's help)."""
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions: CI and the CPU")
+    p.add_argument("--device", default="auto", help="auto (default), cuda or cpu")
+    p.add_argument("--budget-s", type=float, help="start no new row after this many seconds (default: no limit)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 with --quick on the CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and weights (default 0)")
+    p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device-name>/)")
+    p.add_argument("--summarize", type=Path, metavar="JSON",
+                   help=f"print the summary of a {what}.json written earlier and exit (runs nothing)")
+
+
+def setup(args):
+    """Device, interpreter switch, threads and the SIGTERM handler: what both benchmarks do before their rows."""
+    stop_on_sigterm()
+    device = resolve_device(args.device)
+    prepare_interpreter(device)
+    set_threads(device, args.threads, args.quick)
+    return device
+
+
+def run_meta(device, ceilings: dict, args, budget: Budget, interrupted: str | None, counting: str) -> dict:
+    """What the JSON file records besides its rows."""
+    return dict(environment=environment(device), ceilings=ceilings, counting=counting, interrupted=interrupted,
+                seconds=round(budget.spent(), 1),
+                args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+
+
+def finish(out_dir: Path, stem: str, rows: list[dict], meta: dict, plot) -> tuple[list[dict], list[Path]]:
+    """Give every row every column, write ``<stem>.json``, ``.csv`` and (``plot(rows, path)``) ``.png``."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{k: r.get(k) for k in keys} for r in rows]
+    paths = write_results(out_dir, stem, rows, meta)
+    try:
+        png = plot(rows, out_dir / f"{stem}.png") if rows else None
+    except Exception as exc:  # a figure is a convenience: the numbers are already written
+        print(f"warning: no {stem}.png ({one_line(exc)})", file=sys.stderr)
+        png = None
+    return rows, paths + ([png] if png else [])
+
+
+def write_results(out_dir: Path, stem: str, rows: list[dict], meta: dict) -> list[Path]:
+    """``<stem>.json`` ({"meta": ..., "rows": [...]}) and ``<stem>.csv`` (one line per row) under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable) + "\n")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
+    return [json_path, csv_path]
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _csv_cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def format_table(headers: list[str], lines: list[list], right: set[int] | None = None) -> str:
+    """A plain fixed-width table; ``right`` holds the indices of right-aligned (numeric) columns."""
+    right = right or set()
+    cells = [[("" if c is None else str(c)) for c in line] for line in lines]
+    widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headers)]
+
+    def fmt(line):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(headers), rule] + [fmt(line) for line in cells])
+
+
+def fmt_num(value, digits: int = 3) -> str:
+    """A number in a table cell: 3 significant digits, '-' for missing."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+def save_figure(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    """matplotlib's pyplot with a file-only backend (no display needed), or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

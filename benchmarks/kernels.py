@@ -1,0 +1,614 @@
+r"""``python -m benchmarks.kernels``: each op, each pass, against the best PyTorch has — checked, then timed.
+
+How fast are our Triton kernels (``kernels/gelu.py``, ``layer_norm.py``, ``attention.py``) at the sizes a GPT uses,
+against what a user could write or call instead, and how close do they come to what this device can do at all?
+
+Contenders, run in the same process on the same inputs:
+
+    triton        our kernel                                kernels.get_backend("triton")
+    math          our readable PyTorch formula              kernels.reference.*_math
+    math_compile  the same formula under torch.compile      dynamic=True: one compile serves every size
+    pytorch       the best PyTorch ships                    F.gelu, F.layer_norm, F.scaled_dot_product_attention
+                                                            with the flash backend (default dispatch where flash
+                                                            cannot run: fp32, or dropout on the CPU; rows say so)
+
+Passes: ``fwd`` (inputs require grad, as in training, so what backward needs is saved), ``bwd`` (out.backward(dy)
+alone; the forward ran outside the timed region) and ``fwd+bwd``.
+
+Counting.  GELU and LayerNorm are memory-bound: GB/s = the fewest bytes the pass must move (each input read once,
+each output written once; formulas below) / median time. Attention: TFLOP/s with a (query, key) pair costing two
+D-long dot products (q.k, p.v) at 2 FLOPs per multiply-add, causality keeping half the pairs:
+fwd = 4*B*H*T*T*D / 2, bwd = 2.5 * fwd (five matmuls instead of two; recomputing the scores is not counted),
+fwd+bwd = 3.5 * fwd — the same count for every contender, even those that compute the masked half. Both are also
+given as a percentage of this device's ceilings, measured at the start of the run (``benchmarks/common.py``).
+
+Checked before timed.  Each contender first runs forward and backward once on the benchmark's own inputs; its output
+and every gradient are compared with the formula in float64 (||out - ref|| / ||ref||, a tolerance per dtype). A
+contender that fails is reported ``wrong`` and not timed: a fast wrong kernel is not fast. With dropout no two
+implementations draw the same mask, so the check is statistical: each result's deviation from the no-dropout float64
+result must be within 3x of the deviation float64 dropout itself causes. Large references are evaluated on a sample
+(two heads of attention, evenly spaced rows of GELU). Rows that would not fit in memory are skipped, and say so.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from benchmarks import common
+
+OPS = ("gelu", "layer_norm", "attention")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+CONTENDERS = ("triton", "math", "math_compile", "pytorch")
+EPS = 1e-5  # GPT-2's LayerNorm epsilon, as the model uses
+TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}  # relative error vs float64 that a correct 16-bit formula
+#                                                        keeps well under, even evaluated step by step in that dtype
+DROPOUT_BAND = 3.0  # a dropout deviation within [ref / 3, ref * 3] of float64 dropout's passes: two draws at T=64
+#                     differ by up to ~1.6x; dropout left out (or applied one way only) is off by 10x and more
+REF_ELEMENTS = 1 << 22  # GELU's float64 reference is evaluated on about this many elements (rows sampled evenly)
+ROTATE_SETS_MAX = 8  # at most this many copies of the inputs when rotating them past the L2 cache
+
+# The sweeps. Rows of 8192 tokens = batch 8 x context 1024; widths from GPT-2 small (768) to 8192, GELU at 4x the
+# width (the MLP's hidden layer); attention B=8 with GPT-2 small's heads (12 x 64) and a wider model's (16 x 128).
+SWEEP = dict(rows=8192, widths=(768, 1024, 1600, 2048, 4096, 8192), batch=8, heads=((12, 64), (16, 128)),
+             seq_lens=(256, 512, 1024, 2048, 4096, 8192))
+QUICK_SWEEP = dict(rows=64, widths=(128, 320), batch=1, heads=((2, 32),), seq_lens=(64, 128))
+INTERPRETER_MAX_ELEMENTS = 1 << 18  # larger inputs take minutes in Triton's interpreter: not checked there
+RATES = ("gbps", "tflops", "pct_bandwidth", "pct_matmul_peak", "triton_speedup")  # columns add_rates() fills
+COUNTING = ("GB/s: fewest bytes of the pass / median time; TFLOP/s: causal attention, fwd = 4*B*H*T*T*D/2, "
+            "bwd = 2.5*fwd; pct_*: of the ceilings measured at the start; triton_speedup = contender ms / triton ms")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What one row measures: the op, its shape, and the work a pass must do
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    shape: tuple  # (M, C) for gelu and layer_norm, (B, H, T, D) for attention
+    dtype: str
+    dropout: float = 0.0
+
+    @property
+    def size(self) -> int:  # the plots' x axis: the width C, or the sequence length T
+        return self.shape[1] if self.op != "attention" else self.shape[2]
+
+    @property
+    def family(self) -> str:  # a plot line per contender: the op with everything but the swept size fixed
+        if self.op == "attention":
+            B, H, _T, D = self.shape
+            return f"attention B{B} H{H} D{D}" + (f" p={self.dropout:g}" if self.dropout else "") + f" {self.dtype}"
+        return f"{self.op} rows={self.shape[0]} {self.dtype}"
+
+    @property
+    def label(self) -> str:
+        return "x".join(str(s) for s in self.shape)
+
+    @property
+    def elem(self) -> int:  # bytes per element of the activations
+        return 4 if self.dtype == "fp32" else 2
+
+    @property
+    def set_bytes(self) -> int:
+        """Bytes of one input set: q, k, v, dy for attention; x, dy (and the small weight, bias) otherwise."""
+        return (4 if self.op == "attention" else 2) * math.prod(self.shape) * self.elem
+
+
+def layer_norm_bytes(rows: int, width: int, elem: int, pass_: str) -> int:
+    """Fewest bytes a LayerNorm pass moves; x, y, dy, dx, weight and bias of ``elem`` bytes, mean and rstd fp32.
+
+        forward:   reads x (M*C) + weight, bias (2*C)           writes y (M*C) + mean, rstd (2*M, 4 bytes each)
+        backward:  reads x, dy (2*M*C) + weight (C) + mean, rstd (2*M, 4 bytes)   writes dx (M*C) + dw, db (2*C)
+
+    Partial sums of dw/db that an implementation writes and reads back (ours: two fp32 (G, C) arrays) are its own
+    choice, not the op's, and are not counted.
+    """
+    fwd = (2 * rows * width + 2 * width) * elem + 2 * rows * 4
+    bwd = (3 * rows * width + 3 * width) * elem + 2 * rows * 4
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
+
+
+def gelu_bytes(numel: int, elem: int, pass_: str) -> int:
+    """Fewest bytes a GELU pass moves: forward reads x, writes y (2 n); backward reads x and dy, writes dx (3 n)."""
+    return {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[pass_] * numel * elem
+
+
+def attention_flops(B: int, H: int, T: int, D: int, pass_: str) -> float:
+    """Causal attention FLOPs: fwd = 4*B*H*T*T*D/2 (q k^T and p v, half the pairs masked), bwd = 2.5 * fwd."""
+    fwd = 4.0 * B * H * T * T * D / 2
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[pass_]
+
+
+def work(case: Case, pass_: str) -> tuple[int | None, float | None]:
+    """(bytes, FLOPs) of one pass: bytes for the memory-bound ops, FLOPs for attention."""
+    if case.op == "attention":
+        return None, attention_flops(*case.shape, pass_)
+    rows, width = case.shape
+    if case.op == "layer_norm":
+        return layer_norm_bytes(rows, width, case.elem, pass_), None
+    return gelu_bytes(rows * width, case.elem, pass_), None
+
+
+def planned_bytes(case: Case, contender: str, copies: int) -> int:
+    """Rough peak memory of one contender's row: inputs, output and gradients (about 3 input sets), and for attention
+    the (T, T) planes the formula materializes — scores, masked scores, weights, dropped weights and the gradient of
+    each: ~6 for the plain formula, ~3 once torch.compile fuses the elementwise steps; flash keeps none."""
+    total = 3 * case.set_bytes * copies
+    if case.op == "attention":
+        B, H, T, _D = case.shape
+        total += {"math": 6, "math_compile": 3}.get(contender, 0) * B * H * T * T * case.elem * copies
+    return total
+
+
+def build_cases(ops, dtypes, dropout: float, quick: bool, widths=None, seq_lens=None) -> list[Case]:
+    """The sweep in run order: the cheap memory-bound ops first, the dropout row set (GPT-2 small's heads) last —
+    when a time budget runs out, what is lost is the tail."""
+    sweep = QUICK_SWEEP if quick else SWEEP
+    widths, seq_lens, B = widths or sweep["widths"], seq_lens or sweep["seq_lens"], sweep["batch"]
+    cases = []
+    for dtype in dtypes:
+        cases += [Case("gelu", (sweep["rows"], 4 * c), dtype) for c in widths if "gelu" in ops]
+        cases += [Case("layer_norm", (sweep["rows"], c), dtype) for c in widths if "layer_norm" in ops]
+        if "attention" in ops:
+            cases += [Case("attention", (B, H, T, D), dtype) for H, D in sweep["heads"] for T in seq_lens]
+            H, D = sweep["heads"][0]
+            cases += [Case("attention", (B, H, T, D), dtype, dropout) for T in seq_lens if dropout > 0]
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs, contenders and the correctness check
+
+
+class InputSet(NamedTuple):
+    tensors: list  # the leaf tensors (requires_grad) the op takes
+    dy: object  # the upstream gradient a backward pass uses
+
+
+def make_inputs(case: Case, device, copies: int) -> list[InputSet]:
+    """Fresh random inputs (never zeros): N(0, 1) activations, LayerNorm parameters near (1, 0), a shifted mean."""
+    import torch
+
+    dt = common.torch_dtype(case.dtype)
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, device=device) * scale + shift).to(dt).requires_grad_()
+
+    sets = []
+    for _ in range(copies):
+        if case.op == "attention":
+            tensors = [randn(*case.shape) for _ in range(3)]
+        elif case.op == "layer_norm":
+            C = case.shape[1]
+            tensors = [randn(*case.shape, shift=0.5), randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)]
+        else:
+            tensors = [randn(*case.shape)]
+        sets.append(InputSet(tensors, torch.randn(*case.shape, device=device).to(dt)))
+    return sets
+
+
+def rotation_copies(case: Case, device) -> int:
+    """How many input sets to cycle through so that a run never finds its inputs in the L2 cache: enough to span
+    twice the cache when one set is smaller than that (the CPU uses one set)."""
+    l2 = common.l2_cache_bytes(device)
+    if l2 == 0 or case.set_bytes >= 2 * l2:
+        return 1
+    return min(ROTATE_SETS_MAX, math.ceil(2 * l2 / case.set_bytes))
+
+
+def contender_fns(op: str, dropout: float, triton_backend, compiled: dict) -> dict:
+    """name -> function of the input tensors. ``compiled`` keeps the torch.compile'd formulas across cases."""
+    import torch
+    import torch.nn.functional as F
+
+    from kernels import reference
+
+    def flash(q, k, v):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+
+    math_fn, args, pytorch = {
+        "gelu": (reference.gelu_math, ("tanh",), lambda x: F.gelu(x, approximate="tanh")),
+        "layer_norm": (reference.layer_norm_math, (EPS,), lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, EPS)),
+        "attention": (reference.causal_attention_math, (dropout,), flash),
+    }[op]
+    key = (op, args)
+
+    def math_compile(*t):
+        if key not in compiled:  # on first use: creating it imports the compiler stack, seconds on a CPU
+            compiled[key] = torch.compile(math_fn, dynamic=True)
+        return compiled[key](*t, *args)
+
+    fns = {"math": lambda *t: math_fn(*t, *args), "math_compile": math_compile, "pytorch": pytorch}
+    if triton_backend is not None:
+        triton_fn = getattr(triton_backend, "causal_attention" if op == "attention" else op)
+        fns["triton"] = lambda *t: triton_fn(*t, *args)
+    return fns
+
+
+def selector(case: Case, device):
+    """The part of an output or gradient the float64 reference covers: all of LayerNorm (dw and db sum over every
+    row), GELU's rows sampled evenly, attention's first and last (batch, head) pairs."""
+    import torch
+
+    if case.op == "attention":
+        B, H = case.shape[:2]
+        pairs = sorted({(0, 0), (B - 1, H - 1)})
+        return lambda t: torch.stack([t[b, h] for b, h in pairs])[None]  # (1, P, T, D)
+    if case.op == "gelu":
+        rows = case.shape[0]
+        step = max(1, math.prod(case.shape) // REF_ELEMENTS)
+        index = torch.arange(0, rows, step, device=device)
+        return lambda t: t[index]
+    return lambda t: t
+
+
+def forward_backward(fn, inputs: InputSet):
+    """One forward and backward; returns the output and the input gradients (detached)."""
+    for t in inputs.tensors:
+        t.grad = None
+    out = fn(*inputs.tensors)
+    out.backward(inputs.dy)
+    return out.detach(), [t.grad for t in inputs.tensors]
+
+
+def reference(case: Case, inputs: InputSet, select, dropout: float = 0.0):
+    """The formula in float64 on the selected part: (output, gradients). Attention is evaluated one head at a time
+    (the (T, T) planes of float64 are large)."""
+    import torch
+
+    from kernels import reference as ref
+
+    leaves = [select(t.detach()).double() for t in inputs.tensors]
+    dy = select(inputs.dy).double()
+    if case.op != "attention":
+        math_fn = ref.gelu_math if case.op == "gelu" else ref.layer_norm_math
+        extra = ("tanh",) if case.op == "gelu" else (EPS,)
+        return forward_backward(lambda *t: math_fn(*t, *extra), InputSet([t.requires_grad_() for t in leaves], dy))
+    outs, grads = [], []
+    for p in range(leaves[0].shape[1]):
+        head = InputSet([t[:, p:p + 1].clone().requires_grad_() for t in leaves], dy[:, p:p + 1])
+        out, g = forward_backward(lambda q, k, v: ref.causal_attention_math(q, k, v, dropout), head)
+        outs.append(out)
+        grads.append(g)
+    return torch.cat(outs, dim=1), [torch.cat(gs, dim=1) for gs in zip(*grads)]
+
+
+def check(case: Case, fn, inputs: InputSet, select, ref) -> tuple[bool, float, str]:
+    """Run ``fn`` forward and backward once and compare with the float64 reference -> (ok, error, description)."""
+    out, grads = forward_backward(fn, inputs)
+    got = [select(out)] + [select(g) for g in grads]
+    if not case.dropout:
+        errors = [common.rel_err(a, b) for a, b in zip(got, [ref["out"]] + ref["grads"])]
+        err = max(errors, key=lambda e: e if math.isfinite(e) else math.inf)  # a NaN anywhere is the worst
+        tol = TOLERANCE[case.dtype]
+        return err <= tol, err, f"rel err {err:.1e} vs float64 (tol {tol:g})"
+    # Dropout: compare how far each result moved from the no-dropout result with how far float64 dropout moves it.
+    expected = ref["dropout_dev"]
+    ratios = [common.rel_err(a, b) / max(e, 1e-30) for a, b, e in zip(got, [ref["out"]] + ref["grads"], expected)]
+    worst = max(ratios, key=lambda r: abs(math.log(r)) if r > 0 and math.isfinite(r) else math.inf)
+    ok = all(1 / DROPOUT_BAND <= r <= DROPOUT_BAND for r in ratios)
+    return ok, worst, f"dropout deviation {worst:.2f}x float64 dropout's (band 1/{DROPOUT_BAND:g}..{DROPOUT_BAND:g})"
+
+
+def poison_allocator(nbytes: int, device) -> None:
+    """Fill freed GPU memory with NaN (the caching allocator hands freed blocks back out), so that a kernel that
+    leaves part of its output unwritten shows NaN there, not a previous contender's correct values."""
+    if device.type == "cuda" and nbytes > 0:
+        import torch
+
+        torch.full((nbytes // 4 + 1,), float("nan"), device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running a case: every contender, checked, then timed pass by pass
+
+
+class Run:
+    """What every case needs: the device, its ceilings, the settings, the triton backend and the compile cache."""
+
+    def __init__(self, args, device, ceilings):
+        self.args, self.device, self.ceilings = args, device, ceilings
+        self.budget = common.Budget(args.budget_s)
+        self.compiled: dict = {}
+        self.interpreting = device.type == "cpu"
+        self.triton, self.triton_error = None, None
+        try:
+            import kernels
+
+            self.triton = kernels.get_backend("triton")
+        except Exception as exc:  # not installed, or mid-edit: the rows say so, the others still run
+            self.triton_error = common.one_line(exc)
+
+    def skip_reason(self, case: Case, name: str, copies: int) -> str | None:
+        if self.budget.expired():
+            return f"skipped: time budget ({self.args.budget_s:g} s) spent"
+        if name == "triton" and self.triton is None:
+            return f"failed: {self.triton_error}"
+        if name == "math_compile" and self.args.no_compile:
+            return "skipped: --no-compile"
+        if name == "math_compile" and self.device.type == "cpu" and self.args.quick:
+            return "skipped: torch.compile on the CPU is too slow for --quick"
+        if name == "triton" and self.interpreting and math.prod(case.shape) > INTERPRETER_MAX_ELEMENTS:
+            return "not timed (interpreter); not checked: too large for the interpreter"
+        need = planned_bytes(case, name, copies)
+        have = common.memory_budget(self.device)
+        if need > have:
+            return f"skipped: needs ~{need / 2**30:.1f} GiB, over the memory budget ({have / 2**30:.1f} GiB)"
+        return None
+
+
+def run_case(case: Case, run: Run) -> list[dict]:
+    """Rows (one per contender and pass) for one case: every contender checked, then timed pass by pass."""
+    import torch
+
+    torch.manual_seed(run.args.seed)
+    copies = rotation_copies(case, run.device)
+    sets = make_inputs(case, run.device, copies)
+    select = selector(case, run.device)
+    out64, grads64 = reference(case, sets[0], select)
+    ref = {"out": out64, "grads": grads64}
+    if case.dropout:
+        drop_out, drop_grads = reference(case, sets[0], select, case.dropout)
+        ref["dropout_dev"] = [common.rel_err(a, b) for a, b in zip([drop_out] + drop_grads, [out64] + grads64)]
+    fns = contender_fns(case.op, case.dropout, run.triton, run.compiled)
+    rows = []
+    for name in CONTENDERS:
+        verdict = dict(checked=None, check_error=None, check=None, note=None, copies=copies)
+        status = run.skip_reason(case, name, copies)
+        fn = fns.get(name)
+        if status is None:
+            status, fn = check_contender(case, name, fn, sets[0], select, ref, verdict, run)
+        for pass_ in run.args.passes:
+            row = dict(blank_row(case, name, pass_, status or "ok"), **verdict)
+            if status is None and run.budget.expired():
+                row["status"] = f"skipped: time budget ({run.args.budget_s:g} s) spent"
+            elif status is None:
+                try:
+                    row["ms"] = common.time_pass(fn, sets, pass_, run.device, run.args.warmup_ms, run.args.rep_ms)
+                except Exception as exc:
+                    row["status"] = error_status(exc, run.device)
+            rows.append(row)
+    add_rates(rows, run.ceilings, case.dtype)
+    return rows
+
+
+def check_contender(case, name, fn, inputs, select, ref, verdict: dict, run: Run):
+    """Check one contender (recording the result in ``verdict``) -> (status, or None to time it; function to time)."""
+    import torch.nn.functional as F
+
+    poison_allocator(case.set_bytes, run.device)
+    try:
+        try:
+            with warnings.catch_warnings():  # flash explains at length why it cannot run; the row says it
+                warnings.simplefilter("ignore", UserWarning)
+                ok, err, note = check(case, fn, inputs, select, ref)
+        except RuntimeError as exc:  # flash cannot run this case (fp32, or dropout on the CPU)
+            if name != "pytorch" or common.is_oom(exc) or "no available kernel" not in str(exc).lower():
+                raise
+            fn = functools.partial(F.scaled_dot_product_attention, dropout_p=case.dropout, is_causal=True)
+            verdict["note"] = "flash backend unavailable here: default SDPA dispatch"
+            ok, err, note = check(case, fn, inputs, select, ref)
+    except Exception as exc:
+        return error_status(exc, run.device), fn
+    verdict.update(checked=ok, check_error=err, check=note)
+    if not ok:
+        return "wrong: " + note, fn
+    if name == "triton" and run.interpreting:
+        return "not timed (interpreter)", fn
+    return None, fn
+
+
+def error_status(exc: Exception, device) -> str:
+    """A row's status for an exception: out of memory is a skip, anything else a failure (one line)."""
+    common.free_memory(device, collect=True)
+    return "skipped: out of memory" if common.is_oom(exc) else f"failed: {common.one_line(exc)}"
+
+
+def blank_row(case: Case, contender: str, pass_: str, status: str) -> dict:
+    """A row with every column, nothing measured yet."""
+    nbytes, flops = work(case, pass_)
+    return dict(op=case.op, family=case.family, shape=case.label, size=case.size, dtype=case.dtype,
+                dropout=case.dropout, contender=contender, **{"pass": pass_}, status=status, ms=None,
+                **dict.fromkeys(RATES), bytes=nbytes, flops=flops, checked=None, check_error=None, check=None,
+                note=None, copies=None)
+
+
+def add_rates(rows: list[dict], ceilings: dict, dtype: str) -> None:
+    """GB/s or TFLOP/s, their share of the device's ceilings, and triton's speed-up over each contender."""
+    bandwidth = ceilings["bandwidth_gbps"]
+    peak = ceilings["matmul_tflops"].get(dtype) or ceilings["matmul_tflops"].get("bf16")
+    triton_ms = {r["pass"]: r["ms"] for r in rows if r["contender"] == "triton"}
+    for r in rows:
+        ms = r["ms"]
+        r["gbps"] = r["bytes"] / (ms * 1e-3) / 1e9 if ms and r["bytes"] else None
+        r["tflops"] = r["flops"] / (ms * 1e-3) / 1e12 if ms and r["flops"] else None
+        r["pct_bandwidth"] = 100 * r["gbps"] / bandwidth if r["gbps"] else None
+        r["pct_matmul_peak"] = 100 * r["tflops"] / peak if r["tflops"] and peak else None
+        t = triton_ms.get(r["pass"])
+        r["triton_speedup"] = ms / t if ms and t else None  # > 1: triton is that many times faster
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting: terminal table, plot, summary
+
+
+def _cell(row: dict | None, speedup: bool = True) -> str:
+    """A contender's time (with triton's speed-up over it), or the first word of why there is none."""
+    if row is None:
+        return "-"
+    if row["ms"] is None:
+        word = row["status"].split(":")[0]
+        return word.upper() if word in ("wrong", "failed") else "not timed" if word.startswith("not timed") else word
+    return f"{row['ms']:.3g} ms" + (f" ({row['triton_speedup']:.2f}x)" if speedup and row["triton_speedup"] else "")
+
+
+def progress(rows: list[dict]) -> str:
+    """One case on one line: each contender's times (passes joined by '/') or why it has none."""
+    by = {name: [r for r in rows if r["contender"] == name] for name in CONTENDERS}
+    return "; ".join(f"{name} " + ("/".join(f"{r['ms']:.3g}" for r in rs) + " ms" if all(r["ms"] for r in rs)
+                                   else _cell(next(r for r in rs if not r["ms"]), False)) for name, rs in by.items())
+
+
+def _rate(row: dict | None) -> tuple[str, str]:
+    """(throughput, share of the ceiling) of a timed row, as table cells."""
+    if not row or not row.get("ms"):
+        return "-", "-"
+    if row["tflops"]:
+        return f"{row['tflops']:.0f} TF/s", f"{row['pct_matmul_peak']:.0f}%"
+    return f"{row['gbps']:.0f} GB/s", f"{row['pct_bandwidth']:.0f}%"
+
+
+def table(rows: list[dict]) -> str:
+    """One line per case and pass: triton's time, throughput and share of the ceiling, then every other contender's
+    time with triton's speed-up over it in parentheses (> 1: triton is faster)."""
+    cases: dict = {}
+    for r in rows:
+        cases.setdefault((r["family"], r["shape"], r["pass"]), {})[r["contender"]] = r
+    lines = [[family, pass_, shape, _cell(by.get("triton"), False), *_rate(by.get("triton"))]
+             + [_cell(by.get(c)) for c in CONTENDERS[1:]] for (family, shape, pass_), by in cases.items()]
+    return common.format_table(["case", "pass", "shape", "triton", "rate", "% ceil", *CONTENDERS[1:]], lines,
+                               right={3, 4, 5, 6, 7, 8})
+
+
+def plot(rows: list[dict], ceilings: dict, path: Path) -> Path | None:
+    """One figure: a subplot per family (rows) and pass (columns), throughput vs size, a line per contender, the
+    device's ceiling dashed."""
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    families, passes = list(dict.fromkeys(r["family"] for r in rows)), list(dict.fromkeys(r["pass"] for r in rows))
+    fig, axes = plt.subplots(len(families), len(passes), figsize=(4.2 * len(passes), 3.2 * len(families)),
+                             squeeze=False)
+    for (i, family), (j, pass_) in itertools.product(enumerate(families), enumerate(passes)):
+        ax, sel = axes[i][j], [r for r in rows if r["family"] == family and r["pass"] == pass_]
+        attention = sel[0]["op"] == "attention"
+        key = "tflops" if attention else "gbps"
+        for name in CONTENDERS:
+            points = [(r["size"], r[key]) for r in sel if r["contender"] == name and r.get(key)]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+            elif any(r["contender"] == name for r in sel):
+                ax.plot([], [], " ", label=f"{name}: {_cell(next(r for r in sel if r['contender'] == name))}")
+        matmul = ceilings["matmul_tflops"]
+        ax.axhline(matmul.get(sel[0]["dtype"], matmul["bf16"]) if attention else ceilings["bandwidth_gbps"],
+                   color="grey", linestyle="--", linewidth=1, label="device ceiling")
+        if any(r.get(key) for r in sel):
+            ax.set_xscale("log", base=2)
+        ax.set_title(f"{family} — {pass_}", fontsize=9)
+        ax.set_xlabel("sequence length T" if attention else "width (columns)")
+        ax.set_ylabel("TFLOP/s (causal count)" if attention else "GB/s (fewest bytes)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
+def summarize(data: dict) -> str:
+    """Per family and pass: triton at the largest size, and its geometric-mean speed-up over each contender (with
+    the number of sizes it is taken over); then the checks and every wrong or failed row."""
+    rows, env, ceil = data["rows"], data["meta"]["environment"], data["meta"]["ceilings"]
+    lines = []
+    for family, pass_ in dict.fromkeys((r["family"], r["pass"]) for r in rows):
+        sel = [r for r in rows if r["family"] == family and r["pass"] == pass_]
+        top = max((r for r in sel if r["contender"] == "triton" and r["ms"]), key=lambda r: r["size"], default=None)
+        speedups = []
+        for c in CONTENDERS[1:]:
+            s = [r["triton_speedup"] for r in sel if r["contender"] == c and r["triton_speedup"]]
+            speedups.append(f"{math.exp(sum(map(math.log, s)) / len(s)):.2f}x ({len(s)})" if s else "-")
+        lines.append([family, pass_, top["shape"] if top else "-", _cell(top, False), *_rate(top), *speedups])
+    triton = {(r["family"], r["shape"]): r["checked"] for r in rows if r["contender"] == "triton"}
+    bad = dict.fromkeys(f"  {r['family']} {r['shape']} {r['contender']}: {r['status']}" for r in rows
+                        if r["status"].startswith(("wrong", "failed")))
+    return "\n".join([
+        f"kernels on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}); ceilings: copy "
+        f"{ceil['bandwidth_gbps']:.0f} GB/s, matmul " + ", ".join(f"{k} {v:.0f} TFLOP/s"
+                                                                for k, v in ceil["matmul_tflops"].items()), "",
+        common.format_table(["family", "pass", "largest", "triton", "rate", "% ceil"]
+                            + [f"vs {c} (geo-mean)" for c in CONTENDERS[1:]], lines), "",
+        f"triton checked correct in {sum(v is True for v in triton.values())} of {len(triton)} cases; "
+        f"{len(bad)} wrong or failed (case, contender)" + (":" if bad else ""), *bad])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", nargs="+", choices=OPS + ("all",), default=["all"], help="which ops (default all)")
+    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES), help="which passes (default all)")
+    p.add_argument("--dtype", nargs="+", choices=common.DTYPE_NAMES, default=["bf16"], help="dtypes (default bf16)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="add an attention row set with this dropout probability (e.g. 0.1; default none)")
+    p.add_argument("--widths", type=int, nargs="+", help="LayerNorm widths C (GELU runs 4C) instead of the sweep's")
+    p.add_argument("--seq-lens", type=int, nargs="+", help="attention sequence lengths T instead of the sweep's")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    p.add_argument("--warmup-ms", type=float, help="warm-up per timing, ms (default 25; 5 with --quick)")
+    p.add_argument("--rep-ms", type=float, help="timed runs per timing, ms (default 100; 20 with --quick)")
+    common.add_run_args(p, "kernels")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.summarize:
+        print(summarize(json.loads(args.summarize.read_text())))
+        return 0
+    if not 0.0 <= args.dropout < 1.0:
+        raise SystemExit(f"error: --dropout must be in [0, 1), got {args.dropout}")
+    args.warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.quick else 25.0)
+    args.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.quick else 100.0)
+    device = common.setup(args)
+    import torch._functorch.config as functorch_config
+
+    # The compiled formula's backward is timed with retain_graph=True (its forward ran once, outside the timed
+    # region), which buffer donation forbids; donation saves memory, not time.
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
+    ops = OPS if "all" in args.op else tuple(o for o in OPS if o in args.op)
+    cases = build_cases(ops, args.dtype, args.dropout, args.quick, args.widths, args.seq_lens)
+    print(f"benchmarks.kernels: {len(cases)} cases x {len(CONTENDERS)} contenders x {len(args.passes)} passes "
+          f"on {common.device_name(device)}", flush=True)
+    ceilings = common.measure_ceilings(device, ["bf16"] + list(args.dtype), quick=args.quick)
+    print(f"ceilings: copy {ceilings['bandwidth_gbps']:.0f} GB/s, matmul "
+          + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in ceilings["matmul_tflops"].items()), flush=True)
+    run = Run(args, device, ceilings)
+    rows, interrupted = [], None
+    try:
+        for i, case in enumerate(cases, 1):
+            try:
+                if run.budget.expired():  # no inputs, no reference: straight to the rows that say so
+                    raise TimeoutError(f"time budget ({args.budget_s:g} s) spent")
+                case_rows = run_case(case, run)
+            except Exception as exc:  # the inputs or the reference did not fit: every contender's rows say so
+                status = f"skipped: {exc}" if isinstance(exc, TimeoutError) else error_status(exc, device)
+                case_rows = [blank_row(case, c, p, status) for c in CONTENDERS for p in args.passes]
+            common.free_memory(device)
+            rows += case_rows
+            print(f"[{i}/{len(cases)}] {case.family} {case.label} ({run.budget.spent():.0f} s): {progress(case_rows)}",
+                  flush=True)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or the SIGTERM of an outer `timeout`: keep what was measured
+        interrupted = common.one_line(exc)
+        print(f"interrupted ({interrupted}): writing the {len(rows)} rows measured so far", flush=True)
+    meta = common.run_meta(device, ceilings, args, run.budget, interrupted, COUNTING)
+    rows, paths = common.finish(args.out or common.default_out_dir(device), "kernels", rows, meta,
+                                lambda rows, path: plot(rows, ceilings, path))
+    print("\n" + table(rows) + "\n\n" + summarize({"rows": rows, "meta": meta}))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

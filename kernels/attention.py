@@ -1,0 +1,610 @@
+r"""Causal self-attention as one fused Triton kernel, FlashAttention-2 style: forward, backward and dropout.
+
+The op.  For one (batch, head) pair, with q, k, v of shape (T, D) and a scale (default 1/sqrt(D)):
+
+    S = scale * q k^T                    (T, T) scores; entries above the diagonal (j > i, the future) are -inf
+    P = softmax(S) row by row            (T, T) attention weights
+    O = dropout(P) v                     (T, D) with dropout(P) = P * M / (1 - p), M_ij ~ Bernoulli(1 - p)
+
+Written like that it stores the (T, T) matrices in memory, and memory traffic, not arithmetic, is then the cost.
+The kernel never materializes them: each program owns BLOCK_M query rows, keeps them in registers and streams
+the keys and values past them BLOCK_N rows at a time.
+
+Online softmax (forward).  A row's softmax needs the max and the sum over all its keys, but they arrive one tile
+at a time. Keep a running max m, a running sum l and an unnormalized output acc, and rescale them whenever the
+max grows. For each key tile j, with the tile's scores S_j:
+
+    m_new = max(m, rowmax(S_j))
+    alpha = exp(m - m_new)                          how much the old terms shrink under the new max
+    P~_j  = exp(S_j - m_new)
+    l     = alpha * l + rowsum(P~_j)
+    acc   = alpha * acc + P~_j v_j
+    m     = m_new
+
+and at the end O = acc / l and LSE = m + log(l), the row's log-sum-exp. Everything is accumulated in float32
+whatever the input dtype. exp is computed as exp2, the GPU's native instruction: exp(x) = 2^(x log2 e), and the
+factor log2(e) is folded into the scale once (qk_scale = scale * log2 e), so m lives in base 2, and so does the
+saved LSE (LSE * log2 e): converting it back and forth would only add rounding to the backward's P.
+
+Causality in tiles.  A query tile [r, r + BLOCK_M) needs the keys [0, r + BLOCK_M). Key tiles above the diagonal
+are skipped by the loop bounds (half of the work disappears); key tiles wholly before r need no mask at all; only
+the diagonal band [r, r + BLOCK_M) compares positions. The loop is split in two so the unmasked tiles, nearly all
+of them for long sequences, carry no mask arithmetic.
+
+Backward.  With dO = dL/dO, and Pd = P * M / (1 - p) the dropped-out weights:
+
+    dV  = Pd^T dO
+    dP  = (dO v^T) * M / (1 - p)                     the gradient reaching P passes the same dropout
+    dS  = P * (dP - delta),  delta_i = sum_j P_ij dP_ij        (softmax's Jacobian, row by row)
+    dQ  = scale * dS k,      dK = scale * dS^T q
+
+The identity that makes delta cheap: sum_j P_ij dP_ij = sum_j Pd_ij (dO_i . v_j) = dO_i . (sum_j Pd_ij v_j)
+= dO_i . O_i, so delta = rowsum(dO * O) is one small pass over (T, D) tensors, with or without dropout.
+P itself is not stored by the forward: it would cost T^2 memory per head, the very thing we avoid. It is
+recomputed from q, k and the saved LSE as P = exp(S - LSE), exact and without any running max: the LSE is T
+floats per head. Recomputing costs one extra matmul per tile, cheaper than reading a (T, T) matrix back.
+
+The backward runs as three kernels: the delta pass; a dK/dV kernel where each program owns a key tile and walks
+the query tiles from the diagonal down; a dQ kernel where each program owns a query tile and walks the key tiles
+up to the diagonal. Each gradient row is owned by one program, so there are no atomic adds and the result is
+deterministic, at the price of computing S and dP twice.
+
+Dropout.  The keep mask is drawn inside the kernels with Philox, a counter-based generator: tl.rand(key,
+counter) is a pure function, so the backward regenerates the forward's mask exactly and nothing is stored.
+Element (i, j) of head bh uses key = seed + bh * 2^32 (the Philox key is 64 bits: the seed in the low word, the
+(batch, head) index in the high word) and counter = i * T + j, unique within a head while T * T < 2^31, i.e.
+T <= 46340. Distinct (bh, i, j) never share a (key, counter) pair. An entry is kept when its uniform draw is
+>= p; kept entries are scaled by 1 / (1 - p); l and the LSE use the undropped P, exactly as nn.Dropout applied to
+the softmax output. The seed comes from torch's default CPU generator, so torch.manual_seed reproduces a run.
+
+Cost.  Each (query, key) pair takes two D-long dot products (S = q k^T and P v), 2 FLOPs per multiply-add; the
+causal mask halves the pairs: forward FLOPs = 2 * 2 * B * H * T * T * D / 2. The backward has five such
+matmuls (S, dV, dP, dQ, dK) to the forward's two: 2.5x the forward (our dQ kernel recomputes S and dP again;
+the convention, used by the benchmarks, counts the algorithm's five).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import check_tensor, is_interpreting, kernel_dtype, triton_next_power_of_2
+from .reference import check_attention_inputs
+
+__all__ = ["causal_attention", "CausalAttention", "causal_attention_flops", "compile_targets", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 128  # one (BLOCK, 128) tile of q, k, v and the accumulators must fit in registers / shared memory
+MIN_BLOCK_D = 16  # tl.dot needs every tile dimension >= 16; smaller head dims are padded (masked) up to 16
+MAX_DROPOUT_T = 46340  # the Philox counter i * T + j is an int32: T * T < 2^31
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo, hi, T, qk_scale, dropout_p,
+               rng_key, BLOCK_N: tl.constexpr, ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Fold the key tiles [lo, hi) into the running (acc, l, m) of one query tile (the online softmax above)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + tl.arange(0, BLOCK_N)  # key positions of this tile
+        if ON_DIAGONAL:
+            kv_mask = (cols < T)[:, None] & d_ok[None, :]  # the diagonal band may run past the last key
+        else:
+            kv_mask = d_ok[None, :]  # below the diagonal every key exists
+        k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        if ON_DIAGONAL:
+            s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer sums the undropped weights
+        if DROPOUT:
+            keep = tl.rand(rng_key, offs_m[:, None] * T + cols[None, :]) >= dropout_p
+            p = tl.where(keep, p, 0.0)  # the 1 / (1 - p) factor is applied once, at the end
+        v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attention_fwd(
+    Q, K, V,  # (B, H, T, D) inputs, last dim contiguous
+    O,  # (B, H, T, D) output, contiguous
+    LSE,  # (B * H, T) float32 output: each row's log-sum-exp in base 2 (LSE * log2 e), for the backward
+    stride_qb, stride_qh, stride_qt,  # q's strides in elements (batch, head, time)
+    stride_kb, stride_kh, stride_kt,  # k's strides
+    stride_vb, stride_vh, stride_vt,  # v's strides
+    stride_ob, stride_oh, stride_ot,  # o's strides
+    H, T,  # number of heads, sequence length
+    qk_scale,  # scale * log2(e), so scores feed exp2 directly
+    dropout_p,  # probability of dropping an attention weight (used when DROPOUT)
+    seed,  # Philox seed for the dropout mask (used when DROPOUT)
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per loop step; divides BLOCK_M
+    DROPOUT: tl.constexpr,  # dropout_p > 0
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (full precision), "tf32" otherwise (ignored for 16-bit)
+):
+    start_m = tl.program_id(0)  # which query tile
+    bh = tl.program_id(1)  # which (batch, head)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+    LSE += bh.to(tl.int64) * T
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # constant true (and compiled away) when D is a power of two >= 16
+    row_ok = offs_m < T
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    rng_key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)  # Philox key: (seed, bh) in (low, high) words
+
+    lo = start_m * BLOCK_M
+    # keys [0, lo): strictly in the past of every row of this tile, no mask
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, 0, lo, T,
+                               qk_scale, dropout_p, rng_key, BLOCK_N, False, DROPOUT, DOT_PRECISION)
+    # keys [lo, lo + BLOCK_M): the diagonal band, masked; every row sees at least its own key here
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo,
+                               tl.minimum(lo + BLOCK_M, T), T, qk_scale, dropout_p, rng_key, BLOCK_N, True, DROPOUT,
+                               DOT_PRECISION)
+
+    out_scale = 1.0 / l_i
+    if DROPOUT:
+        out_scale = out_scale / (1.0 - dropout_p)  # kept weights are scaled by 1 / (1 - p)
+    acc = acc * out_scale[:, None]
+    tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _attention_bwd_preprocess(
+    O, DO,  # (B, H, T, D) forward output and its gradient, last dim contiguous
+    DELTA,  # (B * H, T) float32 output: rowsum(dO * O)
+    stride_ob, stride_oh, stride_ot,  # o's strides
+    stride_dob, stride_doh, stride_dot,  # dO's strides
+    H, T,  # number of heads, sequence length
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
+    BLOCK_M: tl.constexpr,  # rows per program
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d, d_ok, lo, hi, T,
+                    qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr, ON_DIAGONAL: tl.constexpr,
+                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add the query tiles [lo, hi) to one key tile's dK and dV. Tiles are kept transposed: (keys, queries)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + tl.arange(0, BLOCK_M)  # query positions of this tile
+        row_ok = rows < T  # the last query tile may run past T (below the diagonal too)
+        q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        # a missing row gets LSE = +inf, so its weights are exp2(-inf) = 0 and it adds nothing
+        lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+        if ON_DIAGONAL:
+            p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+        do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO v^T)^T
+        if DROPOUT:
+            keep_t = tl.rand(rng_key, rows[None, :] * T + offs_n[:, None]) >= dropout_p  # the forward's mask
+            dv = tl.dot(tl.where(keep_t, p_t * dropout_scale, 0.0).to(do.dtype), do, dv,
+                        input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attention_bwd_dkdv(
+    Q, K, V,  # (B, H, T, D) forward inputs, last dim contiguous
+    DO,  # (B, H, T, D) gradient of the output, last dim contiguous
+    LSE, DELTA,  # (B * H, T) float32: the forward's base-2 log-sum-exp and rowsum(dO * O)
+    DK, DV,  # (B, H, T, D) outputs, contiguous
+    stride_qb, stride_qh, stride_qt,  # q's strides
+    stride_kb, stride_kh, stride_kt,  # k's strides
+    stride_vb, stride_vh, stride_vt,  # v's strides
+    stride_dob, stride_doh, stride_dot,  # dO's strides
+    stride_gb, stride_gh, stride_gt,  # dK's and dV's strides (the same layout)
+    H, T,  # number of heads, sequence length
+    sm_scale,  # the softmax scale (dK = scale * dS^T q)
+    qk_scale,  # sm_scale * log2(e)
+    dropout_p,  # dropout probability (used when DROPOUT)
+    seed,  # the forward's Philox seed (used when DROPOUT)
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
+    BLOCK_M: tl.constexpr,  # query rows per loop step; divides BLOCK_N
+    BLOCK_N: tl.constexpr,  # key rows per program
+    DROPOUT: tl.constexpr,  # dropout_p > 0
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, "tf32" otherwise
+):
+    start_n = tl.program_id(0)  # which key tile
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DK += b * stride_gb + h * stride_gh
+    DV += b * stride_gb + h * stride_gh
+    LSE += bh.to(tl.int64) * T
+    DELTA += bh.to(tl.int64) * T
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = (offs_n < T)[:, None] & d_ok[None, :]
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    rng_key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+
+    lo = start_n * BLOCK_N
+    # queries [lo, lo + BLOCK_N): the diagonal band, masked
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d, d_ok, lo,
+                             tl.minimum(lo + BLOCK_N, T), T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M,
+                             True, DROPOUT, DOT_PRECISION)
+    # queries [lo + BLOCK_N, T): all in the future of this key tile, no mask
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d, d_ok,
+                             lo + BLOCK_N, T, T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M, False, DROPOUT,
+                             DOT_PRECISION)
+    tl.store(DK + offs_n[:, None] * stride_gt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + offs_n[:, None] * stride_gt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo, hi, T, qk_scale,
+                  dropout_p, dropout_scale, rng_key, BLOCK_N: tl.constexpr, ON_DIAGONAL: tl.constexpr,
+                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add the key tiles [lo, hi) to one query tile's dQ."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        if ON_DIAGONAL:
+            kv_mask = (cols < T)[:, None] & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if ON_DIAGONAL:
+            p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = tl.rand(rng_key, offs_m[:, None] * T + cols[None, :]) >= dropout_p
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attention_bwd_dq(
+    Q, K, V,  # (B, H, T, D) forward inputs, last dim contiguous
+    DO,  # (B, H, T, D) gradient of the output, last dim contiguous
+    LSE, DELTA,  # (B * H, T) float32: the forward's base-2 log-sum-exp and rowsum(dO * O)
+    DQ,  # (B, H, T, D) output, contiguous
+    stride_qb, stride_qh, stride_qt,  # q's strides
+    stride_kb, stride_kh, stride_kt,  # k's strides
+    stride_vb, stride_vh, stride_vt,  # v's strides
+    stride_dob, stride_doh, stride_dot,  # dO's strides
+    stride_gb, stride_gh, stride_gt,  # dQ's strides
+    H, T,  # number of heads, sequence length
+    sm_scale,  # the softmax scale (dQ = scale * dS k)
+    qk_scale,  # sm_scale * log2(e)
+    dropout_p,  # dropout probability (used when DROPOUT)
+    seed,  # the forward's Philox seed (used when DROPOUT)
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per loop step; divides BLOCK_M
+    DROPOUT: tl.constexpr,  # dropout_p > 0
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, "tf32" otherwise
+):
+    start_m = tl.program_id(0)  # which query tile
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DQ += b * stride_gb + h * stride_gh
+    LSE += bh.to(tl.int64) * T
+    DELTA += bh.to(tl.int64) * T
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < T
+    mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    rng_key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+
+    lo = start_m * BLOCK_M
+    # keys [0, lo): no mask
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, 0, lo, T, qk_scale,
+                       dropout_p, dropout_scale, rng_key, BLOCK_N, False, DROPOUT, DOT_PRECISION)
+    # keys [lo, lo + BLOCK_M): the diagonal band, masked
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo,
+                       tl.minimum(lo + BLOCK_M, T), T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_N, True,
+                       DROPOUT, DOT_PRECISION)
+    tl.store(DQ + offs_m[:, None] * stride_gt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tile sizes: one table, read by the launchers and by compile_targets()
+
+
+class Tiles(NamedTuple):
+    BLOCK_M: int  # query rows per tile
+    BLOCK_N: int  # key rows per tile
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the K/V (or Q/dO) loads
+
+
+# (dtype group, head dims) -> tiles for each kernel (BLOCK_M, BLOCK_N, num_warps, num_stages), sized for an H100 and checked to compile for sm_80 and sm_90
+# with no register spills, within shared memory, with and without dropout (`python -m kernels.compile_check`).
+# The Philox draws of dropout are what limit the tiles: 4 warps at (128, 64) spill with dropout, 8 do not.
+# 16-bit inputs use tensor cores. float32 inputs run full-precision ("ieee") FMA dots, rare in practice; their
+# registers grow fast with the tile, hence the small tiles. The forward and dQ kernels hold a query tile and
+# stream keys (BLOCK_N divides BLOCK_M); dK/dV holds a key tile and streams queries (BLOCK_M divides BLOCK_N).
+_GPU_TILES = {
+    ("16bit", "D<=64"): dict(fwd=Tiles(128, 64, 8, 3), dkdv=Tiles(32, 128, 8, 2), dq=Tiles(128, 64, 8, 2)),
+    ("16bit", "D=128"): dict(fwd=Tiles(128, 32, 8, 3), dkdv=Tiles(32, 64, 8, 2), dq=Tiles(128, 32, 8, 2)),
+    ("fp32", "D<=64"): dict(fwd=Tiles(32, 16, 4, 2), dkdv=Tiles(16, 32, 4, 2), dq=Tiles(32, 16, 4, 2)),
+    ("fp32", "D=128"): dict(fwd=Tiles(32, 16, 8, 2), dkdv=Tiles(16, 32, 8, 2), dq=Tiles(32, 16, 4, 2)),
+}
+_PREPROCESS_TILES = Tiles(64, 0, 4, 1)  # the delta pass: BLOCK_M rows of (o, dO) per program
+# The interpreter runs each program in Python: small tiles keep the tests quick and still give several tiles,
+# a diagonal band and a partial tail on tiny sequences.
+_INTERPRETER_TILES = dict(fwd=Tiles(32, 16, 1, 1), dkdv=Tiles(16, 32, 1, 1), dq=Tiles(32, 16, 1, 1))
+
+
+def _block_d(head_dim: int) -> int:
+    return max(MIN_BLOCK_D, triton_next_power_of_2(head_dim))
+
+
+def _tiles(dtype: torch.dtype, head_dim: int, interpreting: bool | None = None) -> dict[str, Tiles]:
+    """The tile table's row for inputs of ``dtype`` and ``head_dim``."""
+    if is_interpreting() if interpreting is None else interpreting:
+        return _INTERPRETER_TILES
+    return _GPU_TILES[("fp32" if dtype == torch.float32 else "16bit", "D<=64" if head_dim <= 64 else "D=128")]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Default tl.dot on float32 is tf32 (10-bit mantissa), worse than torch's float32 attention; "ieee" keeps it
+    # exact. For 16-bit inputs the setting is ignored.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the kernel's dtype; strides are passed to the kernels, so only a strided last dim is copied."""
+    t = t.to(kernel_dtype(t.dtype))
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_forward(q, k, v, dropout_p: float, scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel on kernel-ready (B, H, T, D) tensors.
+
+    Returns o (B, H, T, D) and lse2 (B * H, T) float32, each row's log-sum-exp in base 2 (LSE * log2 e).
+    """
+    B, H, T, D = q.shape
+    o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
+    tiles = _tiles(q.dtype, D)["fwd"]
+    grid = (triton.cdiv(T, tiles.BLOCK_M), B * H)
+    _attention_fwd[grid](
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T, scale * LOG2E, dropout_p, seed,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, DROPOUT=dropout_p > 0.0,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return o, lse
+
+
+def attention_backward(q, k, v, o, lse, do, dropout_p: float, scale: float, seed: int):
+    """The three backward kernels on kernel-ready tensors -> (dq, dk, dv), each (B, H, T, D) in q's dtype."""
+    B, H, T, D = q.shape
+    tiles = _tiles(q.dtype, D)
+    delta = torch.empty_like(lse)
+    pre = _PREPROCESS_TILES
+    _attention_bwd_preprocess[(triton.cdiv(T, pre.BLOCK_M), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=pre.BLOCK_M,
+        num_warps=pre.num_warps, num_stages=pre.num_stages,
+    )
+    dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    common = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
+    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), H, T, scale, scale * LOG2E,
+            dropout_p, seed)
+    t = tiles["dkdv"]
+    _attention_bwd_dkdv[(triton.cdiv(T, t.BLOCK_N), B * H)](
+        q, k, v, do, lse, delta, dk, dv, *args, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, **common,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    t = tiles["dq"]
+    _attention_bwd_dq[(triton.cdiv(T, t.BLOCK_M), B * H)](
+        q, k, v, do, lse, delta, dq, *args, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, **common,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd
+
+
+def _draw_seed() -> int:
+    # torch's default CPU generator: torch.manual_seed makes runs reproducible, and drawing on the CPU needs no
+    # GPU synchronization (a CUDA draw would have to be copied back with .item() on every call).
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+class CausalAttention(torch.autograd.Function):
+    """softmax(q k^T * scale, causal) -> dropout -> @ v with Triton kernels both ways; the (T, T) never exists."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dropout_p: float, scale: float):
+        out_dtype = q.dtype
+        ctx.dropout_p, ctx.scale = dropout_p, scale
+        ctx.seed = _draw_seed() if dropout_p > 0.0 else 0
+        ctx.empty = q.numel() == 0
+        if ctx.empty:  # T == 0 or B * H == 0: nothing to launch
+            return torch.empty_like(q)
+        q, k, v = _as_kernel_input(q), _as_kernel_input(k), _as_kernel_input(v)
+        o, lse = attention_forward(q, k, v, dropout_p, scale, ctx.seed)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o.to(out_dtype)  # a no-op except for bfloat16 under the interpreter
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.empty:
+            return torch.zeros_like(grad_out), torch.zeros_like(grad_out), torch.zeros_like(grad_out), None, None
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(q, k, v, o, lse, _as_kernel_input(grad_out), ctx.dropout_p, ctx.scale,
+                                        ctx.seed)
+        return dq.to(grad_out.dtype), dk.to(grad_out.dtype), dv.to(grad_out.dtype), None, None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                     scale: float | None = None) -> torch.Tensor:
+    """Causal scaled-dot-product attention with dropout on the weights, fused in Triton (forward and backward).
+
+    q, k, v: (B, H, T, D), one dtype among float32 / float16 / bfloat16, on a CUDA device (or on the CPU under
+    TRITON_INTERPRET=1), any strides; D <= 128. Returns (B, H, T, D) in the input dtype. ``scale`` defaults to
+    1 / sqrt(D). Dropout (``dropout_p`` in [0, 1)) acts on the softmax output like nn.Dropout, with its seed drawn
+    from torch's default generator.
+    """
+    check_attention_inputs(q, k, v, dropout_p)
+    for t in (q, k, v):
+        check_tensor("causal_attention", t)
+    T, D = q.shape[-2], q.shape[-1]
+    if D > MAX_HEAD_DIM:
+        raise ValueError(
+            f"causal_attention: head dim D={D} exceeds the triton kernel's limit of {MAX_HEAD_DIM} — use more heads "
+            f"with D <= {MAX_HEAD_DIM}, or the torch backend"
+        )
+    if dropout_p > 0.0 and T > MAX_DROPOUT_T:
+        raise ValueError(
+            f"causal_attention: dropout in the triton kernel supports T <= {MAX_DROPOUT_T} (its random-number "
+            f"counter is i * T + j in 32 bits), got T={T} — use dropout_p=0 or the torch backend"
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    return CausalAttention.apply(q, k, v, float(dropout_p), float(scale))
+
+
+def causal_attention_flops(B: int, H: int, T: int, D: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs of causal attention, the convention the benchmarks report.
+
+    Forward: two matmuls (q k^T and P v) over the T * T / 2 (query, key) pairs that are not masked, 2 FLOPs per
+    multiply-add: 2 * 2 * B * H * T * T * D / 2. Backward: five such matmuls, 2.5 times the forward.
+    """
+    fwd = 2.0 * 2.0 * B * H * T * T * D / 2.0
+    return fwd, 2.5 * fwd
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compile targets for `python -m kernels.compile_check` (builds a list, launches nothing)
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_COMPILE_HEAD_DIMS = (16, 32, 64, 128, 80)  # the power-of-two tiles and one padded (80 -> 128)
+
+
+def _signature(fn, ty: str) -> dict:
+    """Triton types of ``fn``'s arguments for ``ty`` inputs (pointers are the capitalized names), and the integer
+    arguments a launch on ordinary tensors sees as multiples of 16 (the strides), which lets Triton vectorize and
+    pipeline the loads."""
+    sig = {}
+    for name, param in inspect.signature(fn.fn).parameters.items():
+        if "constexpr" in str(param.annotation):
+            sig[name] = "constexpr"
+        elif name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name.isupper() and name not in ("H", "T"):
+            sig[name] = f"*{ty}"
+        elif name in ("qk_scale", "sm_scale", "dropout_p"):
+            sig[name] = "fp32"
+        else:  # strides, H, T, seed
+            sig[name] = "i32"
+    return dict(signature=sig, aligned=[name for name in sig if name.startswith("stride_")])
+
+
+def compile_targets() -> list[dict]:
+    """One dict per (kernel, configuration) launched on a GPU: name, fn, signature, constexprs, num_warps,
+    num_stages, aligned (see ``kernels/compile_check.py``)."""
+    targets = []
+    for dtype, ty in _TRITON_DTYPE.items():
+        for head_dim in _COMPILE_HEAD_DIMS:
+            sizes = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim))
+            pre = _PREPROCESS_TILES
+            targets.append(dict(
+                name=f"attention_bwd_preprocess_{ty}_d{head_dim}", fn=_attention_bwd_preprocess,
+                **_signature(_attention_bwd_preprocess, ty), constexprs=dict(sizes, BLOCK_M=pre.BLOCK_M),
+                num_warps=pre.num_warps, num_stages=pre.num_stages,
+            ))
+            tiles = _tiles(dtype, head_dim, interpreting=False)
+            for kernel, fn in (("fwd", _attention_fwd), ("dkdv", _attention_bwd_dkdv), ("dq", _attention_bwd_dq)):
+                t = tiles[kernel]
+                for dropout in (False, True):
+                    targets.append(dict(
+                        name=f"attention_{kernel}_{ty}_d{head_dim}{'_dropout' if dropout else ''}", fn=fn,
+                        **_signature(fn, ty), num_warps=t.num_warps, num_stages=t.num_stages,
+                        constexprs=dict(sizes, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=dropout,
+                                        DOT_PRECISION=_dot_precision(dtype)),
+                    ))
+    return targets

@@ -1,0 +1,350 @@
+"""LayerNorm in Triton: a one-pass forward and a two-stage backward.
+
+Forward
+-------
+Each row x of width C (a token's features) is normalized on its own, then scaled and shifted per feature:
+
+    mean = sum(x) / C
+    var  = sum((x - mean)^2) / C                  (the biased variance, as GPT-2 and torch use)
+    rstd = 1 / sqrt(var + eps)
+    xhat = (x - mean) * rstd
+    y    = xhat * w + b
+
+One program normalizes one row, holding the whole row in registers: the row is loaded as a tile of BLOCK =
+next_power_of_2(C) lanes (Triton's tiles have power-of-two sizes) and the lanes past C are masked out. The two
+statistics are computed in float32 whatever the storage dtype, and saved (one mean and one rstd per row, 8 bytes)
+so the backward does not recompute them.
+
+Backward, derived
+-----------------
+Write g = dy * w (the gradient reaching xhat). Since xhat_j = (x_j - mean) * rstd, and both mean and rstd depend on
+every x_i of the row, the chain rule gives
+
+    d mean / d x_i = 1/C,        d rstd / d x_i = -rstd^3 (x_i - mean) / C = -rstd^2 xhat_i / C,
+    d xhat_j / d x_i = rstd (delta_ij - 1/C) - xhat_j * rstd * xhat_i / C,
+
+and summing g_j * d xhat_j / d x_i over j:
+
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))          (means over the row's C features)
+
+The parameters are shared by all rows, so their gradients are sums over the M rows:
+
+    dw = sum_rows(dy * xhat),    db = sum_rows(dy)
+
+The two-stage reduction for dw and db
+-------------------------------------
+Summing over rows with one program walking all M rows would leave all but one of the GPU's ~100 multiprocessors
+idle, and atomics from M programs into the same C floats would serialize there instead (and make the result depend
+on the arrival order). So the rows are cut into G groups of consecutive rows:
+
+    stage 1  (G programs)          each program walks its group's rows: writes dx for every row and accumulates
+                                   dy * xhat and dy in float32 registers; then writes its partial sums as one
+                                   row of two (G, C) float32 buffers.
+    stage 2  (ceil(C / BLOCK_C))   each program sums a slice of columns of the partials over the G rows and
+                                   writes dw and db in the parameters' dtype.
+
+G is a few times the number of multiprocessors (every one busy, a couple of programs each to hide latency) and
+capped at M; the partials are then a small (G, C) array, far smaller than the (M, C) activations. The result is
+deterministic: the same additions happen in the same order on every run.
+
+Memory traffic
+--------------
+For M rows of width C, x in dtype of ``xb`` bytes, weight and bias of ``wb`` bytes, G row groups:
+
+    forward:   reads  M*C*xb (x) + 2*C*wb (w, b)               writes M*C*xb (y) + 8*M (mean, rstd)
+    backward:  reads  2*M*C*xb (x, dy) + C*wb (w) + 8*M        writes M*C*xb (dx) + 8*G*C (partials)
+               stage 2 reads the 8*G*C partials back           writes 2*C*wb (dw, db)
+
+``layer_norm_bytes`` below computes these; the benchmark divides them by the measured time to get GB/s.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import check_tensor, is_interpreting, kernel_dtype, row_block, to_kernel
+from .reference import EPS, check_layer_norm_inputs
+
+# One row lives in registers, so the width is bounded. Up to 8192 nothing spills (``python -m kernels.compile_check``
+# checks it); past that the backward spills registers to local memory — still correct, slower — and at 65536
+# lanes each of the 512 threads holds 128 values per row tensor. Wider rows need a kernel that loops over the row.
+MAX_WIDTH = 65536
+GROUPS_PER_SM = 4  # row groups per multiprocessor in the backward's stage 1 (see the docstring above)
+INTERPRETER_GROUPS = 4  # the interpreter runs programs one after another: few groups, a short stage 2
+REDUCE_BLOCK_G = 32  # stage 2 tile: partial rows summed at once ...
+REDUCE_BLOCK_C = 64  # ... by columns per program
+REDUCE_NUM_WARPS = 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _layer_norm_fwd(
+    X,  # pointer to the input rows (M, C), contiguous
+    WEIGHT,  # pointer to the scale w (C,)
+    BIAS,  # pointer to the shift b (C,)
+    Y,  # pointer to the output rows (M, C), X's dtype
+    MEAN,  # pointer to the per-row means (M,), float32, saved for the backward
+    RSTD,  # pointer to the per-row 1/std (M,), float32, saved for the backward
+    stride,  # elements from one row to the next in X and Y
+    width,  # C, the number of features per row
+    eps,  # added to the variance before the square root
+    BLOCK: tl.constexpr,  # next power of two >= C: one tile holds the whole row
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2^31
+    cols = tl.arange(0, BLOCK)
+    mask = cols < width
+    x = tl.load(X + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / width
+    xc = tl.where(mask, x - mean, 0.0)  # masked lanes would otherwise add mean^2 to the variance
+    var = tl.sum(xc * xc, axis=0) / width
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(WEIGHT + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w + b
+    tl.store(Y + row * stride + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd_dx(
+    X,  # pointer to the forward's input rows (M, C), contiguous
+    DY,  # pointer to the gradient w.r.t. the output (M, C), same layout
+    DX,  # pointer to the gradient w.r.t. the input (M, C), written here
+    WEIGHT,  # pointer to the scale w (C,)
+    MEAN,  # pointer to the per-row means saved by the forward (M,), float32
+    RSTD,  # pointer to the per-row 1/std saved by the forward (M,), float32
+    PARTIAL_DW,  # pointer to this stage's partial sums of dy * xhat (G, C), float32
+    PARTIAL_DB,  # pointer to this stage's partial sums of dy (G, C), float32
+    stride,  # elements from one row to the next in X, DY and DX
+    n_rows,  # M
+    width,  # C
+    rows_per_group,  # consecutive rows each program handles
+    BLOCK: tl.constexpr,  # next power of two >= C: one tile holds the whole row
+):
+    group = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < width
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    db = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_start = group * rows_per_group
+    row_end = tl.minimum(row_start + rows_per_group, n_rows)
+    for row in range(row_start, row_end):
+        offs = tl.cast(row, tl.int64) * stride + cols  # (tl.cast: the interpreter loops over Python ints)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        # w is re-read per row (a cache hit) rather than held across the loop: frees registers for long rows
+        w = tl.load(WEIGHT + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = (x - mean) * rstd  # not 0 on masked lanes, but only ever multiplied by dy or g, which are 0 there
+        g = dy * w
+        mean_g = tl.sum(g, axis=0) / width
+        mean_g_xhat = tl.sum(g * xhat, axis=0) / width
+        dx = (g - mean_g - xhat * mean_g_xhat) * rstd
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+    tl.store(PARTIAL_DW + group * width + cols, dw, mask=mask)
+    tl.store(PARTIAL_DB + group * width + cols, db, mask=mask)
+
+
+@triton.jit
+def _layer_norm_bwd_dwdb(
+    PARTIAL_DW,  # pointer to the partial sums of dy * xhat (G, C), float32
+    PARTIAL_DB,  # pointer to the partial sums of dy (G, C), float32
+    DW,  # pointer to the weight's gradient (C,), written here in the weight's dtype
+    DB,  # pointer to the bias's gradient (C,), written here in the bias's dtype
+    n_groups,  # G
+    width,  # C
+    BLOCK_G: tl.constexpr,  # partial rows added per step
+    BLOCK_C: tl.constexpr,  # columns per program
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < width
+    dw = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float32)
+    db = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float32)
+    for g0 in range(0, n_groups, BLOCK_G):
+        groups = g0 + tl.arange(0, BLOCK_G)
+        mask = (groups[:, None] < n_groups) & col_mask[None, :]
+        offs = groups[:, None] * width + cols[None, :]  # (BLOCK_G, BLOCK_C)
+        dw += tl.load(PARTIAL_DW + offs, mask=mask, other=0.0)
+        db += tl.load(PARTIAL_DB + offs, mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+    tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_groups(n_rows: int, device: torch.device) -> int:
+    """How many row groups the backward's stage 1 uses (see the docstring at the top)."""
+    if device.type == "cuda" and not is_interpreting():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        groups = GROUPS_PER_SM * _sm_count(index)
+    else:
+        groups = INTERPRETER_GROUPS
+    return max(1, min(groups, n_rows))
+
+
+def _check_width(width: int) -> None:
+    if width > MAX_WIDTH:
+        raise ValueError(
+            f"layer_norm: the triton kernel holds one row in registers and takes widths up to {MAX_WIDTH}, got "
+            f"{width} — use the torch backend for wider rows"
+        )
+
+
+def _layer_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """x2d (M, C) contiguous -> (y (M, C), mean (M,), rstd (M,)); all in the dtypes the kernel sees."""
+    M, C = x2d.shape
+    y = torch.empty_like(x2d)
+    mean = torch.empty(M, dtype=torch.float32, device=x2d.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x2d.device)
+    block, num_warps = row_block(C, x2d.element_size())
+    _layer_norm_fwd[(M,)](x2d, weight, bias, y, mean, rstd, x2d.stride(0), C, eps, BLOCK=block, num_warps=num_warps)
+    return y, mean, rstd
+
+
+def _layer_norm_backward(dy2d, x2d, weight, mean, rstd, weight_dtype, bias_dtype):
+    """Stage 1 (dx and partial sums over row groups), then stage 2 (dw, db). Returns dx, dw, db."""
+    M, C = x2d.shape
+    dx = torch.empty_like(x2d)
+    groups = _num_groups(M, x2d.device)
+    rows_per_group = triton.cdiv(M, groups)
+    groups = triton.cdiv(M, rows_per_group)  # no group left without rows
+    partial_dw = torch.empty(groups, C, dtype=torch.float32, device=x2d.device)
+    partial_db = torch.empty(groups, C, dtype=torch.float32, device=x2d.device)
+    block, num_warps = row_block(C, x2d.element_size())
+    _layer_norm_bwd_dx[(groups,)](
+        x2d, dy2d, dx, weight, mean, rstd, partial_dw, partial_db, x2d.stride(0), M, C, rows_per_group,
+        BLOCK=block, num_warps=num_warps,
+    )
+    dw = torch.empty(C, dtype=kernel_dtype(weight_dtype), device=x2d.device)
+    db = torch.empty(C, dtype=kernel_dtype(bias_dtype), device=x2d.device)
+    _layer_norm_bwd_dwdb[(triton.cdiv(C, REDUCE_BLOCK_C),)](
+        partial_dw, partial_db, dw, db, groups, C,
+        BLOCK_G=REDUCE_BLOCK_G, BLOCK_C=REDUCE_BLOCK_C, num_warps=REDUCE_NUM_WARPS,
+    )
+    return dx, dw, db
+
+
+def layer_norm_bytes(rows: int, width: int, x_bytes: int, w_bytes: int, backward: bool = False,
+                     groups: int = 0) -> int:
+    """Bytes one pass moves to and from memory (the table in the docstring at the top of this file).
+
+    ``groups`` is the backward's number of row groups G (its partial sums add 16*G*C bytes: written, read back).
+    """
+    rows_bytes = rows * width * x_bytes
+    if not backward:
+        return 2 * rows_bytes + 2 * width * w_bytes + 8 * rows
+    return 3 * rows_bytes + width * w_bytes + 8 * rows + 16 * groups * width + 2 * width * w_bytes
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_targets() -> list[dict]:
+    """Every (kernel, configuration) this module launches on a GPU, for ``python -m kernels.compile_check``.
+
+    Widths: GPT-2 small's 768, an awkward 1000 (its rows are not 16-element aligned), 4096 and the 8192 ceiling we
+    promise to run well. Dtypes: all three, plus 16-bit activations with float32 parameters (autocast).
+    """
+    dtype_pairs = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                   (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+    targets = []
+    for width in (768, 1000, 4096, 8192):
+        aligned = ["stride", "width"] if width % 16 == 0 else []
+        for x_dtype, w_dtype in dtype_pairs:
+            xt, wt = _DTYPE_NAMES[x_dtype], _DTYPE_NAMES[w_dtype]
+            block, num_warps = row_block(width, x_dtype.itemsize)
+            common = dict(constexprs={"BLOCK": block}, num_warps=num_warps, num_stages=1, aligned=aligned,
+                          config=f"x={xt} w={wt} C={width} BLOCK={block} w{num_warps}")
+            sig = {"X": f"*{xt}", "WEIGHT": f"*{wt}", "BIAS": f"*{wt}", "Y": f"*{xt}", "MEAN": "*fp32",
+                   "RSTD": "*fp32", "stride": "i32", "width": "i32", "eps": "fp32"}
+            targets.append(dict(name="layer_norm_fwd", fn=_layer_norm_fwd, signature=sig, **common))
+            sig = {"X": f"*{xt}", "DY": f"*{xt}", "DX": f"*{xt}", "WEIGHT": f"*{wt}", "MEAN": "*fp32",
+                   "RSTD": "*fp32", "PARTIAL_DW": "*fp32", "PARTIAL_DB": "*fp32", "stride": "i32", "n_rows": "i32",
+                   "width": "i32", "rows_per_group": "i32"}
+            targets.append(dict(name="layer_norm_bwd_dx", fn=_layer_norm_bwd_dx, signature=sig, **common))
+    for wt in ("fp32", "fp16", "bf16"):
+        sig = {"PARTIAL_DW": "*fp32", "PARTIAL_DB": "*fp32", "DW": f"*{wt}", "DB": f"*{wt}", "n_groups": "i32",
+               "width": "i32"}
+        targets.append(dict(
+            name="layer_norm_bwd_dwdb", fn=_layer_norm_bwd_dwdb, signature=sig,
+            constexprs={"BLOCK_G": REDUCE_BLOCK_G, "BLOCK_C": REDUCE_BLOCK_C}, num_warps=REDUCE_NUM_WARPS,
+            num_stages=1, aligned=["width"], config=f"w={wt} BLOCK_G={REDUCE_BLOCK_G} BLOCK_C={REDUCE_BLOCK_C}",
+        ))
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """LayerNorm over the last dim with Triton forward and backward; saves x, w, and the per-row mean and rstd."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+        check_layer_norm_inputs(x, weight, bias)
+        for t in (x, weight, bias):
+            check_tensor("layer_norm", t)
+        if not (x.device == weight.device == bias.device):
+            raise ValueError(
+                f"layer_norm: x, weight and bias must be on one device, got {x.device}, {weight.device}, "
+                f"{bias.device} — move the parameters with the model (model.to(device))"
+            )
+        C = x.shape[-1]
+        _check_width(C)
+        ctx.meta = (x.shape, x.dtype, weight.dtype, bias.dtype, x.device)
+        ctx.empty = x.numel() == 0
+        if ctx.empty:  # no rows (or no features): nothing to launch
+            return torch.empty_like(x)
+        x2d = to_kernel(x.reshape(-1, C))  # (M, C) contiguous rows; bfloat16 -> float32 under the interpreter
+        w = to_kernel(weight)
+        y, mean, rstd = _layer_norm_forward(x2d, w, to_kernel(bias), float(eps))
+        ctx.save_for_backward(x2d, w, mean, rstd)
+        return y.to(x.dtype).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x_shape, x_dtype, w_dtype, b_dtype, device = ctx.meta
+        C = x_shape[-1]
+        if ctx.empty:  # no rows: the parameters got no gradient, i.e. zero
+            return (torch.zeros(x_shape, dtype=x_dtype, device=device), torch.zeros(C, dtype=w_dtype, device=device),
+                    torch.zeros(C, dtype=b_dtype, device=device), None)
+        x2d, w, mean, rstd = ctx.saved_tensors
+        dy2d = dy.reshape(-1, C).to(x2d.dtype).contiguous()
+        dx, dw, db = _layer_norm_backward(dy2d, x2d, w, mean, rstd, w_dtype, b_dtype)
+        dx = dx.to(x_dtype).view(x_shape)
+        return (
+            dx if ctx.needs_input_grad[0] else None,
+            dw.to(w_dtype) if ctx.needs_input_grad[1] else None,
+            db.to(b_dtype) if ctx.needs_input_grad[2] else None,
+            None,
+        )
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """LayerNorm over the last dim of ``x`` (..., C) with ``weight``, ``bias`` (C,); returns (..., C) in x's dtype.
+
+    float32, float16 or bfloat16; the parameters may be float32 while x is 16-bit (autocast), and their gradients
+    come back in their own dtype. Statistics and sums are computed in float32. C up to ``MAX_WIDTH``.
+    """
+    return LayerNormFunction.apply(x, weight, bias, eps)
+
+
+__all__ = ["MAX_WIDTH", "LayerNormFunction", "compile_targets", "layer_norm", "layer_norm_bytes"]

@@ -1,0 +1,251 @@
+"""The Triton causal attention (kernels/attention.py) against float64 math and the torch backend.
+
+Every check compares with something computed independently: ``causal_attention_math`` in float64 is the truth,
+and the torch backend in the same dtype says how far from it a good implementation lands. Without a GPU the
+kernels run in Triton's interpreter on tiny shapes; on a GPU the same tests also run larger ones.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton and the kernels are imported, so first
+pytest.importorskip("triton")
+
+from kernels.attention import MAX_HEAD_DIM, attention_forward, causal_attention, compile_targets  # noqa: E402
+from kernels.launch import is_interpreting  # noqa: E402
+from kernels.reference import TorchBackend, causal_attention_math  # noqa: E402
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not is_interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or is_interpreting(), reason="needs a CUDA GPU (and compiled kernels)")),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TORCH = TorchBackend()
+
+
+def _shapes(device: str) -> list[tuple[int, int, int, int]]:
+    """(B, H, T, D): several tiles with a partial tail, every power-of-two head dim and two padded ones."""
+    small = [(1, 2, 70, 32), (2, 1, 33, 16), (1, 1, 40, 64), (1, 1, 20, 128), (1, 2, 37, 24), (1, 1, 19, 80)]
+    if device == "cuda":
+        small += [(2, 3, 300, 64), (1, 2, 1000, 128), (2, 2, 513, 80), (4, 4, 256, 32), (1, 1, 129, 8)]
+    return small
+
+
+def _qkv(shape, dtype, device, requires_grad=True):
+    return [torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad) for _ in range(3)]
+
+
+def _run(fn, q, k, v, grad_out, **kwargs):
+    """Output and (dq, dk, dv) of ``fn`` for the upstream gradient ``grad_out``."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v, **kwargs)
+    out.backward(grad_out)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _max_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return (got.double() - ref.double()).abs().max().item()
+
+
+def _assert_as_good_as_torch(ours, torch_ones, truth, dtype, label):
+    """Each of ours must be within 2x of the torch backend's error against float64, plus a floor of a few float32
+    roundings: in float32 both errors are that small and which is ahead is a matter of summation order."""
+    for name, got, base, ref in zip(("out", "dq", "dk", "dv"), ours, torch_ones, truth):
+        assert got.dtype == dtype, f"{label} {name}: dtype {got.dtype}, expected {dtype}"
+        err, err_torch = _max_err(got, ref), _max_err(base, ref)
+        floor = 8 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())
+        assert err <= 2 * err_torch + floor, (
+            f"{label} {name}: max error {err:.3g} vs the torch backend's {err_torch:.3g} (floor {floor:.2g})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Values and gradients
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_math_as_well_as_torch(device, dtype):
+    torch.manual_seed(0)
+    for shape in _shapes(device):
+        q, k, v = _qkv(shape, dtype, device)
+        grad_out = torch.randn(shape, dtype=dtype, device=device)
+        ours = _run(causal_attention, q, k, v, grad_out)
+        theirs = _run(TORCH.causal_attention, q, k, v, grad_out)
+        truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double())
+        _assert_as_good_as_torch(ours, theirs, truth, dtype, f"{shape}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_token_attends_to_itself(device):
+    torch.manual_seed(1)
+    q, k, v = _qkv((2, 3, 1, 32), torch.float32, device)
+    out = causal_attention(q, k, v)
+    torch.testing.assert_close(out, v.detach())  # softmax over one key is 1
+    out.sum().backward()
+    assert q.grad.abs().max() < 1e-5 and k.grad.abs().max() < 1e-5  # the output does not depend on q, k
+    torch.testing.assert_close(v.grad, torch.ones_like(v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_inputs_and_custom_scale(device, dtype):
+    """Views as the model makes them ((B, T, H, D) transposed), a strided last dim, and scale != 1/sqrt(D)."""
+    torch.manual_seed(2)
+    B, T, H, D = 2, 45, 3, 32
+    q = torch.randn(B, T, H, D, dtype=dtype, device=device).transpose(1, 2)  # (B, H, T, D), not contiguous
+    k = torch.randn(B, T, H, D, dtype=dtype, device=device).transpose(1, 2)
+    v = torch.randn(B, H, D, T, dtype=dtype, device=device).transpose(-1, -2)  # strided last dim
+    grad_out = torch.randn(B, H, D, T, dtype=dtype, device=device).transpose(-1, -2)
+    assert not q.is_contiguous() and v.stride(-1) != 1
+    for scale in (None, 0.3):
+        ours = _run(causal_attention, q, k, v, grad_out, scale=scale)
+        theirs = _run(TORCH.causal_attention, q, k, v, grad_out, scale=scale)
+        truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double(), scale=scale)
+        _assert_as_good_as_torch(ours, theirs, truth, dtype, f"scale={scale}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_saved_log_sum_exp(device):
+    """The forward's LSE (what the backward rebuilds P from) is logsumexp of the masked, scaled scores."""
+    torch.manual_seed(3)
+    B, H, T, D = 2, 2, 50, 16
+    q, k, v = _qkv((B, H, T, D), torch.float32, device, requires_grad=False)
+    _, lse2 = attention_forward(q, k, v, 0.0, 0.25, 0)  # in base 2
+    scores = (q.double() @ k.double().transpose(-2, -1)) * 0.25
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=device).triu(1), float("-inf"))
+    lse = lse2.view(B, H, T).double() * math.log(2.0)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(device):
+    torch.manual_seed(4)
+    q, k, v = _qkv((1, 2, 64, 32), torch.float16, device)
+    grad_out = torch.randn_like(q)
+    first = _run(causal_attention, q, k, v, grad_out, dropout_p=0.2)[1:]
+    torch.manual_seed(4)
+    q, k, v = _qkv((1, 2, 64, 32), torch.float16, device)
+    grad_out = torch.randn_like(q)
+    second = _run(causal_attention, q, k, v, grad_out, dropout_p=0.2)[1:]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
+    for shape in [(2, 3, 0, 16), (0, 3, 5, 16)]:
+        q, k, v = _qkv(shape, torch.float16, device)
+        out = causal_attention(q, k, v, dropout_p=0.1)
+        assert out.shape == shape and out.dtype == torch.float16
+        out.sum().backward()
+        assert q.grad.shape == shape
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dropout
+
+
+def _read_mask(device, B, H, T, p, seed):
+    """The kernel's keep mask for ``seed``: with v = identity (T == D) output row i is P_i * M_i / (1 - p)."""
+    torch.manual_seed(10)
+    q, k = (torch.randn(B, H, T, T, device=device) for _ in range(2))
+    eye = torch.eye(T, device=device).expand(B, H, T, T)
+    torch.manual_seed(seed)
+    out = causal_attention(q, k, eye, dropout_p=p)
+    weights = causal_attention_math(q.double(), k.double(), eye.double())  # P, all > 0 on and below the diagonal
+    return out, weights, out != 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_mask_is_nn_dropout_of_the_weights(device):
+    B, H, T, p = (2, 2, 40, 0.3) if device == "cpu" else (4, 4, 128, 0.3)
+    out, weights, keep = _read_mask(device, B, H, T, p, seed=123)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    assert not keep[..., ~causal].any(), "weights on future positions"
+    # kept weights are the undropped softmax scaled by 1 / (1 - p)
+    torch.testing.assert_close(out.double()[keep], (weights / (1 - p))[keep], rtol=1e-5, atol=1e-6)
+    n = int(causal.sum()) * B * H
+    rate = keep[..., causal].double().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n) + 1 / n, f"keep rate {rate:.4f}, expected {1 - p}"
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0]), "heads share a mask"
+    # the same seed gives the same mask, another seed another one
+    assert torch.equal(_read_mask(device, B, H, T, p, seed=123)[2], keep)
+    assert not torch.equal(_read_mask(device, B, H, T, p, seed=124)[2], keep)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_gradients_match_math_with_the_same_mask(device, dtype):
+    B, H, T, p, seed = (1, 2, 40, 0.25, 7) if device == "cpu" else (2, 3, 96, 0.25, 7)
+    keep = _read_mask(device, B, H, T, p, seed)[2]  # the mask depends on (seed, batch*head, i, j) only
+    torch.manual_seed(5)
+    q, k, v = _qkv((B, H, T, 24), dtype, device)
+    grad_out = torch.randn_like(q)
+    torch.manual_seed(seed)
+    ours = _run(causal_attention, q, k, v, grad_out, dropout_p=p)
+    same_dtype = _run(causal_attention_math, q, k, v, grad_out, dropout_p=p, dropout_mask=keep)
+    truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double(), dropout_p=p,
+                 dropout_mask=keep)
+    _assert_as_good_as_torch(ours, same_dtype, truth, dtype, f"dropout p={p}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_no_attention_to_the_future(device, dropout_p):
+    torch.manual_seed(6)
+    T, i = 50, 21
+    q, k, v = _qkv((1, 2, T, 32), torch.float32, device, requires_grad=False)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, i + 1:] = torch.randn_like(k2[:, :, i + 1:]) * 10
+    v2[:, :, i + 1:] = torch.randn_like(v2[:, :, i + 1:]) * 10
+    torch.manual_seed(8)
+    out = causal_attention(q, k, v, dropout_p=dropout_p)
+    torch.manual_seed(8)
+    out2 = causal_attention(q, k2, v2, dropout_p=dropout_p)
+    assert torch.equal(out[:, :, : i + 1], out2[:, :, : i + 1])
+    assert not torch.equal(out[:, :, i + 1:], out2[:, :, i + 1:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input and compile targets
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_clear_errors(device):
+    x = torch.randn(1, 2, 8, 16, device=device)
+    with pytest.raises(ValueError, match=str(MAX_HEAD_DIM)):
+        big = torch.randn(1, 2, 8, 160, device=device)
+        causal_attention(big, big, big)
+    with pytest.raises(ValueError, match="same shape"):
+        causal_attention(x, x, x[:, :, :4])
+    with pytest.raises(TypeError, match="share a dtype"):
+        causal_attention(x, x, x.half())
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        i = torch.ones(1, 2, 8, 16, dtype=torch.int32, device=device)
+        causal_attention(i, i, i)
+    with pytest.raises(ValueError, match="dropout_p"):
+        causal_attention(x, x, x, dropout_p=1.0)
+    with pytest.raises(ValueError, match=r"\(B, H, T, D\)"):
+        causal_attention(x[0], x[0], x[0])
+
+
+def test_compile_targets_cover_every_launch_configuration():
+    targets = compile_targets()
+    names = [t["name"] for t in targets]
+    assert len(names) == len(set(names))
+    for t in targets:
+        assert {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"} <= set(t)
+        params = list(t["signature"])
+        assert params == list(t["fn"].arg_names), t["name"]
+        assert {p for p, ty in t["signature"].items() if ty == "constexpr"} == set(t["constexprs"]), t["name"]
+    for ty in ("fp16", "bf16", "fp32"):
+        for d in (16, 32, 64, 128, 80):
+            for kernel in ("fwd", "dkdv", "dq"):
+                assert f"attention_{kernel}_{ty}_d{d}" in names and f"attention_{kernel}_{ty}_d{d}_dropout" in names
+            assert f"attention_bwd_preprocess_{ty}_d{d}" in names

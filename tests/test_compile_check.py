@@ -1,0 +1,127 @@
+"""``python -m kernels.compile_check``: it compiles real kernels for sm_80/sm_90 without a GPU, and it catches
+what the interpreter lets through (a compile error, spilled registers).
+
+Compiling needs Triton's real ``@triton.jit``, not the interpreter; other test modules switch the interpreter on
+for this whole process, so every compile here runs in a child process started without ``TRITON_INTERPRET``.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from kernels.compile_check import collect_targets, parse_resource_usage  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, env_extra=None, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_compiles_a_subset_and_prints_the_table():
+    proc = _run(["-m", "kernels.compile_check", "--arch", "80", "90", "--only", "gelu_fwd", "layer_norm_bwd_dwdb"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("kernel"))
+    for column in ("config", "arch", "registers", "spills", "shared memory", "status"):
+        assert column in header
+    rows = [line.split() for line in lines if line.startswith(("gelu_fwd", "layer_norm_bwd_dwdb"))]
+    # gelu_fwd: 2 approximations x 3 dtypes; layer_norm_bwd_dwdb: 3 parameter dtypes; each for 2 architectures
+    assert len(rows) == (6 + 3) * 2
+    assert {row[-1] for row in rows} == {"ok"}
+    assert {"sm_80", "sm_90"} <= {cell for row in rows for cell in row}
+    assert "compiles" in lines[-1] and " s" in lines[-1]  # the total time
+
+
+def test_refuses_to_run_under_the_interpreter():
+    proc = _run(["-m", "kernels.compile_check", "--only", "gelu_fwd"], env_extra={"TRITON_INTERPRET": "1"})
+    assert proc.returncode != 0
+    assert "TRITON_INTERPRET" in proc.stderr
+
+
+BROKEN_SCRIPT = '''
+import json, sys
+sys.path.insert(0, {root!r})
+import triton
+import triton.language as tl
+from kernels.compile_check import check_targets
+from kernels.layer_norm import compile_targets as layer_norm_targets
+
+
+@triton.jit
+def _fine(X, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.load(X + offs) * 2.0)
+
+
+@triton.jit
+def _tile_not_power_of_two(X, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)  # the interpreter runs this for BLOCK=1000; the compiler refuses
+    tl.store(X + offs, tl.load(X + offs) * 2.0)
+
+
+def target(name, fn, block):
+    return dict(name=name, fn=fn, signature={{"X": "*fp32"}}, constexprs={{"BLOCK": block}}, num_warps=4, num_stages=1)
+
+
+# the LayerNorm backward with a 16384-wide row: 32 floats per thread per tensor cannot stay in registers
+wide = next(t for t in layer_norm_targets() if t["name"] == "layer_norm_bwd_dx" and "x=fp32" in t["config"])
+wide = dict(wide, name="too_wide", constexprs={{"BLOCK": 16384}}, config="BLOCK=16384")
+targets = [target("fine", _fine, 1024), target("broken", _tile_not_power_of_two, 1000), wide]
+results = check_targets(targets, archs=[90], jobs=1)
+print(json.dumps([dict(name=r.name, status=r.status, error=r.error, spills=r.spills) for r in results]))
+'''
+
+
+def test_reports_a_kernel_the_compiler_rejects_and_spills(tmp_path):
+    script = tmp_path / "broken_kernels.py"  # @triton.jit reads the source, so the kernels live in a file
+    script.write_text(textwrap.dedent(BROKEN_SCRIPT.format(root=str(ROOT))))
+    proc = _run([str(script)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = {r["name"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    assert results["fine"]["status"] == "ok"
+    assert results["broken"]["status"] == "error"
+    assert "power of 2" in results["broken"]["error"]
+    assert results["too_wide"]["status"] == "spills" and results["too_wide"]["spills"] > 0
+
+
+def test_parse_resource_usage():
+    text = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _k:
+  REG:128 STACK:144 SHARED:1024 LOCAL:0 CONSTANT[0]:624 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    assert parse_resource_usage(text) == (128, 144)
+    with pytest.raises(RuntimeError, match="no register count"):
+        parse_resource_usage("garbage")
+
+
+def test_missing_modules_are_skipped_with_a_warning(capsys):
+    assert collect_targets(modules=("kernels.no_such_module", "kernels.reference")) == []
+    out = capsys.readouterr().out
+    assert "warning: skipping kernels.no_such_module: module not found" in out
+    assert "warning: skipping kernels.reference: it has no compile_targets()" in out
+
+
+@pytest.mark.parametrize("module", ["kernels.layer_norm", "kernels.gelu"])
+def test_targets_are_well_formed(module):
+    """Every target names real arguments of its kernel, so a renamed argument fails here, not in CI's compile."""
+    targets = collect_targets(modules=(module,))
+    assert targets
+    for t in targets:
+        assert {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"} <= t.keys()
+        names = set(t["signature"]) | set(t["constexprs"])
+        assert names == set(t["fn"].arg_names), t["name"]
+        for ty in t["signature"].values():
+            assert ty in {"i32", "i64", "fp32"} or ty.lstrip("*") in {"fp32", "fp16", "bf16"}, ty

@@ -1,0 +1,96 @@
+"""The whole model on the triton backend against the torch backend: logits, loss, every gradient, training steps.
+
+Per-op tests live in test_attention.py, test_layer_norm.py, test_gelu.py; this file checks the kernels compose
+(llm.c's habit: check the whole model, not only each op alone). Shapes are small: on a CPU the kernels run in
+Triton's interpreter.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt import GPTModel
+from tests.conftest import DEVICES
+
+# head_dim 16, T=24 not a multiple of the interpreter's blocks
+CFG = dict(vocab_size=61, context_length=24, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
+
+
+def _pair(device, **overrides):
+    torch.manual_seed(0)
+    cfg = {**CFG, **overrides}
+    ref = GPTModel(cfg, kernels="torch").to(device)
+    tri = GPTModel(cfg, kernels="triton").to(device)
+    tri.load_state_dict(ref.state_dict())
+    return ref, tri
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_loss_and_every_gradient_match_the_torch_backend(device):
+    ref, tri = _pair(device)
+    idx = torch.randint(0, 61, (2, 24), device=device)
+    targets = torch.randint(0, 61, (2, 24), device=device)
+    losses = []
+    for model in (ref, tri):
+        logits = model(idx)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        losses.append((logits, loss))
+    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(losses[1][1], losses[0][1], rtol=1e-5, atol=1e-5)
+    grads = dict(ref.named_parameters())
+    for name, p in tri.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_few_training_steps_give_matching_losses(device):
+    ref, tri = _pair(device)
+    data = torch.randint(0, 61, (1, 2, 25), device=device).expand(6, 2, 25)  # one batch, learned by heart
+    curves = []
+    for model in (ref, tri):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        curve = []
+        for batch in data:
+            loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        curves.append(curve)
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4, abs=1e-4)
+    assert curves[0][-1] < curves[0][0]  # and they did learn something
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_trains_through_the_attention_kernel(device, monkeypatch):
+    """With drop_rate > 0 the model must call the kernel's dropout, not fall back to the torch backend."""
+    import kernels.attention as A
+
+    calls = []
+    real = A.causal_attention
+    monkeypatch.setattr("kernels.triton_backend.causal_attention",
+                        lambda q, k, v, p=0.0, s=None: calls.append(p) or real(q, k, v, p, s))
+    _, tri = _pair(device, drop_rate=0.1)
+    tri.train()
+    torch.manual_seed(5)
+    out1 = tri(torch.randint(0, 61, (1, 24), device=device))
+    torch.manual_seed(5)
+    out2 = tri(torch.randint(0, 61, (1, 24), device=device))
+    assert calls == [0.1] * 4 and torch.equal(out1, out2)  # 2 layers x 2 calls; seeded: reproducible
+    tri.eval()
+    calls.clear()
+    tri(torch.randint(0, 61, (1, 24), device=device))
+    assert calls == [0.0, 0.0]  # no dropout at evaluation
+
+
+def test_train_cli_runs_the_triton_backend_on_the_tiny_preset(tmp_path):
+    from minigpt.train import build_parser, train
+
+    args = build_parser().parse_args([
+        "--preset", "tiny", "--kernels", "triton", "--max-steps", "20", "--eval-interval", "10", "--eval-iters", "2",
+        "--data", "stories", "--max-docs", "200", "--tokenizer", "bytes", "--batch-size", "4",
+        "--context-length", "64", "--device", "cpu", "--no-progress", "--lr", "3e-3", "--out-dir", str(tmp_path)])
+    summary = train(args)
+    rows = summary["metrics"]
+    assert summary["steps"] == 20 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
+    assert (tmp_path / "checkpoint.pt").exists()
