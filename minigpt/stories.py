@@ -398,13 +398,15 @@ def generate_stories(n: int, seed: int = 0) -> Iterator[str]:
         yield story
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Print a few stories: ``python -m minigpt.stories [N] [SEED]``."""
-    import sys
+    import argparse
 
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 0
-    for story in generate_stories(n, seed):
+    p = argparse.ArgumentParser(prog="python -m minigpt.stories", description="Print generated stories.")
+    p.add_argument("n", nargs="?", type=int, default=3, help="how many (default 3)")
+    p.add_argument("seed", nargs="?", type=int, default=0, help="corpus seed (default 0)")
+    args = p.parse_args(argv)
+    for story in generate_stories(args.n, args.seed):
         print(story, end="\n\n---\n\n")
 
 
