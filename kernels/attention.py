@@ -75,7 +75,8 @@ import triton.language as tl
 from .launch import check_tensor, is_interpreting, kernel_dtype, triton_next_power_of_2
 from .reference import check_attention_inputs
 
-__all__ = ["causal_attention", "CausalAttention", "causal_attention_flops", "compile_targets", "MAX_HEAD_DIM"]
+__all__ = ["attention_bwd", "attention_fwd", "causal_attention", "causal_attention_flops", "compile_targets",
+           "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 128  # one (BLOCK, 128) tile of q, k, v and the accumulators must fit in registers / shared memory
 MIN_BLOCK_D = 16  # tl.dot needs every tile dimension >= 16; smaller head dims are padded (masked) up to 16
@@ -390,8 +391,9 @@ class Tiles(NamedTuple):
     num_stages: int  # software-pipelining depth of the K/V (or Q/dO) loads
 
 
-# (dtype group, head dims) -> tiles for each kernel (BLOCK_M, BLOCK_N, num_warps, num_stages), sized for an H100 and checked to compile for sm_80 and sm_90
-# with no register spills, within shared memory, with and without dropout (`python -m kernels.compile_check`).
+# (dtype group, head dims) -> tiles for each kernel (BLOCK_M, BLOCK_N, num_warps, num_stages), sized for an H100
+# and checked to compile for sm_80 and sm_90 with no register spills, within shared memory, with and without
+# dropout (`python -m kernels.compile_check`).
 # The Philox draws of dropout are what limit the tiles: 4 warps at (128, 64) spill with dropout, 8 do not.
 # 16-bit inputs use tensor cores. float32 inputs run full-precision ("ieee") FMA dots, rare in practice; their
 # registers grow fast with the tile, hence the small tiles. The forward and dQ kernels hold a query tile and
@@ -403,19 +405,30 @@ _GPU_TILES = {
     ("fp32", "D=128"): dict(fwd=Tiles(32, 16, 8, 2), dkdv=Tiles(16, 32, 8, 2), dq=Tiles(32, 16, 4, 2)),
 }
 _PREPROCESS_TILES = Tiles(64, 0, 4, 1)  # the delta pass: BLOCK_M rows of (o, dO) per program
-# The interpreter runs each program in Python: small tiles keep the tests quick and still give several tiles,
-# a diagonal band and a partial tail on tiny sequences.
-_INTERPRETER_TILES = dict(fwd=Tiles(32, 16, 1, 1), dkdv=Tiles(16, 32, 1, 1), dq=Tiles(32, 16, 1, 1))
+# The interpreter runs each program as Python, milliseconds per program and loop step whatever the tiles, while
+# NumPy does a (64, 64) tile in microseconds: so there the tiles are square, T rounded up to a power of two, at most
+# 64. Tests set INTERPRETER_TILES to small tiles shaped like the GPU's (one side twice the other), so that short
+# sequences also walk several tiles and the diagonal band in several steps.
+INTERPRETER_MAX_BLOCK = 64
+INTERPRETER_TILES: dict[str, Tiles] | None = None  # None: square tiles from T (above); else this table
+
+
+def _interpreter_tiles(seq_len: int) -> dict[str, Tiles]:
+    if INTERPRETER_TILES is not None:
+        return INTERPRETER_TILES
+    block = min(INTERPRETER_MAX_BLOCK, max(MIN_BLOCK_D, triton_next_power_of_2(seq_len)))  # tl.dot needs >= 16
+    tiles = Tiles(block, block, 1, 1)
+    return dict(fwd=tiles, dkdv=tiles, dq=tiles)
 
 
 def _block_d(head_dim: int) -> int:
     return max(MIN_BLOCK_D, triton_next_power_of_2(head_dim))
 
 
-def _tiles(dtype: torch.dtype, head_dim: int, interpreting: bool | None = None) -> dict[str, Tiles]:
-    """The tile table's row for inputs of ``dtype`` and ``head_dim``."""
+def _tiles(dtype: torch.dtype, head_dim: int, seq_len: int, interpreting: bool | None = None) -> dict[str, Tiles]:
+    """The tiles for inputs of ``dtype``, ``head_dim`` and sequence length ``seq_len`` (read by the interpreter)."""
     if is_interpreting() if interpreting is None else interpreting:
-        return _INTERPRETER_TILES
+        return _interpreter_tiles(seq_len)
     return _GPU_TILES[("fp32" if dtype == torch.float32 else "16bit", "D<=64" if head_dim <= 64 else "D=128")]
 
 
@@ -426,7 +439,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launchers
+# The PyTorch op: the launchers, registered as custom operators
+#
+# Each launcher is a custom op (torch.library.custom_op): torch.compile then sees it as one opaque node whose output
+# shapes come from its register_fake function, instead of tracing into Triton's launch machinery (which would
+# break the graph), and register_autograd wires autograd to the backward op. The forward op returns the LSE as an
+# extra output so that it can be saved for the backward op.
+#
+# The dropout seed goes to both ops, so the backward regenerates the forward's mask. A Python int drawn at trace
+# time would be frozen into a compiled graph, so the seed is a one-element int64 tensor drawn from torch's default
+# CPU generator on every call (no GPU synchronization) and read with .item() inside the ops, where the compiler
+# does not look. torch.manual_seed reproduces a run. Under torch.compile the draw is a random op of the graph, so
+# every call still gets a new seed: with the aot_eager backend the very seeds of eager mode; with inductor, from
+# inductor's own generator (seeded from torch's, so reproducible too, but other seeds than eager mode).
+
+
+_NO_SEED = torch.zeros(1, dtype=torch.int64)  # the seed argument without dropout (unused then)
 
 
 def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
@@ -439,28 +467,43 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_forward(q, k, v, dropout_p: float, scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel on kernel-ready (B, H, T, D) tensors.
-
-    Returns o (B, H, T, D) and lse2 (B * H, T) float32, each row's log-sum-exp in base 2 (LSE * log2 e).
-    """
+@torch.library.custom_op("minigpt::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float,
+                  seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse2): o (B, H, T, D) in q's dtype, contiguous; lse2 (B * H, T) float32, each row's log-sum-exp in
+    base 2 (LSE * log2 e). ``seed``: the dropout's Philox seed, an int64 tensor of one element on the CPU."""
     B, H, T, D = q.shape
+    if q.numel() == 0:  # T == 0 or B * H == 0: nothing to launch
+        return q.new_empty((B, H, T, D)), q.new_zeros((B * H, T), dtype=torch.float32)
+    out_dtype, (q, k, v) = q.dtype, (_as_kernel_input(t) for t in (q, k, v))
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
-    tiles = _tiles(q.dtype, D)["fwd"]
-    grid = (triton.cdiv(T, tiles.BLOCK_M), B * H)
-    _attention_fwd[grid](
-        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T, scale * LOG2E, dropout_p, seed,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    tiles = _tiles(q.dtype, D, T)["fwd"]
+    _attention_fwd[(triton.cdiv(T, tiles.BLOCK_M), B * H)](
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T, scale * LOG2E, dropout_p,
+        int(seed.item()), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
+        DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
-    return o, lse
+    return o.to(out_dtype), lse  # the cast is a no-op except for bfloat16 under the interpreter
 
 
-def attention_backward(q, k, v, o, lse, do, dropout_p: float, scale: float, seed: int):
-    """The three backward kernels on kernel-ready tensors -> (dq, dk, dv), each (B, H, T, D) in q's dtype."""
+@attention_fwd.register_fake
+def _(q, k, v, dropout_p, scale, seed):
     B, H, T, D = q.shape
-    tiles = _tiles(q.dtype, D)
+    return q.new_empty((B, H, T, D)), q.new_empty((B * H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("minigpt::attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, dropout_p: float, scale: float,
+                  seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) for the gradient ``do`` of the forward's output ``o``: the delta pass, then the dK/dV and the
+    dQ kernels. Each (B, H, T, D) in q's dtype, contiguous."""
+    B, H, T, D = q.shape
+    if q.numel() == 0:
+        return q.new_zeros(q.shape), q.new_zeros(q.shape), q.new_zeros(q.shape)
+    out_dtype, (q, k, v, o, do) = q.dtype, (_as_kernel_input(t) for t in (q, k, v, o, do))
     delta = torch.empty_like(lse)
     pre = _PREPROCESS_TILES
     _attention_bwd_preprocess[(triton.cdiv(T, pre.BLOCK_M), B * H)](
@@ -470,7 +513,8 @@ def attention_backward(q, k, v, o, lse, do, dropout_p: float, scale: float, seed
     dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
     common = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), H, T, scale, scale * LOG2E,
-            dropout_p, seed)
+            dropout_p, int(seed.item()))
+    tiles = _tiles(q.dtype, D, T)
     t = tiles["dkdv"]
     _attention_bwd_dkdv[(triton.cdiv(T, t.BLOCK_N), B * H)](
         q, k, v, do, lse, delta, dk, dv, *args, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, **common,
@@ -481,43 +525,27 @@ def attention_backward(q, k, v, o, lse, do, dropout_p: float, scale: float, seed
         q, k, v, do, lse, delta, dq, *args, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, **common,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    return dq, dk, dv
+    return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Autograd
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse, dropout_p, scale, seed):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
-def _draw_seed() -> int:
-    # torch's default CPU generator: torch.manual_seed makes runs reproducible, and drawing on the CPU needs no
-    # GPU synchronization (a CUDA draw would have to be copied back with .item() on every call).
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def _setup_context(ctx, inputs, output):
+    q, k, v, ctx.dropout_p, ctx.scale, seed = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.mark_non_differentiable(lse)
 
 
-class CausalAttention(torch.autograd.Function):
-    """softmax(q k^T * scale, causal) -> dropout -> @ v with Triton kernels both ways; the (T, T) never exists."""
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    return *attention_bwd(do, q, k, v, o, lse, ctx.dropout_p, ctx.scale, seed), None, None, None
 
-    @staticmethod
-    def forward(ctx, q, k, v, dropout_p: float, scale: float):
-        out_dtype = q.dtype
-        ctx.dropout_p, ctx.scale = dropout_p, scale
-        ctx.seed = _draw_seed() if dropout_p > 0.0 else 0
-        ctx.empty = q.numel() == 0
-        if ctx.empty:  # T == 0 or B * H == 0: nothing to launch
-            return torch.empty_like(q)
-        q, k, v = _as_kernel_input(q), _as_kernel_input(k), _as_kernel_input(v)
-        o, lse = attention_forward(q, k, v, dropout_p, scale, ctx.seed)
-        ctx.save_for_backward(q, k, v, o, lse)
-        return o.to(out_dtype)  # a no-op except for bfloat16 under the interpreter
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.empty:
-            return torch.zeros_like(grad_out), torch.zeros_like(grad_out), torch.zeros_like(grad_out), None, None
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(q, k, v, o, lse, _as_kernel_input(grad_out), ctx.dropout_p, ctx.scale,
-                                        ctx.seed)
-        return dq.to(grad_out.dtype), dk.to(grad_out.dtype), dv.to(grad_out.dtype), None, None
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
@@ -545,7 +573,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         )
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-    return CausalAttention.apply(q, k, v, float(dropout_p), float(scale))
+    # the seed from torch's default CPU generator (see "The PyTorch op" above); no draw without dropout
+    seed = torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0.0 else _NO_SEED
+    out, _lse = attention_fwd(q, k, v, float(dropout_p), float(scale), seed)
+    return out
 
 
 def causal_attention_flops(B: int, H: int, T: int, D: int) -> tuple[float, float]:
@@ -597,7 +628,7 @@ def compile_targets() -> list[dict]:
                 **_signature(_attention_bwd_preprocess, ty), constexprs=dict(sizes, BLOCK_M=pre.BLOCK_M),
                 num_warps=pre.num_warps, num_stages=pre.num_stages,
             ))
-            tiles = _tiles(dtype, head_dim, interpreting=False)
+            tiles = _tiles(dtype, head_dim, 0, interpreting=False)
             for kernel, fn in (("fwd", _attention_fwd), ("dkdv", _attention_bwd_dkdv), ("dq", _attention_bwd_dq)):
                 t = tiles[kernel]
                 for dropout in (False, True):

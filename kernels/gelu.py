@@ -49,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_tensor, to_kernel
+from . import launch
+from .launch import check_tensor, is_interpreting, to_kernel, triton_next_power_of_2
 from .reference import check_gelu_approximate
 
 # Constants of the formulas, as tl.constexpr so the kernels can read them (Triton only lets a kernel see globals
@@ -62,8 +63,9 @@ NEG_HALF_LOG2E = tl.constexpr(-0.5 * math.log2(math.e))  # exp(-x^2/2) = exp2(-l
 INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))  # Phi(x) = 0.5 (1 + erf(x / sqrt(2)))
 INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))  # the normal density's constant
 
-# One program per BLOCK elements: 1024 elements over 4 warps is 8 per thread, i.e. one 16-byte load per thread in
-# 16-bit dtypes and two in float32 — enough in flight to saturate memory bandwidth.
+# On a GPU, one program per BLOCK elements: 1024 elements over 4 warps is 8 per thread, i.e. one 16-byte load per
+# thread in 16-bit dtypes and two in float32 — enough in flight to saturate memory bandwidth. Under the interpreter
+# a program covers up to launch.INTERPRETER_TILE elements instead (see kernels/launch.py).
 BLOCK = 1024
 NUM_WARPS = 4
 
@@ -131,27 +133,27 @@ def _gelu_bwd(
 # Launchers
 
 
-def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, BLOCK),)
+def _block(n: int) -> int:
+    """Elements per program for a tensor of ``n`` elements."""
+    if is_interpreting():
+        return min(launch.INTERPRETER_TILE, triton_next_power_of_2(n))
+    return BLOCK
 
 
 def _gelu_forward(x: torch.Tensor, tanh: bool) -> torch.Tensor:
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    xk = to_kernel(x)  # contiguous (and float32 for bfloat16 under the interpreter)
-    y = torch.empty_like(xk)
-    _gelu_fwd[_grid(xk.numel())](xk, y, xk.numel(), TANH=tanh, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return y.to(x.dtype)
+    """x (kernel-ready: contiguous, in the kernel's dtype) -> y, same shape and dtype."""
+    y = torch.empty_like(x)
+    block = _block(x.numel())
+    _gelu_fwd[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), TANH=tanh, BLOCK=block, num_warps=NUM_WARPS)
+    return y
 
 
 def _gelu_backward(x: torch.Tensor, dy: torch.Tensor, tanh: bool) -> torch.Tensor:
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    xk = to_kernel(x)
-    dyk = to_kernel(dy)
-    dx = torch.empty_like(xk)
-    _gelu_bwd[_grid(xk.numel())](xk, dyk, dx, xk.numel(), TANH=tanh, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return dx.to(x.dtype)
+    """x, dy (kernel-ready, same shape) -> dx."""
+    dx = torch.empty_like(x)
+    block = _block(x.numel())
+    _gelu_bwd[(triton.cdiv(x.numel(), block),)](x, dy, dx, x.numel(), TANH=tanh, BLOCK=block, num_warps=NUM_WARPS)
+    return dx
 
 
 def gelu_bytes(numel: int, elem_bytes: int, backward: bool = False) -> int:
@@ -174,24 +176,54 @@ def compile_targets() -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd
+# The PyTorch op
+#
+# The launchers are registered as custom operators (torch.library.custom_op), forward and backward each as one op.
+# torch.compile then sees each as a single opaque node whose output shape comes from the register_fake function,
+# instead of tracing into Triton's launch machinery (which would break the graph), and autograd is wired to our
+# backward kernel by register_autograd.
 
 
-class GeluFunction(torch.autograd.Function):
-    """GELU with Triton forward and backward; saves only the input (the backward recomputes from x)."""
+@torch.library.custom_op("minigpt::gelu_fwd", mutates_args=())
+def gelu_fwd(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """GELU of x: same shape and dtype, contiguous."""
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    xk = to_kernel(x)  # contiguous (and float32 for bfloat16 under the interpreter)
+    return _gelu_forward(xk, approximate == "tanh").to(x.dtype)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
-        check_gelu_approximate(approximate)
-        check_tensor("gelu", x)
-        ctx.tanh = approximate == "tanh"
-        ctx.save_for_backward(x)
-        return _gelu_forward(x, ctx.tanh)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        return _gelu_backward(x, dy, ctx.tanh), None
+@gelu_fwd.register_fake
+def _(x, approximate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("minigpt::gelu_bwd", mutates_args=())
+def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """dx = dy * GELU'(x): x's shape and dtype, contiguous."""
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    xk = to_kernel(x)
+    return _gelu_backward(xk, dy.to(xk.dtype).contiguous(), approximate == "tanh").to(x.dtype)
+
+
+@gelu_bwd.register_fake
+def _(dy, x, approximate):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, approximate = inputs
+    ctx.save_for_backward(x)  # only the input: the backward recomputes from x
+    ctx.approximate = approximate
+
+
+def _backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return gelu_bwd(dy, x, ctx.approximate), None
+
+
+gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
@@ -200,7 +232,9 @@ def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     Computes in float32. Differentiable (Triton backward). On a machine without a GPU it needs Triton's interpreter
     (``TRITON_INTERPRET=1`` before import; ``kernels.get_backend("triton")`` sets it).
     """
-    return GeluFunction.apply(x, approximate)
+    check_gelu_approximate(approximate)
+    check_tensor("gelu", x)
+    return gelu_fwd(x, approximate)
 
 
-__all__ = ["GeluFunction", "compile_targets", "gelu", "gelu_bytes"]
+__all__ = ["compile_targets", "gelu", "gelu_bwd", "gelu_bytes", "gelu_fwd"]

@@ -49,17 +49,22 @@ def to_kernel(t: torch.Tensor) -> torch.Tensor:
     return t.to(kernel_dtype(t.dtype)).contiguous()
 
 
-def row_block(width: int, elem_bytes: int = 2) -> tuple[int, int]:
-    """(BLOCK, num_warps) for kernels that hold one whole row of ``width`` elements in registers.
+# Triton's interpreter runs every program of a launch as a Python call: a program costs a few milliseconds of
+# Python overhead whatever the size of its tiles, while NumPy handles a tile of tens of thousands of elements in
+# microseconds. So under the interpreter the launchers choose tiles far larger than a GPU would use: one program
+# covers up to this many elements (LayerNorm: rows x padded width; GELU: elements). Tests lower it (monkeypatch
+# ``kernels.launch.INTERPRETER_TILE``) so that small inputs still span several programs and loop steps.
+INTERPRETER_TILE = 1 << 16
 
-    BLOCK is the next power of two (Triton's tiles are powers of two; the tail is masked). Warps grow with the
-    row so each thread keeps a handful of elements: 8 per thread is enough to issue 16-byte loads.
+
+def num_warps_for(elements: int, elem_bytes: int) -> int:
+    """Warps for a program whose tiles hold ``elements`` values of ``elem_bytes`` each (a power of two, 1 to 16).
+
+    About 16 bytes per thread per tensor: enough for one 16-byte vector load each, few enough registers to leave
+    room for the arithmetic.
     """
-    block = triton_next_power_of_2(max(width, 1))
-    num_warps = min(max(block * elem_bytes // 512, 1), 16)
-    # round down to a power of two
-    num_warps = 1 << (num_warps.bit_length() - 1)
-    return block, num_warps
+    num_warps = min(max(elements * elem_bytes // 512, 1), 16)
+    return 1 << (num_warps.bit_length() - 1)  # round down to a power of two
 
 
 def triton_next_power_of_2(n: int) -> int:

@@ -10,8 +10,10 @@ Each row x of width C (a token's features) is normalized on its own, then scaled
     xhat = (x - mean) * rstd
     y    = xhat * w + b
 
-One program normalizes one row, holding the whole row in registers: the row is loaded as a tile of BLOCK =
-next_power_of_2(C) lanes (Triton's tiles have power-of-two sizes) and the lanes past C are masked out. The two
+One program normalizes a tile of BLOCK_M rows, holding them whole in registers: each row is loaded as BLOCK_C =
+next_power_of_2(C) lanes (Triton's tiles have power-of-two sizes) and the lanes past C are masked out; the
+statistics are sums along the tile's second axis, one per row. Narrow rows share a program (on a GPU, 768-wide rows
+go four to a program, which also shares the loads of w and b), a wide row gets a program of its own. The two
 statistics are computed in float32 whatever the storage dtype, and saved (one mean and one rstd per row, 8 bytes)
 so the backward does not recompute them.
 
@@ -37,10 +39,10 @@ Summing over rows with one program walking all M rows would leave all but one of
 idle, and atomics from M programs into the same C floats would serialize there instead (and make the result depend
 on the arrival order). So the rows are cut into G groups of consecutive rows:
 
-    stage 1  (G programs)          each program walks its group's rows: writes dx for every row and accumulates
-                                   dy * xhat and dy in float32 registers; then writes its partial sums as one
-                                   row of two (G, C) float32 buffers.
-    stage 2  (ceil(C / BLOCK_C))   each program sums a slice of columns of the partials over the G rows and
+    stage 1  (G programs)          each program walks its group's rows, BLOCK_M rows per step: writes dx for every
+                                   row and accumulates dy * xhat and dy in float32 registers; then writes its
+                                   partial sums as one row of two (G, C) float32 buffers.
+    stage 2  (C / REDUCE_BLOCK_C)  each program sums a slice of columns of the partials over the G rows and
                                    writes dw and db in the parameters' dtype.
 
 G is a few times the number of multiprocessors (every one busy, a couple of programs each to hide latency) and
@@ -60,18 +62,28 @@ For M rows of width C, x in dtype of ``xb`` bytes, weight and bias of ``wb`` byt
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import check_tensor, is_interpreting, kernel_dtype, row_block, to_kernel
+from . import launch
+from .launch import (
+    check_tensor,
+    is_interpreting,
+    kernel_dtype,
+    num_warps_for,
+    to_kernel,
+    triton_next_power_of_2,
+)
 from .reference import EPS, check_layer_norm_inputs
 
 # One row lives in registers, so the width is bounded. Up to 8192 nothing spills (``python -m kernels.compile_check``
 # checks it); past that the backward spills registers to local memory — still correct, slower — and at 65536
 # lanes each of the 512 threads holds 128 values per row tensor. Wider rows need a kernel that loops over the row.
 MAX_WIDTH = 65536
+GPU_TILE = 4096  # elements per program on a GPU: narrower rows share a program (768 wide: 4 rows a program)
 GROUPS_PER_SM = 4  # row groups per multiprocessor in the backward's stage 1 (see the docstring above)
 INTERPRETER_GROUPS = 4  # the interpreter runs programs one after another: few groups, a short stage 2
 REDUCE_BLOCK_G = 32  # stage 2 tile: partial rows summed at once ...
@@ -92,24 +104,29 @@ def _layer_norm_fwd(
     MEAN,  # pointer to the per-row means (M,), float32, saved for the backward
     RSTD,  # pointer to the per-row 1/std (M,), float32, saved for the backward
     stride,  # elements from one row to the next in X and Y
+    n_rows,  # M
     width,  # C, the number of features per row
     eps,  # added to the variance before the square root
-    BLOCK: tl.constexpr,  # next power of two >= C: one tile holds the whole row
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # next power of two >= C: one tile row holds a whole row of X
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2^31
-    cols = tl.arange(0, BLOCK)
-    mask = cols < width
-    x = tl.load(X + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / width
-    xc = tl.where(mask, x - mean, 0.0)  # masked lanes would otherwise add mean^2 to the variance
-    var = tl.sum(xc * xc, axis=0) / width
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * stride may pass 2^31
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    col_ok = cols < width
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * stride + cols[None, :]  # (BLOCK_M, BLOCK_C)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / width  # (BLOCK_M,)
+    xc = tl.where(mask, x - mean[:, None], 0.0)  # masked lanes would otherwise add mean^2 to the variance
+    var = tl.sum(xc * xc, axis=1) / width
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(WEIGHT + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w + b
-    tl.store(Y + row * stride + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    w = tl.load(WEIGHT + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -125,34 +142,40 @@ def _layer_norm_bwd_dx(
     stride,  # elements from one row to the next in X, DY and DX
     n_rows,  # M
     width,  # C
-    rows_per_group,  # consecutive rows each program handles
-    BLOCK: tl.constexpr,  # next power of two >= C: one tile holds the whole row
+    rows_per_group,  # consecutive rows each program handles, a multiple of BLOCK_M
+    BLOCK_M: tl.constexpr,  # rows per step of the loop
+    BLOCK_C: tl.constexpr,  # next power of two >= C: one tile row holds a whole row
 ):
     group = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < width
-    dw = tl.zeros((BLOCK,), dtype=tl.float32)
-    db = tl.zeros((BLOCK,), dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < width
+    # the partial sums stay a (BLOCK_M, BLOCK_C) tile through the loop and are summed over rows once, at the end
+    dw = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     row_start = group * rows_per_group
     row_end = tl.minimum(row_start + rows_per_group, n_rows)
-    for row in range(row_start, row_end):
-        offs = tl.cast(row, tl.int64) * stride + cols  # (tl.cast: the interpreter loops over Python ints)
+    for first_row in range(row_start, row_end, BLOCK_M):
+        rows = first_row + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * stride + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        # w is re-read per row (a cache hit) rather than held across the loop: frees registers for long rows
-        w = tl.load(WEIGHT + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        xhat = (x - mean) * rstd  # not 0 on masked lanes, but only ever multiplied by dy or g, which are 0 there
-        g = dy * w
-        mean_g = tl.sum(g, axis=0) / width
-        mean_g_xhat = tl.sum(g * xhat, axis=0) / width
-        dx = (g - mean_g - xhat * mean_g_xhat) * rstd
+        # w is re-read per step (a cache hit) rather than held across the loop: frees registers for long rows
+        w = tl.load(WEIGHT + cols, mask=col_ok, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        # xhat is not 0 on masked lanes, but it is only ever multiplied by dy or g, which are 0 there
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        g = dy * w[None, :]
+        mean_g = tl.sum(g, axis=1) / width  # (BLOCK_M,)
+        mean_g_xhat = tl.sum(g * xhat, axis=1) / width
+        dx = (g - mean_g[:, None] - xhat * mean_g_xhat[:, None]) * rstd[:, None]
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
-    tl.store(PARTIAL_DW + group * width + cols, dw, mask=mask)
-    tl.store(PARTIAL_DB + group * width + cols, db, mask=mask)
+    tl.store(PARTIAL_DW + group * width + cols, tl.sum(dw, axis=0), mask=col_ok)
+    tl.store(PARTIAL_DB + group * width + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -184,6 +207,27 @@ def _layer_norm_bwd_dwdb(
 # Launchers
 
 
+class RowTile(NamedTuple):
+    BLOCK_M: int  # rows per program (forward) or per loop step (backward)
+    BLOCK_C: int  # the row width padded to a power of two
+    num_warps: int
+
+
+def row_tile(width: int, elem_bytes: int, rows: int, interpreting: bool | None = None) -> RowTile:
+    """The tile for rows of ``width`` elements of ``elem_bytes`` each, when a program has up to ``rows`` rows.
+
+    On a GPU a program holds about ``GPU_TILE`` elements: several narrow rows or one wide row. Under the
+    interpreter it holds up to ``launch.INTERPRETER_TILE`` elements (see kernels/launch.py), but never many more
+    rows than there are.
+    """
+    block_c = triton_next_power_of_2(max(width, 1))
+    if is_interpreting() if interpreting is None else interpreting:
+        block_m = min(max(launch.INTERPRETER_TILE // block_c, 1), triton_next_power_of_2(max(rows, 1)))
+    else:
+        block_m = max(GPU_TILE // block_c, 1)
+    return RowTile(block_m, block_c, num_warps_for(block_m * block_c, elem_bytes))
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -213,8 +257,11 @@ def _layer_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     y = torch.empty_like(x2d)
     mean = torch.empty(M, dtype=torch.float32, device=x2d.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x2d.device)
-    block, num_warps = row_block(C, x2d.element_size())
-    _layer_norm_fwd[(M,)](x2d, weight, bias, y, mean, rstd, x2d.stride(0), C, eps, BLOCK=block, num_warps=num_warps)
+    tile = row_tile(C, x2d.element_size(), M)
+    _layer_norm_fwd[(triton.cdiv(M, tile.BLOCK_M),)](
+        x2d, weight, bias, y, mean, rstd, x2d.stride(0), M, C, eps,
+        BLOCK_M=tile.BLOCK_M, BLOCK_C=tile.BLOCK_C, num_warps=tile.num_warps,
+    )
     return y, mean, rstd
 
 
@@ -223,14 +270,15 @@ def _layer_norm_backward(dy2d, x2d, weight, mean, rstd, weight_dtype, bias_dtype
     M, C = x2d.shape
     dx = torch.empty_like(x2d)
     groups = _num_groups(M, x2d.device)
-    rows_per_group = triton.cdiv(M, groups)
-    groups = triton.cdiv(M, rows_per_group)  # no group left without rows
+    tile = row_tile(C, x2d.element_size(), triton.cdiv(M, groups))
+    # whole loop steps per group (only the last group may end in a partial step), and no group without rows
+    rows_per_group = triton.cdiv(triton.cdiv(M, groups), tile.BLOCK_M) * tile.BLOCK_M
+    groups = triton.cdiv(M, rows_per_group)
     partial_dw = torch.empty(groups, C, dtype=torch.float32, device=x2d.device)
     partial_db = torch.empty(groups, C, dtype=torch.float32, device=x2d.device)
-    block, num_warps = row_block(C, x2d.element_size())
     _layer_norm_bwd_dx[(groups,)](
         x2d, dy2d, dx, weight, mean, rstd, partial_dw, partial_db, x2d.stride(0), M, C, rows_per_group,
-        BLOCK=block, num_warps=num_warps,
+        BLOCK_M=tile.BLOCK_M, BLOCK_C=tile.BLOCK_C, num_warps=tile.num_warps,
     )
     dw = torch.empty(C, dtype=kernel_dtype(weight_dtype), device=x2d.device)
     db = torch.empty(C, dtype=kernel_dtype(bias_dtype), device=x2d.device)
@@ -259,21 +307,23 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 def compile_targets() -> list[dict]:
     """Every (kernel, configuration) this module launches on a GPU, for ``python -m kernels.compile_check``.
 
-    Widths: GPT-2 small's 768, an awkward 1000 (its rows are not 16-element aligned), 4096 and the 8192 ceiling we
-    promise to run well. Dtypes: all three, plus 16-bit activations with float32 parameters (autocast).
+    Widths: 128 (a small model's, 32 rows per program), GPT-2 small's 768 (4 rows per program), an awkward 1000 (its
+    rows are not 16-element aligned), 4096 and the 8192 ceiling we promise to run well (one row per program).
+    Dtypes: all three, plus 16-bit activations with float32 parameters (autocast).
     """
     dtype_pairs = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                    (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
     targets = []
-    for width in (768, 1000, 4096, 8192):
+    for width in (128, 768, 1000, 4096, 8192):
         aligned = ["stride", "width"] if width % 16 == 0 else []
         for x_dtype, w_dtype in dtype_pairs:
             xt, wt = _DTYPE_NAMES[x_dtype], _DTYPE_NAMES[w_dtype]
-            block, num_warps = row_block(width, x_dtype.itemsize)
-            common = dict(constexprs={"BLOCK": block}, num_warps=num_warps, num_stages=1, aligned=aligned,
-                          config=f"x={xt} w={wt} C={width} BLOCK={block} w{num_warps}")
+            tile = row_tile(width, x_dtype.itemsize, rows=1 << 20, interpreting=False)
+            common = dict(constexprs={"BLOCK_M": tile.BLOCK_M, "BLOCK_C": tile.BLOCK_C}, num_warps=tile.num_warps,
+                          num_stages=1, aligned=aligned,
+                          config=f"x={xt} w={wt} C={width} BLOCK={tile.BLOCK_M}x{tile.BLOCK_C} w{tile.num_warps}")
             sig = {"X": f"*{xt}", "WEIGHT": f"*{wt}", "BIAS": f"*{wt}", "Y": f"*{xt}", "MEAN": "*fp32",
-                   "RSTD": "*fp32", "stride": "i32", "width": "i32", "eps": "fp32"}
+                   "RSTD": "*fp32", "stride": "i32", "n_rows": "i32", "width": "i32", "eps": "fp32"}
             targets.append(dict(name="layer_norm_fwd", fn=_layer_norm_fwd, signature=sig, **common))
             sig = {"X": f"*{xt}", "DY": f"*{xt}", "DX": f"*{xt}", "WEIGHT": f"*{wt}", "MEAN": "*fp32",
                    "RSTD": "*fp32", "PARTIAL_DW": "*fp32", "PARTIAL_DB": "*fp32", "stride": "i32", "n_rows": "i32",
@@ -291,51 +341,71 @@ def compile_targets() -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd
+# The PyTorch op
+#
+# The launchers are registered as custom operators (torch.library.custom_op), forward and backward each as one op.
+# torch.compile then sees each as a single opaque node whose output shapes come from the register_fake functions,
+# instead of tracing into Triton's launch machinery (which would break the graph), and autograd is wired to our
+# backward kernels by register_autograd. The forward op returns the per-row mean and rstd as extra outputs so that
+# they can be saved for the backward op.
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """LayerNorm over the last dim with Triton forward and backward; saves x, w, and the per-row mean and rstd."""
+@torch.library.custom_op("minigpt::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd): y (..., C) in x's dtype, contiguous; mean and rstd (...,) float32, per row of x."""
+    C = x.shape[-1]
+    if x.numel() == 0:  # no rows (or no features): nothing to launch
+        stats = torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device), stats, stats.clone()
+    x2d = to_kernel(x.reshape(-1, C))  # (M, C) contiguous rows; bfloat16 -> float32 under the interpreter
+    y, mean, rstd = _layer_norm_forward(x2d, to_kernel(weight), to_kernel(bias), eps)
+    return y.to(x.dtype).view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-        check_layer_norm_inputs(x, weight, bias)
-        for t in (x, weight, bias):
-            check_tensor("layer_norm", t)
-        if not (x.device == weight.device == bias.device):
-            raise ValueError(
-                f"layer_norm: x, weight and bias must be on one device, got {x.device}, {weight.device}, "
-                f"{bias.device} — move the parameters with the model (model.to(device))"
-            )
-        C = x.shape[-1]
-        _check_width(C)
-        ctx.meta = (x.shape, x.dtype, weight.dtype, bias.dtype, x.device)
-        ctx.empty = x.numel() == 0
-        if ctx.empty:  # no rows (or no features): nothing to launch
-            return torch.empty_like(x)
-        x2d = to_kernel(x.reshape(-1, C))  # (M, C) contiguous rows; bfloat16 -> float32 under the interpreter
-        w = to_kernel(weight)
-        y, mean, rstd = _layer_norm_forward(x2d, w, to_kernel(bias), float(eps))
-        ctx.save_for_backward(x2d, w, mean, rstd)
-        return y.to(x.dtype).view(x.shape)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x_shape, x_dtype, w_dtype, b_dtype, device = ctx.meta
-        C = x_shape[-1]
-        if ctx.empty:  # no rows: the parameters got no gradient, i.e. zero
-            return (torch.zeros(x_shape, dtype=x_dtype, device=device), torch.zeros(C, dtype=w_dtype, device=device),
-                    torch.zeros(C, dtype=b_dtype, device=device), None)
-        x2d, w, mean, rstd = ctx.saved_tensors
-        dy2d = dy.reshape(-1, C).to(x2d.dtype).contiguous()
-        dx, dw, db = _layer_norm_backward(dy2d, x2d, w, mean, rstd, w_dtype, b_dtype)
-        dx = dx.to(x_dtype).view(x_shape)
-        return (
-            dx if ctx.needs_input_grad[0] else None,
-            dw.to(w_dtype) if ctx.needs_input_grad[1] else None,
-            db.to(b_dtype) if ctx.needs_input_grad[2] else None,
-            None,
-        )
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    stats_shape = x.shape[:-1]
+    return (x.new_empty(x.shape), x.new_empty(stats_shape, dtype=torch.float32),
+            x.new_empty(stats_shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("minigpt::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                   bias_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db): dx like x (contiguous), dw in the weight's dtype, db in ``bias_dtype``."""
+    C = x.shape[-1]
+    if x.numel() == 0:  # no rows: the parameters got no gradient, i.e. zero
+        return (torch.zeros(x.shape, dtype=x.dtype, device=x.device), weight.new_zeros(weight.shape),
+                weight.new_zeros(weight.shape, dtype=bias_dtype))
+    x2d = to_kernel(x.reshape(-1, C))
+    dy2d = dy.reshape(-1, C).to(x2d.dtype).contiguous()
+    dx, dw, db = _layer_norm_backward(dy2d, x2d, to_kernel(weight), mean.reshape(-1), rstd.reshape(-1),
+                                      weight.dtype, bias_dtype)
+    return dx.to(x.dtype).view(x.shape), dw.to(weight.dtype), db.to(bias_dtype)
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, bias_dtype):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape, dtype=bias_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.bias_dtype = bias.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd, ctx.bias_dtype)
+    needs = ctx.needs_input_grad
+    return dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None, None
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -344,7 +414,18 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     float32, float16 or bfloat16; the parameters may be float32 while x is 16-bit (autocast), and their gradients
     come back in their own dtype. Statistics and sums are computed in float32. C up to ``MAX_WIDTH``.
     """
-    return LayerNormFunction.apply(x, weight, bias, eps)
+    check_layer_norm_inputs(x, weight, bias)
+    for t in (x, weight, bias):
+        check_tensor("layer_norm", t)
+    if not (x.device == weight.device == bias.device):
+        raise ValueError(
+            f"layer_norm: x, weight and bias must be on one device, got {x.device}, {weight.device}, "
+            f"{bias.device} — move the parameters with the model (model.to(device))"
+        )
+    _check_width(x.shape[-1])
+    y, _mean, _rstd = layer_norm_fwd(x, weight, bias, float(eps))
+    return y
 
 
-__all__ = ["MAX_WIDTH", "LayerNormFunction", "compile_targets", "layer_norm", "layer_norm_bytes"]
+__all__ = ["MAX_WIDTH", "compile_targets", "layer_norm", "layer_norm_bwd", "layer_norm_bytes", "layer_norm_fwd",
+           "row_tile"]

@@ -2,7 +2,9 @@
 
 Every check compares with something computed independently: ``causal_attention_math`` in float64 is the truth,
 and the torch backend in the same dtype says how far from it a good implementation lands. Without a GPU the
-kernels run in Triton's interpreter on tiny shapes; on a GPU the same tests also run larger ones.
+kernels run in Triton's interpreter on tiny shapes; on a GPU the same tests also run larger ones. The interpreter's
+own tiles are large and square (fast); the ``tiles`` fixture also runs the value tests with small tiles shaped like
+the GPU's, so that tiny sequences walk several tiles and the diagonal band in several steps, as long ones do there.
 """
 from __future__ import annotations
 
@@ -16,7 +18,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton and the kernels are imported, so first
 pytest.importorskip("triton")
 
-from kernels.attention import MAX_HEAD_DIM, attention_forward, causal_attention, compile_targets  # noqa: E402
+import kernels.attention  # noqa: E402
+from kernels.attention import (  # noqa: E402
+    MAX_HEAD_DIM,
+    Tiles,
+    attention_fwd,
+    causal_attention,
+    compile_targets,
+)
 from kernels.launch import is_interpreting  # noqa: E402
 from kernels.reference import TorchBackend, causal_attention_math  # noqa: E402
 
@@ -27,6 +36,19 @@ DEVICES = [
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TORCH = TorchBackend()
+# Small tiles with the GPU table's shapes: forward and dQ hold a query tile and step through keys half as tall; dK/dV
+# holds a key tile and steps through queries half as tall.
+GPU_SHAPED_TILES = dict(fwd=Tiles(32, 16, 1, 1), dkdv=Tiles(16, 32, 1, 1), dq=Tiles(32, 16, 1, 1))
+
+
+@pytest.fixture(params=["interpreter tiles", "gpu-shaped tiles"])
+def tiles(request, monkeypatch):
+    """Which tiles the interpreter uses (on a GPU the tiles are the GPU table's, so only the first param runs)."""
+    if request.param == "gpu-shaped tiles":
+        if not is_interpreting():
+            pytest.skip("tiles of the interpreter only")
+        monkeypatch.setattr(kernels.attention, "INTERPRETER_TILES", GPU_SHAPED_TILES)
+    return request.param
 
 
 def _shapes(device: str) -> list[tuple[int, int, int, int]]:
@@ -70,7 +92,7 @@ def _assert_as_good_as_torch(ours, torch_ones, truth, dtype, label):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_float64_math_as_well_as_torch(device, dtype):
+def test_matches_float64_math_as_well_as_torch(device, dtype, tiles):
     torch.manual_seed(0)
     for shape in _shapes(device):
         q, k, v = _qkv(shape, dtype, device)
@@ -94,7 +116,7 @@ def test_single_token_attends_to_itself(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_strided_inputs_and_custom_scale(device, dtype):
+def test_strided_inputs_and_custom_scale(device, dtype, tiles):
     """Views as the model makes them ((B, T, H, D) transposed), a strided last dim, and scale != 1/sqrt(D)."""
     torch.manual_seed(2)
     B, T, H, D = 2, 45, 3, 32
@@ -111,12 +133,12 @@ def test_strided_inputs_and_custom_scale(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_saved_log_sum_exp(device):
+def test_saved_log_sum_exp(device, tiles):
     """The forward's LSE (what the backward rebuilds P from) is logsumexp of the masked, scaled scores."""
     torch.manual_seed(3)
     B, H, T, D = 2, 2, 50, 16
     q, k, v = _qkv((B, H, T, D), torch.float32, device, requires_grad=False)
-    _, lse2 = attention_forward(q, k, v, 0.0, 0.25, 0)  # in base 2
+    _, lse2 = attention_fwd(q, k, v, 0.0, 0.25, torch.zeros(1, dtype=torch.int64))  # in base 2
     scores = (q.double() @ k.double().transpose(-2, -1)) * 0.25
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=device).triu(1), float("-inf"))
     lse = lse2.view(B, H, T).double() * math.log(2.0)
@@ -181,7 +203,7 @@ def test_dropout_mask_is_nn_dropout_of_the_weights(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dropout_gradients_match_math_with_the_same_mask(device, dtype):
+def test_dropout_gradients_match_math_with_the_same_mask(device, dtype, tiles):
     B, H, T, p, seed = (1, 2, 40, 0.25, 7) if device == "cpu" else (2, 3, 96, 0.25, 7)
     keep = _read_mask(device, B, H, T, p, seed)[2]  # the mask depends on (seed, batch*head, i, j) only
     torch.manual_seed(5)
@@ -197,7 +219,7 @@ def test_dropout_gradients_match_math_with_the_same_mask(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_no_attention_to_the_future(device, dropout_p):
+def test_no_attention_to_the_future(device, dropout_p, tiles):
     torch.manual_seed(6)
     T, i = 50, 21
     q, k, v = _qkv((1, 2, T, 32), torch.float32, device, requires_grad=False)

@@ -2,7 +2,9 @@
 
 The measure: the kernel's error against the float64 formula (``reference.gelu_math`` on the very same rounded
 inputs) may be at most twice the torch backend's error in the same dtype, plus one unit in the last place of the
-largest value; and it must stay under a per-dtype bound. Without a GPU the kernels run in Triton's interpreter.
+largest value; and it must stay under a per-dtype bound. Without a GPU the kernels run in Triton's interpreter,
+where one program takes up to ``kernels.launch.INTERPRETER_TILE`` elements; ``test_small_interpreter_tiles``
+shrinks it so that the shapes below span several programs there too.
 """
 import os
 
@@ -13,6 +15,7 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before the k
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels.gelu as gelu_module  # noqa: E402
+import kernels.launch  # noqa: E402
 from kernels import get_backend  # noqa: E402
 from kernels.gelu import BLOCK, gelu  # noqa: E402
 from kernels.launch import is_interpreting  # noqa: E402
@@ -23,7 +26,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 APPROXIMATIONS = ["tanh", "none"]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the largest |value|
 
-SHAPES = [
+SHAPES = [  # BLOCK: the elements of one program on a GPU
     ((BLOCK,), "any"),
     ((BLOCK + 1,), "any"),  # one element into a second block
     ((7,), "any"),
@@ -77,6 +80,18 @@ def test_matches_reference(device, approximate, dtype, shape, where):
         pytest.skip("large shape: GPU only")
     _skip_unless_runnable(device)
     _assert_close_to_reference(*_inputs(shape, dtype, device, seed=sum(shape)), approximate)
+
+
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(BLOCK + 1,), (2, 3000), (3, 7, 5)], ids=str)
+def test_small_interpreter_tiles(monkeypatch, approximate, dtype, shape):
+    """With the interpreter's tiles as small as a GPU's (1024) or smaller (64): several programs, a partial last."""
+    _skip_unless_runnable("cpu")
+    for tile in (64, BLOCK):
+        monkeypatch.setattr(kernels.launch, "INTERPRETER_TILE", tile)
+        assert gelu_module._block(BLOCK + 1) == tile
+        _assert_close_to_reference(*_inputs(shape, dtype, "cpu", seed=sum(shape)), approximate)
 
 
 @pytest.mark.parametrize("device", DEVICES)

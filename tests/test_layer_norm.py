@@ -3,7 +3,8 @@
 The measure: the kernel's error against the float64 formula (``reference.layer_norm_math``, evaluated on the very
 same rounded inputs) may be at most twice the torch backend's error in the same dtype, plus one unit in the last
 place of the largest value; and it must stay under a per-dtype bound, so a broken torch could not hide a broken
-kernel. Without a GPU the kernels run in Triton's interpreter, so the shapes on "cpu" are small.
+kernel. Without a GPU the kernels run in Triton's interpreter, so the shapes on "cpu" are small; there one program
+takes many rows, so ``test_small_interpreter_tiles`` shrinks the tiles to run several programs and loop steps.
 """
 import os
 
@@ -13,9 +14,10 @@ import torch
 if not torch.cuda.is_available():  # the interpreter must be chosen before the kernel modules are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import kernels.launch  # noqa: E402
 from kernels import get_backend  # noqa: E402
 from kernels.launch import is_interpreting  # noqa: E402
-from kernels.layer_norm import MAX_WIDTH, layer_norm  # noqa: E402
+from kernels.layer_norm import MAX_WIDTH, layer_norm, row_tile  # noqa: E402
 from kernels.reference import EPS, layer_norm_math  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -99,6 +101,27 @@ def test_mixed_dtype_float32_parameters(device, x_dtype):
     _skip_unless_runnable(device)
     shape = (3, 5, 768) if device == "cpu" else (8, 256, 768)
     _assert_close_to_reference(*_inputs(shape, x_dtype, device, w_dtype=torch.float32, seed=1))
+
+
+@pytest.mark.parametrize("tile", [256, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 48), (3, 7, 256), (2, 9, 1000)], ids=str)
+def test_small_interpreter_tiles(monkeypatch, tile, dtype, shape):
+    """Interpreter tiles of 256 or 1024 elements: several programs in the forward, several loop steps in each
+    backward row group with a partial last step, and for the wider rows one row per program, as on a GPU."""
+    _skip_unless_runnable("cpu")
+    monkeypatch.setattr(kernels.launch, "INTERPRETER_TILE", tile)
+    C, M = shape[-1], shape[0] * (shape[1] if len(shape) == 3 else 1)
+    assert M // row_tile(C, 4, M).BLOCK_M >= 2, "the forward should need several programs"
+    _assert_close_to_reference(*_inputs(shape, dtype, "cpu", seed=C + 1))
+
+
+def test_gpu_tiles():
+    """On a GPU narrow rows share a program (about 4096 elements each), wide rows get one each."""
+    for width, rows_per_program in [(64, 64), (128, 32), (768, 4), (1000, 4), (2048, 2), (4096, 1), (8192, 1)]:
+        tile = row_tile(width, 2, rows=10**6, interpreting=False)
+        assert (tile.BLOCK_M, tile.BLOCK_C) == (rows_per_program, 1 << (width - 1).bit_length()), width
+        assert 1 <= tile.num_warps <= 16
 
 
 @pytest.mark.parametrize("device", DEVICES)
