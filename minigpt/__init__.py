@@ -5,7 +5,14 @@
 
 Heavy or optional packages (datasets, tiktoken, matplotlib, triton) are imported where they are used.
 """
-from .config import GPT_CONFIG_124M, GPT_CONFIG_LARGE, GPT_CONFIG_SMALL, PRESETS, GPTConfig, get_preset
+from .config import (
+           GPT_CONFIG_124M,
+           GPT_CONFIG_LARGE,
+           GPT_CONFIG_SMALL,
+           PRESETS,
+           GPTConfig,
+           get_preset,
+)
 from .model import GPTModel
 
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -21,15 +21,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit the model (the message says what to do)."""
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` to produce the file, then move it over ``path`` in one step."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike):
+    """Open a temporary binary file beside ``path``; on success it is synced and renamed over ``path``, on error
+    removed. The one place every file of a run (checkpoints, metrics, plots, token caches) is written through."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,9 +46,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.close(dir_fd)
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a binary file object, then move the result over ``path`` in one step."""
+    with atomic_open(path) as f:
+        write(f)
+
+
 def save_torch(obj, path: str | os.PathLike) -> None:
     """``torch.save`` through ``atomic_write``."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_torch(path: str | os.PathLike, what: str = "checkpoint"):

@@ -33,7 +33,6 @@ is the same window shifted by one token.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import hashlib
 import json
@@ -41,7 +40,6 @@ import logging
 import mmap
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -51,6 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import stories
+from .checkpoint import atomic_open
 from .tokenizer import EOT_TEXT, can_reach, get_tokenizer
 
 __all__ = ["FORMAT_VERSION", "DataError", "TokenWindows", "create_dataloader", "create_dataloader_v1",
@@ -283,22 +282,6 @@ def _find_cache(source: _Source, tokenizer, cache_dir: str) -> dict | None:
     return None
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str):
-    """Open a temporary file beside ``path``; on success it is synced and renamed to ``path``, on error removed."""
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def _progress(total: int | None, desc: str):
     try:
         from tqdm.auto import tqdm
@@ -332,7 +315,7 @@ def _write_cache(path: str, pieces: Pieces, tokenizer, total_docs: int | None, d
         bar.update(sum(ends))
 
     try:
-        with _atomic_file(path) as f:
+        with atomic_open(path) as f:
             texts, ends, chars = [], [], 0
             for text, end in pieces:
                 texts.append(text)
@@ -347,7 +330,7 @@ def _write_cache(path: str, pieces: Pieces, tokenizer, total_docs: int | None, d
         bar.close()
     meta = {"format": FORMAT_VERSION, "dtype": dtype.name, "n_tokens": n_tokens, "n_docs": n_docs,
             "tokenizer": tokenizer.name, "n_vocab": tokenizer.n_vocab, "desc": desc}
-    with _atomic_file(path + ".json") as f:
+    with atomic_open(path + ".json") as f:
         f.write(json.dumps(meta, indent=1).encode())
     return meta
 

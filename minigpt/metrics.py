@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
@@ -14,12 +15,14 @@ METRIC_FIELDS = ("step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr",
 def write_metrics_csv(path: str | os.PathLike, rows: list[dict]) -> None:
     """Rewrite the whole CSV (it is small) atomically, so a crash never leaves half a row."""
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+    def write(f) -> None:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+        text.flush()
+        text.detach()  # leave the binary file open for atomic_open to sync and rename
 
     atomic_write(path, write)
 
@@ -61,7 +64,7 @@ def save_loss_plot(out_dir: str | os.PathLike, rows: list[dict]) -> list[Path]:
     out = []
     for ext in ("pdf", "png"):
         path = Path(out_dir) / f"loss.{ext}"
-        atomic_write(path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=120))
+        atomic_write(path, lambda f, ext=ext: fig.savefig(f, format=ext, dpi=120))
         out.append(path)
     plt.close(fig)
     return out

@@ -290,9 +290,15 @@ class Trainer:
                 n_heads=args.n_heads, context_length=args.context_length, drop_rate=args.drop_rate,
                 qkv_bias=args.qkv_bias)
         self.preset = preset
+        # Rank 0 tokenizes into the cache while the others wait, then they all read the same files.
+        barrier = torch.distributed.barrier if self.dist.enabled else (lambda: None)
+        if not self.dist.is_main:
+            barrier()
         self.train_tokens, self.val_tokens, self.data_info = load_token_splits(
             args.data, self.tokenizer, max_docs=args.max_docs, text_field=args.text_field,
             train_ratio=args.train_ratio, cache_dir=args.cache_dir)
+        if self.dist.is_main:
+            barrier()
         self._build_loaders()
 
         self.raw_model = GPTModel(self.cfg, kernels=args.kernels).to(device)

@@ -53,7 +53,7 @@ def cache(tmp_path):
 
 
 def leftovers(cache_dir: str) -> list[str]:
-    return [n for n in os.listdir(cache_dir) if ".tmp-" in n]
+    return [n for n in os.listdir(cache_dir) if n.endswith(".tmp") or ".tmp-" in n]
 
 
 class Spy(ByteTokenizer):
