@@ -56,7 +56,7 @@ DEFAULT_WEIGHT_DECAY = 0.1
 
 # Defaults for flags left unset. With no GPU and no --preset the run is a CPU demo: the tiny preset with the byte
 # tokenizer (a 257-row output layer instead of GPT-2's 50257 makes each token ~16x cheaper), a higher learning rate
-# a model this small tolerates, on the first 2000 documents. On 2 cores it takes about 2.5 minutes and the loss
+# a model this small tolerates, on the first 2000 documents. On 2 cores it takes under 2 minutes and the loss
 # falls from 5.6 to about 0.4 on the generated stories (measured; see README), with readable samples.
 SEED_DEFAULTS = dict(lr=DEFAULT_LR, batch_size=DEFAULT_BATCH_SIZE, warmup_steps=0, eval_interval=100,
                      tokenizer="auto", max_docs=None, max_steps=None)
