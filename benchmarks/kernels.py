@@ -514,6 +514,13 @@ def plot(rows: list[dict], ceilings: dict, path: Path) -> Path | None:
     return common.save_figure(fig, path)
 
 
+def tuned_attention_tiles() -> list[str]:
+    """What the attention kernels' tile tuner chose in this run (kernels/launch.py), one line per problem class."""
+    if "kernels.attention" not in sys.modules:  # the triton contenders never ran
+        return []
+    return sys.modules["kernels.attention"].tuning_report()
+
+
 def summarize(data: dict) -> str:
     """Per family and pass: triton at the largest size, and its geometric-mean speed-up over each contender (with
     the number of sizes it is taken over); then the checks and every wrong or failed row."""
@@ -537,7 +544,10 @@ def summarize(data: dict) -> str:
         common.format_table(["family", "pass", "largest", "triton", "rate", "% ceil"]
                             + [f"vs {c} (geo-mean)" for c in CONTENDERS[1:]], lines), "",
         f"triton checked correct in {sum(v is True for v in triton.values())} of {len(triton)} cases; "
-        f"{len(bad)} wrong or failed (case, contender)" + (":" if bad else ""), *bad])
+        f"{len(bad)} wrong or failed (case, contender)" + (":" if bad else ""), *bad]
+        + (["", "attention tiles (BLOCK_M, BLOCK_N, warps, stages) the tuner chose:"]
+           + [f"  {line}" for line in data["meta"].get("attention_tiles", [])] if data["meta"].get("attention_tiles")
+           else []))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -603,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = common.one_line(exc)
         print(f"interrupted ({interrupted}): writing the {len(rows)} rows measured so far", flush=True)
     meta = common.run_meta(device, ceilings, args, run.budget, interrupted, COUNTING)
+    meta["attention_tiles"] = tuned_attention_tiles()
     rows, paths = common.finish(args.out or common.default_out_dir(device), "kernels", rows, meta,
                                 lambda rows, path: plot(rows, ceilings, path))
     print("\n" + table(rows) + "\n\n" + summarize({"rows": rows, "meta": meta}))

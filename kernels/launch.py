@@ -69,3 +69,73 @@ def num_warps_for(elements: int, elem_bytes: int) -> int:
 
 def triton_next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing tiles by timing them
+#
+# The best tile sizes of a matmul-heavy kernel depend on the GPU (its shared memory, registers, tensor-core shapes)
+# and the compiler's version in ways no table written on one machine gets right for all. So a kernel may offer a
+# few candidate tile configurations, the first one a safe default that compiles without register spills everywhere
+# (``python -m kernels.compile_check`` checks it), and a TileTuner times each candidate on the real inputs the first
+# time a problem of a new class arrives, then reuses the fastest for every later call of that class. Triton's own
+# ``triton.autotune`` does the same per kernel; this one is keyed on what the launcher knows (dtype, head dim, a
+# size class), so candidate lists can differ per dtype and the key can bucket sizes.
+#
+# Tuning costs one compile per candidate and a few milliseconds of timing per class, once per process. It is off
+# when MINIGPT_AUTOTUNE=0 (the default tiles are used; the test suite does this so that its kernels are the same on
+# every run), while a CUDA graph is being captured (timing would synchronize), and under the interpreter.
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("MINIGPT_AUTOTUNE", "1") != "0" and not is_interpreting()
+
+
+class TileTuner:
+    """Remembers, per problem class, the fastest of a kernel's candidate tile configurations."""
+
+    def __init__(self, name: str, timer=None):
+        self.name = name
+        self.timer = timer or _median_ms  # timer(fn) -> milliseconds per call of fn
+        self.chosen: dict = {}  # key -> the winning candidate
+        self.timings: dict = {}  # key -> {candidate: median ms}, for reports
+
+    def choose(self, key, candidates, run):
+        """The candidate to use for problems of class ``key``; ``run(candidate)`` launches the kernel with it.
+
+        With one candidate, tuning off, or a CUDA graph being captured, the first candidate (the default).
+        Candidates the GPU cannot run (too much shared memory for it: Triton's OutOfResources) are skipped.
+        """
+        if len(candidates) == 1 or not autotune_enabled():
+            return candidates[0]
+        if key in self.chosen:
+            return self.chosen[key]
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        from triton.runtime.errors import OutOfResources
+
+        timings = {}
+        for candidate in candidates:
+            try:
+                timings[candidate] = self.timer(lambda: run(candidate))
+            except OutOfResources:
+                continue
+        self.timings[key] = timings
+        self.chosen[key] = min(timings, key=timings.get) if timings else candidates[0]
+        return self.chosen[key]
+
+    def report(self) -> list[str]:
+        """One line per tuned class: the key, the winner and each candidate's time."""
+        lines = []
+        for key, timings in self.timings.items():
+            times = ", ".join(f"{tuple(c)}: {ms:.3f} ms" for c, ms in timings.items())
+            lines.append(f"{self.name} {key}: chose {tuple(self.chosen[key])} ({times})")
+        return lines
+
+
+def _median_ms(fn) -> float:
+    """Median milliseconds per call of ``fn`` on the GPU: a short triton.testing.do_bench (the first call, which
+    compiles, is part of its warm-up)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")

@@ -46,6 +46,14 @@ def init_distributed(device_arg: str) -> tuple[DistInfo, str]:
     return info, device_arg
 
 
+def finish_distributed() -> None:
+    """Wait for every rank at the end of a run. Without it a rank that finishes first can destroy the process group
+    while another is still saving, and gloo then aborts the slower process ("terminate called without an active
+    exception", seen with torch 2.11)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

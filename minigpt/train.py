@@ -35,6 +35,7 @@ from .config import PRESETS, ConfigError, GPTConfig, get_preset
 from .distributed import (
     WindowSampler,
     all_reduce_mean,
+    finish_distributed,
     init_distributed,
     shutdown_distributed,
 )
@@ -614,7 +615,9 @@ def train(args, on_step=None) -> dict:
     trainer = Trainer(args, on_step)
     try:
         trainer.setup()
-        return trainer.fit()
+        summary = trainer.fit()
+        finish_distributed()  # every rank done before any tears the process group down
+        return summary
     except NonFiniteLoss as e:
         out = Path(args.out_dir) / "checkpoint.pt"
         raise SystemExit(f"error: {e} — the run diverged; the last good checkpoint is kept in {out}. "

@@ -174,14 +174,22 @@ def test_empty_inputs(device):
 
 
 def _read_mask(device, B, H, T, p, seed):
-    """The kernel's keep mask for ``seed``: with v = identity (T == D) output row i is P_i * M_i / (1 - p)."""
+    """The kernel's keep mask for ``seed``: with v = the identity's columns [c, c + D), output column j of row i is
+    P_ij * M_ij / (1 - p), so D <= 128 columns of the mask come out per run (the mask depends on the seed, the
+    (batch, head) and (i, j) only, not on q, k or the tiles)."""
     torch.manual_seed(10)
-    q, k = (torch.randn(B, H, T, T, device=device) for _ in range(2))
+    q, k = (torch.randn(B, H, T, min(T, MAX_HEAD_DIM), device=device) for _ in range(2))
     eye = torch.eye(T, device=device).expand(B, H, T, T)
-    torch.manual_seed(seed)
-    out = causal_attention(q, k, eye, dropout_p=p)
-    weights = causal_attention_math(q.double(), k.double(), eye.double())  # P, all > 0 on and below the diagonal
-    return out, weights, out != 0
+    outs, weights = [], []
+    for c in range(0, T, MAX_HEAD_DIM):
+        d = min(MAX_HEAD_DIM, T - c)
+        qc, kc, vc = q[..., :d], k[..., :d], eye[..., c:c + d]
+        torch.manual_seed(seed)
+        outs.append(causal_attention(qc, kc, vc, dropout_p=p))
+        # P, all > 0 on and below the diagonal
+        weights.append(causal_attention_math(qc.double(), kc.double(), eye.double())[..., c:c + d])
+    out = torch.cat(outs, dim=-1)
+    return out, torch.cat(weights, dim=-1), out != 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -232,6 +240,62 @@ def test_no_attention_to_the_future(device, dropout_p, tiles):
     out2 = causal_attention(q, k2, v2, dropout_p=dropout_p)
     assert torch.equal(out[:, :, : i + 1], out2[:, :, : i + 1])
     assert not torch.equal(out[:, :, i + 1:], out2[:, :, i + 1:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GPU's alternative tiles and the tuner that picks among them (kernels/launch.py)
+
+
+def _with_tiles(monkeypatch, index):
+    """Make candidate ``index`` of every kernel the only one (the first where a list is shorter)."""
+    table = {group: {kernel: (cands[index] if index < len(cands) else cands[0],) for kernel, cands in per.items()}
+             for group, per in kernels.attention._GPU_TILES.items()}
+    monkeypatch.setattr(kernels.attention, "_GPU_TILES", table)
+
+
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available() or is_interpreting(), reason="needs a CUDA GPU")
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("index", [1, 2])
+@pytest.mark.parametrize("D", [64, 128])
+def test_every_alternative_tile_is_correct(monkeypatch, index, D):
+    """Whatever the tuner picks computes the same function: each alternative, alone, with and without dropout."""
+    _with_tiles(monkeypatch, index)
+    B, H, T, p, seed = 2, 3, 300, 0.2, 11
+    torch.manual_seed(0)
+    q, k, v = _qkv((B, H, T, D), torch.bfloat16, "cuda")
+    grad_out = torch.randn_like(q)
+    ours = _run(causal_attention, q, k, v, grad_out)
+    theirs = _run(TORCH.causal_attention, q, k, v, grad_out)
+    truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double())
+    _assert_as_good_as_torch(ours, theirs, truth, torch.bfloat16, f"tiles #{index} D={D}")
+    keep = _read_mask("cuda", B, H, T, p, seed)[2]  # read with float32 inputs, whose tiles are the defaults
+    torch.manual_seed(seed)
+    ours = _run(causal_attention, q, k, v, grad_out, dropout_p=p)
+    same_dtype = _run(causal_attention_math, q, k, v, grad_out, dropout_p=p, dropout_mask=keep)
+    truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double(), dropout_p=p,
+                 dropout_mask=keep)
+    _assert_as_good_as_torch(ours, same_dtype, truth, torch.bfloat16, f"tiles #{index} D={D} dropout")
+
+
+@CUDA_ONLY
+def test_tuner_picks_tiles_once_per_problem_class(monkeypatch):
+    monkeypatch.setenv("MINIGPT_AUTOTUNE", "1")
+    for tuner in kernels.attention._TUNERS.values():
+        monkeypatch.setattr(tuner, "chosen", {})
+        monkeypatch.setattr(tuner, "timings", {})
+    torch.manual_seed(0)
+    q, k, v = _qkv((2, 4, 512, 64), torch.bfloat16, "cuda")
+    grad_out = torch.randn_like(q)
+    ours = _run(causal_attention, q, k, v, grad_out)
+    truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double())
+    theirs = _run(TORCH.causal_attention, q, k, v, grad_out)
+    _assert_as_good_as_torch(ours, theirs, truth, torch.bfloat16, "tuned")
+    report = kernels.attention.tuning_report()
+    assert len(report) == 3 and all("chose" in line for line in report), report  # fwd, dkdv, dq: one class each
+    _run(causal_attention, q, k, v, grad_out)  # the same class again: no new timing
+    assert kernels.attention.tuning_report() == report
 
 
 # ----------------------------------------------------------------------------------------------------------------
