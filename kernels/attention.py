@@ -49,13 +49,16 @@ the query tiles from the diagonal down; a dQ kernel where each program owns a qu
 up to the diagonal. Each gradient row is owned by one program, so there are no atomic adds and the result is
 deterministic, at the price of computing S and dP twice.
 
-Dropout.  The keep mask is drawn inside the kernels with Philox, a counter-based generator: tl.rand(key,
-counter) is a pure function, so the backward regenerates the forward's mask exactly and nothing is stored.
-Element (i, j) of head bh uses key = seed + bh * 2^32 (the Philox key is 64 bits: the seed in the low word, the
-(batch, head) index in the high word) and counter = i * T + j, unique within a head while T * T < 2^31, i.e.
-T <= 46340. Distinct (bh, i, j) never share a (key, counter) pair. An entry is kept when its uniform draw is
->= p; kept entries are scaled by 1 / (1 - p); l and the LSE use the undropped P, exactly as nn.Dropout applied to
-the softmax output. The seed comes from torch's default CPU generator, so torch.manual_seed reproduces a run.
+Dropout.  The keep mask is drawn inside the kernels with Philox, a counter-based generator: tl.randint4x(key,
+counter) is a pure function, so the backward regenerates the forward's mask exactly and nothing is stored. One
+Philox call costs about as much integer arithmetic as the two matmuls of a whole tile row, and returns 128 random
+bits, so one call serves 8 keys with 16 bits each (as FlashAttention does with 8-bit draws): entry (i, j) of head
+bh uses key = seed + bh * 2^32 (the Philox key is 64 bits: the seed in the low word, the (batch, head) index in
+the high word), counter = i * T + 8 * (j // 8), and the 16-bit half j % 2 of the word (j % 8) // 2 of the result.
+Counters are unique within a head while T * T < 2^31, i.e. T <= 46340, so distinct (bh, i, j) never share a draw.
+An entry is kept when its draw is >= round(p * 2^16), so dropped with probability p to within 2^-17; kept
+entries are scaled by 1 / (1 - p); l and the LSE use the undropped P, exactly as nn.Dropout applied to the softmax
+output. The seed comes from torch's default CPU generator, so torch.manual_seed reproduces a run.
 
 Cost.  Each (query, key) pair takes two D-long dot products (S = q k^T and P v), 2 FLOPs per multiply-add; the
 causal mask halves the pairs: forward FLOPs = 2 * 2 * B * H * T * T * D / 2. The backward has five such
@@ -80,8 +83,30 @@ __all__ = ["attention_bwd", "attention_fwd", "causal_attention", "causal_attenti
 
 MAX_HEAD_DIM = 128  # one (BLOCK, 128) tile of q, k, v and the accumulators must fit in registers / shared memory
 MIN_BLOCK_D = 16  # tl.dot needs every tile dimension >= 16; smaller head dims are padded (masked) up to 16
-MAX_DROPOUT_T = 46340  # the Philox counter i * T + j is an int32: T * T < 2^31
+MAX_DROPOUT_T = 46340  # the Philox counter i * T + 8 * (j // 8) is an int32: T * T < 2^31
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dropout's mask
+
+
+@triton.jit
+def _keep_mask(rng_key, rows, first_key, T, dropout_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(BLOCK_R, BLOCK_C) booleans, True where the weight of query ``rows[r]`` on key ``first_key + c`` is kept.
+
+    ``first_key`` is a multiple of 8 and BLOCK_C of 8: each group of 8 keys shares one Philox call (see "Dropout").
+    """
+    groups = first_key + 8 * tl.arange(0, BLOCK_C // 8)  # the first key of each group of 8
+    w0, w1, w2, w3 = tl.randint4x(rng_key, rows[:, None] * T + groups[None, :])  # (BLOCK_R, BLOCK_C // 8) uint32
+    # The draws of key r of a group: the low (r even) or high half of word r // 2. tl.join stacks along a new last
+    # axis held by one thread, so each Philox call is made once and its bits spread in registers:
+    # (BLOCK_R, BLOCK_C // 8, 2, 2, 2) with r = 4 * c + 2 * a + b at [..., c, a, b].
+    w01 = tl.join(tl.join(w0 & 0xFFFF, w0 >> 16), tl.join(w1 & 0xFFFF, w1 >> 16))
+    w23 = tl.join(tl.join(w2 & 0xFFFF, w2 >> 16), tl.join(w3 & 0xFFFF, w3 >> 16))
+    draws = tl.join(w01, w23)  # uniform on [0, 2^16)
+    threshold = tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32)  # round(p * 2^16): P(draw < threshold) = p to 2^-17
+    return tl.reshape(draws, (BLOCK_R, BLOCK_C)) >= threshold  # row-major: key = group's first + r
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,8 +115,8 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo, hi, T, qk_scale, dropout_p,
-               rng_key, BLOCK_N: tl.constexpr, ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ON_DIAGONAL: tl.constexpr,
+               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold the key tiles [lo, hi) into the running (acc, l, m) of one query tile (the online softmax above)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -109,7 +134,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, d_o
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer sums the undropped weights
         if DROPOUT:
-            keep = tl.rand(rng_key, offs_m[:, None] * T + cols[None, :]) >= dropout_p
+            keep = _keep_mask(rng_key, offs_m, start_n, T, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)  # the 1 / (1 - p) factor is applied once, at the end
         v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None]
@@ -161,11 +186,11 @@ def _attention_fwd(
     lo = start_m * BLOCK_M
     # keys [0, lo): strictly in the past of every row of this tile, no mask
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, 0, lo, T,
-                               qk_scale, dropout_p, rng_key, BLOCK_N, False, DROPOUT, DOT_PRECISION)
+                               qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N, False, DROPOUT, DOT_PRECISION)
     # keys [lo, lo + BLOCK_M): the diagonal band, masked; every row sees at least its own key here
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo,
-                               tl.minimum(lo + BLOCK_M, T), T, qk_scale, dropout_p, rng_key, BLOCK_N, True, DROPOUT,
-                               DOT_PRECISION)
+                               tl.minimum(lo + BLOCK_M, T), T, qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N, True,
+                               DROPOUT, DOT_PRECISION)
 
     out_scale = 1.0 / l_i
     if DROPOUT:
@@ -205,9 +230,10 @@ def _attention_bwd_preprocess(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d, d_ok, lo, hi, T,
-                    qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr, ON_DIAGONAL: tl.constexpr,
-                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, first_key, offs_d, d_ok, lo,
+                    hi, T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """Add the query tiles [lo, hi) to one key tile's dK and dV. Tiles are kept transposed: (keys, queries)."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -223,7 +249,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs
                      other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO v^T)^T
         if DROPOUT:
-            keep_t = tl.rand(rng_key, rows[None, :] * T + offs_n[:, None]) >= dropout_p  # the forward's mask
+            keep_t = tl.trans(_keep_mask(rng_key, rows, first_key, T, dropout_p, BLOCK_M, BLOCK_N))  # the forward's
             dv = tl.dot(tl.where(keep_t, p_t * dropout_scale, 0.0).to(do.dtype), do, dv,
                         input_precision=DOT_PRECISION)
             dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
@@ -284,21 +310,21 @@ def _attention_bwd_dkdv(
 
     lo = start_n * BLOCK_N
     # queries [lo, lo + BLOCK_N): the diagonal band, masked
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d, d_ok, lo,
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, lo, offs_d, d_ok, lo,
                              tl.minimum(lo + BLOCK_N, T), T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M,
-                             True, DROPOUT, DOT_PRECISION)
+                             BLOCK_N, True, DROPOUT, DOT_PRECISION)
     # queries [lo + BLOCK_N, T): all in the future of this key tile, no mask
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d, d_ok,
-                             lo + BLOCK_N, T, T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M, False, DROPOUT,
-                             DOT_PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, lo, offs_d, d_ok,
+                             lo + BLOCK_N, T, T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M, BLOCK_N,
+                             False, DROPOUT, DOT_PRECISION)
     tl.store(DK + offs_n[:, None] * stride_gt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + offs_n[:, None] * stride_gt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo, hi, T, qk_scale,
-                  dropout_p, dropout_scale, rng_key, BLOCK_N: tl.constexpr, ON_DIAGONAL: tl.constexpr,
-                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add the key tiles [lo, hi) to one query tile's dQ."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -314,7 +340,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, off
             p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = tl.rand(rng_key, offs_m[:, None] * T + cols[None, :]) >= dropout_p
+            keep = _keep_mask(rng_key, offs_m, start_n, T, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -372,11 +398,11 @@ def _attention_bwd_dq(
     lo = start_m * BLOCK_M
     # keys [0, lo): no mask
     dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, 0, lo, T, qk_scale,
-                       dropout_p, dropout_scale, rng_key, BLOCK_N, False, DROPOUT, DOT_PRECISION)
+                       dropout_p, dropout_scale, rng_key, BLOCK_M, BLOCK_N, False, DROPOUT, DOT_PRECISION)
     # keys [lo, lo + BLOCK_M): the diagonal band, masked
     dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo,
-                       tl.minimum(lo + BLOCK_M, T), T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_N, True,
-                       DROPOUT, DOT_PRECISION)
+                       tl.minimum(lo + BLOCK_M, T), T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M,
+                       BLOCK_N, True, DROPOUT, DOT_PRECISION)
     tl.store(DQ + offs_m[:, None] * stride_gt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
 
@@ -405,15 +431,15 @@ _GPU_TILES = {
     ("16bit", "D<=64"): dict(
         fwd=(Tiles(128, 64, 8, 3), Tiles(128, 128, 8, 3), Tiles(64, 64, 4, 3)),
         dkdv=(Tiles(16, 128, 8, 2), Tiles(32, 128, 8, 2), Tiles(32, 64, 8, 1)),
-        dq=(Tiles(128, 64, 8, 2), Tiles(128, 32, 8, 3), Tiles(64, 32, 4, 3)),
+        dq=(Tiles(128, 32, 8, 2), Tiles(128, 64, 8, 2), Tiles(64, 32, 4, 3)),
     ),
     ("16bit", "D=128"): dict(
         fwd=(Tiles(128, 32, 8, 3), Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 3)),
-        dkdv=(Tiles(32, 64, 8, 2), Tiles(16, 128, 8, 2), Tiles(32, 128, 8, 2)),
+        dkdv=(Tiles(16, 64, 8, 2), Tiles(32, 64, 8, 2), Tiles(16, 128, 8, 2)),
         dq=(Tiles(128, 32, 8, 2), Tiles(128, 64, 8, 2), Tiles(64, 32, 4, 3)),
     ),
-    ("fp32", "D<=64"): dict(fwd=(Tiles(32, 16, 4, 2),), dkdv=(Tiles(16, 32, 8, 1),), dq=(Tiles(32, 16, 4, 2),)),
-    ("fp32", "D=128"): dict(fwd=(Tiles(32, 16, 8, 2),), dkdv=(Tiles(16, 32, 8, 2),), dq=(Tiles(32, 16, 4, 2),)),
+    ("fp32", "D<=64"): dict(fwd=(Tiles(32, 16, 8, 2),), dkdv=(Tiles(16, 32, 8, 1),), dq=(Tiles(32, 16, 8, 2),)),
+    ("fp32", "D=128"): dict(fwd=(Tiles(32, 16, 8, 2),), dkdv=(Tiles(16, 16, 4, 2),), dq=(Tiles(32, 16, 8, 2),)),
 }
 _PREPROCESS_TILES = Tiles(64, 0, 4, 1)  # the delta pass: BLOCK_M rows of (o, dO) per program
 # The interpreter runs each program as Python, milliseconds per program and loop step whatever the tiles, while

@@ -204,6 +204,14 @@ def test_dropout_mask_is_nn_dropout_of_the_weights(device):
     rate = keep[..., causal].double().mean().item()
     assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n) + 1 / n, f"keep rate {rate:.4f}, expected {1 - p}"
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0]), "heads share a mask"
+    # neighbours are independent: keys in one group of 8 share a Philox call but not its bits (offsets 1, 2, 4),
+    # and groups do not repeat each other (offset 8)
+    for offset in (1, 2, 4, 8):
+        both = causal[:, offset:] & causal[:, :-offset]  # pairs (i, j), (i, j + offset) both in the past of i
+        together = (keep[..., offset:] & keep[..., :-offset])[..., both].double()
+        n = together.numel()
+        assert abs(together.mean().item() - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / n), (
+            f"keys {offset} apart are not kept independently")
     # the same seed gives the same mask, another seed another one
     assert torch.equal(_read_mask(device, B, H, T, p, seed=123)[2], keep)
     assert not torch.equal(_read_mask(device, B, H, T, p, seed=124)[2], keep)
