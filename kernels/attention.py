@@ -69,20 +69,19 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import TileTuner, check_tensor, is_interpreting, kernel_dtype, triton_next_power_of_2
+from .attention_tiles import MIN_BLOCK_D, PREPROCESS_TILES, Tiles, choose_tiles, tiles_for, tuning_report
+from .launch import check_tensor, kernel_dtype, triton_next_power_of_2
 from .reference import check_attention_inputs
 
 __all__ = ["attention_bwd", "attention_fwd", "causal_attention", "causal_attention_flops", "compile_targets",
-           "MAX_HEAD_DIM", "tuning_report"]
+           "MAX_HEAD_DIM", "Tiles", "tuning_report"]
 
 MAX_HEAD_DIM = 128  # one (BLOCK, 128) tile of q, k, v and the accumulators must fit in registers / shared memory
-MIN_BLOCK_D = 16  # tl.dot needs every tile dimension >= 16; smaller head dims are padded (masked) up to 16
 MAX_DROPOUT_T = 46340  # the Philox counter i * T + 8 * (j // 8) is an int32: T * T < 2^31
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
@@ -407,85 +406,11 @@ def _attention_bwd_dq(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tile sizes: one table, read by the launchers and by compile_targets()
-
-
-class Tiles(NamedTuple):
-    BLOCK_M: int  # query rows per tile
-    BLOCK_N: int  # key rows per tile
-    num_warps: int
-    num_stages: int  # software-pipelining depth of the K/V (or Q/dO) loads
-
-
-# (dtype group, head dims) -> candidate tiles for each kernel (BLOCK_M, BLOCK_N, num_warps, num_stages). The first
-# candidate of each list is the default: it compiles for sm_80 and sm_90 with no register spills, within shared
-# memory, with and without dropout, under the Triton versions we support (`python -m kernels.compile_check`). On a
-# GPU the others are timed against it on the first call of each problem class and the fastest is kept (TileTuner
-# in kernels/launch.py); they may spill on some chip or with dropout, and then they simply lose.
-# 16-bit inputs use tensor cores. The Philox draws of dropout are what limit the tiles most (4 warps at (128, 64)
-# spill with dropout, 8 do not). float32 inputs run full-precision ("ieee") FMA dots, rare in practice; their
-# registers grow fast with the tile, hence the small tiles and no alternatives. The forward and dQ kernels hold a
-# query tile and stream keys (BLOCK_N divides BLOCK_M); dK/dV holds a key tile and streams queries (BLOCK_M divides
-# BLOCK_N).
-_GPU_TILES = {
-    ("16bit", "D<=64"): dict(
-        fwd=(Tiles(128, 64, 8, 3), Tiles(128, 128, 8, 3), Tiles(64, 64, 4, 3)),
-        dkdv=(Tiles(16, 128, 8, 2), Tiles(32, 128, 8, 2), Tiles(32, 64, 8, 1)),
-        dq=(Tiles(128, 32, 8, 2), Tiles(128, 64, 8, 2), Tiles(64, 32, 4, 3)),
-    ),
-    ("16bit", "D=128"): dict(
-        fwd=(Tiles(128, 32, 8, 3), Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 3)),
-        dkdv=(Tiles(16, 64, 8, 2), Tiles(32, 64, 8, 2), Tiles(16, 128, 8, 2)),
-        dq=(Tiles(128, 32, 8, 2), Tiles(128, 64, 8, 2), Tiles(64, 32, 4, 3)),
-    ),
-    ("fp32", "D<=64"): dict(fwd=(Tiles(32, 16, 8, 2),), dkdv=(Tiles(16, 32, 8, 1),), dq=(Tiles(32, 16, 8, 2),)),
-    ("fp32", "D=128"): dict(fwd=(Tiles(32, 16, 8, 2),), dkdv=(Tiles(16, 16, 4, 2),), dq=(Tiles(32, 16, 8, 2),)),
-}
-_PREPROCESS_TILES = Tiles(64, 0, 4, 1)  # the delta pass: BLOCK_M rows of (o, dO) per program
-# The interpreter runs each program as Python, milliseconds per program and loop step whatever the tiles, while
-# NumPy does a (64, 64) tile in microseconds: so there the tiles are square, T rounded up to a power of two, at most
-# 64. Tests set INTERPRETER_TILES to small tiles shaped like the GPU's (one side twice the other), so that short
-# sequences also walk several tiles and the diagonal band in several steps.
-INTERPRETER_MAX_BLOCK = 64
-INTERPRETER_TILES: dict[str, Tiles] | None = None  # None: square tiles from T (above); else this table
-
-
-def _interpreter_tiles(seq_len: int) -> dict[str, tuple[Tiles, ...]]:
-    if INTERPRETER_TILES is not None:
-        return {kernel: (tiles,) for kernel, tiles in INTERPRETER_TILES.items()}
-    block = min(INTERPRETER_MAX_BLOCK, max(MIN_BLOCK_D, triton_next_power_of_2(seq_len)))  # tl.dot needs >= 16
-    tiles = Tiles(block, block, 1, 1)
-    return dict(fwd=(tiles,), dkdv=(tiles,), dq=(tiles,))
+# Launch parameters (the tile sizes are in kernels/attention_tiles.py)
 
 
 def _block_d(head_dim: int) -> int:
     return max(MIN_BLOCK_D, triton_next_power_of_2(head_dim))
-
-
-def _tiles(dtype: torch.dtype, head_dim: int, seq_len: int,
-           interpreting: bool | None = None) -> dict[str, tuple[Tiles, ...]]:
-    """Each kernel's candidate tiles for inputs of ``dtype``, ``head_dim`` and sequence length ``seq_len`` (read
-    by the interpreter); the first is the default."""
-    if is_interpreting() if interpreting is None else interpreting:
-        return _interpreter_tiles(seq_len)
-    return _GPU_TILES[("fp32" if dtype == torch.float32 else "16bit", "D<=64" if head_dim <= 64 else "D=128")]
-
-
-_TUNERS = {kernel: TileTuner(f"attention_{kernel}") for kernel in ("fwd", "dkdv", "dq")}
-
-
-def _choose_tiles(kernel: str, q: torch.Tensor, dropout_p: float, run) -> Tiles:
-    """The tiles to launch ``kernel`` with on inputs like ``q`` (B, H, T, D): the default, or the tuner's pick for
-    this problem class (device, dtype, D, dropout or not, and T and B * H rounded up to powers of two)."""
-    B, H, T, D = q.shape
-    candidates = _tiles(q.dtype, D, T)[kernel]
-    key = (str(q.device), q.dtype, D, dropout_p > 0.0, triton_next_power_of_2(T), triton_next_power_of_2(B * H))
-    return _TUNERS[kernel].choose(key, candidates, run)
-
-
-def tuning_report() -> list[str]:
-    """What the tile tuners chose in this process, one line per kernel and problem class."""
-    return [line for tuner in _TUNERS.values() for line in tuner.report()]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -543,7 +468,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
             num_stages=tiles.num_stages,
         )
 
-    run(_choose_tiles("fwd", q, dropout_p, run))
+    run(choose_tiles("fwd", q, dropout_p, run))
     return o.to(out_dtype), lse  # the cast is a no-op except for bfloat16 under the interpreter
 
 
@@ -564,7 +489,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return q.new_zeros(q.shape), q.new_zeros(q.shape), q.new_zeros(q.shape)
     out_dtype, (q, k, v, o, do) = q.dtype, (_as_kernel_input(t) for t in (q, k, v, o, do))
     delta = torch.empty_like(lse)
-    pre = _PREPROCESS_TILES
+    pre = PREPROCESS_TILES
     _attention_bwd_preprocess[(triton.cdiv(T, pre.BLOCK_M), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=pre.BLOCK_M,
         num_warps=pre.num_warps, num_stages=pre.num_stages,
@@ -586,8 +511,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
-    run_dkdv(_choose_tiles("dkdv", q, dropout_p, run_dkdv))
-    run_dq(_choose_tiles("dq", q, dropout_p, run_dq))
+    run_dkdv(choose_tiles("dkdv", q, dropout_p, run_dkdv))
+    run_dq(choose_tiles("dq", q, dropout_p, run_dq))
     return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype)
 
 
@@ -685,13 +610,13 @@ def compile_targets() -> list[dict]:
     for dtype, ty in _TRITON_DTYPE.items():
         for head_dim in _COMPILE_HEAD_DIMS:
             sizes = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim))
-            pre = _PREPROCESS_TILES
+            pre = PREPROCESS_TILES
             targets.append(dict(
                 name=f"attention_bwd_preprocess_{ty}_d{head_dim}", fn=_attention_bwd_preprocess,
                 **_signature(_attention_bwd_preprocess, ty), constexprs=dict(sizes, BLOCK_M=pre.BLOCK_M),
                 num_warps=pre.num_warps, num_stages=pre.num_stages,
             ))
-            tiles = _tiles(dtype, head_dim, 0, interpreting=False)
+            tiles = tiles_for(dtype, head_dim, 0, interpreting=False)
             for kernel, fn in (("fwd", _attention_fwd), ("dkdv", _attention_bwd_dkdv), ("dq", _attention_bwd_dq)):
                 for i, t in enumerate(tiles[kernel]):  # the default, then the tuner's alternatives
                     for dropout in (False, True):

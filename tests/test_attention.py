@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton and the kernels are imported, so first
 pytest.importorskip("triton")
 
-import kernels.attention  # noqa: E402
+import kernels.attention_tiles  # noqa: E402
 from kernels.attention import (  # noqa: E402
     MAX_HEAD_DIM,
     Tiles,
@@ -47,7 +47,7 @@ def tiles(request, monkeypatch):
     if request.param == "gpu-shaped tiles":
         if not is_interpreting():
             pytest.skip("tiles of the interpreter only")
-        monkeypatch.setattr(kernels.attention, "INTERPRETER_TILES", GPU_SHAPED_TILES)
+        monkeypatch.setattr(kernels.attention_tiles, "INTERPRETER_TILES", GPU_SHAPED_TILES)
     return request.param
 
 
@@ -257,8 +257,8 @@ def test_no_attention_to_the_future(device, dropout_p, tiles):
 def _with_tiles(monkeypatch, index):
     """Make candidate ``index`` of every kernel the only one (the first where a list is shorter)."""
     table = {group: {kernel: (cands[index] if index < len(cands) else cands[0],) for kernel, cands in per.items()}
-             for group, per in kernels.attention._GPU_TILES.items()}
-    monkeypatch.setattr(kernels.attention, "_GPU_TILES", table)
+             for group, per in kernels.attention_tiles.GPU_TILES.items()}
+    monkeypatch.setattr(kernels.attention_tiles, "GPU_TILES", table)
 
 
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available() or is_interpreting(), reason="needs a CUDA GPU")
@@ -290,7 +290,7 @@ def test_every_alternative_tile_is_correct(monkeypatch, index, D):
 @CUDA_ONLY
 def test_tuner_picks_tiles_once_per_problem_class(monkeypatch):
     monkeypatch.setenv("MINIGPT_AUTOTUNE", "1")
-    for tuner in kernels.attention._TUNERS.values():
+    for tuner in kernels.attention_tiles.TUNERS.values():
         monkeypatch.setattr(tuner, "chosen", {})
         monkeypatch.setattr(tuner, "timings", {})
     torch.manual_seed(0)
@@ -300,10 +300,10 @@ def test_tuner_picks_tiles_once_per_problem_class(monkeypatch):
     truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double())
     theirs = _run(TORCH.causal_attention, q, k, v, grad_out)
     _assert_as_good_as_torch(ours, theirs, truth, torch.bfloat16, "tuned")
-    report = kernels.attention.tuning_report()
+    report = kernels.attention_tiles.tuning_report()
     assert len(report) == 3 and all("chose" in line for line in report), report  # fwd, dkdv, dq: one class each
     _run(causal_attention, q, k, v, grad_out)  # the same class again: no new timing
-    assert kernels.attention.tuning_report() == report
+    assert kernels.attention_tiles.tuning_report() == report
 
 
 # ----------------------------------------------------------------------------------------------------------------
