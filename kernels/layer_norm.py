@@ -45,9 +45,12 @@ on the arrival order). So the rows are cut into G groups of consecutive rows:
     stage 2  (C / REDUCE_BLOCK_C)  each program sums a slice of columns of the partials over the G rows and
                                    writes dw and db in the parameters' dtype.
 
-G is a few times the number of multiprocessors (every one busy, a couple of programs each to hide latency) and
-capped at M; the partials are then a small (G, C) array, far smaller than the (M, C) activations. The result is
-deterministic: the same additions happen in the same order on every run.
+G is twice the number of multiprocessors, capped at M: every multiprocessor busy with two programs, which is as
+many as fit at once (at 768 wide a program of 8 warps holds about 110 registers per thread, so two take most of
+the register file); more groups would only add a second wave and more partials. The partials cost 16 bytes per
+(group, column), written and read back: against the 6 * M bytes per column the pass must move in bf16, 16 * G /
+(6 * M), about 9% at M = 8192 rows on a 132-multiprocessor H100 (it was 17% with four groups per
+multiprocessor). The result is deterministic: the same additions happen in the same order on every run.
 
 Memory traffic
 --------------
@@ -84,7 +87,7 @@ from .reference import EPS, check_layer_norm_inputs
 # lanes each of the 512 threads holds 128 values per row tensor. Wider rows need a kernel that loops over the row.
 MAX_WIDTH = 65536
 GPU_TILE = 4096  # elements per program on a GPU: narrower rows share a program (768 wide: 4 rows a program)
-GROUPS_PER_SM = 4  # row groups per multiprocessor in the backward's stage 1 (see the docstring above)
+GROUPS_PER_SM = 2  # row groups per multiprocessor in the backward's stage 1 (see the docstring above)
 INTERPRETER_GROUPS = 4  # the interpreter runs programs one after another: few groups, a short stage 2
 REDUCE_BLOCK_G = 32  # stage 2 tile: partial rows summed at once ...
 REDUCE_BLOCK_C = 64  # ... by columns per program
