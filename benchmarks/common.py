@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from minigpt.metrics import csv_cell
+
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -366,6 +368,19 @@ def stop_on_sigterm() -> None:
 # Output
 
 
+def read_results(path: Path) -> dict:
+    """A results JSON written by a benchmark (for --summarize); a one-line error when it cannot be read."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read results from {path}: {one_line(e)} — pass the kernels.json or "
+                         "train.json a benchmark run wrote") from None
+    if not isinstance(data, dict) or "rows" not in data or "meta" not in data:
+        raise SystemExit(f"error: {path} is not a benchmark results file (no 'rows' and 'meta') — pass the "
+                         "kernels.json or train.json a benchmark run wrote")
+    return data
+
+
 def add_run_args(p, what: str) -> None:
     """The options both benchmarks take (``what``: the file stem, for --summarize's help)."""
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions: CI and the CPU")
@@ -417,7 +432,7 @@ def write_results(out_dir: Path, stem: str, rows: list[dict], meta: dict) -> lis
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
+            writer.writerow({k: csv_cell(row.get(k)) for k in columns})
     return [json_path, csv_path]
 
 
@@ -425,14 +440,6 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return str(value)
-
-
-def _csv_cell(value):
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
 
 
 def format_table(headers: list[str], lines: list[list], right: set[int] | None = None) -> str:

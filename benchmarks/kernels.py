@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import math
 import sys
 import warnings
@@ -574,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.summarize:
-        print(summarize(json.loads(args.summarize.read_text())))
+        print(summarize(common.read_results(args.summarize)))
         return 0
     if not 0.0 <= args.dropout < 1.0:
         raise SystemExit(f"error: --dropout must be in [0, 1), got {args.dropout}")

@@ -21,7 +21,6 @@ interpreter: its rows are checked there (and one training step must give a finit
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -274,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.summarize:
-        print(summarize(json.loads(args.summarize.read_text())))
+        print(summarize(common.read_results(args.summarize)))
         return 0
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():

@@ -20,7 +20,7 @@ def write_metrics_csv(path: str | os.PathLike, rows: list[dict]) -> None:
         writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+            writer.writerow({k: csv_cell(row.get(k)) for k in METRIC_FIELDS})
         text.flush()
         text.detach()  # leave the binary file open for atomic_open to sync and rename
 
@@ -32,7 +32,8 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _fmt(v):
+def csv_cell(v):
+    """A value as a CSV cell: empty for None, 6 significant digits for floats."""
     if v is None:
         return ""
     if isinstance(v, float):

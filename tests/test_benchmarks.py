@@ -203,3 +203,13 @@ def test_the_sweep_and_the_command_lines():
     for module in (kernel_bench, train_bench):
         assert "--quick" in module.build_parser().format_help()
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "run_all.sh")]).returncode == 0
+
+
+def test_summarize_reports_an_unreadable_results_file_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="cannot read results from .*missing.json.*pass the kernels.json"):
+        common.read_results(tmp_path / "missing.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a benchmark results file"):
+        common.read_results(tmp_path / "list.json")
+    (tmp_path / "ok.json").write_text('{"meta": {}, "rows": []}')
+    assert common.read_results(tmp_path / "ok.json") == {"meta": {}, "rows": []}
