@@ -94,3 +94,43 @@ def test_train_cli_runs_the_triton_backend_on_the_tiny_preset(tmp_path):
     rows = summary["metrics"]
     assert summary["steps"] == 20 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+IMPORTED_FIRST = """
+import sys
+sys.path.insert(0, {root!r})
+import torch._dynamo  # imports triton.language for the compiler, before any flag of ours is set
+import kernels.attention  # noqa: F401  (and one of our kernel modules, also made for the compiler)
+import torch
+import torch.nn.functional as F
+from minigpt import GPTModel
+cfg = dict(vocab_size=61, context_length=24, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=False)
+torch.manual_seed(0)
+ref = GPTModel(cfg, kernels="torch")
+tri = GPTModel(cfg, kernels="triton")
+tri.load_state_dict(ref.state_dict())
+idx = torch.randint(0, 61, (2, 24))
+for model in (ref, tri):
+    F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+for (name, a), b in zip(ref.named_parameters(), tri.parameters()):
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+q = torch.randn(1, 2, 24, 16, requires_grad=True)
+out = tri.ops.causal_attention(q, q, q, dropout_p=0.5)  # the dropout path calls Triton's own tl.randint4x
+out.sum().backward()
+assert torch.isfinite(q.grad).all()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is used only without a GPU")
+def test_triton_backend_runs_on_cpu_after_triton_was_imported_for_the_compiler():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a fresh Python, as a notebook user has
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", IMPORTED_FIRST.format(root=root)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
