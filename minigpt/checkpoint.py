@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 CHECKPOINT_FORMAT = "minigpt-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -21,19 +29,52 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit the model (the message says what to do)."""
 
 
+# A temporary file is named ".<target>.<random>.tmp" and its writer holds an exclusive lock on it until it is renamed
+# or removed, so an unlocked one is a leftover of a process that died (kill -9, a power cut): see remove_stale_temps.
+TEMP_SUFFIX = ".tmp"
+STALE_AFTER_S = 10.0  # a temporary file younger than this is never removed (its writer may be about to lock it)
+
+_umask_lock = threading.Lock()
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permissions a plain ``open(path, "w")`` would give: the existing file's, else 0666 minus the umask.
+    (``mkstemp`` creates files 0600, and that mode would survive the rename.)"""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        with _umask_lock:  # the umask can only be read by setting it
+            umask = os.umask(0o077)
+            os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _lock(fd: int) -> None:
+    if fcntl is not None:
+        with contextlib.suppress(OSError):  # a filesystem without locks: stale files are then kept, never harmed
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike):
     """Open a temporary binary file beside ``path``; on success it is synced and renamed over ``path``, on error
-    removed. The one place every file of a run (checkpoints, metrics, plots, token caches) is written through."""
+    removed. The one place every file of a run (checkpoints, metrics, plots, token caches) is written through.
+    The file gets the permissions ``open()`` would give it (the umask's, or the replaced file's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        _lock(fd)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:
+                os.replace(tmp, path)  # while the file is still open, and so still locked
+        if fcntl is None:
+            os.replace(tmp, path)  # Windows cannot rename an open file (and has no locks to keep)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -44,6 +85,37 @@ def atomic_open(path: str | os.PathLike):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files that writers which died left in ``folder`` (see ``atomic_open``); returns their
+    names. A file is stale when no process holds its lock and it is older than ``STALE_AFTER_S`` seconds, so a
+    write in progress in another process is never touched. Without file locks (Windows) nothing is removed."""
+    removed = []
+    if fcntl is None:
+        return removed
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(".") and n.endswith(TEMP_SUFFIX)]
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if now - os.fstat(fd).st_mtime < STALE_AFTER_S:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its writer lives
+            os.unlink(path)
+            removed.append(name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:

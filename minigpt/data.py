@@ -33,6 +33,7 @@ is the same window shifted by one token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -40,6 +41,10 @@ import logging
 import mmap
 import os
 import re
+import signal
+import stat
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -49,10 +54,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import stories
-from .checkpoint import atomic_open
+from .checkpoint import atomic_open, remove_stale_temps
 from .tokenizer import EOT_TEXT, can_reach, get_tokenizer
 
-__all__ = ["FORMAT_VERSION", "DataError", "TokenWindows", "create_dataloader", "create_dataloader_v1",
+__all__ = ["FORMAT_VERSION", "DataError", "TokenizingInterrupted", "TokenWindows", "create_dataloader", "create_dataloader_v1",
            "default_cache_dir", "load_token_splits", "make_loader", "token_dtype"]
 
 log = logging.getLogger(__name__)
@@ -152,17 +157,52 @@ def _file_pieces(paths: list[str]) -> Pieces:
                             f"(e.g. iconv -f latin1 -t utf-8) or remove it from the data") from None
 
 
+def _walk_txt(folder: str) -> list[str]:
+    """Every .txt file under ``folder``, following links to folders but entering each real folder once (a link
+    back to a parent would otherwise loop)."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        files += [os.path.join(root, name) for name in names if name.endswith(".txt")]
+    return sorted(files)
+
+
+def _readable_once(paths: list[str]) -> list[str]:
+    """``paths`` without broken links (dangling, or a loop) and without second names of one real file (a link to
+    a file also found under its own name, or a glob through a linked folder): each file is read once."""
+    kept, seen, broken = [], set(), []
+    for path in paths:
+        try:
+            info = os.stat(path)  # follows links: fails for a dangling or looping one
+        except OSError:
+            broken.append(path)
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        key = (info.st_dev, info.st_ino)
+        if key not in seen:
+            seen.add(key)
+            kept.append(path)
+    if broken:
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        log.warning("note: skipping %d broken link(s) in the data: %s", len(broken), shown)
+    return kept
+
+
 def _files_source(data: str, max_docs: int | None) -> _Source:
     path = os.path.expanduser(data)
     if os.path.isfile(path):
         files = [path]
     elif os.path.isdir(path):
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                       for name in names if name.endswith(".txt"))
+        files = _readable_once(_walk_txt(path))
         if not files:
             raise DataError(f"no .txt files in folder {data} — put the text in .txt files (UTF-8) or give a glob")
     elif glob.has_magic(path):
-        files = sorted(p for p in glob.glob(path, recursive=True) if p.endswith(".txt") and os.path.isfile(p))
+        files = _readable_once(sorted(p for p in glob.glob(path, recursive=True) if p.endswith(".txt")))
         if not files:
             raise DataError(f"no .txt files match {data!r} — check the pattern (quote it so the shell keeps it)")
     else:
@@ -193,8 +233,8 @@ def _hf_source(name: str, config: str | None, field: str, max_docs: int | None, 
     descriptor = {"kind": "hf", "name": os.path.abspath(name) if local else name, "config": config,
                   "text_field": field, "max_docs": max_docs, "val_docs": val_docs}
     if local:  # a local dataset folder: key on its files too, like a .txt source
-        descriptor["files"] = _stat_list(sorted(os.path.join(r, n) for r, _, ns in os.walk(name) for n in ns)
-                                         if os.path.isdir(name) else [name])
+        descriptor["files"] = _stat_list(_readable_once(sorted(os.path.join(r, n) for r, _, ns in os.walk(name)
+                                                               for n in ns)) if os.path.isdir(name) else [name])
 
     def fail(reason: str):
         if fallback:
@@ -238,6 +278,9 @@ def _hf_source(name: str, config: str | None, field: str, max_docs: int | None, 
 
 def _resolve_source(data: str, max_docs: int | None, text_field: str) -> _Source:
     """The source named by ``data`` (nothing is read or downloaded yet)."""
+    if not isinstance(data, str) or not data.strip():
+        raise DataError(f"--data is empty ({data!r}) — name a source: tinystories, stories, hf:NAME, or a .txt file, "
+                        "folder or glob")
     if data == "tinystories":
         return _hf_source(TINYSTORIES, None, "text", max_docs, label="tinystories", fallback=True)
     if data == "stories":
@@ -262,6 +305,15 @@ def _cache_path(cache_dir: str, source: _Source, split: str, tokenizer) -> str:
     return os.path.join(cache_dir, f"{source.slug}-{tokenizer.name}-{split}-{digest}.bin")
 
 
+def _identity(source: _Source, split: str, tokenizer) -> str:
+    """What names an entry apart from its content's version: the same files (by path, not size or time), the
+    same split and tokenizer. A new entry replaces older ones of the same identity — an edited file, a newer
+    generated corpus — instead of leaving them behind."""
+    who = {k: ([f[0] for f in v] if k == "files" else v) for k, v in source.descriptor.items() if k != "version"}
+    key = {"source": who, "split": split, "tokenizer": tokenizer.name}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _read_meta(path: str) -> dict | None:
     """The cache entry's metadata if the entry is complete, else None."""
     try:
@@ -273,13 +325,86 @@ def _read_meta(path: str) -> dict | None:
         return None
 
 
+def _remove_entry(path: str) -> None:
+    for name in (path, path + ".json"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+
+
+def _largest_id(path: str, meta: dict) -> int:
+    """The largest id in a cache entry: one sequential read, a second per few GB from the page cache."""
+    if meta["n_tokens"] == 0:
+        return -1
+    return int(_memmap(path, meta, 0, meta["n_tokens"]).max())
+
+
 def _find_cache(source: _Source, tokenizer, cache_dir: str) -> dict | None:
-    """{split: (path, meta)} when every split of one of the source's layouts is cached, else None."""
+    """{split: (path, meta)} when every split of one of the source's layouts is cached, else None.
+
+    An entry holding an id outside the vocabulary (its bytes were overwritten) is removed with a warning, and
+    tokenized again by the caller."""
     for layout in source.layouts:
         found = {s: (p, _read_meta(p)) for s in layout for p in [_cache_path(cache_dir, source, s, tokenizer)]}
-        if all(meta is not None for _, meta in found.values()):
-            return found
+        if not all(meta is not None for _, meta in found.values()):
+            continue
+        for path, meta in found.values():
+            top = _largest_id(path, meta)
+            if top >= tokenizer.n_vocab:
+                log.warning("warning: the token cache %s is damaged (it holds id %d, the vocabulary has %d): "
+                            "removing it and tokenizing again", path, top, tokenizer.n_vocab)
+                _remove_entry(path)
+                return None
+        return found
     return None
+
+
+def _prune_older_versions(path: str, meta: dict, cache_dir: str) -> None:
+    """Remove the entries the one just written at ``path`` replaces (same identity, other content)."""
+    for name in os.listdir(cache_dir):
+        other = os.path.join(cache_dir, name[:-len(".json")])
+        if not name.endswith(".bin.json") or other == path:
+            continue
+        try:
+            with open(os.path.join(cache_dir, name)) as f:
+                same = json.load(f).get("identity") == meta["identity"]
+        except (OSError, ValueError, AttributeError):
+            continue
+        if same:
+            _remove_entry(other)
+            log.info("removed %s: its source changed since it was tokenized", other)
+
+
+class TokenizingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM while tokenizing: the partial file was removed; ``signum`` says which signal."""
+
+    def __init__(self, signum: int, what: str):
+        super().__init__(f"interrupted ({signal.Signals(signum).name}) while {what}: nothing was cached — run "
+                         "again to tokenize from the start")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_cleanly_on_signals(what: str):
+    """Turn Ctrl-C and SIGTERM (from `kill`, a scheduler, a container stopping) into an exception for the length
+    of the block, so the temporary file is removed on the way out (SIGTERM would otherwise end the process on
+    the spot), and then into ``TokenizingInterrupted``."""
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise TokenizingInterrupted(received[0] if received else signal.SIGINT, what) from None
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _progress(total: int | None, desc: str):
@@ -293,7 +418,7 @@ def _progress(total: int | None, desc: str):
     return tqdm(total=total, desc=desc, unit="doc", mininterval=1.0)
 
 
-def _write_cache(path: str, pieces: Pieces, tokenizer, total_docs: int | None, desc: str) -> dict:
+def _write_cache(path: str, pieces: Pieces, tokenizer, total_docs: int | None, desc: str, identity: str) -> dict:
     """Tokenize ``pieces`` into ``path`` (ids, with end-of-text after each document) and return its metadata."""
     dtype = token_dtype(tokenizer.n_vocab)
     encode_batch = getattr(tokenizer, "encode_batch", None) or (lambda texts: [tokenizer.encode(t) for t in texts])
@@ -329,7 +454,7 @@ def _write_cache(path: str, pieces: Pieces, tokenizer, total_docs: int | None, d
     finally:
         bar.close()
     meta = {"format": FORMAT_VERSION, "dtype": dtype.name, "n_tokens": n_tokens, "n_docs": n_docs,
-            "tokenizer": tokenizer.name, "n_vocab": tokenizer.n_vocab, "desc": desc}
+            "tokenizer": tokenizer.name, "n_vocab": tokenizer.n_vocab, "desc": desc, "identity": identity}
     with atomic_open(path + ".json") as f:
         f.write(json.dumps(meta, indent=1).encode())
     return meta
@@ -355,7 +480,16 @@ def load_token_splits(data: str, tokenizer, *, max_docs: int | None = None, text
     if not 0.0 < train_ratio < 1.0:
         raise DataError(f"train_ratio must be between 0 and 1 (exclusive), got {train_ratio} — e.g. 0.9")
     cache_dir = os.path.expanduser(cache_dir or default_cache_dir())
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        in_the_way = isinstance(e, (FileExistsError, NotADirectoryError))
+        raise DataError(f"cannot use {cache_dir} as the token cache folder "
+                        f"({'a file is in the way' if in_the_way else e.strerror}) — pass another --cache-dir "
+                        "or set MINIGPT_CACHE to a folder") from None
+    stale = remove_stale_temps(cache_dir)
+    if stale:
+        log.info("removed %d temporary file(s) left in %s by an interrupted run", len(stale), cache_dir)
 
     source = _resolve_source(data, max_docs, text_field)
     fallback = None
@@ -376,7 +510,11 @@ def load_token_splits(data: str, tokenizer, *, max_docs: int | None = None, text
             for name, (pieces, total) in splits.items():
                 path = _cache_path(cache_dir, source, name, tokenizer)
                 desc = f"tokenizing {source.label} [{name}]"
-                found[name] = (path, _write_cache(path, pieces(), tokenizer, total, desc))
+                with _stop_cleanly_on_signals(desc):
+                    meta = _write_cache(path, pieces(), tokenizer, total, desc,
+                                        _identity(source, name, tokenizer))
+                _prune_older_versions(path, meta, cache_dir)
+                found[name] = (path, meta)
 
     info = {"source": source.label, "tokenizer": tokenizer.name, "cached": cached, "fallback": fallback,
             "cache": [path for path, _ in found.values()], "n_docs": sum(m["n_docs"] for _, m in found.values())}
@@ -511,6 +649,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _, _, info = load_token_splits(args.data, get_tokenizer(args.tokenizer), max_docs=args.max_docs,
                                        text_field=args.text_field, cache_dir=args.cache_dir)
+    except TokenizingInterrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)  # as a program killed by that signal, so scripts see the interruption
     except (DataError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(info, indent=1))

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ from minigpt import data
 from minigpt.data import DataError, TokenWindows, create_dataloader, load_token_splits, make_loader
 from minigpt.stories import generate_stories
 from minigpt.tokenizer import ByteTokenizer, TiktokenTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EOT = 256  # ByteTokenizer's end-of-text id
 
@@ -194,7 +197,7 @@ def test_interrupted_write_leaves_no_partial_cache(tmp_path, cache, monkeypatch)
     root = tmp_path / "docs"
     for i in range(10):
         write(root / f"{i:02d}.txt", f"doc {i} " * 20)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(data.TokenizingInterrupted, match="interrupted .SIGINT. while tokenizing"):
         load_token_splits(str(root), Spy(fail_after=5), cache_dir=cache)
     assert os.listdir(cache) == []
     _, _, info = load_token_splits(str(root), Spy(), cache_dir=cache)
@@ -429,3 +432,138 @@ def test_create_dataloader_like_the_seed():
     got_y = [row for _, y in loader for row in y.tolist()]
     assert got_x == inputs[:len(inputs) // 2 * 2] and got_y == targets[:len(got_y)]
     assert EOT in [t for row in got_x for t in row]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What users break: links, damaged and stale cache files, interruptions, empty or impossible arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_broken_and_looping_links_are_skipped_and_each_real_file_is_read_once(tmp_path, cache, caplog):
+    d = tmp_path / "d"
+    text = "the only real document. " * 20
+    write(d / "real.txt", text)
+    os.symlink("loop.txt", d / "loop.txt")  # a link to itself
+    os.symlink("nowhere.txt", d / "dangling.txt")
+    os.symlink("real.txt", d / "alias.txt")  # the same file under a second name
+    os.symlink("..", d / "sub")  # d/sub -> d: a cycle
+    expected = enc(text) + [EOT]
+    for source in (str(d), str(d / "**" / "*.txt")):
+        with caplog.at_level(logging.WARNING):
+            train, val, info = load_token_splits(source, ByteTokenizer(), cache_dir=cache)
+        assert both(train, val) == expected and info["n_docs"] == 1, source
+        assert "skipping 2 broken link(s)" in caplog.text
+
+
+def test_a_linked_folder_is_followed(tmp_path, cache):
+    write(tmp_path / "elsewhere" / "b.txt", "linked in")
+    write(tmp_path / "d" / "a.txt", "own text")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "d" / "more")
+    train, val, info = load_token_splits(str(tmp_path / "d"), ByteTokenizer(), cache_dir=cache, train_ratio=0.5)
+    assert both(train, val) == enc("own text") + [EOT] + enc("linked in") + [EOT] and info["n_docs"] == 2
+
+
+def test_empty_data_is_an_error_not_the_default(cache):
+    for empty in ("", "   "):
+        with pytest.raises(DataError, match="--data is empty"):
+            load_token_splits(empty, ByteTokenizer(), cache_dir=cache)
+
+
+def test_cache_dir_under_a_file_is_one_line(tmp_path):
+    blocker = write(tmp_path / "file", "not a folder")
+    for where in (blocker, blocker / "sub"):
+        with pytest.raises(DataError, match="a file is in the way.* pass another --cache-dir") as e:
+            load_token_splits("stories", ByteTokenizer(), max_docs=5, cache_dir=str(where))
+        assert "\n" not in str(e.value)
+
+
+def test_damaged_cache_is_detected_and_tokenized_again(tmp_path, cache, caplog):
+    f = write(tmp_path / "a.txt", "words to be cached " * 30)
+    train, val, info = load_token_splits(str(f), ByteTokenizer(), cache_dir=cache)
+    good = both(train, val)
+    path = info["cache"][0]
+    with open(path, "r+b") as fh:  # overwrite some ids with 0xFFFF, far outside the 257-id vocabulary
+        fh.seek(20)
+        fh.write(b"\xff" * 8)
+    spy = Spy()
+    with caplog.at_level(logging.WARNING):
+        train, val, info = load_token_splits(str(f), spy, cache_dir=cache)
+    assert spy.calls > 0 and info["cached"] is False and both(train, val) == good
+    assert "is damaged (it holds id 65535, the vocabulary has 257)" in caplog.text
+
+
+def test_cache_and_its_metadata_follow_the_umask(tmp_path, cache):
+    old = os.umask(0o022)
+    try:
+        _, _, info = load_token_splits("stories", ByteTokenizer(), max_docs=5, cache_dir=cache)
+    finally:
+        os.umask(old)
+    for path in (info["cache"][0], info["cache"][0] + ".json"):
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o644), path
+
+
+def test_an_edited_source_replaces_its_old_cache_entry(tmp_path, cache):
+    root = tmp_path / "docs"
+    for i in range(3):
+        write(root / f"{i}.txt", f"document {i} " * 10)
+    first = load_token_splits(str(root), ByteTokenizer(), cache_dir=cache)[2]["cache"][0]
+    fewer = load_token_splits(str(root), ByteTokenizer(), cache_dir=cache, max_docs=2)[2]["cache"][0]
+    write(root / "2.txt", "edited, and longer than it was " * 10)
+    edited = load_token_splits(str(root), ByteTokenizer(), cache_dir=cache)[2]["cache"][0]
+    entries = {n for n in os.listdir(cache) if n.endswith(".bin")}
+    # the old version of the same files is gone; another selection of them (max_docs) is another entry and stays
+    assert entries == {os.path.basename(edited), os.path.basename(fewer)} and first != edited
+
+
+def test_stale_temporary_files_are_removed_and_live_ones_kept(tmp_path, cache):
+    import fcntl
+
+    os.makedirs(cache)
+    stale, young, locked = (os.path.join(cache, f".e-{n}.bin.x{n}.tmp") for n in ("stale", "young", "locked"))
+    for path in (stale, young, locked):
+        open(path, "wb").close()
+    long_ago = time.time() - 3600
+    os.utime(stale, (long_ago, long_ago))
+    os.utime(locked, (long_ago, long_ago))
+    holder = open(locked, "rb")  # another writer, still alive, holds its lock
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        load_token_splits("stories", ByteTokenizer(), max_docs=5, cache_dir=cache)
+    finally:
+        holder.close()
+    assert not os.path.exists(stale) and os.path.exists(young) and os.path.exists(locked)
+
+
+SLOW_TOKENIZING = """
+import sys, time
+sys.path.insert(0, {root!r})
+from minigpt import data
+from minigpt.tokenizer import ByteTokenizer
+
+class Slow(ByteTokenizer):
+    def encode_batch(self, texts):
+        print("tokenizing", flush=True)
+        time.sleep(0.2)
+        return super().encode_batch(texts)
+
+data.BATCH_PIECES = 1
+data.get_tokenizer = lambda name: Slow()
+data.main([{corpus!r}, "--cache-dir", {cache!r}])
+"""
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_tokenizing_removes_the_partial_file_and_says_so_in_one_line(tmp_path, cache, sig, code):
+    root = tmp_path / "docs"
+    for i in range(50):
+        write(root / f"{i:02d}.txt", f"document {i} " * 5)
+    script = SLOW_TOKENIZING.format(root=str(ROOT), corpus=str(root), cache=cache)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(3):  # in the middle of writing the cache
+        assert proc.stdout.readline().strip() == "tokenizing"
+    assert leftovers(cache), "the temporary file should exist while tokenizing"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert err.strip().splitlines()[-1].startswith(f"interrupted ({sig.name}) while tokenizing")
+    assert "Traceback" not in err
+    assert os.listdir(cache) == []
