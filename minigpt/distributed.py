@@ -90,7 +90,8 @@ class WindowSampler(Sampler[int]):
 
     def _order(self) -> torch.Tensor:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            # modulo 2**64, the range of a generator's seed (a no-op for every seed below 1.8e14)
+            g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64)
             order = torch.randperm(self.num_windows, generator=g)
         else:
             order = torch.arange(self.num_windows)

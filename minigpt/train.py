@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import random
 import signal
 import sys
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out-dir", default="out")
     g.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint; auto = OUT_DIR/checkpoint.pt if it exists, else start fresh")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --out-dir that holds a checkpoint (replaced at the first evaluation)")
     g.add_argument("--log", default=None, choices=["tensorboard"], help="also log to TensorBoard (OUT_DIR/tb)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per evaluation)")
     return p
@@ -135,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Settings that depend on the machine, and flags that contradict each other
 
 
-def resolve_run_settings(args, device: torch.device) -> tuple[str, str | None]:
-    """Fill in the flags left unset (None); returns (preset name, a note saying why, or None)."""
-    cpu_demo = args.preset is None and device.type != "cuda" and args.resume is None
+def resolve_run_settings(args, device: torch.device, resuming: bool = False) -> tuple[str, str | None]:
+    """Fill in the flags left unset (None); returns (preset name, a note saying why, or None). ``resuming``: a
+    checkpoint was found (``--resume auto`` with nothing to resume is a fresh run, CPU demo included)."""
+    cpu_demo = args.preset is None and device.type != "cuda" and not resuming
     defaults = CPU_DEFAULTS if cpu_demo else SEED_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -167,6 +171,72 @@ def check_args(args) -> None:
         raise ConfigError(f"--min-lr must be between 0 and --lr ({args.lr}), got {args.min_lr}")
     if not 0.0 < args.train_ratio < 1.0:
         raise ConfigError(f"--train-ratio must be between 0 and 1, got {args.train_ratio}")
+    check_seed(args.seed)
+
+
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; below 2**63 leaves room for the per-rank offset
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and 2**63 - 1 ({MAX_SEED}), got {seed}")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """An --out-dir that can be a folder: not a file, and not under one."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} is a file — choose a folder (it is created if missing)")
+    parent = next(p for p in out_dir.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"--out-dir {out_dir}: {parent} is a file, not a folder — choose another --out-dir")
+    if not out_dir.exists() and not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out-dir {out_dir}: no permission to create it in {parent} — choose another --out-dir")
+
+
+def checkpoint_step(path: Path) -> str:
+    """The step a checkpoint was saved at, for messages ("?" when it cannot be read)."""
+    try:  # mmap: reads the header, not the gigabytes of a large model's weights and optimizer state
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+    except Exception:
+        return "?"
+    return str(step) if isinstance(step, int) else "?"
+
+
+# Model flags a resumed run cannot change (the weights have the checkpoint's shapes), as field -> flag.
+SHAPE_FLAGS = {"emb_dim": "--emb-dim", "n_layers": "--n-layers", "n_heads": "--n-heads",
+               "context_length": "--context-length", "qkv_bias": "--qkv-bias"}
+
+
+def check_resume_flags(args, ckpt: dict, path: Path) -> None:
+    """Refuse model and tokenizer flags that contradict the checkpoint being resumed, naming the flag."""
+    cfg = ckpt["config"]
+    fix = "drop it to resume, or start a new run in another --out-dir"
+    recorded = ckpt.get("preset")
+    if args.preset is not None and args.preset != recorded:
+        p = get_preset(args.preset)
+        shape_differs = any(getattr(p, f) != cfg.get(f) for f in ("emb_dim", "n_layers", "n_heads",
+                                                                  "context_length"))
+        if recorded is not None or shape_differs:
+            raise ConfigError(f"--preset {args.preset} contradicts {path}, a {recorded or 'differently shaped'} "
+                              f"model — {fix}")
+    for field, flag in SHAPE_FLAGS.items():
+        value = getattr(args, field)
+        if value is not None and value != cfg.get(field):
+            raise ConfigError(f"{flag} {value} contradicts {path}, trained with {field} {cfg.get(field)} — {fix}")
+    if args.tokenizer not in (None, "auto") and args.tokenizer != ckpt.get("tokenizer"):
+        raise ConfigError(f"--tokenizer {args.tokenizer} contradicts {path}, trained with the "
+                          f"{ckpt.get('tokenizer')} tokenizer — {fix}")
+
+
+def divergence_advice(args) -> str:
+    """What to change after a NaN or infinite loss, given what this run used."""
+    tips = [f"a lower --lr (now {args.lr:g})"]
+    tips.append("--warmup-steps 100" if not args.warmup_steps else f"a longer --warmup-steps (now {args.warmup_steps})")
+    if not args.grad_clip or args.grad_clip > 1.0:
+        tips.append(f"--grad-clip 1.0 (now {args.grad_clip:g}{', off' if not args.grad_clip else ''})")
+    if args.dtype == "fp16":
+        tips.append("--dtype bf16 where the GPU has it")
+    return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
 
 
 def check_compile(args, device: torch.device) -> None:
@@ -251,6 +321,7 @@ class Trainer:
         self.args, self.on_step = args, on_step
         self.parser_defaults = vars(build_parser().parse_args([]))
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the signal that stopped the run (the exit status is 128 + it)
 
     # -- set-up --------------------------------------------------------------------------------------------------
 
@@ -263,27 +334,37 @@ class Trainer:
         self.device = device = resolve_device(device_name)
         self.dtype = resolve_dtype(args.dtype, device)
         check_compile(args, device)
+        self.out_dir = Path(args.out_dir)
+        check_out_dir(self.out_dir)
         self.resume_from = self._resume_path()
+        self._refuse_to_overwrite()
         ckpt = load_torch(self.resume_from) if self.resume_from else None
         if ckpt is not None and not is_minigpt_checkpoint(ckpt):
             raise CheckpointError(f"{self.resume_from} is not a training checkpoint (a plain model.pth cannot resume: "
                                   "it has no optimizer state) — pass the run's checkpoint.pt")
         if ckpt is not None:  # flags not given again continue the checkpoint's run
+            check_resume_flags(args, ckpt, self.resume_from)
             for name in RESUMED_FLAGS:
                 if getattr(args, name) in (None, self.parser_defaults.get(name)):
                     setattr(args, name, ckpt["args"].get(name, getattr(args, name)))
-            args.preset = args.preset or ckpt.get("preset")
-        args.data = args.data or "tinystories"
-        preset, note = resolve_run_settings(args, device)
+            args.preset = ckpt.get("preset") or args.preset
+        elif args.resume == "auto":
+            self.log(f"--resume auto: no checkpoint in {self.out_dir}, starting a fresh run")
+        if args.data is None:
+            args.data = "tinystories"
+        preset, note = resolve_run_settings(args, device, resuming=ckpt is not None)
         check_args(args)
         if note:
             self.log(f"note: {note}")
 
         torch.manual_seed(args.seed + self.dist.rank)  # ranks draw different dropout masks
         random.seed(args.seed + self.dist.rank)
-        if ckpt is not None:
+        if ckpt is not None:  # the checkpoint's model; only its dropout rate may change (nanoGPT's rule too)
             self.tokenizer = tokenizer_from_name(ckpt["tokenizer"])
             self.cfg = GPTConfig.from_any(ckpt["config"])
+            if args.drop_rate is not None and args.drop_rate != self.cfg.drop_rate:
+                self.log(f"note: --drop-rate {args.drop_rate:g} replaces the checkpoint's {self.cfg.drop_rate:g}")
+                self.cfg = self.cfg.with_overrides(drop_rate=args.drop_rate)
         else:
             self.tokenizer = get_tokenizer(args.tokenizer)
             self.cfg = get_preset(preset).with_overrides(
@@ -320,7 +401,6 @@ class Trainer:
         self.rows: list[dict] = []
         if ckpt is not None:
             self._restore(ckpt)
-        self.out_dir = Path(args.out_dir)
         self.flops_per_token = self.raw_model.flops_per_token(self.cfg.context_length)
         self.peak = peak_flops(device)
         self.tb = self._tensorboard() if args.log == "tensorboard" and self.dist.is_main else None
@@ -337,6 +417,17 @@ class Trainer:
                  f"tokens")
         if self.resume_from:
             self.log(f"resumed from {self.resume_from} at step {self.state['step']}")
+
+    def _refuse_to_overwrite(self) -> None:
+        """A fresh run (or one resumed from elsewhere) would replace OUT_DIR/checkpoint.pt at its first evaluation:
+        refuse unless --overwrite says so."""
+        existing = self.out_dir / "checkpoint.pt"
+        if self.args.overwrite or not existing.exists():
+            return
+        if self.resume_from is not None and self.resume_from.resolve() == existing.resolve():
+            return
+        raise ConfigError(f"{self.out_dir} already holds a checkpoint at step {checkpoint_step(existing)}: "
+                          "--resume auto to continue it, or another --out-dir / --overwrite to start over")
 
     def _resume_path(self) -> Path | None:
         r = self.args.resume
@@ -527,6 +618,11 @@ class Trainer:
         from tqdm.auto import tqdm
 
         args, st = self.args, self.state
+        if self.resume_from and (st["step"] >= self.total_steps or st["epoch"] >= args.epochs):
+            self.log(f"nothing to do: {self.resume_from} is at step {st['step']} (epoch {st['epoch']}) and this run "
+                     f"ends at step {self.total_steps} — raise --max-steps or --epochs to train further; "
+                     "nothing was written")
+            return self._summary(interrupted=False, saved=False)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
         self.bar = tqdm(total=self.total_steps, initial=st["step"], unit="step", dynamic_ncols=True,
@@ -565,6 +661,7 @@ class Trainer:
                     st["epoch_windows"] = 0
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, in the middle of a step
             self.stop_requested = True
+            self.stop_signal = self.stop_signal or signal.SIGINT
             self.log("interrupted: the checkpoint of the last evaluation is kept")
             self.bar.close()
             return self._summary(interrupted=True, saved=False)
@@ -585,7 +682,7 @@ class Trainer:
     def _summary(self, interrupted: bool, saved: bool) -> dict:
         return {"steps": self.state["step"], "tokens_seen": self.state["tokens_seen"], "metrics": self.rows,
                 "out_dir": str(self.out_dir), "interrupted": interrupted, "saved": saved, "preset": self.preset,
-                "config": self.cfg}
+                "config": self.cfg, "signal": self.stop_signal if interrupted else None}
 
     def _install_signal_handlers(self):
         """First Ctrl-C (or SIGTERM from a scheduler): finish the step, save, exit. A second one: stop at once."""
@@ -594,6 +691,7 @@ class Trainer:
             if self.stop_requested:
                 raise KeyboardInterrupt
             self.stop_requested = True
+            self.stop_signal = signum
             self.log("stopping after this step (Ctrl-C again to stop at once)")
 
         old = {}
@@ -620,8 +718,8 @@ def train(args, on_step=None) -> dict:
         return summary
     except NonFiniteLoss as e:
         out = Path(args.out_dir) / "checkpoint.pt"
-        raise SystemExit(f"error: {e} — the run diverged; the last good checkpoint is kept in {out}. "
-                         "Try a lower --lr, a --warmup-steps, or --grad-clip 1.0") from None
+        raise SystemExit(f"error: {e} — the run diverged; the last good checkpoint is kept in {out}; "
+                         f"{divergence_advice(args)}") from None
     except torch.cuda.OutOfMemoryError:
         raise SystemExit("error: the GPU ran out of memory — lower --batch-size (and raise --grad-accum to keep the "
                          "same batch), a smaller --context-length or preset, or --dtype bf16") from None
@@ -633,15 +731,18 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from kernels import BackendUnavailable
 
-    from .data import DataError
+    from .data import DataError, TokenizingInterrupted
     from .tokenizer import TokenizerError
 
     try:
         summary = train(args)
+    except TokenizingInterrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
     except (ConfigError, CheckpointError, BackendUnavailable, DataError, TokenizerError) as e:
         raise SystemExit(f"error: {e}") from None
-    if summary["interrupted"] and not summary["saved"]:
-        sys.exit(130)
+    if summary["interrupted"]:  # saved or not, an interrupted program exits 128 + the signal, as the shell expects
+        sys.exit(128 + summary["signal"])
 
 
 if __name__ == "__main__":

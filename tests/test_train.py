@@ -59,6 +59,9 @@ def test_end_to_end_lowers_the_loss_and_writes_every_output(tmp_path):
     (["--resume", "/no/such/checkpoint.pt"], "no such checkpoint"),
     (["--min-lr", "1.0"], "--min-lr"),
     (["--context-length", "100000", "--max-docs", "5"], "tokens"),
+    (["--seed", "99999999999999999999"], "--seed must be between 0 and 2**63 - 1"),
+    (["--seed", "-1"], "--seed must be between 0"),
+    (["--data", ""], "--data is empty"),
 ])
 def test_bad_input_is_one_line_that_names_the_fix(tmp_path, extra, match):
     with pytest.raises(SystemExit) as e:
@@ -98,6 +101,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path, "--max-steps", "10", "--eval-interval", "2")
     assert "diverged" in str(e.value) and "training loss is nan at step 5" in str(e.value)
+    assert "a lower --lr (now 0.0005)" in str(e.value)
+    assert "--grad-clip" not in str(e.value)  # it is already 1.0 (the default): no advice to set it
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4  # the evaluation at step 4 was the last good one
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -253,3 +258,121 @@ def test_compiled_model_matches_eager():
     eager = model(idx)
     compiled = torch.compile(model)(idx)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing lost, nothing silently ignored
+
+
+def test_a_fresh_run_refuses_to_replace_a_checkpoint(tmp_path):
+    run_train(tmp_path, "--max-steps", "4", "--eval-interval", "2")
+    path = tmp_path / "out" / "checkpoint.pt"
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--out-dir", str(tmp_path / "out"), "--max-steps", "2"])
+    assert str(e.value) == (f"error: {tmp_path / 'out'} already holds a checkpoint at step 4: --resume auto to "
+                            "continue it, or another --out-dir / --overwrite to start over")
+    # resuming ANOTHER run's checkpoint into this folder would replace it too
+    run_train(tmp_path, "--max-steps", "2", "--eval-interval", "2", out="other")
+    with pytest.raises(SystemExit, match="already holds a checkpoint at step 4"):
+        main(TINY + ["--out-dir", str(tmp_path / "out"), "--resume", str(tmp_path / "other" / "checkpoint.pt")])
+    assert path.read_bytes() == before
+    summary = run_train(tmp_path, "--max-steps", "2", "--eval-interval", "2", "--overwrite")
+    assert summary["steps"] == 2 and torch.load(path, weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("flag", [["--preset", "small"], ["--context-length", "16"], ["--n-layers", "2"],
+                                  ["--n-heads", "4"], ["--emb-dim", "64"], ["--qkv-bias"], ["--tokenizer", "gpt2"]])
+def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(tmp_path, flag):
+    run_train(tmp_path, "--max-steps", "2", "--eval-interval", "2")
+    path = tmp_path / "out" / "checkpoint.pt"
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--out-dir", str(tmp_path / "out"), "--max-steps", "4", "--resume", "auto", *flag])
+    msg = str(e.value)
+    assert msg.startswith(f"error: {flag[0]}") and "contradicts" in msg and "\n" not in msg
+    assert path.read_bytes() == before
+
+
+def test_resume_without_model_flags_describes_the_checkpoints_model(tmp_path, capsys):
+    run_train(tmp_path, "--max-steps", "2", "--eval-interval", "2", "--drop-rate", "0.1")
+    bare = ["--data", "stories", "--max-docs", "300", "--no-progress", "--device", "cpu", "--kernels", "torch",
+            "--out-dir", str(tmp_path / "out"), "--resume", "auto", "--max-steps", "4", "--drop-rate", "0.3"]
+    summary = train(build_parser().parse_args(bare))
+    log = capsys.readouterr().out
+    assert summary["steps"] == 4 and summary["preset"] == "tiny"
+    assert "model: tiny " in log and "1 layers, emb_dim 32, 2 heads, context 32" in log
+    assert "--drop-rate 0.3 replaces the checkpoint's 0.1" in log
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert ckpt["preset"] == "tiny" and ckpt["tokenizer"] == "bytes"
+    assert ckpt["config"] == {**summary["config"].to_dict(), "drop_rate": 0.3} and ckpt["config"]["n_layers"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU demo is what a machine without a GPU gets")
+def test_resume_auto_with_nothing_to_resume_is_exactly_a_fresh_run(tmp_path):
+    from minigpt.train import Trainer
+
+    settings = []
+    for extra in ([], ["--resume", "auto"]):
+        args = build_parser().parse_args(["--data", "stories", "--device", "cpu", "--kernels", "torch",
+                                          "--no-progress", "--out-dir", str(tmp_path / "fresh"), *extra])
+        trainer = Trainer(args)
+        trainer.setup()
+        settings.append((trainer.preset, trainer.cfg, {k: v for k, v in vars(args).items() if k != "resume"}))
+    assert settings[0] == settings[1]
+    assert settings[0][0] == "tiny" and settings[0][2]["max_steps"] == 1000  # the CPU demo, not gpt2-124m
+
+
+def test_resume_with_nothing_left_to_do_writes_nothing(tmp_path, capsys):
+    run_train(tmp_path, "--max-steps", "4", "--eval-interval", "2")
+    out = tmp_path / "out"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()}
+    summary = run_train(tmp_path, "--max-steps", "2", "--resume", "auto")
+    assert summary["steps"] == 4 and not summary["saved"]
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()} == before
+
+
+def test_sigterm_saves_then_exits_143(tmp_path, monkeypatch):
+    import minigpt.train as T
+
+    real = T.Trainer.train_step
+
+    def step_then_term(self, micro):
+        result = real(self, micro)
+        if self.state["step"] == 2:  # the step being done is the 3rd
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(T.Trainer, "train_step", step_then_term)
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--out-dir", str(tmp_path / "out"), "--max-steps", "10", "--eval-interval", "5"])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run_train(tmp_path, "--max-steps", "2", "--eval-interval", "2")
+    finally:
+        os.umask(old)
+    for name in ("checkpoint.pt", "model.pth", "metrics.csv", "loss.png", "loss.pdf"):
+        assert oct((tmp_path / "out" / name).stat().st_mode & 0o777) == oct(0o644), name
+
+
+@pytest.mark.parametrize("make", ["file", "under-a-file"])
+def test_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path, make):
+    (tmp_path / "f").write_text("a file")
+    out = tmp_path / "f" if make == "file" else tmp_path / "f" / "run"
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--out-dir", str(out), "--max-steps", "1"])
+    assert str(e.value).startswith(f"error: --out-dir {out}") and "\n" not in str(e.value)
+
+
+def test_divergence_advice_names_only_what_would_change():
+    from minigpt.train import divergence_advice
+
+    args = build_parser().parse_args(["--lr", "1e-3", "--grad-clip", "0", "--warmup-steps", "10"])
+    advice = divergence_advice(args)
+    assert advice == "try a lower --lr (now 0.001), a longer --warmup-steps (now 10) or --grad-clip 1.0 (now 0, off)"
