@@ -94,17 +94,20 @@ def _interpret_loaded_jit_functions() -> None:
 
     prefixes = ("triton.language", __name__ + ".")
     modules = [m for n, m in list(sys.modules.items()) if m is not None and n.startswith(prefixes)]
-    for module in modules:
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, JITFunction):
-                setattr(module, attr, twin(value))
-    tensor = tl.core.tensor
-    for attr, value in list(vars(tensor).items()):
-        if isinstance(value, JITFunction):  # a method such as x.sum(): an interpreted one needs a plain function
-            def method(*args, _fn=twin(value), **kwargs):
-                return _fn(*args, **kwargs)
+    try:
+        for module in modules:
+            for attr, value in list(vars(module).items()):
+                if isinstance(value, JITFunction):
+                    setattr(module, attr, twin(value))
+        tensor = tl.core.tensor
+        for attr, value in list(vars(tensor).items()):
+            if isinstance(value, JITFunction):  # a method such as x.sum(): an interpreted one needs a function
+                def method(*args, _fn=twin(value), **kwargs):
+                    return _fn(*args, **kwargs)
 
-            setattr(tensor, attr, method)
+                setattr(tensor, attr, method)
+    except (AttributeError, TypeError) as e:  # a Triton whose internals moved
+        raise BackendUnavailable(_SET_INTERPRET_FIRST + f" ({type(e).__name__}: {e})") from None
 
 
 _SET_INTERPRET_FIRST = (

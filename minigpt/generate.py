@@ -89,16 +89,18 @@ def generate_and_print_sample(model, tokenizer, device, start_context: str, max_
 
 
 def load_for_inference(checkpoint: str, preset: str | None = None, kernels: str = "auto", device: str = "cpu",
-                       tokenizer: str | None = None):
-    """(model, tokenizer) from our ``checkpoint.pt`` or a seed ``model.pth`` (plain state dict + ``preset``)."""
+                       tokenizer: str | None = None, n_heads: int | None = None):
+    """(model, tokenizer) from our ``checkpoint.pt`` or a seed ``model.pth`` (a plain state dict: its number of
+    heads comes from ``n_heads``, else from ``preset``, else from the preset whose shape it has)."""
     from .tokenizer import get_tokenizer, tokenizer_from_name
 
     obj = load_torch(checkpoint)
     if is_minigpt_checkpoint(obj):
         cfg = GPTConfig.from_any(obj["config"])
+        _check_flags_fit_checkpoint(cfg, obj.get("preset"), preset, n_heads, checkpoint)
         state, tok_name = obj["model"], tokenizer or obj["tokenizer"]
     elif isinstance(obj, dict) and "tok_emb.weight" in obj:  # a plain state dict, as the seed saves model.pth
-        cfg = _config_for_state_dict(obj, preset)
+        cfg = _config_for_state_dict(obj, preset, n_heads, checkpoint)
         state, tok_name = obj, tokenizer or ("gpt2" if cfg.vocab_size == 50257 else "bytes")
     else:
         raise CheckpointError(f"{checkpoint} is neither a minigpt checkpoint nor a GPT state dict")
@@ -113,23 +115,87 @@ def load_for_inference(checkpoint: str, preset: str | None = None, kernels: str 
     return model.to(device).eval(), tok
 
 
-def _config_for_state_dict(sd: dict, preset: str | None) -> GPTConfig:
-    """A seed state dict does not store its config: shapes give most fields, the preset gives n_heads."""
+SHAPE = ("emb_dim", "n_layers", "context_length")  # what a state dict's weights say of its config
+
+
+def _describe(shape: dict) -> str:
+    return f"emb_dim {shape['emb_dim']}, {shape['n_layers']} layers, context {shape['context_length']}"
+
+
+def _presets_with(shape: dict) -> list[str]:
+    return [n for n, p in PRESETS.items() if all(getattr(p, f) == shape[f] for f in SHAPE)]
+
+
+def _check_flags_fit_checkpoint(cfg: GPTConfig, recorded: str | None, preset: str | None, n_heads: int | None,
+                                path: str) -> None:
+    """A checkpoint.pt records its config: --preset / --n-heads may only repeat it."""
+    if preset is not None:
+        p = get_preset(preset)
+        if preset != recorded and any(getattr(p, f) != getattr(cfg, f) for f in (*SHAPE, "n_heads")):
+            raise CheckpointError(f"--preset {preset} does not fit {path}, a {recorded or 'custom'} model "
+                                  f"({_describe(cfg.to_dict())}, {cfg.n_heads} heads) — drop --preset: a checkpoint "
+                                  "records its config")
+    if n_heads is not None and n_heads != cfg.n_heads:
+        raise CheckpointError(f"--n-heads {n_heads} does not fit {path}, which has {cfg.n_heads} heads — drop "
+                              "--n-heads: a checkpoint records its config")
+
+
+def _config_for_state_dict(sd: dict, preset: str | None, n_heads: int | None, path: str) -> GPTConfig:
+    """A seed state dict does not store its config: its shapes give every field but the number of heads."""
     vocab_size, emb_dim = sd["tok_emb.weight"].shape
-    context_length = sd["pos_emb.weight"].shape[0]
-    n_layers = len({k.split(".")[1] for k in sd if k.startswith("trf_blocks.")})
-    qkv_bias = "trf_blocks.0.att.W_query.bias" in sd
-    if preset is None:
-        matches = [n for n, p in PRESETS.items() if (p.emb_dim, p.n_layers) == (emb_dim, n_layers)]
-        if not matches:
-            raise CheckpointError(
-                f"a plain state dict (emb_dim {emb_dim}, {n_layers} layers) needs --preset to say its number of "
-                f"heads — one of: {', '.join(PRESETS)}"
-            )
-        preset = matches[0]
-    base = get_preset(preset)
-    return GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim, n_heads=base.n_heads,
-                     n_layers=n_layers, drop_rate=base.drop_rate, qkv_bias=qkv_bias)
+    shape = dict(emb_dim=emb_dim, context_length=sd["pos_emb.weight"].shape[0],
+                 n_layers=len({k.split(".")[1] for k in sd if k.startswith("trf_blocks.")}))
+    fitting = _presets_with(shape)
+    if preset is not None:
+        p = get_preset(preset)
+        if any(getattr(p, f) != shape[f] for f in SHAPE):
+            fix = (f"use --preset {fitting[0]}" if fitting else
+                   "no preset has that shape: pass --n-heads (the number of heads it was trained with)")
+            raise CheckpointError(f"--preset {preset} ({_describe(p.to_dict())}) does not fit {path} "
+                                  f"({_describe(shape)}) — {fix}")
+    elif n_heads is None:
+        # the heads of a preset with the same width and depth (the context may have been overridden)
+        near = fitting or [n for n, p in PRESETS.items() if (p.emb_dim, p.n_layers) == (emb_dim, shape["n_layers"])]
+        if not near:
+            raise CheckpointError(f"{path} is a plain state dict ({_describe(shape)}) and no preset has that "
+                                  "shape — pass --n-heads (the number of heads it was trained with)")
+        preset = near[0]
+    heads = n_heads if n_heads is not None else get_preset(preset).n_heads
+    return GPTConfig(vocab_size=vocab_size, n_heads=heads, qkv_bias="trf_blocks.0.att.W_query.bias" in sd,
+                     drop_rate=0.0, **shape)
+
+
+DEFAULT_TOP_K = 50  # sampling among GPT-2's 50 most likely tokens, as GPT-2's own samples did
+
+
+def check_sampling_args(args) -> list[str]:
+    """Refuse impossible sampling flags (ConfigError); return notes on flags that will have no effect. Sets
+    ``args.top_k`` to the number of tokens to keep (None = all)."""
+    from .runtime import check_seed
+
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.top_k is not None and args.top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0 = every token), got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.n_heads is not None and args.n_heads < 1:
+        raise ConfigError(f"--n-heads must be >= 1, got {args.n_heads}")
+    check_seed(args.seed)
+    notes = []
+    if args.temperature == 0:
+        ignored = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None]
+        if ignored:
+            notes.append(f"--temperature 0 is greedy decoding: {' and '.join(ignored)} have no effect "
+                         "(give a --temperature above 0 to sample)")
+        if args.num_samples > 1:
+            notes.append(f"--temperature 0 is greedy decoding: the {args.num_samples} samples will be the same text")
+    args.top_k = DEFAULT_TOP_K if args.top_k is None else (args.top_k or None)
+    return notes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,12 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our checkpoint.pt, or a seed notebook's model.pth (default: out/checkpoint.pt)")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="config of a plain model.pth (n_heads is not stored in it); inferred when unambiguous")
+    p.add_argument("--n-heads", type=int, default=None,
+                   help="number of heads of a plain model.pth whose shape is no preset's")
     p.add_argument("--tokenizer", default=None, choices=["gpt2", "bytes"],
                    help="override the tokenizer recorded in the checkpoint")
     p.add_argument("--prompt", default="Once upon a time", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (always the most likely token)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"sample among the k most likely tokens (0 = all; default {DEFAULT_TOP_K})")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=123)
@@ -157,15 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     from .tokenizer import TokenizerError
 
     args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.num_samples < 1:
-        raise SystemExit("error: --max-new-tokens and --temperature must be >= 0 and --num-samples >= 1")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise SystemExit("error: --top-p must be in (0, 1]")
     try:
+        notes = check_sampling_args(args)
         device = resolve_device(args.device)
-        model, tok = load_for_inference(args.checkpoint, args.preset, args.kernels, device, args.tokenizer)
+        model, tok = load_for_inference(args.checkpoint, args.preset, args.kernels, device, args.tokenizer,
+                                        args.n_heads)
     except (CheckpointError, ConfigError, TokenizerError) as e:
         raise SystemExit(f"error: {e}") from None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     ids = tok.encode(args.prompt)
     if not ids:
         ids = [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
@@ -173,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(args.num_samples):
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         out = generate(model, idx, args.max_new_tokens, model.cfg.context_length, args.temperature,
-                       args.top_k or None, args.top_p, eos_id=tok.eot_token, generator=gen)
+                       args.top_k, args.top_p, eos_id=tok.eot_token, generator=gen)
         new = out[0, len(ids):].tolist()
         if new and new[-1] == tok.eot_token:
             new = new[:-1]

@@ -54,6 +54,13 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; staying below 2**63 leaves room for the per-rank offset
+
+
+def check_seed(seed: int) -> None:
+    """A ``--seed`` every generator of a run accepts, or a ConfigError saying the range."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and 2**63 - 1 ({MAX_SEED}), got {seed}")
 
 
 def rng_state(device: torch.device) -> dict:

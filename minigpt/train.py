@@ -43,6 +43,7 @@ from .distributed import (
 from .metrics import save_loss_plot, write_metrics_csv
 from .model import GPTModel, seed_state_dict
 from .runtime import (
+    check_seed,
     peak_flops,
     resolve_device,
     resolve_dtype,
@@ -172,14 +173,6 @@ def check_args(args) -> None:
     if not 0.0 < args.train_ratio < 1.0:
         raise ConfigError(f"--train-ratio must be between 0 and 1, got {args.train_ratio}")
     check_seed(args.seed)
-
-
-MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; below 2**63 leaves room for the per-rank offset
-
-
-def check_seed(seed: int) -> None:
-    if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"--seed must be between 0 and 2**63 - 1 ({MAX_SEED}), got {seed}")
 
 
 def check_out_dir(out_dir: Path) -> None:

@@ -73,7 +73,7 @@ def test_cli_generates_from_our_checkpoint_and_a_seed_model_pth(model, tmp_path,
     assert out == "Hi" + bytes(new).decode("utf-8", errors="replace") + "\n"
     torch.save(seed_state_dict(model), tmp_path / "model.pth")
     main(["--checkpoint", str(tmp_path / "model.pth"), "--prompt", "Hi", "--max-new-tokens", "5",
-          "--temperature", "0", "--preset", "tiny", "--tokenizer", "bytes", "--device", "cpu"])
+          "--temperature", "0", "--n-heads", "2", "--tokenizer", "bytes", "--device", "cpu"])
     out2 = capsys.readouterr().out
     assert out2 == out  # same weights, same greedy text, whichever file they came from
 
@@ -101,3 +101,79 @@ def test_bad_checkpoints_get_one_line_errors(model, tmp_path, case, match):
         main(["--checkpoint", str(path), "--device", "cpu", "--max-new-tokens", "1"])
     msg = str(e.value)
     assert msg.startswith("error:") and match in msg and "\n" not in msg
+
+
+def _plain_model_pth(path, **cfg):
+    torch.manual_seed(0)
+    model = GPTModel({**CFG, **cfg}, kernels="torch").eval()
+    torch.save(seed_state_dict(model), path)
+    return model
+
+
+def test_a_preset_that_does_not_fit_the_weights_is_refused_with_the_one_that_does(tmp_path, capsys):
+    from minigpt.config import PRESETS
+
+    tiny = PRESETS["tiny"]
+    path = tmp_path / "model.pth"
+    model = _plain_model_pth(path, emb_dim=tiny.emb_dim, n_layers=tiny.n_layers, n_heads=tiny.n_heads,
+                             context_length=tiny.context_length)
+    common = ["--checkpoint", str(path), "--max-new-tokens", "3", "--temperature", "0", "--device", "cpu"]
+    for wrong in ("small", "large"):  # large: same layers' shapes would load with 16 heads instead of 4
+        with pytest.raises(SystemExit) as e:
+            main(common + ["--preset", wrong])
+        msg = str(e.value)
+        assert msg.startswith(f"error: --preset {wrong} (") and "does not fit" in msg and msg.endswith(
+            "use --preset tiny") and "\n" not in msg
+    outputs = []
+    for right in ([], ["--preset", "tiny"], ["--n-heads", str(tiny.n_heads)]):
+        main(common + right)
+        outputs.append(capsys.readouterr().out)
+    new = _greedy_by_hand(model, list(b"Once upon a time"), 3, tiny.context_length)[16:]
+    if 256 in new:
+        new = new[: new.index(256)]
+    assert outputs == ["Once upon a time" + bytes(new).decode("utf-8", errors="replace") + "\n"] * 3
+
+
+def test_a_shape_no_preset_has_needs_n_heads(tmp_path):
+    path = tmp_path / "model.pth"
+    _plain_model_pth(path)  # emb_dim 32, 1 layer: no preset
+    for flags, match in (([], "no preset has that shape — pass --n-heads"),
+                         (["--preset", "tiny"], "no preset has that shape: pass --n-heads"),
+                         (["--n-heads", "3"], "divisible by n_heads")):
+        with pytest.raises(SystemExit, match=match):
+            main(["--checkpoint", str(path), "--device", "cpu", "--max-new-tokens", "1", *flags])
+
+
+def test_a_checkpoint_refuses_a_preset_or_heads_it_does_not_have(model, tmp_path):
+    _save_ckpt(model, tmp_path / "checkpoint.pt")
+    for flags, match in ((["--preset", "small"], "--preset small does not fit"),
+                         (["--n-heads", "4"], "--n-heads 4 does not fit .* which has 2 heads")):
+        with pytest.raises(SystemExit, match=match):
+            main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--device", "cpu", "--max-new-tokens", "1",
+                  *flags])
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--top-k", "-3"], "--top-k must be >= 0"),
+    (["--seed", "99999999999999999999"], "--seed must be between 0 and 2\\*\\*63 - 1"),
+    (["--top-p", "1.5"], "--top-p must be in"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+])
+def test_bad_sampling_flags_are_one_line(model, tmp_path, flags, match):
+    _save_ckpt(model, tmp_path / "checkpoint.pt")
+    with pytest.raises(SystemExit, match=match) as e:
+        main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--device", "cpu", *flags])
+    assert "\n" not in str(e.value)
+
+
+def test_greedy_says_which_sampling_flags_do_nothing(model, tmp_path, capsys):
+    _save_ckpt(model, tmp_path / "checkpoint.pt")
+    common = ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--device", "cpu", "--max-new-tokens", "2"]
+    main(common + ["--temperature", "0", "--top-k", "5", "--top-p", "0.9", "--num-samples", "2"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["note: --temperature 0 is greedy decoding: --top-k and --top-p have no effect (give a "
+                   "--temperature above 0 to sample)",
+                   "note: --temperature 0 is greedy decoding: the 2 samples will be the same text"]
+    main(common + ["--temperature", "0"])  # nothing asked that greedy ignores: no note
+    main(common + ["--top-k", "5"])  # sampling: --top-k is used
+    assert capsys.readouterr().err == ""
