@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from kernels import BackendUnavailable
+
     from .runtime import resolve_device
     from .tokenizer import TokenizerError
 
@@ -231,13 +233,21 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(args.device)
         model, tok = load_for_inference(args.checkpoint, args.preset, args.kernels, device, args.tokenizer,
                                         args.n_heads)
-    except (CheckpointError, ConfigError, TokenizerError) as e:
+    except (CheckpointError, ConfigError, TokenizerError, BackendUnavailable) as e:
         raise SystemExit(f"error: {e}") from None
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     ids = tok.encode(args.prompt)
     if not ids:
         ids = [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
+    try:
+        _print_samples(args, model, tok, ids, device)
+    except KeyboardInterrupt:  # Ctrl-C stops generating, without a traceback
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _print_samples(args, model, tok, ids: list[int], device) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     for i in range(args.num_samples):
         idx = torch.tensor([ids], dtype=torch.long, device=device)

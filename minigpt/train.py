@@ -732,6 +732,9 @@ def main(argv: list[str] | None = None) -> None:
     except TokenizingInterrupted as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C while setting up (loading, building the model): nothing was written yet
+        print("interrupted before training started: nothing was written", file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, CheckpointError, BackendUnavailable, DataError, TokenizerError) as e:
         raise SystemExit(f"error: {e}") from None
     if summary["interrupted"]:  # saved or not, an interrupted program exits 128 + the signal, as the shell expects
