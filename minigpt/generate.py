@@ -190,8 +190,8 @@ def check_sampling_args(args) -> list[str]:
     if args.temperature == 0:
         ignored = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None]
         if ignored:
-            notes.append(f"--temperature 0 is greedy decoding: {' and '.join(ignored)} have no effect "
-                         "(give a --temperature above 0 to sample)")
+            notes.append(f"--temperature 0 is greedy decoding: {' and '.join(ignored)} "
+                         f"{'have' if len(ignored) > 1 else 'has'} no effect (give a --temperature above 0 to sample)")
         if args.num_samples > 1:
             notes.append(f"--temperature 0 is greedy decoding: the {args.num_samples} samples will be the same text")
     args.top_k = DEFAULT_TOP_K if args.top_k is None else (args.top_k or None)
