@@ -23,9 +23,11 @@ back with ``np.memmap``, so even the full TinyStories (about 500M tokens) never 
 The file name carries a hash of everything that decides its content (the source — for local files their absolute
 paths, sizes and modification times —, the split, the tokenizer's name and vocabulary size, ``max_docs``, the
 text field, and ``FORMAT_VERSION``), so a second run with the same inputs starts at once and a changed input
-gets a new file. Files are written to a temporary name in the same folder, synced, then renamed, so an
-interrupted run never leaves a half-written cache behind. Folder: ``cache_dir``, else $MINIGPT_CACHE, else
-~/.cache/minigpt.
+gets a new file, which replaces the entries of earlier versions of the same files. Files are written to a
+temporary name in the same folder, synced, then renamed, so an interrupted run never leaves a half-written cache
+behind (Ctrl-C and SIGTERM remove the temporary file; one left by a killed process is removed by the next run).
+On load, the largest id of an entry is checked against the vocabulary: a damaged entry is tokenized again.
+Folder: ``cache_dir``, else $MINIGPT_CACHE, else ~/.cache/minigpt.
 
 Windows (the seed's ``GPTDatasetV1``): window ``i`` is ``tokens[i*stride : i*stride + max_length]`` and its target
 is the same window shifted by one token.

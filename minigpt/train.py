@@ -30,6 +30,7 @@ from .checkpoint import (
     is_minigpt_checkpoint,
     load_model_state,
     load_torch,
+    remove_stale_temps,
     save_torch,
 )
 from .config import PRESETS, ConfigError, GPTConfig, get_preset
@@ -617,6 +618,8 @@ class Trainer:
                      "nothing was written")
             return self._summary(interrupted=False, saved=False)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            remove_stale_temps(self.out_dir)  # left by a run killed while saving (kill -9, a power cut)
         self.t0 = time.time()
         self.bar = tqdm(total=self.total_steps, initial=st["step"], unit="step", dynamic_ncols=True,
                         disable=args.no_progress or not self.dist.is_main)

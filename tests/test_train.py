@@ -376,3 +376,13 @@ def test_divergence_advice_names_only_what_would_change():
     args = build_parser().parse_args(["--lr", "1e-3", "--grad-clip", "0", "--warmup-steps", "10"])
     advice = divergence_advice(args)
     assert advice == "try a lower --lr (now 0.001), a longer --warmup-steps (now 10) or --grad-clip 1.0 (now 0, off)"
+
+
+def test_a_temporary_file_left_by_a_killed_save_is_removed_by_the_next_run(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    leftover = out / ".checkpoint.pt.k1ll3d.tmp"  # as atomic_open names it; its writer is gone (no lock held)
+    leftover.write_bytes(b"half a checkpoint")
+    os.utime(leftover, (1e9, 1e9))
+    run_train(tmp_path, "--max-steps", "2", "--eval-interval", "2")
+    assert not leftover.exists() and (out / "checkpoint.pt").exists()
