@@ -5,7 +5,9 @@ A backend is any object with these methods (shapes are the only contract):
     layer_norm(x, weight, bias, eps=1e-5)        x (..., C), weight/bias (C,) -> (..., C)
     gelu(x, approximate="tanh")                  any shape -> same shape
     causal_attention(q, k, v, dropout_p=0.0, scale=None)
-                                                 q, k, v (B, H, T, D) -> (B, H, T, D)
+                                                 q (B, H, Tq, D), k, v (B, H, Tk, D), Tq <= Tk -> (B, H, Tq, D);
+                                                 the queries are the last Tq of the Tk positions (bottom-right
+                                                 causal mask: query i sees keys 0 .. Tk - Tq + i)
 
 Backends:
 

@@ -48,22 +48,28 @@ def causal_attention_math(
     scale: float | None = None,
     dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale, future masked) -> dropout -> @ v, materializing the (T, T) weights.
+    """softmax(q k^T * scale, future masked) -> dropout -> @ v, materializing the (Tq, Tk) weights.
 
-    q, k, v: (B, H, T, D). ``dropout_mask`` (bool, (B, H, T, T), True = keep) replaces the random draw, so a test
-    can apply exactly the mask a kernel used.
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tq <= Tk. The queries are the LAST Tq positions of the Tk: query i
+    sits at position Tk - Tq + i and sees keys 0 .. Tk - Tq + i (bottom-right alignment: with Tq = Tk it is the
+    usual causal mask; with Tq = 1 the one new token of a decoding step sees every key). ``dropout_mask`` (bool,
+    (B, H, Tq, Tk), True = keep) replaces the random draw, so a test can apply exactly the mask a kernel used.
     """
-    T, D = q.shape[-2], q.shape[-1]
+    Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    attn_scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
-    future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=q.device), diagonal=1)
-    attn_scores = attn_scores.masked_fill(future, float("-inf"))
+    attn_scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    attn_scores = attn_scores.masked_fill(future_mask(Tq, Tk, q.device), float("-inf"))
     attn_weights = torch.softmax(attn_scores, dim=-1)
     if dropout_mask is not None:
         attn_weights = attn_weights * dropout_mask / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         attn_weights = F.dropout(attn_weights, p=dropout_p, training=True)
-    return attn_weights @ v  # (B, H, T, D)
+    return attn_weights @ v  # (B, H, Tq, D)
+
+
+def future_mask(Tq: int, Tk: int, device=None) -> torch.Tensor:
+    """(Tq, Tk) bool, True where key j is in the future of query i, i.e. j > (Tk - Tq) + i."""
+    return torch.triu(torch.ones(Tq, Tk, dtype=torch.bool, device=device), diagonal=Tk - Tq + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,12 +77,14 @@ def causal_attention_math(
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
-    if q.dim() != 4:
-        raise ValueError(f"causal_attention: q, k, v must be (B, H, T, D), got q of shape {tuple(q.shape)}")
-    if q.shape != k.shape or q.shape != v.shape:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"causal_attention: q, k, v must be (B, H, T, D), got shapes {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    Tq, Tk = q.shape[2], k.shape[2]
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or Tq > Tk:
         raise ValueError(
-            f"causal_attention: q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
+            f"causal_attention: q (B, H, Tq, D) and k, v (B, H, Tk, D) with Tq <= Tk, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"causal_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -121,4 +129,11 @@ class TorchBackend:
         # scaled_dot_product_attention picks a fused kernel (flash / memory-efficient) when one fits and falls back
         # to the plain math otherwise; its dropout acts on the softmax output, as nn.Dropout does in the seed.
         check_attention_inputs(q, k, v, dropout_p)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        Tq, Tk = q.shape[-2], k.shape[-2]
+        if Tq == Tk:  # training, and a prompt's first forward
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        if Tq == 1:  # one decoding step: the new token sees every key, nothing to mask
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        # is_causal=True would align the mask top-left (query i sees keys 0..i); ours is bottom-right
+        allowed = ~future_mask(Tq, Tk, q.device)  # (Tq, Tk), True = may attend
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)

@@ -166,8 +166,12 @@ def test_attention_math_first_row_attends_only_to_itself():
 def test_torch_backend_input_errors():
     ops = kernels.get_backend("torch")
     q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(ValueError, match="same shape"):
-        ops.causal_attention(q, q, torch.randn(1, 2, 5, 8))
+    with pytest.raises(ValueError, match="with Tq <= Tk"):
+        ops.causal_attention(q, q, torch.randn(1, 2, 5, 8))  # k and v of different lengths
+    with pytest.raises(ValueError, match="with Tq <= Tk"):
+        ops.causal_attention(torch.randn(1, 2, 5, 8), q, q)  # more queries than keys
+    with pytest.raises(ValueError, match="with Tq <= Tk"):
+        ops.causal_attention(q, torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8))  # other heads
     with pytest.raises(TypeError, match="dtype"):
         ops.causal_attention(q, q, q.double())
     with pytest.raises(ValueError, match="weight and bias"):
