@@ -6,6 +6,11 @@ The op.  For one (batch, head) pair, with q, k, v of shape (T, D) and a scale (d
     P = softmax(S) row by row            (T, T) attention weights
     O = dropout(P) v                     (T, D) with dropout(P) = P * M / (1 - p), M_ij ~ Bernoulli(1 - p)
 
+More generally q holds only the last Tq of the Tk positions of k and v (Tq <= Tk), as when a model extends a
+cached sequence: query row i sits at position a_i = (Tk - Tq) + i and sees the keys 0 .. a_i, so S is (Tq, Tk)
+with entries j > a_i masked (the diagonal shifted right by the offset Tk - Tq). Tq = Tk is the case above;
+Tq = 1 is one decoding step, whose query sees every key. Below, T means Tq = Tk unless said otherwise.
+
 Written like that it stores the (T, T) matrices in memory, and memory traffic, not arithmetic, is then the cost.
 The kernel never materializes them: each program owns BLOCK_M query rows, keeps them in registers and streams
 the keys and values past them BLOCK_N rows at a time.
@@ -29,7 +34,11 @@ saved LSE (LSE * log2 e): converting it back and forth would only add rounding t
 Causality in tiles.  A query tile [r, r + BLOCK_M) needs the keys [0, r + BLOCK_M). Key tiles above the diagonal
 are skipped by the loop bounds (half of the work disappears); key tiles wholly before r need no mask at all; only
 the diagonal band [r, r + BLOCK_M) compares positions. The loop is split in two so the unmasked tiles, nearly all
-of them for long sequences, carry no mask arithmetic.
+of them for long sequences, carry no mask arithmetic. With Tq < Tk the tile's rows sit at positions
+[a, a + BLOCK_M), a = (Tk - Tq) + r, and everything moves with them: the unmasked keys are [0, a) and the band
+[a, a + BLOCK_M), with a rounded down to a whole key tile so that the loop steps stay aligned (with Tq = Tk,
+a = r is already one, as BLOCK_N divides BLOCK_M). The offset enters only the loop bounds and the positions the
+band compares, computed once per program: the inner loops are the same code for every offset.
 
 Backward.  With dO = dL/dO, and Pd = P * M / (1 - p) the dropped-out weights:
 
@@ -44,18 +53,23 @@ P itself is not stored by the forward: it would cost T^2 memory per head, the ve
 recomputed from q, k and the saved LSE as P = exp(S - LSE), exact and without any running max: the LSE is T
 floats per head. Recomputing costs one extra matmul per tile, cheaper than reading a (T, T) matrix back.
 
-The backward runs as three kernels: the delta pass; a dK/dV kernel where each program owns a key tile and walks
-the query tiles from the diagonal down; a dQ kernel where each program owns a query tile and walks the key tiles
-up to the diagonal. Each gradient row is owned by one program, so there are no atomic adds and the result is
-deterministic, at the price of computing S and dP twice.
+The backward runs as three kernels: the delta pass; a dK/dV kernel where each program owns a key tile and walks the
+query tiles from the diagonal down; a dQ kernel where each program owns a query tile and walks the key tiles up to
+the diagonal. With Tq < Tk the diagonal moves as in the forward: key j is seen by the query rows from j - (Tk - Tq)
+on, so a key tile [n, n + BLOCK_N) walks a masked band of rows from n - (Tk - Tq), then the unmasked rows from
+n + BLOCK_N - 1 - (Tk - Tq) (each bound rounded to whole query tiles, and at least row 0). Each gradient row is
+owned by one program, so there are no atomic adds and the result is deterministic, at the price of computing S and
+dP twice.
 
 Dropout.  The keep mask is drawn inside the kernels with Philox, a counter-based generator: tl.randint4x(key,
 counter) is a pure function, so the backward regenerates the forward's mask exactly and nothing is stored. One
 Philox call costs about as much integer arithmetic as the two matmuls of a whole tile row, and returns 128 random
 bits, so one call serves 8 keys with 16 bits each (as FlashAttention does with 8-bit draws): entry (i, j) of head
 bh uses key = seed + bh * 2^32 (the Philox key is 64 bits: the seed in the low word, the (batch, head) index in
-the high word), counter = i * T + 8 * (j // 8), and the 16-bit half j % 2 of the word (j % 8) // 2 of the result.
-Counters are unique within a head while T * T < 2^31, i.e. T <= 46340, so distinct (bh, i, j) never share a draw.
+the high word), counter = a * Tk + 8 * (j // 8) with a the query's position (a = i when Tq = Tk), and the 16-bit
+half j % 2 of the word (j % 8) // 2 of the result. Positions, not row numbers: the rows of a chunk (Tq < Tk) draw
+exactly the mask the same rows draw in the whole (Tk, Tk) problem with the same seed. Counters are unique within
+a head while Tk * Tk < 2^31, i.e. Tk <= 46340, so distinct (bh, a, j) never share a draw.
 An entry is kept when its draw is >= round(p * 2^16), so dropped with probability p to within 2^-17; kept
 entries are scaled by 1 / (1 - p); l and the LSE use the undropped P, exactly as nn.Dropout applied to the softmax
 output. The seed comes from torch's default CPU generator, so torch.manual_seed reproduces a run.
@@ -64,6 +78,29 @@ Cost.  Each (query, key) pair takes two D-long dot products (S = q k^T and P v),
 causal mask halves the pairs: forward FLOPs = 2 * 2 * B * H * T * T * D / 2. The backward has five such
 matmuls (S, dV, dP, dQ, dK) to the forward's two: 2.5x the forward (our dQ kernel recomputes S and dP again;
 the convention, used by the benchmarks, counts the algorithm's five).
+
+Decoding.  Generating text runs the forward with Tq = 1 against the Tk cached keys and values of each head. Every
+key is read once and meets the query in two D-long dot products:
+
+    bytes = B * H * Tk * D * 2 * elem_size          (K and V; q and o add only 2 * D values per head)
+    FLOPs = 4 * B * H * Tk * D                      (q k^T and P v, 2 FLOPs per multiply-add)
+
+2 / elem_size FLOPs per byte, 1 in 16-bit, where a GPU can do a few hundred per byte of memory bandwidth: the step
+is bound by memory bandwidth, at best bytes / bandwidth, never by arithmetic. A 128-row query tile would be 127 rows
+of padding, so few queries get 16-row tiles (tl.dot's smallest; kernels/attention_tiles.py): the padding then costs
+registers and idle tensor-core lanes, not memory traffic. The grid is one program per (batch, head), B * H of them,
+each streaming its head's Tk * D * 2 * elem_size bytes alone. A program only keeps so many loads in flight: about
+num_stages K and V tiles, say 100 KiB, which at a memory latency near 1 us is some 100 GB/s, so
+
+    time ~ Tk * D * 2 * elem_size / min(bandwidth of one program, bandwidth / (B * H))
+
+and at batch 1 with 12 heads the GPU's bandwidth (3+ TB/s on an H100) is far from used: occupancy, not the
+kernel, is the limit. Flash-decoding splits each head's keys over S programs, each leaving a partial (m, l, acc)
+that a second small kernel merges with the online-softmax rescaling, which divides that time by up to S. It is
+not done here: at the contexts this model generates with (Tk <= 1024 for GPT-2: 256 KiB per head in 16-bit, a
+couple of microseconds per layer at the rate above) a decoding step's attention costs about as much as launching
+a kernel, and less than reading the same layer's weights, so a second kernel and launch would gain next to
+nothing. It pays from contexts of several thousand keys at small batch.
 """
 from __future__ import annotations
 
@@ -74,7 +111,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tiles import MIN_BLOCK_D, PREPROCESS_TILES, Tiles, choose_tiles, tiles_for, tuning_report
+from .attention_tiles import MIN_BLOCK_D, PREPROCESS_TILES, SMALL_Q_MAX, Tiles, choose_tiles, tiles_for, tuning_report
 from .launch import check_tensor, kernel_dtype, triton_next_power_of_2
 from .reference import check_attention_inputs
 
@@ -82,7 +119,7 @@ __all__ = ["attention_bwd", "attention_fwd", "causal_attention", "causal_attenti
            "MAX_HEAD_DIM", "Tiles", "tuning_report"]
 
 MAX_HEAD_DIM = 128  # one (BLOCK, 128) tile of q, k, v and the accumulators must fit in registers / shared memory
-MAX_DROPOUT_T = 46340  # the Philox counter i * T + 8 * (j // 8) is an int32: T * T < 2^31
+MAX_DROPOUT_T = 46340  # the Philox counter i * Tk + 8 * (j // 8) is an int32: Tk * Tk < 2^31
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
 
@@ -92,9 +129,12 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
 @triton.jit
 def _keep_mask(rng_key, rows, first_key, T, dropout_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(BLOCK_R, BLOCK_C) booleans, True where the weight of query ``rows[r]`` on key ``first_key + c`` is kept.
+    """(BLOCK_R, BLOCK_C) booleans, True where the weight of the query at position ``rows[r]`` on key
+    ``first_key + c`` is kept (T: the number of keys, Tk).
 
     ``first_key`` is a multiple of 8 and BLOCK_C of 8: each group of 8 keys shares one Philox call (see "Dropout").
+    The counter is rows[r] * T + first_key + 8 * (c // 8); a caller holding query rows r counted from position
+    ``offset`` passes first_key + offset * T instead, since (offset + r) * T + j = r * T + (j + offset * T).
     """
     groups = first_key + 8 * tl.arange(0, BLOCK_C // 8)  # the first key of each group of 8
     w0, w1, w2, w3 = tl.randint4x(rng_key, rows[:, None] * T + groups[None, :])  # (BLOCK_R, BLOCK_C // 8) uint32
@@ -113,27 +153,28 @@ def _keep_mask(rng_key, rows, first_key, T, dropout_p, BLOCK_R: tl.constexpr, BL
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo, hi, T, qk_scale, dropout_p,
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo, hi, Tk, qk_scale, dropout_p,
                rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ON_DIAGONAL: tl.constexpr,
                DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold the key tiles [lo, hi) into the running (acc, l, m) of one query tile (the online softmax above)."""
+    """Fold the key tiles [lo, hi) into the running (acc, l, m) of one query tile (the online softmax above).
+    ``q_pos``: the tile's query positions among the Tk keys."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + tl.arange(0, BLOCK_N)  # key positions of this tile
         if ON_DIAGONAL:
-            kv_mask = (cols < T)[:, None] & d_ok[None, :]  # the diagonal band may run past the last key
+            kv_mask = (cols < Tk)[:, None] & d_ok[None, :]  # the diagonal band may run past the last key
         else:
             kv_mask = d_ok[None, :]  # below the diagonal every key exists
         k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if ON_DIAGONAL:
-            s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+            s = tl.where(q_pos[:, None] >= cols[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer sums the undropped weights
         if DROPOUT:
-            keep = _keep_mask(rng_key, offs_m, start_n, T, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _keep_mask(rng_key, q_pos, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)  # the 1 / (1 - p) factor is applied once, at the end
         v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None]
@@ -144,21 +185,21 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, d_o
 
 @triton.jit(do_not_specialize=["seed"])
 def _attention_fwd(
-    Q, K, V,  # (B, H, T, D) inputs, last dim contiguous
-    O,  # (B, H, T, D) output, contiguous
-    LSE,  # (B * H, T) float32 output: each row's log-sum-exp in base 2 (LSE * log2 e), for the backward
+    Q, K, V,  # q (B, H, Tq, D), k and v (B, H, Tk, D), last dim contiguous
+    O,  # (B, H, Tq, D) output, contiguous
+    LSE,  # (B * H, Tq) float32 output: each row's log-sum-exp in base 2 (LSE * log2 e), for the backward
     stride_qb, stride_qh, stride_qt,  # q's strides in elements (batch, head, time)
     stride_kb, stride_kh, stride_kt,  # k's strides
     stride_vb, stride_vh, stride_vt,  # v's strides
     stride_ob, stride_oh, stride_ot,  # o's strides
-    H, T,  # number of heads, sequence length
+    H, Tq, Tk,  # number of heads, of queries and of keys (Tq <= Tk: the queries are the last Tq positions)
     qk_scale,  # scale * log2(e), so scores feed exp2 directly
     dropout_p,  # probability of dropping an attention weight (used when DROPOUT)
     seed,  # Philox seed for the dropout mask (used when DROPOUT)
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
     BLOCK_M: tl.constexpr,  # query rows per program
-    BLOCK_N: tl.constexpr,  # key rows per loop step; divides BLOCK_M
+    BLOCK_N: tl.constexpr,  # key rows per loop step
     DROPOUT: tl.constexpr,  # dropout_p > 0
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (full precision), "tf32" otherwise (ignored for 16-bit)
 ):
@@ -170,26 +211,28 @@ def _attention_fwd(
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     O += b * stride_ob + h * stride_oh
-    LSE += bh.to(tl.int64) * T
+    LSE += bh.to(tl.int64) * Tq
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows
+    q_pos = (Tk - Tq) + offs_m  # their positions among the keys
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM  # constant true (and compiled away) when D is a power of two >= 16
-    row_ok = offs_m < T
+    row_ok = offs_m < Tq
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     rng_key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)  # Philox key: (seed, bh) in (low, high) words
 
-    lo = start_m * BLOCK_M
-    # keys [0, lo): strictly in the past of every row of this tile, no mask
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, 0, lo, T,
+    first = (Tk - Tq) + start_m * BLOCK_M  # the tile's first query position
+    lo = first // BLOCK_N * BLOCK_N  # rounded down to a key tile (first itself when Tq == Tk: BLOCK_N | BLOCK_M)
+    # keys [0, lo): in the past of every row of this tile, no mask
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, 0, lo, Tk,
                                qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N, False, DROPOUT, DOT_PRECISION)
-    # keys [lo, lo + BLOCK_M): the diagonal band, masked; every row sees at least its own key here
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo,
-                               tl.minimum(lo + BLOCK_M, T), T, qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N, True,
-                               DROPOUT, DOT_PRECISION)
+    # keys [lo, first + BLOCK_M): the diagonal band, masked; every row sees key lo, so no row is all -inf
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo,
+                               tl.minimum(first + BLOCK_M, Tk), Tk, qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N,
+                               True, DROPOUT, DOT_PRECISION)
 
     out_scale = 1.0 / l_i
     if DROPOUT:
@@ -206,11 +249,11 @@ def _attention_fwd(
 
 @triton.jit
 def _attention_bwd_preprocess(
-    O, DO,  # (B, H, T, D) forward output and its gradient, last dim contiguous
-    DELTA,  # (B * H, T) float32 output: rowsum(dO * O)
+    O, DO,  # (B, H, Tq, D) forward output and its gradient, last dim contiguous
+    DELTA,  # (B * H, Tq) float32 output: rowsum(dO * O)
     stride_ob, stride_oh, stride_ot,  # o's strides
     stride_dob, stride_doh, stride_dot,  # dO's strides
-    H, T,  # number of heads, sequence length
+    H, Tq,  # number of heads, of query rows
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
     BLOCK_M: tl.constexpr,  # rows per program
@@ -220,35 +263,37 @@ def _attention_bwd_preprocess(
     h = (bh % H).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    mask = (rows < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=mask,
                  other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + rows, delta, mask=rows < Tq)
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, first_key, offs_d, d_ok, lo,
-                    hi, T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr,
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, mask_key, offs_d, d_ok, lo,
+                    hi, Tq, Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    """Add the query tiles [lo, hi) to one key tile's dK and dV. Tiles are kept transposed: (keys, queries)."""
+    """Add the query rows [lo, hi) to one key tile's dK and dV. Tiles are kept transposed: (keys, queries).
+    ``key_rows``: the first query row that sees each key of the tile; ``mask_key``: the tile's first key plus
+    (Tk - Tq) * Tk, for _keep_mask on rows counted from the first query."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        rows = start_m + tl.arange(0, BLOCK_M)  # query positions of this tile
-        row_ok = rows < T  # the last query tile may run past T (below the diagonal too)
+        rows = start_m + tl.arange(0, BLOCK_M)  # query rows of this tile
+        row_ok = rows < Tq  # the last query tile may run past Tq (below the diagonal too)
         q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         # a missing row gets LSE = +inf, so its weights are exp2(-inf) = 0 and it adds nothing
         lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
         if ON_DIAGONAL:
-            p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+            p_t = tl.where(rows[None, :] >= key_rows[:, None], p_t, 0.0)
         do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
                      other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO v^T)^T
         if DROPOUT:
-            keep_t = tl.trans(_keep_mask(rng_key, rows, first_key, T, dropout_p, BLOCK_M, BLOCK_N))  # the forward's
+            keep_t = tl.trans(_keep_mask(rng_key, rows, mask_key, Tk, dropout_p, BLOCK_M, BLOCK_N))  # the forward's
             dv = tl.dot(tl.where(keep_t, p_t * dropout_scale, 0.0).to(do.dtype), do, dv,
                         input_precision=DOT_PRECISION)
             dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
@@ -262,23 +307,23 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs
 
 @triton.jit(do_not_specialize=["seed"])
 def _attention_bwd_dkdv(
-    Q, K, V,  # (B, H, T, D) forward inputs, last dim contiguous
-    DO,  # (B, H, T, D) gradient of the output, last dim contiguous
-    LSE, DELTA,  # (B * H, T) float32: the forward's base-2 log-sum-exp and rowsum(dO * O)
-    DK, DV,  # (B, H, T, D) outputs, contiguous
+    Q, K, V,  # q (B, H, Tq, D), k and v (B, H, Tk, D): the forward's inputs, last dim contiguous
+    DO,  # (B, H, Tq, D) gradient of the output, last dim contiguous
+    LSE, DELTA,  # (B * H, Tq) float32: the forward's base-2 log-sum-exp and rowsum(dO * O)
+    DK, DV,  # (B, H, Tk, D) outputs, contiguous
     stride_qb, stride_qh, stride_qt,  # q's strides
     stride_kb, stride_kh, stride_kt,  # k's strides
     stride_vb, stride_vh, stride_vt,  # v's strides
     stride_dob, stride_doh, stride_dot,  # dO's strides
     stride_gb, stride_gh, stride_gt,  # dK's and dV's strides (the same layout)
-    H, T,  # number of heads, sequence length
+    H, Tq, Tk,  # number of heads, of queries and of keys
     sm_scale,  # the softmax scale (dK = scale * dS^T q)
     qk_scale,  # sm_scale * log2(e)
     dropout_p,  # dropout probability (used when DROPOUT)
     seed,  # the forward's Philox seed (used when DROPOUT)
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
-    BLOCK_M: tl.constexpr,  # query rows per loop step; divides BLOCK_N
+    BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows per program
     DROPOUT: tl.constexpr,  # dropout_p > 0
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, "tf32" otherwise
@@ -293,13 +338,13 @@ def _attention_bwd_dkdv(
     DO += b * stride_dob + h * stride_doh
     DK += b * stride_gb + h * stride_gh
     DV += b * stride_gb + h * stride_gh
-    LSE += bh.to(tl.int64) * T
-    DELTA += bh.to(tl.int64) * T
+    LSE += bh.to(tl.int64) * Tq
+    DELTA += bh.to(tl.int64) * Tq
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kv_mask = (offs_n < T)[:, None] & d_ok[None, :]
+    kv_mask = (offs_n < Tk)[:, None] & d_ok[None, :]
     k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -307,39 +352,47 @@ def _attention_bwd_dkdv(
     rng_key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)
     dropout_scale = 1.0 / (1.0 - dropout_p)
 
-    lo = start_n * BLOCK_N
-    # queries [lo, lo + BLOCK_N): the diagonal band, masked
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, lo, offs_d, d_ok, lo,
-                             tl.minimum(lo + BLOCK_N, T), T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M,
+    # Query row r sits at position offset + r and sees key j when offset + r >= j: rows before first_key - offset
+    # see no key of this tile, rows from first_key + BLOCK_N - 1 - offset on see all of them. Both bounds are
+    # rounded (down, up) to whole query tiles; when Tq == Tk they are first_key and first_key + BLOCK_N.
+    offset = Tk - Tq
+    first_key = start_n * BLOCK_N
+    lo = tl.maximum(first_key - offset, 0) // BLOCK_M * BLOCK_M
+    mid = (tl.maximum(first_key + BLOCK_N - 1 - offset, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    key_rows = offs_n - offset  # the first query row that sees each key
+    mask_key = first_key + offset * Tk  # _keep_mask's counters for rows counted from the first query
+    # queries [lo, mid): the diagonal band, masked
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, mask_key, offs_d, d_ok,
+                             lo, tl.minimum(mid, Tq), Tq, Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M,
                              BLOCK_N, True, DROPOUT, DOT_PRECISION)
-    # queries [lo + BLOCK_N, T): all in the future of this key tile, no mask
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, lo, offs_d, d_ok,
-                             lo + BLOCK_N, T, T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M, BLOCK_N,
+    # queries [mid, Tq): all in the future of this key tile, no mask
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, mask_key, offs_d, d_ok,
+                             mid, Tq, Tq, Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M, BLOCK_N,
                              False, DROPOUT, DOT_PRECISION)
     tl.store(DK + offs_n[:, None] * stride_gt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + offs_n[:, None] * stride_gt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo, hi, T, qk_scale,
+def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo, hi, Tk, qk_scale,
                   dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add the key tiles [lo, hi) to one query tile's dQ."""
+    """Add the key tiles [lo, hi) to one query tile's dQ (``q_pos``: its query positions among the keys)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + tl.arange(0, BLOCK_N)
         if ON_DIAGONAL:
-            kv_mask = (cols < T)[:, None] & d_ok[None, :]
+            kv_mask = (cols < Tk)[:, None] & d_ok[None, :]
         else:
             kv_mask = d_ok[None, :]
         k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if ON_DIAGONAL:
-            p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+            p = tl.where(q_pos[:, None] >= cols[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _keep_mask(rng_key, offs_m, start_n, T, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _keep_mask(rng_key, q_pos, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -348,16 +401,16 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, off
 
 @triton.jit(do_not_specialize=["seed"])
 def _attention_bwd_dq(
-    Q, K, V,  # (B, H, T, D) forward inputs, last dim contiguous
-    DO,  # (B, H, T, D) gradient of the output, last dim contiguous
-    LSE, DELTA,  # (B * H, T) float32: the forward's base-2 log-sum-exp and rowsum(dO * O)
-    DQ,  # (B, H, T, D) output, contiguous
+    Q, K, V,  # q (B, H, Tq, D), k and v (B, H, Tk, D): the forward's inputs, last dim contiguous
+    DO,  # (B, H, Tq, D) gradient of the output, last dim contiguous
+    LSE, DELTA,  # (B * H, Tq) float32: the forward's base-2 log-sum-exp and rowsum(dO * O)
+    DQ,  # (B, H, Tq, D) output, contiguous
     stride_qb, stride_qh, stride_qt,  # q's strides
     stride_kb, stride_kh, stride_kt,  # k's strides
     stride_vb, stride_vh, stride_vt,  # v's strides
     stride_dob, stride_doh, stride_dot,  # dO's strides
     stride_gb, stride_gh, stride_gt,  # dQ's strides
-    H, T,  # number of heads, sequence length
+    H, Tq, Tk,  # number of heads, of queries and of keys
     sm_scale,  # the softmax scale (dQ = scale * dS k)
     qk_scale,  # sm_scale * log2(e)
     dropout_p,  # dropout probability (used when DROPOUT)
@@ -365,7 +418,7 @@ def _attention_bwd_dq(
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
     BLOCK_M: tl.constexpr,  # query rows per program
-    BLOCK_N: tl.constexpr,  # key rows per loop step; divides BLOCK_M
+    BLOCK_N: tl.constexpr,  # key rows per loop step
     DROPOUT: tl.constexpr,  # dropout_p > 0
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, "tf32" otherwise
 ):
@@ -378,13 +431,14 @@ def _attention_bwd_dq(
     V += b * stride_vb + h * stride_vh
     DO += b * stride_dob + h * stride_doh
     DQ += b * stride_gb + h * stride_gh
-    LSE += bh.to(tl.int64) * T
-    DELTA += bh.to(tl.int64) * T
+    LSE += bh.to(tl.int64) * Tq
+    DELTA += bh.to(tl.int64) * Tq
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows
+    q_pos = (Tk - Tq) + offs_m  # their positions among the keys
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < T
+    row_ok = offs_m < Tq
     mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
@@ -394,13 +448,14 @@ def _attention_bwd_dq(
     rng_key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)
     dropout_scale = 1.0 / (1.0 - dropout_p)
 
-    lo = start_m * BLOCK_M
+    first = (Tk - Tq) + start_m * BLOCK_M  # the tile's first query position
+    lo = first // BLOCK_N * BLOCK_N  # as in the forward
     # keys [0, lo): no mask
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, 0, lo, T, qk_scale,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, 0, lo, Tk, qk_scale,
                        dropout_p, dropout_scale, rng_key, BLOCK_M, BLOCK_N, False, DROPOUT, DOT_PRECISION)
-    # keys [lo, lo + BLOCK_M): the diagonal band, masked
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo,
-                       tl.minimum(lo + BLOCK_M, T), T, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M,
+    # keys [lo, first + BLOCK_M): the diagonal band, masked
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo,
+                       tl.minimum(first + BLOCK_M, Tk), Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M,
                        BLOCK_N, True, DROPOUT, DOT_PRECISION)
     tl.store(DQ + offs_m[:, None] * stride_gt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
@@ -451,31 +506,34 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 @torch.library.custom_op("minigpt::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float,
                   seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse2): o (B, H, T, D) in q's dtype, contiguous; lse2 (B * H, T) float32, each row's log-sum-exp in
-    base 2 (LSE * log2 e). ``seed``: the dropout's Philox seed, an int64 tensor of one element on the CPU."""
-    B, H, T, D = q.shape
-    if q.numel() == 0:  # T == 0 or B * H == 0: nothing to launch
-        return q.new_empty((B, H, T, D)), q.new_zeros((B * H, T), dtype=torch.float32)
+    """(o, lse2) for q (B, H, Tq, D) and k, v (B, H, Tk, D): o (B, H, Tq, D) in q's dtype, contiguous; lse2
+    (B * H, Tq) float32, each row's log-sum-exp in base 2 (LSE * log2 e). ``seed``: the dropout's Philox seed, an
+    int64 tensor of one element on the CPU."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if q.numel() == 0:  # Tq == 0 or B * H == 0: nothing to launch
+        return q.new_empty((B, H, Tq, D)), q.new_zeros((B * H, Tq), dtype=torch.float32)
     out_dtype, (q, k, v) = q.dtype, (_as_kernel_input(t) for t in (q, k, v))
-    o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
+    o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B * H, Tq), dtype=torch.float32, device=q.device)
 
     def run(tiles: Tiles):
-        _attention_fwd[(triton.cdiv(T, tiles.BLOCK_M), B * H)](
-            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T, scale * LOG2E, dropout_p,
+        _attention_fwd[(triton.cdiv(Tq, tiles.BLOCK_M), B * H)](
+            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, Tq, Tk, scale * LOG2E,
+            dropout_p,
             int(seed.item()), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
             DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
         )
 
-    run(choose_tiles("fwd", q, dropout_p, run))
+    run(choose_tiles("fwd", q, Tk, dropout_p, run))
     return o.to(out_dtype), lse  # the cast is a no-op except for bfloat16 under the interpreter
 
 
 @attention_fwd.register_fake
 def _(q, k, v, dropout_p, scale, seed):
-    B, H, T, D = q.shape
-    return q.new_empty((B, H, T, D)), q.new_empty((B * H, T), dtype=torch.float32)
+    B, H, Tq, D = q.shape
+    return q.new_empty((B, H, Tq, D)), q.new_empty((B * H, Tq), dtype=torch.float32)
 
 
 @torch.library.custom_op("minigpt::attention_bwd", mutates_args=())
@@ -483,42 +541,44 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   lse: torch.Tensor, dropout_p: float, scale: float,
                   seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for the gradient ``do`` of the forward's output ``o``: the delta pass, then the dK/dV and the
-    dQ kernels. Each (B, H, T, D) in q's dtype, contiguous."""
-    B, H, T, D = q.shape
-    if q.numel() == 0:
-        return q.new_zeros(q.shape), q.new_zeros(q.shape), q.new_zeros(q.shape)
+    dQ kernels. dq (B, H, Tq, D) and dk, dv (B, H, Tk, D), in q's dtype, contiguous."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if q.numel() == 0:  # no query: no gradient reaches k or v either
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     out_dtype, (q, k, v, o, do) = q.dtype, (_as_kernel_input(t) for t in (q, k, v, o, do))
     delta = torch.empty_like(lse)
     pre = PREPROCESS_TILES
-    _attention_bwd_preprocess[(triton.cdiv(T, pre.BLOCK_M), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=pre.BLOCK_M,
+    _attention_bwd_preprocess[(triton.cdiv(Tq, pre.BLOCK_M), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, Tq, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=pre.BLOCK_M,
         num_warps=pre.num_warps, num_stages=pre.num_stages,
     )
-    dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    dk, dv = (torch.empty((B, H, Tk, D), dtype=q.dtype, device=q.device) for _ in range(2))
     common = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
-    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), H, T, scale, scale * LOG2E,
-            dropout_p, int(seed.item()))
+    inputs = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    rest = (H, Tq, Tk, scale, scale * LOG2E, dropout_p, int(seed.item()))
 
     def run_dkdv(t: Tiles):
-        _attention_bwd_dkdv[(triton.cdiv(T, t.BLOCK_N), B * H)](
-            q, k, v, do, lse, delta, dk, dv, *args, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, **common,
-            num_warps=t.num_warps, num_stages=t.num_stages,
+        _attention_bwd_dkdv[(triton.cdiv(Tk, t.BLOCK_N), B * H)](
+            q, k, v, do, lse, delta, dk, dv, *inputs, *_strides(dk), *rest, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N,
+            **common, num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
     def run_dq(t: Tiles):
-        _attention_bwd_dq[(triton.cdiv(T, t.BLOCK_M), B * H)](
-            q, k, v, do, lse, delta, dq, *args, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, **common,
-            num_warps=t.num_warps, num_stages=t.num_stages,
+        _attention_bwd_dq[(triton.cdiv(Tq, t.BLOCK_M), B * H)](
+            q, k, v, do, lse, delta, dq, *inputs, *_strides(dq), *rest, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N,
+            **common, num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
-    run_dkdv(choose_tiles("dkdv", q, dropout_p, run_dkdv))
-    run_dq(choose_tiles("dq", q, dropout_p, run_dq))
+    run_dkdv(choose_tiles("dkdv", q, Tk, dropout_p, run_dkdv))
+    run_dq(choose_tiles("dq", q, Tk, dropout_p, run_dq))
     return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype)
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, o, lse, dropout_p, scale, seed):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -540,24 +600,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
                      scale: float | None = None) -> torch.Tensor:
     """Causal scaled-dot-product attention with dropout on the weights, fused in Triton (forward and backward).
 
-    q, k, v: (B, H, T, D), one dtype among float32 / float16 / bfloat16, on a CUDA device (or on the CPU under
-    TRITON_INTERPRET=1), any strides; D <= 128. Returns (B, H, T, D) in the input dtype. ``scale`` defaults to
-    1 / sqrt(D). Dropout (``dropout_p`` in [0, 1)) acts on the softmax output like nn.Dropout, with its seed drawn
-    from torch's default generator.
+    q: (B, H, Tq, D), k, v: (B, H, Tk, D) with Tq <= Tk, one dtype among float32 / float16 / bfloat16, on a CUDA
+    device (or on the CPU under TRITON_INTERPRET=1), any strides; D <= 128. The queries are the last Tq of the Tk
+    positions (query i sees keys 0 .. Tk - Tq + i; Tq == Tk is ordinary causal attention, Tq == 1 a decoding step).
+    Returns (B, H, Tq, D) in the input dtype. ``scale`` defaults to 1 / sqrt(D). Dropout (``dropout_p`` in [0, 1))
+    acts on the softmax output like nn.Dropout, with its seed drawn from torch's default generator; the rows of a
+    chunk (Tq < Tk) get the mask the same rows of the whole (Tk, Tk) problem get with the same seed.
     """
     check_attention_inputs(q, k, v, dropout_p)
     for t in (q, k, v):
         check_tensor("causal_attention", t)
-    T, D = q.shape[-2], q.shape[-1]
+    Tk, D = k.shape[-2], q.shape[-1]
     if D > MAX_HEAD_DIM:
         raise ValueError(
             f"causal_attention: head dim D={D} exceeds the triton kernel's limit of {MAX_HEAD_DIM} — use more heads "
             f"with D <= {MAX_HEAD_DIM}, or the torch backend"
         )
-    if dropout_p > 0.0 and T > MAX_DROPOUT_T:
+    if dropout_p > 0.0 and Tk > MAX_DROPOUT_T:
         raise ValueError(
-            f"causal_attention: dropout in the triton kernel supports T <= {MAX_DROPOUT_T} (its random-number "
-            f"counter is i * T + j in 32 bits), got T={T} — use dropout_p=0 or the torch backend"
+            f"causal_attention: dropout in the triton kernel supports Tk <= {MAX_DROPOUT_T} keys (its random-number "
+            f"counter is i * Tk + j in 32 bits), got Tk={Tk} — use dropout_p=0 or the torch backend"
         )
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
@@ -568,7 +630,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
 
 
 def causal_attention_flops(B: int, H: int, T: int, D: int) -> tuple[float, float]:
-    """(forward, backward) FLOPs of causal attention, the convention the benchmarks report.
+    """(forward, backward) FLOPs of causal attention over T = Tq = Tk positions, the convention the benchmarks
+    report (a decoding step's count, 4 * B * H * Tk * D, is under "Decoding" in this module's docstring).
 
     Forward: two matmuls (q k^T and P v) over the T * T / 2 (query, key) pairs that are not masked, 2 FLOPs per
     multiply-add: 2 * 2 * B * H * T * T * D / 2. Backward: five such matmuls, 2.5 times the forward.
@@ -594,11 +657,11 @@ def _signature(fn, ty: str) -> dict:
             sig[name] = "constexpr"
         elif name in ("LSE", "DELTA"):
             sig[name] = "*fp32"
-        elif name.isupper() and name not in ("H", "T"):
+        elif name.isupper() and name != "H":
             sig[name] = f"*{ty}"
         elif name in ("qk_scale", "sm_scale", "dropout_p"):
             sig[name] = "fp32"
-        else:  # strides, H, T, seed
+        else:  # strides, H, Tq, Tk, seed
             sig[name] = "i32"
     return dict(signature=sig, aligned=[name for name in sig if name.startswith("stride_")])
 
@@ -616,16 +679,31 @@ def compile_targets() -> list[dict]:
                 **_signature(_attention_bwd_preprocess, ty), constexprs=dict(sizes, BLOCK_M=pre.BLOCK_M),
                 num_warps=pre.num_warps, num_stages=pre.num_stages,
             ))
-            tiles = tiles_for(dtype, head_dim, 0, interpreting=False)
+            many_q = tiles_for(dtype, head_dim, SMALL_Q_MAX + 1, SMALL_Q_MAX + 1, interpreting=False)
+            few_q = tiles_for(dtype, head_dim, 1, 1, interpreting=False)
             for kernel, fn in (("fwd", _attention_fwd), ("dkdv", _attention_bwd_dkdv), ("dq", _attention_bwd_dq)):
-                for i, t in enumerate(tiles[kernel]):  # the default, then the tuner's alternatives
-                    for dropout in (False, True):
-                        targets.append(dict(
-                            name=f"attention_{kernel}_{ty}_d{head_dim}{'_dropout' if dropout else ''}"
-                                 f"{f'_alt{i}' if i else ''}",
-                            fn=fn, **_signature(fn, ty), num_warps=t.num_warps, num_stages=t.num_stages,
-                            constexprs=dict(sizes, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=dropout,
-                                            DOT_PRECISION=_dot_precision(dtype)),
-                            spills_allowed=i > 0,  # an alternative that spills is only slower, and loses the tuning
-                        ))
+                # the training tiles; then the few-query tiles where they differ ("_smallq")
+                for label, tiles in (("", many_q[kernel]), ("_smallq", few_q[kernel])):
+                    if label and tiles == many_q[kernel]:
+                        continue
+                    for i, t in enumerate(tiles):  # the default, then the tuner's alternatives
+                        for dropout in (False, True):
+                            targets.append(dict(
+                                name=f"attention_{kernel}_{ty}_d{head_dim}{label}{'_dropout' if dropout else ''}"
+                                     f"{f'_alt{i}' if i else ''}",
+                                fn=fn, **_signature(fn, ty), num_warps=t.num_warps, num_stages=t.num_stages,
+                                constexprs=dict(sizes, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=dropout,
+                                                DOT_PRECISION=_dot_precision(dtype)),
+                                spills_allowed=i > 0,  # an alternative that spills is only slower: it loses the tuning
+                            ))
+            # A decoding step, Tq = 1: a launch specializes an integer argument equal to 1 into a constant, so this
+            # is a kernel of its own (the forward, what generation runs, with its default tiles).
+            t, signature = few_q["fwd"][0], _signature(_attention_fwd, ty)
+            signature["signature"]["Tq"] = "constexpr"
+            targets.append(dict(
+                name=f"attention_fwd_{ty}_d{head_dim}_decode", fn=_attention_fwd, **signature,
+                num_warps=t.num_warps, num_stages=t.num_stages,
+                constexprs=dict(sizes, Tq=1, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=False,
+                                DOT_PRECISION=_dot_precision(dtype)),
+            ))
     return targets

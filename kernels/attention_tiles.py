@@ -6,6 +6,10 @@ and shared memory; past the chip's registers the compiler spills to local memory
 best choice depends on the GPU and on the compiler's version, so on a GPU each kernel has a short list of
 candidates and a TileTuner (kernels/launch.py) times them on the first call of each problem class. Under Triton's
 interpreter speed comes from few, large programs instead, so it has tiles of its own.
+
+A few queries against many keys (a decoding step: Tq = 1, or a short chunk of a prompt) have tiles of their own:
+a 128-row query tile would be almost all padding there, so they hold 16 query rows (the smallest tile tl.dot
+takes) and stream the keys in longer steps.
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ class Tiles(NamedTuple):
 # 16-bit inputs use tensor cores. The Philox draws of dropout are what limit the tiles most (4 warps at (128, 64)
 # spill with dropout, 8 do not). float32 inputs run full-precision ("ieee") FMA dots, rare in practice; their
 # registers grow fast with the tile, hence the small tiles and no alternatives. The forward and dQ kernels hold a
-# query tile and stream keys (BLOCK_N divides BLOCK_M); dK/dV holds a key tile and streams queries (BLOCK_M divides
-# BLOCK_N).
+# query tile and stream keys (BLOCK_N divides BLOCK_M, so that with Tq == Tk the diagonal band starts on a key
+# tile); dK/dV holds a key tile and streams queries (BLOCK_M divides BLOCK_N).
 GPU_TILES = {
     ("16bit", "D<=64"): dict(
         fwd=(Tiles(128, 64, 8, 3), Tiles(128, 128, 8, 3), Tiles(64, 64, 4, 3)),
@@ -50,40 +54,61 @@ GPU_TILES = {
     ("fp32", "D=128"): dict(fwd=(Tiles(32, 16, 8, 2),), dkdv=(Tiles(16, 16, 4, 2),), dq=(Tiles(32, 16, 8, 2),)),
 }
 PREPROCESS_TILES = Tiles(64, 0, 4, 1)  # the delta pass: BLOCK_M rows of (o, dO) per program
+
+# Few queries (Tq <= SMALL_Q_MAX, a decoding step above all): the forward and dQ kernels hold one 16-row query tile
+# and stream the keys BLOCK_N at a time. A decoding step reads all of K and V once and does about one FLOP per byte
+# read, far below what the tensor cores could use (see "Decoding" in kernels/attention.py): what matters is keeping
+# enough K/V loads in flight, hence long key steps and a deep pipeline in the 16-bit forward. float32 and the dQ
+# kernel (its dropout's Philox draws) need 8 warps to stay clear of spills. The dK/dV kernel already steps through
+# 16 query rows at a time: its tiles stay the usual ones. The first candidate is the default, as in GPU_TILES.
+SMALL_Q_MAX = 16
+SMALL_Q_TILES = {
+    ("16bit", "D<=64"): dict(fwd=(Tiles(16, 128, 4, 3), Tiles(16, 64, 4, 4)), dq=(Tiles(16, 64, 8, 2),)),
+    ("16bit", "D=128"): dict(fwd=(Tiles(16, 64, 4, 3), Tiles(16, 128, 4, 2)), dq=(Tiles(16, 64, 8, 2),)),
+    ("fp32", "D<=64"): dict(fwd=(Tiles(16, 32, 8, 2),), dq=(Tiles(16, 32, 8, 2),)),
+    ("fp32", "D=128"): dict(fwd=(Tiles(16, 32, 8, 2),), dq=(Tiles(16, 32, 8, 2),)),
+}
+
 # The interpreter runs each program as Python, milliseconds per program and loop step whatever the tiles, while
-# NumPy does a (64, 64) tile in microseconds: so there the tiles are square, T rounded up to a power of two, at most
-# 64. Tests set INTERPRETER_TILES to small tiles shaped like the GPU's (one side twice the other), so that short
+# NumPy does a (64, 64) tile in microseconds: so there BLOCK_M is Tq and BLOCK_N is Tk, each rounded up to a power
+# of two between 16 (tl.dot's smallest) and 64: square tiles when Tq == Tk, one 16-row query tile for a decoding
+# step. Tests set INTERPRETER_TILES to small tiles shaped like the GPU's (one side twice the other), so that short
 # sequences also walk several tiles and the diagonal band in several steps.
 INTERPRETER_MAX_BLOCK = 64
-INTERPRETER_TILES: dict[str, Tiles] | None = None  # None: square tiles from T (above); else this table
+INTERPRETER_TILES: dict[str, Tiles] | None = None  # None: tiles from Tq and Tk (above); else this table
 
 
-def _interpreter_tiles(seq_len: int) -> dict[str, tuple[Tiles, ...]]:
+def _interpreter_tiles(q_len: int, k_len: int) -> dict[str, tuple[Tiles, ...]]:
     if INTERPRETER_TILES is not None:
         return {kernel: (tiles,) for kernel, tiles in INTERPRETER_TILES.items()}
-    block = min(INTERPRETER_MAX_BLOCK, max(MIN_BLOCK_D, triton_next_power_of_2(seq_len)))  # tl.dot needs >= 16
-    tiles = Tiles(block, block, 1, 1)
+    block_m, block_n = (min(INTERPRETER_MAX_BLOCK, max(MIN_BLOCK_D, triton_next_power_of_2(n))) for n in (q_len, k_len))
+    tiles = Tiles(block_m, block_n, 1, 1)
     return dict(fwd=(tiles,), dkdv=(tiles,), dq=(tiles,))
 
 
-def tiles_for(dtype: torch.dtype, head_dim: int, seq_len: int,
+def tiles_for(dtype: torch.dtype, head_dim: int, q_len: int, k_len: int,
               interpreting: bool | None = None) -> dict[str, tuple[Tiles, ...]]:
-    """Each kernel's candidate tiles for inputs of ``dtype``, ``head_dim`` and sequence length ``seq_len`` (read
-    by the interpreter); the first is the default."""
+    """Each kernel's candidate tiles for inputs of ``dtype`` and ``head_dim``, with ``q_len`` queries against
+    ``k_len`` keys (Tq <= Tk); the first is the default."""
     if is_interpreting() if interpreting is None else interpreting:
-        return _interpreter_tiles(seq_len)
-    return GPU_TILES[("fp32" if dtype == torch.float32 else "16bit", "D<=64" if head_dim <= 64 else "D=128")]
+        return _interpreter_tiles(q_len, k_len)
+    group = ("fp32" if dtype == torch.float32 else "16bit", "D<=64" if head_dim <= 64 else "D=128")
+    if q_len <= SMALL_Q_MAX:
+        return {**GPU_TILES[group], **SMALL_Q_TILES[group]}
+    return GPU_TILES[group]
 
 
 TUNERS = {kernel: TileTuner(f"attention_{kernel}") for kernel in ("fwd", "dkdv", "dq")}
 
 
-def choose_tiles(kernel: str, q: torch.Tensor, dropout_p: float, run) -> Tiles:
-    """The tiles to launch ``kernel`` with on inputs like ``q`` (B, H, T, D): the default, or the tuner's pick for
-    this problem class (device, dtype, D, dropout or not, and T and B * H rounded up to powers of two)."""
-    B, H, T, D = q.shape
-    candidates = tiles_for(q.dtype, D, T)[kernel]
-    key = (str(q.device), q.dtype, D, dropout_p > 0.0, triton_next_power_of_2(T), triton_next_power_of_2(B * H))
+def choose_tiles(kernel: str, q: torch.Tensor, k_len: int, dropout_p: float, run) -> Tiles:
+    """The tiles to launch ``kernel`` with on queries like ``q`` (B, H, Tq, D) against ``k_len`` keys: the
+    default, or the tuner's pick for this problem class (device, dtype, D, dropout or not, and Tq, Tk and B * H
+    rounded up to powers of two)."""
+    B, H, Tq, D = q.shape
+    candidates = tiles_for(q.dtype, D, Tq, k_len)[kernel]
+    key = (str(q.device), q.dtype, D, dropout_p > 0.0, triton_next_power_of_2(Tq), triton_next_power_of_2(k_len),
+           triton_next_power_of_2(B * H))
     return TUNERS[kernel].choose(key, candidates, run)
 
 

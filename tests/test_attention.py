@@ -5,6 +5,8 @@ and the torch backend in the same dtype says how far from it a good implementati
 kernels run in Triton's interpreter on tiny shapes; on a GPU the same tests also run larger ones. The interpreter's
 own tiles are large and square (fast); the ``tiles`` fixture also runs the value tests with small tiles shaped like
 the GPU's, so that tiny sequences walk several tiles and the diagonal band in several steps, as long ones do there.
+Queries may be the last Tq of Tk positions (a chunk, or Tq = 1 for a decoding step): those cases have tests of
+their own, on an odd Tk so that the shifted diagonal falls across tile boundaries.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from kernels.attention import (  # noqa: E402
     causal_attention,
     compile_targets,
 )
+from kernels.attention_tiles import tiles_for  # noqa: E402
 from kernels.launch import is_interpreting  # noqa: E402
 from kernels.reference import TorchBackend, causal_attention_math  # noqa: E402
 
@@ -39,6 +42,8 @@ TORCH = TorchBackend()
 # Small tiles with the GPU table's shapes: forward and dQ hold a query tile and step through keys half as tall; dK/dV
 # holds a key tile and steps through queries half as tall.
 GPU_SHAPED_TILES = dict(fwd=Tiles(32, 16, 1, 1), dkdv=Tiles(16, 32, 1, 1), dq=Tiles(32, 16, 1, 1))
+# Small tiles shaped like the GPU's few-query ones: 16 query rows, keys in longer steps, in every kernel.
+FEW_QUERY_TILES = dict(fwd=Tiles(16, 32, 1, 1), dkdv=Tiles(16, 32, 1, 1), dq=Tiles(16, 32, 1, 1))
 
 
 @pytest.fixture(params=["interpreter tiles", "gpu-shaped tiles"])
@@ -80,6 +85,7 @@ def _assert_as_good_as_torch(ours, torch_ones, truth, dtype, label):
     roundings: in float32 both errors are that small and which is ahead is a matter of summation order."""
     for name, got, base, ref in zip(("out", "dq", "dk", "dv"), ours, torch_ones, truth):
         assert got.dtype == dtype, f"{label} {name}: dtype {got.dtype}, expected {dtype}"
+        assert got.shape == ref.shape, f"{label} {name}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
         err, err_torch = _max_err(got, ref), _max_err(base, ref)
         floor = 8 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())
         assert err <= 2 * err_torch + floor, (
@@ -134,15 +140,18 @@ def test_strided_inputs_and_custom_scale(device, dtype, tiles):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_saved_log_sum_exp(device, tiles):
-    """The forward's LSE (what the backward rebuilds P from) is logsumexp of the masked, scaled scores."""
+    """The forward's LSE (what the backward rebuilds P from) is logsumexp of the masked, scaled scores, for all T
+    queries and for the last 7 (whose row i sees keys 0 .. T - 7 + i)."""
     torch.manual_seed(3)
     B, H, T, D = 2, 2, 50, 16
     q, k, v = _qkv((B, H, T, D), torch.float32, device, requires_grad=False)
-    _, lse2 = attention_fwd(q, k, v, 0.0, 0.25, torch.zeros(1, dtype=torch.int64))  # in base 2
-    scores = (q.double() @ k.double().transpose(-2, -1)) * 0.25
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=device).triu(1), float("-inf"))
-    lse = lse2.view(B, H, T).double() * math.log(2.0)
-    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), rtol=0, atol=1e-5)
+    for Tq in (T, 7):
+        _, lse2 = attention_fwd(q[:, :, T - Tq:], k, v, 0.0, 0.25, torch.zeros(1, dtype=torch.int64))  # in base 2
+        scores = (q[:, :, T - Tq:].double() @ k.double().transpose(-2, -1)) * 0.25
+        future = torch.arange(T, device=device)[None, :] > (T - Tq + torch.arange(Tq, device=device))[:, None]
+        scores = scores.masked_fill(future, float("-inf"))
+        lse = lse2.view(B, H, Tq).double() * math.log(2.0)
+        torch.testing.assert_close(lse, torch.logsumexp(scores, -1), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -167,18 +176,27 @@ def test_empty_inputs(device):
         assert out.shape == shape and out.dtype == torch.float16
         out.sum().backward()
         assert q.grad.shape == shape
+    # no query against 5 keys: nothing reaches k or v
+    q = _qkv((2, 3, 0, 16), torch.float16, device)[0]
+    _, k, v = _qkv((2, 3, 5, 16), torch.float16, device)
+    out = causal_attention(q, k, v)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert k.grad.shape == k.shape and not k.grad.any() and not v.grad.any()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Dropout
 
 
-def _read_mask(device, B, H, T, p, seed):
-    """The kernel's keep mask for ``seed``: with v = the identity's columns [c, c + D), output column j of row i is
-    P_ij * M_ij / (1 - p), so D <= 128 columns of the mask come out per run (the mask depends on the seed, the
-    (batch, head) and (i, j) only, not on q, k or the tiles)."""
+def _read_mask(device, B, H, T, p, seed, Tq=None):
+    """The kernel's keep mask for ``seed``, (B, H, Tq, T) for queries at the last Tq of T positions (default: all
+    T): with v = the identity's columns [c, c + D), output column j of row i is P_ij * M_ij / (1 - p), so D <= 128
+    columns of the mask come out per run (the mask depends on the seed, the (batch, head) and (i, j) only, not on
+    q, k or the tiles)."""
     torch.manual_seed(10)
     q, k = (torch.randn(B, H, T, min(T, MAX_HEAD_DIM), device=device) for _ in range(2))
+    q = q[:, :, T - (T if Tq is None else Tq):]
     eye = torch.eye(T, device=device).expand(B, H, T, T)
     outs, weights = [], []
     for c in range(0, T, MAX_HEAD_DIM):
@@ -251,14 +269,101 @@ def test_no_attention_to_the_future(device, dropout_p, tiles):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Fewer queries than keys: the last Tq of Tk positions (a chunk of a sequence; Tq = 1, a decoding step)
+
+TK = 37  # odd, so that the diagonal, shifted by Tk - Tq, falls across tile boundaries
+# The torch backend's own error against float64, relative to the largest value: a few roundings of the dtype.
+TORCH_TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _chunk_lens(device) -> list[tuple[int, int]]:
+    """(Tq, Tk) pairs: one query, a few, all but one, all; on a GPU also around its few-query tiles' limit (16)."""
+    lens = [(1, TK), (3, TK), (TK - 1, TK), (TK, TK)]
+    if device == "cuda":
+        lens += [(1, 1000), (16, 1000), (17, 1000), (999, 1000)]
+    return lens
+
+
+def _chunk(device, dtype, B, H, Tq, Tk, D):
+    """q for the last Tq of Tk positions, k and v for all of them, and an upstream gradient of the output."""
+    q = torch.randn(B, H, Tq, D, dtype=dtype, device=device)
+    k, v = (torch.randn(B, H, Tk, D, dtype=dtype, device=device) for _ in range(2))
+    return q, k, v, torch.randn(B, H, Tq, D, dtype=dtype, device=device)
+
+
+@pytest.fixture(params=["interpreter tiles", "gpu-shaped tiles", "few-query tiles"])
+def chunk_tiles(request, monkeypatch):
+    """The ``tiles`` fixture's two, and small tiles shaped like the GPU's few-query ones (16 query rows, longer
+    key steps), which run Tk = 37 in two key tiles."""
+    if request.param != "interpreter tiles":
+        if not is_interpreting():
+            pytest.skip("tiles of the interpreter only")
+        table = GPU_SHAPED_TILES if request.param == "gpu-shaped tiles" else FEW_QUERY_TILES
+        monkeypatch.setattr(kernels.attention_tiles, "INTERPRETER_TILES", table)
+    return request.param
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fewer_queries_than_keys_match_float64_math(device, dtype, chunk_tiles):
+    """Values and gradients of q, k, v with Tq <= Tk: the torch backend within a few roundings of float64, ours
+    as close as the torch backend."""
+    torch.manual_seed(20)
+    for Tq, Tk in _chunk_lens(device):
+        q, k, v, grad_out = _chunk(device, dtype, 1, 2, Tq, Tk, 24)
+        ours = _run(causal_attention, q, k, v, grad_out)
+        theirs = _run(TORCH.causal_attention, q, k, v, grad_out)
+        truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double())
+        for name, got, ref in zip(("out", "dq", "dk", "dv"), theirs, truth):
+            err, tol = _max_err(got, ref), TORCH_TOLERANCE[dtype] * max(1.0, ref.abs().max().item())
+            assert got.shape == ref.shape and err <= tol, f"torch backend Tq={Tq} Tk={Tk} {name}: error {err:.3g}"
+        _assert_as_good_as_torch(ours, theirs, truth, dtype, f"Tq={Tq} Tk={Tk}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fewer_queries_dropout_gradients_match_math_with_the_same_mask(device, dtype, tiles):
+    B, H, p, seed = 1, 2, 0.25, 9
+    for Tq, Tk in _chunk_lens(device)[:3]:
+        keep = _read_mask(device, B, H, Tk, p, seed, Tq=Tq)[2]  # the mask of the chunk's own forward
+        torch.manual_seed(21)
+        q, k, v, grad_out = _chunk(device, dtype, B, H, Tq, Tk, 24)
+        torch.manual_seed(seed)
+        ours = _run(causal_attention, q, k, v, grad_out, dropout_p=p)
+        same_dtype = _run(causal_attention_math, q, k, v, grad_out, dropout_p=p, dropout_mask=keep)
+        truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double(), dropout_p=p,
+                     dropout_mask=keep)
+        _assert_as_good_as_torch(ours, same_dtype, truth, dtype, f"dropout p={p} Tq={Tq} Tk={Tk}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_of_a_chunk_is_the_same_rows_of_the_whole(device, tiles):
+    """With one seed, the last Tq queries alone draw the keep mask that the same rows draw in the whole (Tk, Tk)
+    op, so their output is the same rows of the whole op's output."""
+    B, H, p, seed = 2, 2, 0.3, 12
+    keep_whole = _read_mask(device, B, H, TK, p, seed)[2]
+    torch.manual_seed(22)
+    q, k, v = _qkv((B, H, TK, 16), torch.float32, device, requires_grad=False)
+    torch.manual_seed(seed)
+    whole = causal_attention(q, k, v, dropout_p=p)
+    for Tq in (1, 3, TK - 1):
+        assert torch.equal(_read_mask(device, B, H, TK, p, seed, Tq=Tq)[2], keep_whole[:, :, -Tq:]), f"Tq={Tq}"
+        torch.manual_seed(seed)
+        chunk = causal_attention(q[:, :, -Tq:], k, v, dropout_p=p)
+        torch.testing.assert_close(chunk, whole[:, :, -Tq:], rtol=1e-5, atol=1e-6, msg=f"Tq={Tq}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The GPU's alternative tiles and the tuner that picks among them (kernels/launch.py)
 
 
 def _with_tiles(monkeypatch, index):
-    """Make candidate ``index`` of every kernel the only one (the first where a list is shorter)."""
-    table = {group: {kernel: (cands[index] if index < len(cands) else cands[0],) for kernel, cands in per.items()}
-             for group, per in kernels.attention_tiles.GPU_TILES.items()}
-    monkeypatch.setattr(kernels.attention_tiles, "GPU_TILES", table)
+    """Make candidate ``index`` of every kernel the only one (the first where a list is shorter), in the tables
+    for many and for few queries."""
+    for name in ("GPU_TILES", "SMALL_Q_TILES"):
+        table = {group: {kernel: (cands[index] if index < len(cands) else cands[0],) for kernel, cands in per.items()}
+                 for group, per in getattr(kernels.attention_tiles, name).items()}
+        monkeypatch.setattr(kernels.attention_tiles, name, table)
 
 
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available() or is_interpreting(), reason="needs a CUDA GPU")
@@ -285,6 +390,12 @@ def test_every_alternative_tile_is_correct(monkeypatch, index, D):
     truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double(), dropout_p=p,
                  dropout_mask=keep)
     _assert_as_good_as_torch(ours, same_dtype, truth, torch.bfloat16, f"tiles #{index} D={D} dropout")
+    for Tq in (1, 5):  # the few-query tiles
+        q, k, v, grad_out = _chunk("cuda", torch.bfloat16, B, H, Tq, T, D)
+        ours = _run(causal_attention, q, k, v, grad_out)
+        theirs = _run(TORCH.causal_attention, q, k, v, grad_out)
+        truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double())
+        _assert_as_good_as_torch(ours, theirs, truth, torch.bfloat16, f"tiles #{index} D={D} Tq={Tq}")
 
 
 @CUDA_ONLY
@@ -327,6 +438,9 @@ def test_bad_inputs_raise_clear_errors(device):
         causal_attention(x, x, x, dropout_p=1.0)
     with pytest.raises(ValueError, match=r"\(B, H, T, D\)"):
         causal_attention(x[0], x[0], x[0])
+    with pytest.raises(ValueError, match="Tk <= 46340"):  # dropout's limit is on the keys, whatever Tq
+        long = torch.zeros(1, 1, 46341, 16, device=device)
+        causal_attention(long[:, :, -1:], long, long, dropout_p=0.1)
 
 
 def test_compile_targets_cover_every_launch_configuration():
@@ -342,4 +456,17 @@ def test_compile_targets_cover_every_launch_configuration():
         for d in (16, 32, 64, 128, 80):
             for kernel in ("fwd", "dkdv", "dq"):
                 assert f"attention_{kernel}_{ty}_d{d}" in names and f"attention_{kernel}_{ty}_d{d}_dropout" in names
+            for kernel in ("fwd", "dq"):  # the few-query tiles (dK/dV's are its usual ones)
+                assert f"attention_{kernel}_{ty}_d{d}_smallq" in names
+                assert f"attention_{kernel}_{ty}_d{d}_smallq_dropout" in names
+            assert f"attention_fwd_{ty}_d{d}_decode" in names  # Tq = 1, a constant in the launch's kernel
             assert f"attention_bwd_preprocess_{ty}_d{d}" in names
+    # every tile a GPU launch can choose, for many queries or few, is compiled: (kernel, dtype, D, tiles)
+    compiled = {(*t["name"].split("_")[1:3], t["constexprs"]["HEAD_DIM"], t["constexprs"].get("BLOCK_M"),
+                 t["constexprs"].get("BLOCK_N"), t["num_warps"], t["num_stages"]) for t in targets}
+    for dtype, ty in zip(DTYPES, ("fp32", "fp16", "bf16")):
+        for d in (16, 32, 64, 128, 80):
+            for Tq in (1, 16, 17, 1000):
+                for kernel, cands in tiles_for(dtype, d, Tq, 1000, interpreting=False).items():
+                    for t in cands:
+                        assert (kernel, ty, d, *t) in compiled, (kernel, ty, d, Tq, t)

@@ -70,14 +70,16 @@ def test_opcheck_gelu(device, approximate):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_opcheck_attention(device, dropout_p):
+@pytest.mark.parametrize("q_len", [21, 5])  # all 21 positions, or the last 5 of them (Tq < Tk)
+def test_opcheck_attention(device, dropout_p, q_len):
     torch.manual_seed(2)
-    q, k, v = (_randn(1, 2, 21, 16, device=device, requires_grad=True) for _ in range(3))
+    q = _randn(1, 2, q_len, 16, device=device, requires_grad=True)
+    k, v = (_randn(1, 2, 21, 16, device=device, requires_grad=True) for _ in range(2))
     seed = torch.tensor([1234])
     torch.library.opcheck(OPS.attention_fwd, (q, k, v, dropout_p, 0.25, seed))
     with torch.no_grad():
         o, lse = OPS.attention_fwd(q, k, v, dropout_p, 0.25, seed)
-    do = _randn(1, 2, 21, 16, device=device)
+    do = _randn(1, 2, q_len, 16, device=device)
     torch.library.opcheck(OPS.attention_bwd, (do, q.detach(), k.detach(), v.detach(), o, lse, dropout_p, 0.25, seed))
 
 
@@ -142,6 +144,9 @@ def test_compiled_ops_match_eager_on_cpu():
     _assert_compiled_matches_eager(lambda q, k, v: causal_attention(q, k, v), q, k, v)
     # with dropout: the seed is drawn in the compiled graph from the same generator, so eager's mask
     _assert_compiled_matches_eager(lambda q, k, v: causal_attention(q, k, v, dropout_p=0.3), q, k, v, seed=4)
+    # the last 4 queries against all 19 keys: the fake rules give q's shape to the output, k's and v's to their
+    # gradients
+    _assert_compiled_matches_eager(lambda q, k, v: causal_attention(q[:, :, -4:], k, v), q, k, v)
 
 
 def test_compiled_dropout_draws_a_new_seed_every_call():
