@@ -18,10 +18,12 @@ setup(
         "datasets",
         "matplotlib",
         "tqdm",
+        "safetensors",  # GPT-2's weights (GPTModel.from_pretrained), read without unpickling
+        "huggingface_hub",  # downloads them (imported only when a hub name is asked for)
         'triton>=3.6; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "transformers", "safetensors"],  # transformers: the reference GPT-2 in the tests
         "tensorboard": ["tensorboard"],
     },
     entry_points={

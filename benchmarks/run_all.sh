@@ -6,7 +6,8 @@
 #   1. the test suite on CUDA (pytest -q -x -m "not slow")        -> OUTDIR/tests.txt
 #   2. the kernel sweep (python -m benchmarks.kernels)            -> OUTDIR/kernels.{json,csv,png}
 #   3. the training benchmark (python -m benchmarks.train)        -> OUTDIR/train.{json,csv,png}
-#   4. a summary of which parts passed and what they measured     -> OUTDIR/summary.md, and on stdout
+#   4. the generation benchmark (python -m benchmarks.generate)   -> OUTDIR/generate.{json,csv,png}
+#   5. a summary of which parts passed and what they measured     -> OUTDIR/summary.md, and on stdout
 #
 # Runs from the checkout (PYTHONPATH=., nothing installed), needs python3 with torch >= 2.11 and triton >= 3.6,
 # and no network. The parts' time limits add up to 460 s, within 8 minutes. The benchmarks stop starting new rows
@@ -22,26 +23,28 @@ mkdir -p "$1" && OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-LOGS=$(mktemp -d)  # the parts' full output; only the eight result files go to OUTDIR
+LOGS=$(mktemp -d)  # the parts' full output; only the eleven result files go to OUTDIR
 START=$SECONDS
 
 if [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null)" = 1 ]; then
     MODE=gpu
     # Seconds per part (sum 460 s, under 8 minutes with the start-up), and each benchmark's own budget for
     # starting new rows, which leaves it time to finish the row in progress and write its files.
-    TESTS_S=180; KERNELS_S=170; TRAIN_S=110
-    KERNEL_ARGS=(--dropout 0.1 --warmup-ms 10 --rep-ms 40 --budget-s 125)
+    TESTS_S=150; KERNELS_S=150; TRAIN_S=110; GENERATE_S=50
+    KERNEL_ARGS=(--dropout 0.1 --warmup-ms 10 --rep-ms 40 --budget-s 110)
     # "blocks": each transformer block compiled (one graph reused by all layers): compiling the whole model
     # takes most of this part's budget per row; --compile model measures that too, given the time.
     TRAIN_ARGS=(--compile no blocks --budget-s 75)
+    GENERATE_ARGS=(--repeats 2 --budget-s 35)
 else
     MODE=cpu
-    TESTS_S=900; KERNELS_S=180; TRAIN_S=180
+    TESTS_S=900; KERNELS_S=180; TRAIN_S=180; GENERATE_S=180
     KERNEL_ARGS=(--quick --dropout 0.1)
     TRAIN_ARGS=(--quick)
+    GENERATE_ARGS=(--quick)
 fi
 
-rm -f "$OUT"/kernels.{json,csv,png} "$OUT"/train.{json,csv,png} "$OUT"/tests.txt "$OUT"/summary.md  # no stale results
+rm -f "$OUT"/{kernels,train,generate}.{json,csv,png} "$OUT"/tests.txt "$OUT"/summary.md  # no stale results
 PARTS=()
 declare -A RESULT
 # run_part NAME SECONDS LOG COMMAND...: run with a time limit, record passed / failed / timed out
@@ -66,6 +69,7 @@ run_part() {
 run_part tests "$TESTS_S" "$OUT/tests.txt" $PY -m pytest -q -x -m "not slow" -p no:cacheprovider
 run_part kernels "$KERNELS_S" "$LOGS/kernels.log" $PY -m benchmarks.kernels --out "$OUT" "${KERNEL_ARGS[@]}"
 run_part train "$TRAIN_S" "$LOGS/train.log" $PY -m benchmarks.train --out "$OUT" "${TRAIN_ARGS[@]}"
+run_part generate "$GENERATE_S" "$LOGS/generate.log" $PY -m benchmarks.generate --out "$OUT" "${GENERATE_ARGS[@]}"
 
 # The summary: which parts passed, the tests' verdict, each benchmark's condensed table, the tail of failed logs.
 {
@@ -83,7 +87,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' 2>&1 |
     echo '```'
     tail -n 15 "$OUT/tests.txt"
     echo '```'
-    for part in kernels train; do
+    for part in kernels train generate; do
         echo
         echo "## $part"
         echo '```'

@@ -81,6 +81,16 @@ PRESETS: dict[str, GPTConfig] = {
     # For CPU demos and tests: 4 layers of width 128 train a few hundred steps on 2 cores in minutes.
     "tiny": GPTConfig(vocab_size=50257, context_length=128, emb_dim=128, n_heads=4, n_layers=4, drop_rate=0.0,
                       qkv_bias=False),
+    # GPT-2's four released sizes (its config.json files), whose weights GPTModel.from_pretrained loads. From
+    # scratch they train like any preset; qkv_bias on, as GPT-2's c_attn has a bias.
+    "gpt2": GPTConfig(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.1,
+                      qkv_bias=True),
+    "gpt2-medium": GPTConfig(vocab_size=50257, context_length=1024, emb_dim=1024, n_heads=16, n_layers=24,
+                             drop_rate=0.1, qkv_bias=True),
+    "gpt2-large": GPTConfig(vocab_size=50257, context_length=1024, emb_dim=1280, n_heads=20, n_layers=36,
+                            drop_rate=0.1, qkv_bias=True),
+    "gpt2-xl": GPTConfig(vocab_size=50257, context_length=1024, emb_dim=1600, n_heads=25, n_layers=48,
+                         drop_rate=0.1, qkv_bias=True),
 }
 
 

@@ -2,6 +2,7 @@
 
     python -m minigpt.generate --checkpoint out/checkpoint.pt --prompt "Once upon a time"
     python -m minigpt.generate --checkpoint model.pth --preset gpt2-124m      # a seed notebook's model.pth
+    python -m minigpt.generate --pretrained gpt2 --prompt "The meaning of life is"   # GPT-2's own weights
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .checkpoint import (
     load_torch,
 )
 from .config import PRESETS, ConfigError, GPTConfig, get_preset
-from .model import GPTModel
+from .model import GPTModel, KVCache
 
 
 @torch.no_grad()
@@ -31,37 +32,74 @@ def generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
 ) -> torch.Tensor:
-    """Extend ``idx`` (B, T) by up to ``max_new_tokens`` tokens.
+    """Extend ``idx`` (B, T) by up to ``max_new_tokens`` tokens; returns (B, T + new).
 
     temperature 0 picks the most likely token (greedy, the seed's ``generate_text_simple``); otherwise the logits
     are divided by the temperature, cut to the ``top_k`` most likely tokens and/or the smallest set whose
     probability reaches ``top_p`` (nucleus sampling), and a token is drawn. Stops early when every sequence has just
-    produced ``eos_id``. The context is cropped to the last ``context_size`` tokens.
+    produced ``eos_id``. The model sees at most the last ``context_size`` tokens. ``use_cache=False`` runs the
+    whole window through the model for every token (the seed's loop); the cache gives the same tokens, faster
+    (see ``generate_tokens``).
     """
-    for _ in range(max_new_tokens):
-        idx_cond = idx[:, -context_size:]
-        logits = model(idx_cond)[:, -1, :].float()  # (B, V): only the last position predicts the next token
-        if temperature > 0.0:
-            logits = logits / temperature
-            if top_k is not None and top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if top_p is not None and top_p < 1.0:
-                sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-                cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-                # drop a token when the tokens before it already reach top_p (the first token always stays)
-                drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
-                drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
-                logits = logits.masked_fill(drop, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs.cpu(), num_samples=1, generator=generator).to(idx.device)
-        else:
-            idx_next = torch.argmax(logits, dim=-1, keepdim=True)  # (B, 1)
+    new = list(generate_tokens(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,
+                               generator, use_cache))
+    return torch.cat([idx, *new], dim=1)
+
+
+@torch.no_grad()
+def generate_tokens(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+                    generator=None, use_cache=True):
+    """``generate``, one token at a time: yields each new (B, 1) column of ids as soon as it is chosen.
+
+    With the cache (``model.KVCache``), the first step runs the prompt through the model (the prefill) and every
+    later step runs only the newest token, whose query attends to the cached keys and values: a step costs one
+    position's worth of matmuls (about 2 x parameters FLOPs per token) plus reading the cache, instead of a
+    forward over the whole window.
+
+    Past ``context_size`` tokens the window slides: the model has learned ABSOLUTE positions, so once the oldest
+    token drops out every remaining token moves down one position and every cached key and value (computed at the
+    old positions) is stale. The cache is then rebuilt from the last ``context_size`` tokens (a re-prefill),
+    which is exactly what the uncached loop computes. So the cache saves the work of the first
+    ``context_size - prompt length`` tokens; from then on each token costs a full-window forward, as without it.
+    """
+    # a model without our forward(..., kv_cache=) (the seed's own GPTModel, say) gets the uncached loop
+    use_cache = use_cache and isinstance(getattr(model, "cfg", None), GPTConfig)
+    kv_cache = KVCache(model.cfg, batch_size=idx.shape[0], max_len=context_size) if use_cache else None
+    for step in range(max_new_tokens):
+        if kv_cache is None:  # the seed's loop: the whole window, every step
+            logits = model(idx[:, -context_size:])
+        elif step == 0 or kv_cache.length == context_size:  # the prefill, or a re-prefill once the window slides
+            kv_cache.reset()
+            logits = model(idx[:, -context_size:], kv_cache=kv_cache)
+        else:  # one decoding step: only the newest token goes through the model
+            logits = model(idx[:, -1:], kv_cache=kv_cache)
+        idx_next = choose_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)
+        yield idx_next
         if eos_id is not None and bool((idx_next == eos_id).all()):
-            break
-    return idx
+            return
+
+
+def choose_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each sequence from its logits (B, V) -> (B, 1) ids (see ``generate``)."""
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)  # greedy
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first token always stays)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu(), num_samples=1, generator=generator).to(logits.device)
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
@@ -112,6 +150,23 @@ def load_for_inference(checkpoint: str, preset: str | None = None, kernels: str 
         )
     model = GPTModel(cfg, kernels=kernels)
     load_model_state(model, state, checkpoint)
+    return model.to(device).eval(), tok
+
+
+def load_pretrained_for_inference(args, device):
+    """(model, GPT-2's tokenizer) for ``--pretrained``; flags that describe another model are refused."""
+    from .pretrained import gpt2_tokenizer
+
+    for flag, value in (("--checkpoint", args.checkpoint), ("--preset", args.preset), ("--n-heads", args.n_heads)):
+        if value is not None:
+            raise ConfigError(f"{flag} and --pretrained both name a model — give one of them")
+    if args.tokenizer not in (None, "gpt2"):
+        raise ConfigError(f"--tokenizer {args.tokenizer}: GPT-2's weights need GPT-2's tokenizer — drop --tokenizer")
+    tok = gpt2_tokenizer()  # first: without the BPE files the weights are of no use
+    model = GPTModel.from_pretrained(args.pretrained, kernels=args.kernels)
+    if model.cfg.vocab_size != tok.n_vocab:
+        raise CheckpointError(f"{args.pretrained} has vocab_size {model.cfg.vocab_size}, GPT-2's tokenizer "
+                              f"{tok.n_vocab} tokens — --pretrained takes models with GPT-2's vocabulary")
     return model.to(device).eval(), tok
 
 
@@ -173,8 +228,8 @@ def check_sampling_args(args) -> list[str]:
     ``args.top_k`` to the number of tokens to keep (None = all)."""
     from .runtime import check_seed
 
-    if args.max_new_tokens < 0:
-        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.num_samples < 1:
@@ -200,8 +255,11 @@ def check_sampling_args(args) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigpt.generate", description="Generate text with a trained GPT.")
-    p.add_argument("--checkpoint", default="out/checkpoint.pt",
+    p.add_argument("--checkpoint", default=None,
                    help="our checkpoint.pt, or a seed notebook's model.pth (default: out/checkpoint.pt)")
+    p.add_argument("--pretrained", default=None, metavar="NAME|PATH",
+                   help="GPT-2's own weights instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                        "(Hugging Face hub, or its cache offline) or a folder in that format")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="config of a plain model.pth (n_heads is not stored in it); inferred when unambiguous")
     p.add_argument("--n-heads", type=int, default=None,
@@ -216,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--no-cache", action="store_true",
+                   help="run the whole context through the model for every token (no KV cache), to compare")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     return p
@@ -231,8 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         notes = check_sampling_args(args)
         device = resolve_device(args.device)
-        model, tok = load_for_inference(args.checkpoint, args.preset, args.kernels, device, args.tokenizer,
-                                        args.n_heads)
+        if args.pretrained is not None:
+            model, tok = load_pretrained_for_inference(args, device)
+        else:
+            model, tok = load_for_inference(args.checkpoint or "out/checkpoint.pt", args.preset, args.kernels,
+                                            device, args.tokenizer, args.n_heads)
     except (CheckpointError, ConfigError, TokenizerError, BackendUnavailable) as e:
         raise SystemExit(f"error: {e}") from None
     for note in notes:
@@ -240,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     ids = tok.encode(args.prompt)
     if not ids:
         ids = [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
+    context = model.cfg.context_length
+    if len(ids) > context:
+        print(f"note: the prompt is {len(ids)} tokens, longer than the model's context of {context}: it sees only "
+              f"the last {context}", file=sys.stderr)
     try:
         _print_samples(args, model, tok, ids, device)
     except KeyboardInterrupt:  # Ctrl-C stops generating, without a traceback
@@ -250,16 +317,38 @@ def main(argv: list[str] | None = None) -> None:
 def _print_samples(args, model, tok, ids: list[int], device) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     for i in range(args.num_samples):
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        out = generate(model, idx, args.max_new_tokens, model.cfg.context_length, args.temperature,
-                       args.top_k, args.top_p, eos_id=tok.eot_token, generator=gen)
-        new = out[0, len(ids):].tolist()
-        if new and new[-1] == tok.eot_token:
-            new = new[:-1]
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(args.prompt + tok.decode(new))
-        sys.stdout.flush()
+        print(args.prompt, end="", flush=True)
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        tokens = generate_tokens(model, idx, args.max_new_tokens, model.cfg.context_length, args.temperature,
+                                 args.top_k, args.top_p, eos_id=tok.eot_token, generator=gen,
+                                 use_cache=not args.no_cache)
+        for piece in stream_text((t.item() for t in tokens), tok):
+            print(piece, end="", flush=True)
+        print(flush=True)
+
+
+def stream_text(token_ids, tok):
+    """Yield the text of a stream of token ids piece by piece, as soon as it is whole, up to end-of-text.
+
+    A character may span several tokens (a byte tokenizer spends 2 to 4 on any non-ASCII letter, GPT-2's BPE
+    sometimes 2): while the text decoded so far ends in half a character (U+FFFD), nothing is shown, and the
+    next token completes it.
+    """
+    new: list[int] = []
+    shown = ""  # the part of the decoded text already yielded
+    for token in token_ids:
+        if token == tok.eot_token:
+            break
+        new.append(token)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):
+            yield text[len(shown):]
+            shown = text
+    rest = tok.decode(new)[len(shown):]
+    if rest:
+        yield rest
 
 
 if __name__ == "__main__":

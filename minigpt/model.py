@@ -5,6 +5,9 @@ so a ``model.pth`` saved there loads here verbatim. What is new: the three ops a
 LayerNorm, GELU and causal attention — are not hard-wired. The model asks an ops backend for them
 (``kernels.get_backend``): plain PyTorch, or our Triton kernels. The model never knows which one it got.
 
+Generation reuses work through a KV cache (``KVCache`` below): the keys and values of the tokens already seen are
+kept, so each new token runs the model over ONE position instead of the whole context.
+
 Shapes: B = batch, T = tokens, C = emb_dim, H = n_heads, D = head_dim = C / H, V = vocab_size.
 """
 from __future__ import annotations
@@ -51,13 +54,65 @@ class FeedForward(nn.Module):
         return self.layers[2](x)  # (B, T, C)
 
 
+class KVCache:
+    """The keys and values of the tokens a model has already seen, one pair of buffers per layer.
+
+    Why: a token's key and value in layer l depend only on that token and the ones before it (causality), so when
+    generation appends a token, every earlier key and value stays what it was. Keeping them turns each step from
+    a forward over the whole context (T positions) into a forward over the one new position, whose query attends
+    to the cached keys: attention with fewer queries than keys, which the ops backends support.
+
+    The buffers are allocated once, (B, H, max_len, D) per layer, and filled in place as tokens arrive — no
+    growing ``torch.cat``, which would copy the whole cache at every step. ``length`` counts the positions filled;
+    the model reads it to give new tokens the position embeddings of THEIR positions, then advances it.
+
+        cache = KVCache(model.cfg, batch_size=1)
+        logits = model(prompt_ids, kv_cache=cache)        # prefill: the prompt's keys/values go in, length = T
+        logits = model(next_id, kv_cache=cache)           # one decode step: position T, length = T + 1
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None):
+        self.shape = (batch_size, cfg.n_heads, max_len or cfg.context_length, cfg.emb_dim // cfg.n_heads)
+        self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers  # (B, H, max_len, D) each, once allocated
+        self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.length = 0  # positions 0 .. length - 1 are filled
+
+    @property
+    def max_len(self) -> int:
+        return self.shape[2]
+
+    def update(self, layer: int, new_keys: torch.Tensor, new_values: torch.Tensor):
+        """Write the new tokens' keys and values (B, H, T_new, D) of ``layer`` at positions length ..
+        length + T_new - 1; return every key and value so far, (B, H, length + T_new, D) views of the buffers."""
+        start, end = self.length, self.length + new_keys.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions: {start} are filled and "
+                             f"{new_keys.shape[2]} more do not fit — reset() it and prefill again")
+        if self.keys[layer] is None or self.keys[layer].dtype != new_keys.dtype:
+            # allocated at the first update, in the dtype the layer produces (the model's, or autocast's)
+            self.keys[layer] = new_keys.new_zeros(self.shape)
+            self.values[layer] = new_values.new_zeros(self.shape)
+        self.keys[layer][:, :, start:end] = new_keys
+        self.values[layer][:, :, start:end] = new_values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` more positions as filled (the model calls this after all its layers have updated)."""
+        self.length += n
+
+    def reset(self) -> None:
+        """Forget every position (the buffers stay allocated for the next prefill)."""
+        self.length = 0
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention; the attention itself (softmax(QK^T/sqrt(D)) V with dropout on the
     weights) is the backend's ``causal_attention``, which never materializes the (T, T) matrix on the fast paths."""
 
-    def __init__(self, cfg: GPTConfig, ops):
+    def __init__(self, cfg: GPTConfig, ops, layer: int = 0):
         super().__init__()
         self.ops = ops
+        self.layer = layer  # which of the KV cache's layers is ours
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.emb_dim // cfg.n_heads
         self.dropout_p = cfg.drop_rate
@@ -68,12 +123,16 @@ class MultiHeadAttention(nn.Module):
         # The seed registers a (context_length x context_length) causal-mask buffer here. We do not allocate it
         # (the kernels mask by position), and a seed checkpoint's copy is dropped on load (_load_from_state_dict).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         b, num_tokens, d_out = x.shape  # (B, T, C)
         # (B, T, C) -> (B, T, H, D) -> (B, H, T, D)
         queries = self.W_query(x).view(b, num_tokens, self.n_heads, self.head_dim).transpose(1, 2)
         keys = self.W_key(x).view(b, num_tokens, self.n_heads, self.head_dim).transpose(1, 2)
         values = self.W_value(x).view(b, num_tokens, self.n_heads, self.head_dim).transpose(1, 2)
+        if kv_cache is not None:
+            # the new tokens' keys and values join the cached ones: (B, H, T_past + T, D). The T queries are the
+            # last T positions of those, which is how causal_attention aligns them (bottom-right).
+            keys, values = kv_cache.update(self.layer, keys, values)
 
         dropout_p = self.dropout_p if self.training else 0.0
         context_vec = self.ops.causal_attention(queries, keys, values, dropout_p=dropout_p)  # (B, H, T, D)
@@ -90,18 +149,18 @@ class MultiHeadAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: x + drop(attn(norm1(x))), then x + drop(ff(norm2(x)))."""
 
-    def __init__(self, cfg: GPTConfig, ops):
+    def __init__(self, cfg: GPTConfig, ops, layer: int = 0):
         super().__init__()
-        self.att = MultiHeadAttention(cfg, ops)
+        self.att = MultiHeadAttention(cfg, ops, layer)
         self.ff = FeedForward(cfg, ops)
         self.norm1 = LayerNorm(cfg.emb_dim, ops)
         self.norm2 = LayerNorm(cfg.emb_dim, ops)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        x = self.att(x)
+        x = self.att(x, kv_cache)
         x = self.drop_shortcut(x)
         x = x + shortcut
 
@@ -129,7 +188,7 @@ class GPTModel(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, ops) for _ in range(cfg.n_layers)])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, ops, layer) for layer in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim, ops)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -156,19 +215,29 @@ class GPTModel(nn.Module):
         """Name of the ops backend in use."""
         return self.ops.name
 
-    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
-        """in_idx: LongTensor (B, T) of token ids, T <= context_length -> logits (B, T, V)."""
+    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """in_idx: LongTensor (B, T) of token ids -> logits (B, T, V).
+
+        Without ``kv_cache`` the tokens are positions 0 .. T - 1 (T <= context_length). With one, they are the
+        positions after the ``kv_cache.length`` tokens already in it: their keys and values are added to the
+        cache, their queries attend to everything cached, and ``kv_cache.length`` grows by T.
+        """
         batch_size, seq_len = in_idx.shape
-        if seq_len > self.cfg.context_length:
+        start = 0 if kv_cache is None else kv_cache.length  # position of the first token of in_idx
+        if start + seq_len > self.cfg.context_length:
+            cached = f" ({start} in the KV cache + {seq_len} new)" if start else ""
             raise ValueError(
-                f"sequence of {seq_len} tokens is longer than context_length {self.cfg.context_length} — "
-                "crop the input to the last context_length tokens"
+                f"sequence of {start + seq_len} tokens{cached} is longer than context_length "
+                f"{self.cfg.context_length} — crop the input to the last context_length tokens"
             )
         tok_embeds = self.tok_emb(in_idx)  # (B, T, C)
-        pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))  # (T, C)
+        pos_embeds = self.pos_emb(torch.arange(start, start + seq_len, device=in_idx.device))  # (T, C)
         x = tok_embeds + pos_embeds
         x = self.drop_emb(x)
-        x = self.trf_blocks(x)
+        for block in self.trf_blocks:
+            x = block(x, kv_cache)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.advance(seq_len)
         x = self.final_norm(x)
         logits = self.out_head(x)  # (B, T, V)
         return logits
@@ -184,6 +253,15 @@ class GPTModel(nn.Module):
         T = seq_len or self.cfg.context_length
         n = self.num_params(non_embedding=True) - self.tok_emb.weight.numel()  # lookups do no FLOPs
         return 6 * n + 6 * self.cfg.n_layers * T * self.cfg.emb_dim
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, kernels: str | object = "auto", **overrides) -> "GPTModel":
+        """GPT-2's released weights in this model, in eval mode: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"
+        (Hugging Face hub, or its cache offline) or a folder in Hugging Face's GPT-2 format. ``overrides``:
+        ``drop_rate``, and ``context_length`` up to the weights' 1024. The conversion is minigpt/pretrained.py."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(name_or_path, kernels=kernels, **overrides)
 
 
 def _resolve_backend(kernels_arg):

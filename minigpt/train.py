@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import pretrained
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -71,6 +72,10 @@ RESUMED_FLAGS = ("data", "max_docs", "text_field", "train_ratio", "tokenizer", "
                  "eval_interval", "eval_iters", "seed", "kernels")
 CPU_DEFAULTS = dict(lr=5e-3, batch_size=16, warmup_steps=50, eval_interval=250, tokenizer="bytes", max_docs=2000,
                     max_steps=1000)
+# Fine-tuning GPT-2 (--init-from): its weights already sit in a good minimum, and the from-scratch rate (close to
+# GPT-2's own pre-training peak, 6e-4) would throw much of that away in the first steps. 3e-5 is nanoGPT's
+# fine-tuning rate (config/finetune_shakespeare.py).
+FINETUNE_DEFAULTS = dict(SEED_DEFAULTS, lr=3e-5, tokenizer="gpt2")
 SAMPLE_PROMPT = "Once upon a time"
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-length", type=int, default=None, help="override the preset's context_length")
     g.add_argument("--drop-rate", type=float, default=None, help="override the preset's drop_rate")
     g.add_argument("--qkv-bias", action="store_true", default=None, help="biases in the query/key/value layers")
+    g.add_argument("--init-from", default=None, metavar="NAME|PATH",
+                   help="fine-tune GPT-2's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face hub) or a "
+                        "folder in its format (config.json + model.safetensors); the model's shape is theirs")
     g.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
                    help="ops backend: auto = triton on CUDA when installed, else torch")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -143,11 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_run_settings(args, device: torch.device, resuming: bool = False) -> tuple[str, str | None]:
     """Fill in the flags left unset (None); returns (preset name, a note saying why, or None). ``resuming``: a
     checkpoint was found (``--resume auto`` with nothing to resume is a fresh run, CPU demo included)."""
-    cpu_demo = args.preset is None and device.type != "cuda" and not resuming
-    defaults = CPU_DEFAULTS if cpu_demo else SEED_DEFAULTS
+    fine_tune = args.init_from is not None and not resuming
+    cpu_demo = args.preset is None and not fine_tune and device.type != "cuda" and not resuming
+    defaults = CPU_DEFAULTS if cpu_demo else FINETUNE_DEFAULTS if fine_tune else SEED_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if fine_tune or resuming:  # the model is the weights' (or the checkpoint's): only a preset named for it
+        return args.preset, None
     if not cpu_demo:
         return args.preset or "gpt2-124m", None
     note = (f"no GPU and no --preset: a CPU demo — preset '{CPU_PRESET}', {args.tokenizer} tokenizer, the first "
@@ -220,6 +231,41 @@ def check_resume_flags(args, ckpt: dict, path: Path) -> None:
     if args.tokenizer not in (None, "auto") and args.tokenizer != ckpt.get("tokenizer"):
         raise ConfigError(f"--tokenizer {args.tokenizer} contradicts {path}, trained with the "
                           f"{ckpt.get('tokenizer')} tokenizer — {fix}")
+    recorded_init = ckpt.get("init_from")
+    if args.init_from is not None and pretrained.source_name(args.init_from) != recorded_init:
+        was = f"initialised from {recorded_init}" if recorded_init else "trained from scratch"
+        raise ConfigError(f"--init-from {args.init_from} contradicts {path}, {was} — {fix}")
+
+
+def check_init_from_flags(args, weights: GPTConfig) -> str | None:
+    """Refuse model and tokenizer flags that contradict the pretrained weights of ``--init-from`` (whose config is
+    ``weights``), naming the flag; ``--drop-rate`` and a shorter ``--context-length`` are allowed. Returns the
+    preset with the weights' shape (None when none has it)."""
+    source = f"--init-from {args.init_from}"
+    fix = "drop it: a pretrained model's shape comes from its weights"
+    shape = ("emb_dim", "n_layers", "n_heads", "qkv_bias")
+    if args.preset is not None:
+        p = get_preset(args.preset)
+        differs = [f for f in shape if getattr(p, f) != getattr(weights, f)]
+        if differs:
+            raise ConfigError(f"--preset {args.preset} contradicts {source}, whose weights have {differs[0]} "
+                              f"{getattr(weights, differs[0])} — {fix}")
+    for field, flag in SHAPE_FLAGS.items():
+        value = getattr(args, field)
+        if value is None:
+            continue
+        if field == "context_length":
+            if value > weights.context_length:
+                raise ConfigError(f"--context-length {value} is longer than the {weights.context_length} positions "
+                                  f"{args.init_from} was trained with — use at most {weights.context_length}")
+        elif value != getattr(weights, field):
+            raise ConfigError(f"{flag} {value} contradicts {source}, whose weights have {field} "
+                              f"{getattr(weights, field)} — {fix}")
+    if args.tokenizer not in (None, "auto", "gpt2"):
+        raise ConfigError(f"--tokenizer {args.tokenizer} contradicts {source}: GPT-2's weights need GPT-2's "
+                          "tokenizer — drop --tokenizer")
+    return args.preset or next((name for name, p in PRESETS.items()
+                                if all(getattr(p, f) == getattr(weights, f) for f in (*shape, "vocab_size"))), None)
 
 
 def divergence_advice(args) -> str:
@@ -316,6 +362,8 @@ class Trainer:
         self.parser_defaults = vars(build_parser().parse_args([]))
         self.stop_requested = False
         self.stop_signal: int | None = None  # the signal that stopped the run (the exit status is 128 + it)
+        self.pretrained_model: GPTModel | None = None  # --init-from: GPT-2's weights, loaded in setup()
+        self.init_from: str | None = None  # and where they came from (recorded in every checkpoint)
 
     # -- set-up --------------------------------------------------------------------------------------------------
 
@@ -356,9 +404,12 @@ class Trainer:
         if ckpt is not None:  # the checkpoint's model; only its dropout rate may change (nanoGPT's rule too)
             self.tokenizer = tokenizer_from_name(ckpt["tokenizer"])
             self.cfg = GPTConfig.from_any(ckpt["config"])
+            self.init_from = ckpt.get("init_from")
             if args.drop_rate is not None and args.drop_rate != self.cfg.drop_rate:
                 self.log(f"note: --drop-rate {args.drop_rate:g} replaces the checkpoint's {self.cfg.drop_rate:g}")
                 self.cfg = self.cfg.with_overrides(drop_rate=args.drop_rate)
+        elif args.init_from is not None:  # GPT-2's weights: their shape, GPT-2's tokenizer
+            preset = self._load_pretrained()
         else:
             self.tokenizer = get_tokenizer(args.tokenizer)
             self.cfg = get_preset(preset).with_overrides(
@@ -377,7 +428,10 @@ class Trainer:
             barrier()
         self._build_loaders()
 
-        self.raw_model = GPTModel(self.cfg, kernels=args.kernels).to(device)
+        if self.pretrained_model is not None:
+            self.raw_model = self.pretrained_model.train().to(device)  # from_pretrained returns it in eval mode
+        else:
+            self.raw_model = GPTModel(self.cfg, kernels=args.kernels).to(device)
         self.model = self.raw_model
         if args.compile:
             self.model = torch.compile(self.model)
@@ -401,7 +455,9 @@ class Trainer:
 
         backend = getattr(self.raw_model.ops, "resolved_name", lambda d: self.raw_model.kernels)(device)
         cfg = self.cfg
-        self.log(f"model: {preset} {self.raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layers} layers, "
+        self.log(f"model: {preset or 'custom'}"
+                 + (f" initialised from {self.init_from}" if self.init_from else "")
+                 + f" {self.raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layers} layers, "
                  f"emb_dim {cfg.emb_dim}, {cfg.n_heads} heads, context {cfg.context_length}; kernels: {backend}; "
                  f"device: {device}; dtype: {str(self.dtype).replace('torch.', '')}"
                  + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
@@ -411,6 +467,25 @@ class Trainer:
                  f"tokens")
         if self.resume_from:
             self.log(f"resumed from {self.resume_from} at step {self.state['step']}")
+
+    def _load_pretrained(self) -> str | None:
+        """--init-from: check the flags against the weights' config.json, then load GPT-2's tokenizer and the
+        weights (sets tokenizer, cfg, pretrained_model, init_from); returns the preset of the weights' shape."""
+        args = self.args
+        weights = pretrained.config_from_hf(pretrained.read_hf_config(pretrained.find_folder(args.init_from)),
+                                            args.init_from)
+        preset = check_init_from_flags(args, weights)
+        self.tokenizer = pretrained.gpt2_tokenizer()  # never the byte fallback: GPT-2's ids are BPE ids
+        if self.tokenizer.n_vocab != weights.vocab_size:
+            raise ConfigError(f"--init-from {args.init_from} has vocab_size {weights.vocab_size}, but GPT-2's "
+                              f"tokenizer has {self.tokenizer.n_vocab} tokens — pass a model with GPT-2's "
+                              "vocabulary")
+        self.pretrained_model = GPTModel.from_pretrained(args.init_from, kernels=args.kernels,
+                                                         drop_rate=args.drop_rate,
+                                                         context_length=args.context_length)
+        self.cfg = self.pretrained_model.cfg
+        self.init_from = pretrained.source_name(args.init_from)
+        return preset
 
     def _refuse_to_overwrite(self) -> None:
         """A fresh run (or one resumed from elsewhere) would replace OUT_DIR/checkpoint.pt at its first evaluation:
@@ -520,6 +595,7 @@ class Trainer:
             "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.name, "preset": self.preset,
+            "init_from": self.init_from,  # where the weights came from (None: trained from scratch)
             "step": self.state["step"], "state": dict(self.state), "metrics": self.rows, "rng": rng,
             "data": {k: v for k, v in self.data_info.items() if isinstance(v, (int, float, str))},
             "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))},

@@ -6,6 +6,7 @@ imported, which must not leak into the other tests' process. On a GPU the quick 
 compiling for tiny shapes); ``bash benchmarks/run_all.sh`` measures it.
 """
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -108,6 +109,29 @@ def test_train_quick_writes_a_row_per_backend_and_compile_setting(device, tmp_pa
     else:
         assert triton_row["status"] == "ok" and triton_row["tokens_per_s"] > 0
     assert "tiny" in train_bench.summarize(data)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_quick_times_each_contender_and_checks_their_tokens(device, tmp_path):
+    from benchmarks import generate as generate_bench
+
+    run_quick("benchmarks.generate", device, tmp_path, "--kernels", "torch")
+    data, _ = read_outputs(tmp_path, "generate")
+    rows = {(r["batch"], r["contender"]): r for r in data["rows"]}
+    has_transformers = importlib.util.find_spec("transformers") is not None
+    assert set(rows) == {(b, c) for b in (1, 2) for c in generate_bench.CONTENDERS}
+    for (batch, contender), r in rows.items():
+        if contender == "transformers" and not has_transformers:
+            assert r["status"] == "skipped: transformers is not installed (pip install transformers)"
+            continue
+        assert r["status"] == "ok", r["status"]
+        assert r["tokens_per_s"] == pytest.approx(batch * 24 / r["seconds"])
+        if contender != "no cache" and device == "cpu":  # float32: greedy tokens identical to the uncached loop's
+            assert r["same_tokens"] is True
+    one = rows[1, "cache"]
+    assert one["floor_ms"] > 0 and one["floor_ratio"] == pytest.approx(one["ms_per_token"] / one["floor_ms"])
+    assert one["speedup_vs_no_cache"] == pytest.approx(one["tokens_per_s"] / rows[1, "no cache"]["tokens_per_s"])
+    assert "24 new tokens" in generate_bench.summarize(data)
 
 
 def test_a_spent_time_budget_skips_rows_but_still_writes_the_files(tmp_path):

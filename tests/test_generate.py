@@ -168,7 +168,8 @@ def test_bad_sampling_flags_are_one_line(model, tmp_path, flags, match):
 
 def test_greedy_says_which_sampling_flags_do_nothing(model, tmp_path, capsys):
     _save_ckpt(model, tmp_path / "checkpoint.pt")
-    common = ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--device", "cpu", "--max-new-tokens", "2"]
+    common = ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--device", "cpu", "--max-new-tokens", "2",
+              "--prompt", "Hi"]
     main(common + ["--temperature", "0", "--top-k", "5", "--top-p", "0.9", "--num-samples", "2"])
     err = capsys.readouterr().err.splitlines()
     assert err == ["note: --temperature 0 is greedy decoding: --top-k and --top-p have no effect (give a "
@@ -177,3 +178,90 @@ def test_greedy_says_which_sampling_flags_do_nothing(model, tmp_path, capsys):
     main(common + ["--temperature", "0"])  # nothing asked that greedy ignores: no note
     main(common + ["--top-k", "5"])  # sampling: --top-k is used
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The KV cache
+
+
+def _model64(**cfg):
+    torch.manual_seed(0)
+    return GPTModel({**CFG, "context_length": 16, "n_layers": 2, **cfg}, kernels="torch").double().eval()
+
+
+def test_cached_forward_in_chunks_equals_one_full_forward():
+    from minigpt.model import KVCache
+
+    model = _model64()
+    idx = torch.randint(0, 257, (2, 13))
+    full = model(idx)  # (2, 13, V): positions 0..12 in one forward, no cache
+    cache = KVCache(model.cfg, batch_size=2)
+    pieces, start = [], 0
+    for size in (5, 1, 3, 1, 1, 2):  # a prefill, decode steps, a chunk: every way a cache is filled
+        pieces.append(model(idx[:, start:start + size], kv_cache=cache))
+        start += size
+        assert cache.length == start
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-12, atol=1e-12)
+    # preallocated once, (B, H, context_length, D) per layer, and filled in place
+    assert all(k.shape == (2, 2, 16, 16) and k.dtype == torch.float64 for k in cache.keys)
+    ptrs = [k.data_ptr() for k in cache.keys]
+    model(idx[:, :3], kv_cache=cache)  # positions 13..15: the cache is full
+    assert [k.data_ptr() for k in cache.keys] == ptrs
+    with pytest.raises(ValueError, match="17 tokens .16 in the KV cache \\+ 1 new. is longer than context_length"):
+        model(idx[:, :1], kv_cache=cache)
+
+
+@pytest.mark.parametrize("prompt_len, new", [(3, 6), (5, 30)])  # 5 + 30 > 16: the window slides past the context
+def test_cache_gives_the_tokens_of_the_uncached_loop(prompt_len, new):
+    model = _model64()
+    prompt = torch.randint(0, 257, (2, prompt_len))
+    plain = generate(model, prompt, new, 16, use_cache=False)
+    assert torch.equal(generate(model, prompt, new, 16), plain)
+    assert plain[0].tolist() == _greedy_by_hand(model, prompt[0].tolist(), new, 16)
+    sampled = [generate(model, prompt, new, 16, temperature=1.0, top_k=20, use_cache=c,
+                        generator=torch.Generator().manual_seed(3)) for c in (True, False)]
+    assert torch.equal(*sampled)
+
+
+def test_a_decode_step_runs_one_position_through_the_model():
+    model = _model64()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].shape[1]), with_kwargs=True)
+    generate(model, torch.randint(0, 257, (1, 4)), 20, 16)  # 4 + 20 > 16
+    # the prefill of 4; 12 single steps fill positions 4..15; then each step rebuilds the slid window of 16
+    assert seen == [4] + [1] * 12 + [16] * 7
+    seen.clear()
+    generate(model, torch.randint(0, 257, (1, 4)), 5, 16, use_cache=False)
+    assert seen == [4, 5, 6, 7, 8]
+
+
+def test_streamed_text_is_whole_characters_and_all_of_the_text():
+    from minigpt.generate import stream_text
+    from minigpt.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    text = "héllo wörld — 日本 🙂"
+    pieces = list(stream_text(iter(tok.encode(text) + [tok.eot_token, 65]), tok))
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    assert len(pieces) > 5  # streamed, not all at the end
+    assert "".join(stream_text(iter(tok.encode("ab") + [0xC3]), tok)) == "ab\ufffd"  # cut mid-character: shown
+
+
+def test_cli_with_and_without_the_cache_prints_the_same_text(model, tmp_path, capsys):
+    _save_ckpt(model, tmp_path / "checkpoint.pt")
+    outs = []
+    for flags in ([], ["--no-cache"]):
+        main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--prompt", "Hi", "--max-new-tokens", "12",
+              "--device", "cpu", "--num-samples", "2", *flags])  # 2 + 12 > 8: slides past the context
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].count("--- sample") == 2
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_with_a_note(model, tmp_path, capsys):
+    _save_ckpt(model, tmp_path / "checkpoint.pt")
+    main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--prompt", "a long prompt", "--max-new-tokens", "1",
+          "--device", "cpu"])
+    assert "note: the prompt is 13 tokens, longer than the model's context of 8: it sees only the last 8" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit, match="--max-new-tokens must be >= 1"):
+        main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--max-new-tokens", "0", "--device", "cpu"])

@@ -134,3 +134,22 @@ def test_triton_backend_runs_on_cpu_after_triton_was_imported_for_the_compiler()
     proc = subprocess.run([sys.executable, "-c", IMPORTED_FIRST.format(root=root)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kv_cache_decoding_on_the_kernels_matches_the_torch_backend(device):
+    from minigpt.generate import generate
+    from minigpt.model import KVCache
+
+    ref, tri = _pair(device)
+    ref.eval(), tri.eval()
+    idx = torch.randint(0, 61, (2, 24), device=device)
+    with torch.no_grad():
+        full = ref(idx)
+        cache = KVCache(tri.cfg, batch_size=2)
+        # a prefill of 9, a chunk of 5 (Tq < Tk with several queries), then single decoding steps (Tq = 1)
+        pieces = [tri(idx[:, :9], kv_cache=cache), tri(idx[:, 9:14], kv_cache=cache)]
+        pieces += [tri(idx[:, t:t + 1], kv_cache=cache) for t in range(14, 24)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+    prompt = idx[:, :5]
+    assert torch.equal(generate(tri, prompt, 30, 24), generate(ref, prompt, 30, 24, use_cache=False))

@@ -1,0 +1,309 @@
+r"""``python -m benchmarks.generate``: how fast does the GPT write text, with its KV cache and without?
+
+Greedy generation of ``--new-tokens`` tokens (default 256) after a prompt of ``--prompt-len`` random tokens (32),
+at batch 1 and 8, on the gpt2-124m shape with context 512 and GPT-2's layout (query/key/value biases): random
+weights from ``--seed``, or GPT-2's own with ``--pretrained NAME|PATH``. Contenders, on the same weights:
+
+    cache          minigpt.generate.generate(..., use_cache=True): the prompt once (the prefill), then ONE
+                   position per new token, its query attending to the cached keys and values
+    no cache       the same with use_cache=False: the whole window through the model for every new token
+    transformers   Hugging Face's GPT2LMHeadModel.generate(do_sample=False, use_cache=True), when transformers
+                   is installed (its row says why when it is not)
+
+Reported per row: seconds for the whole generation (the median of ``--repeats`` runs after an untimed warm-up
+of a few tokens),
+new tokens per second (batch x new tokens / seconds), milliseconds per generated position (seconds / new tokens),
+and the speed-ups the targets are stated in: the cache against the uncached loop and against transformers.
+
+The floor of a decoding step.  At batch 1 a step multiplies one position's activations by every weight matrix:
+about 2 x parameters FLOPs, but every weight must be READ once, parameter bytes in all, and a GPU reads far slower
+than it multiplies. So a step cannot take less than parameter bytes / memory bandwidth; the bandwidth is the copy
+rate measured at the start of the run (``benchmarks/common.py``). The rows at batch 1 report that floor and
+floor_ratio = measured ms per token / floor ms (1.0 would be perfect; kernel launches and the KV cache's reads are
+what is above it). On the CPU the same ratio is reported for completeness.
+
+Checked before any timing matters: every contender's tokens are compared with the uncached loop's. Greedy decoding
+is deterministic, so in float32 they must be identical; in bfloat16 (on a GPU) two correct implementations may
+round a near-tie differently, so the row reports where the first difference is.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks import common
+
+CONTENDERS = ("cache", "no cache", "transformers")
+WARMUP_TOKENS = 8  # the untimed warm-up generates this many: every code path runs (prefill, decode steps)
+COUNTING = ("tokens/s = batch * new tokens / seconds of the whole generation (prefill included); floor ms per token "
+            "= parameter bytes / measured copy bandwidth (every weight read once per decoding step)")
+FULL = dict(batches=[1, 8], prompt_len=32, new_tokens=256, context=512, emb_dim=768, n_layers=12, n_heads=12)
+QUICK = dict(batches=[1, 2], prompt_len=8, new_tokens=24, context=64, emb_dim=128, n_layers=2, n_heads=4)
+
+
+@dataclass(frozen=True)
+class Row:
+    batch: int
+    contender: str
+
+
+def build_models(args, device, dtype):
+    """(our model, transformers' model or None, why it is None) on the same weights, in eval mode."""
+    import torch
+
+    from minigpt import GPTModel
+
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    if args.pretrained:
+        ours = GPTModel.from_pretrained(args.pretrained, kernels=args.kernels, drop_rate=0.0)
+        theirs, why = None, "transformers is not installed (pip install transformers)"
+        if transformers is not None:
+            theirs, why = transformers.GPT2LMHeadModel.from_pretrained(args.pretrained), None
+    elif transformers is not None:
+        # GPT-2's layout with random weights: built by transformers, saved in its format and loaded by ours
+        config = transformers.GPT2Config(n_positions=args.context, n_embd=args.emb_dim, n_layer=args.n_layers,
+                                         n_head=args.n_heads, vocab_size=args.vocab_size)
+        torch.manual_seed(args.seed)
+        theirs, why = transformers.GPT2LMHeadModel(config), None
+        with tempfile.TemporaryDirectory() as folder:
+            theirs.save_pretrained(folder)
+            ours = GPTModel.from_pretrained(folder, kernels=args.kernels, drop_rate=0.0)
+    else:
+        from minigpt.config import GPTConfig
+
+        cfg = GPTConfig(vocab_size=args.vocab_size, context_length=args.context, emb_dim=args.emb_dim,
+                        n_heads=args.n_heads, n_layers=args.n_layers, drop_rate=0.0, qkv_bias=True)
+        torch.manual_seed(args.seed)
+        ours, theirs, why = GPTModel(cfg, kernels=args.kernels), None, "transformers is not installed " \
+                                                                        "(pip install transformers)"
+    ours = ours.to(device=device, dtype=dtype).eval()
+    if theirs is not None:
+        theirs = theirs.to(device=device, dtype=dtype).eval()
+    return ours, theirs, why
+
+
+def generator_for(row: Row, ours, theirs, args):
+    """A function (prompt, new tokens) -> (B, prompt + new) ids for the row's contender."""
+    import torch
+
+    from minigpt.generate import generate
+
+    if row.contender == "transformers":
+        def run(prompt, new_tokens):
+            with torch.no_grad():
+                return theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                       use_cache=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       pad_token_id=0)
+        return run
+    use_cache = row.contender == "cache"
+    return lambda prompt, new_tokens: generate(ours, prompt, new_tokens, ours.cfg.context_length,
+                                               use_cache=use_cache)
+
+
+def timed(fn, prompt, new_tokens: int, device, repeats: int) -> tuple[float, "object"]:
+    """(median seconds of ``repeats`` runs after an untimed warm-up, the last output)."""
+    import torch
+
+    fn(prompt, min(new_tokens, WARMUP_TOKENS))  # allocation, Triton's JIT, the tile tuner: prefill and decode
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = fn(prompt, new_tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def first_difference(a, b) -> int | None:
+    """Index (among the new tokens) of the first token where ``a`` and ``b`` differ in any sequence, or None."""
+    if a.shape != b.shape:
+        return 0
+    differs = (a != b).any(dim=0).nonzero()
+    return None if len(differs) == 0 else int(differs[0])
+
+
+def run_row(row: Row, args, device, ours, theirs, why_not, reference: dict, budget: common.Budget) -> dict:
+    import torch
+
+    result = dict(asdict(row), prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=args.dtype,
+                  status="ok", seconds=None, tokens_per_s=None, ms_per_token=None, floor_ms=None, floor_ratio=None,
+                  same_tokens=None, first_difference=None)
+    if row.contender == "transformers" and theirs is None:
+        return dict(result, status=f"skipped: {why_not}")
+    if budget.expired():
+        return dict(result, status=f"skipped: time budget ({args.budget_s:g} s) spent")
+    if row.contender != "transformers" and ours.kernels == "triton" and device.type != "cuda":
+        return dict(result, status="skipped: the Triton interpreter is not timed (use --kernels torch on a CPU)")
+    prompt = torch.randint(0, args.vocab_size, (row.batch, args.prompt_len), device=device,
+                           generator=torch.Generator(device).manual_seed(args.seed))
+    seconds, out = timed(generator_for(row, ours, theirs, args), prompt, args.new_tokens, device, args.repeats)
+    new = out[:, args.prompt_len:].cpu()
+    n_new = new.shape[1]
+    result.update(seconds=seconds, tokens_per_s=row.batch * n_new / seconds, ms_per_token=1e3 * seconds / n_new)
+    if row.batch == 1:
+        param_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+        result["floor_ms"] = 1e3 * param_bytes / (args.bandwidth_gbps * 1e9)
+        result["floor_ratio"] = result["ms_per_token"] / result["floor_ms"]
+    key = row.batch
+    if row.contender == "no cache":
+        reference[key] = new
+    if key in reference:
+        diff = first_difference(new, reference[key])
+        result.update(same_tokens=diff is None, first_difference=diff)
+        if diff is not None and args.dtype == "fp32":
+            result["status"] = f"wrong: tokens differ from the uncached loop's at new token {diff}"
+    return result
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_no_cache and speedup_vs_transformers on the cache rows (tokens/s ratios at the same batch)."""
+    by = {(r["batch"], r["contender"]): r for r in rows}
+    for r in rows:
+        if r["contender"] != "cache" or not r.get("tokens_per_s"):
+            continue
+        for other, column in (("no cache", "speedup_vs_no_cache"), ("transformers", "speedup_vs_transformers")):
+            o = by.get((r["batch"], other))
+            r[column] = r["tokens_per_s"] / o["tokens_per_s"] if o and o.get("tokens_per_s") else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def table(rows: list[dict]) -> str:
+    headers = ["batch", "contender", "seconds", "tokens/s", "ms/token", "floor ms", "x floor", "x no cache",
+               "x transformers", "tokens", "status"]
+    lines = []
+    for r in rows:
+        same = "-" if r.get("same_tokens") is None else ("same" if r["same_tokens"] else
+                                                        f"differ at {r['first_difference']}")
+        lines.append([r["batch"], r["contender"], common.fmt_num(r.get("seconds")), common.fmt_num(r.get("tokens_per_s")),
+                      common.fmt_num(r.get("ms_per_token")), common.fmt_num(r.get("floor_ms")),
+                      common.fmt_num(r.get("floor_ratio")), common.fmt_num(r.get("speedup_vs_no_cache")),
+                      common.fmt_num(r.get("speedup_vs_transformers")), same, r["status"][:70]])
+    return common.format_table(headers, lines, right={0, 2, 3, 4, 5, 6, 7, 8})
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """New tokens per second per contender, grouped by batch."""
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    batches = sorted({r["batch"] for r in rows})
+    width = 0.8 / len(CONTENDERS)
+    for i, contender in enumerate(CONTENDERS):
+        values = [next((r.get("tokens_per_s") or 0 for r in rows if r["batch"] == b and r["contender"] == contender), 0)
+                  for b in batches]
+        ax.bar([j + i * width for j in range(len(batches))], values, width, label=contender)
+    ax.set_xticks([j + width for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_ylabel("new tokens / s")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return common.save_figure(fig, path)
+
+
+def summarize(data: dict) -> str:
+    env, meta = data["meta"]["environment"], data["meta"]
+    a = meta["args"]
+    head = (f"greedy generation on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}): "
+            f"{a['n_layers']} layers x {a['emb_dim']} wide, context {a['context']}, prompt {a['prompt_len']}, "
+            f"{a['new_tokens']} new tokens, {a['dtype']}; copy bandwidth "
+            f"{common.fmt_num(meta['ceilings']['bandwidth_gbps'])} GB/s")
+    return head + "\n\n" + table(data["rows"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8; 1 2 with --quick)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (default 32; 8 with --quick)")
+    p.add_argument("--new-tokens", type=int, help="tokens to generate (default 256; 24 with --quick)")
+    p.add_argument("--context", type=int, help="the model's context length (default 512; 64 with --quick)")
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--pretrained", help="GPT-2's weights (gpt2, gpt2-medium, ... or a local folder) instead of "
+                                        "random ones")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"], help="our ops backend")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="weights' dtype (default bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--repeats", type=int, help="timed runs per row, after one warm-up (default 3 on a GPU, 1 on a "
+                                               "CPU)")
+    p.add_argument("--vocab-size", type=int, default=50257, help="vocabulary of the random model (default GPT-2's)")
+    common.add_run_args(p, "generate")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.summarize:
+        print(summarize(common.read_results(args.summarize)))
+        return 0
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    for name in ("prompt_len", "new_tokens", "context", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
+    if any(b < 1 for b in args.batches):
+        raise SystemExit(f"error: --batches must be >= 1, got {args.batches}")
+    if args.prompt_len >= args.context:
+        raise SystemExit(f"error: --prompt-len ({args.prompt_len}) must be shorter than --context ({args.context})")
+    device = common.setup(args)
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    args.repeats = args.repeats or (3 if device.type == "cuda" else 1)
+    ceilings = common.measure_ceilings(device, [args.dtype], quick=args.quick)
+    args.bandwidth_gbps = ceilings["bandwidth_gbps"]
+    print(f"benchmarks.generate on {common.device_name(device)}; copy {ceilings['bandwidth_gbps']:.0f} GB/s",
+          flush=True)
+    budget = common.Budget(args.budget_s)
+    try:
+        ours, theirs, why_not = build_models(args, device, common.torch_dtype(args.dtype))
+    except Exception as exc:  # a pretrained name that cannot be loaded, say: one line, not a traceback
+        raise SystemExit(f"error: cannot build the models: {common.one_line(exc, 300)}") from None
+    args.context = ours.cfg.context_length
+    rows, reference, interrupted = [], {}, None
+    # the uncached loop first at each batch: it is the reference the other rows' tokens are compared with
+    order = sorted(args.contenders, key=lambda c: c != "no cache")
+    planned = [Row(b, c) for b in args.batches for c in order]
+    try:
+        for row in planned:
+            try:
+                result = run_row(row, args, device, ours, theirs, why_not, reference, budget)
+            except Exception as exc:  # one row's failure never stops the others
+                status = "skipped: out of memory" if common.is_oom(exc) else f"failed: {common.one_line(exc)}"
+                result = dict(asdict(row), status=status)
+            finally:
+                common.free_memory(device)
+            rows.append(result)
+            print(f"[{len(rows)}/{len(planned)}] batch {row.batch} {row.contender}: "
+                  f"{common.fmt_num(result.get('tokens_per_s'))} tokens/s, {result['status']}", flush=True)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or the SIGTERM of an outer `timeout`: keep what was measured
+        interrupted = common.one_line(exc)
+        print(f"interrupted ({interrupted}): writing the {len(rows)} rows measured so far", flush=True)
+    add_speedups(rows)
+    meta = common.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
+    rows, paths = common.finish(args.out or common.default_out_dir(device), "generate", rows, meta, plot)
+    print("\n" + summarize({"rows": rows, "meta": meta}))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
