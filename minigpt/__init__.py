@@ -13,8 +13,8 @@ from .config import (
            GPTConfig,
            get_preset,
 )
-from .model import GPTModel
+from .model import GPTModel, KVCache
 
 __version__ = "0.1.0"
-__all__ = ["GPTModel", "GPTConfig", "PRESETS", "get_preset", "GPT_CONFIG_124M", "GPT_CONFIG_SMALL",
+__all__ = ["GPTModel", "KVCache", "GPTConfig", "PRESETS", "get_preset", "GPT_CONFIG_124M", "GPT_CONFIG_SMALL",
            "GPT_CONFIG_LARGE", "__version__"]
