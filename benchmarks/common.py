@@ -364,6 +364,40 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def run_rows(planned: list, run_one, describe, cleanup) -> tuple[list[dict], str | None]:
+    """``run_one(row)`` for each planned row (a dataclass), printing ``describe(row, result)`` after each.
+
+    A row that raises becomes a result with a status (``skipped: out of memory`` or ``failed: <one line>``) and the
+    next row runs; ``cleanup()`` follows every row. Ctrl-C, or the SIGTERM of an outer ``timeout``, ends the loop
+    and keeps the rows measured so far. Returns (rows, why the run was interrupted or None).
+    """
+    from dataclasses import asdict
+
+    rows, interrupted = [], None
+    try:
+        for row in planned:
+            try:
+                result = run_one(row)
+            except Exception as exc:  # one row's failure (OOM, a compile error) never stops the others
+                status = "skipped: out of memory" if is_oom(exc) else f"failed: {one_line(exc)}"
+                result = dict(asdict(row), status=status)
+            finally:
+                cleanup()
+            rows.append(result)
+            print(f"[{len(rows)}/{len(planned)}] {describe(row, result)}", flush=True)
+    except KeyboardInterrupt as exc:
+        interrupted = one_line(exc)
+        print(f"interrupted ({interrupted}): writing the {len(rows)} rows measured so far", flush=True)
+    return rows, interrupted
+
+
+def report(out_dir: Path, stem: str, rows: list[dict], meta: dict, plot, summarize) -> None:
+    """Write the results (``finish``), print their summary and the files written."""
+    rows, paths = finish(out_dir, stem, rows, meta, plot)
+    print("\n" + summarize({"rows": rows, "meta": meta}))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Output
 
@@ -391,6 +425,13 @@ def add_run_args(p, what: str) -> None:
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device-name>/)")
     p.add_argument("--summarize", type=Path, metavar="JSON",
                    help=f"print the summary of a {what}.json written earlier and exit (runs nothing)")
+
+
+def fill_defaults(args, quick: dict, full: dict) -> None:
+    """Set every option left unset (None) to its --quick or full-run default."""
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
 
 
 def setup(args):

@@ -254,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         print(summarize(common.read_results(args.summarize)))
         return 0
-    for name, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
+    common.fill_defaults(args, QUICK, FULL)
     for name in ("prompt_len", "new_tokens", "context", "repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -278,30 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a pretrained name that cannot be loaded, say: one line, not a traceback
         raise SystemExit(f"error: cannot build the models: {common.one_line(exc, 300)}") from None
     args.context = ours.cfg.context_length
-    rows, reference, interrupted = [], {}, None
+    reference = {}
     # the uncached loop first at each batch: it is the reference the other rows' tokens are compared with
     order = sorted(args.contenders, key=lambda c: c != "no cache")
     planned = [Row(b, c) for b in args.batches for c in order]
-    try:
-        for row in planned:
-            try:
-                result = run_row(row, args, device, ours, theirs, why_not, reference, budget)
-            except Exception as exc:  # one row's failure never stops the others
-                status = "skipped: out of memory" if common.is_oom(exc) else f"failed: {common.one_line(exc)}"
-                result = dict(asdict(row), status=status)
-            finally:
-                common.free_memory(device)
-            rows.append(result)
-            print(f"[{len(rows)}/{len(planned)}] batch {row.batch} {row.contender}: "
-                  f"{common.fmt_num(result.get('tokens_per_s'))} tokens/s, {result['status']}", flush=True)
-    except KeyboardInterrupt as exc:  # Ctrl-C, or the SIGTERM of an outer `timeout`: keep what was measured
-        interrupted = common.one_line(exc)
-        print(f"interrupted ({interrupted}): writing the {len(rows)} rows measured so far", flush=True)
+    rows, interrupted = common.run_rows(
+        planned, lambda row: run_row(row, args, device, ours, theirs, why_not, reference, budget),
+        lambda row, r: f"batch {row.batch} {row.contender}: {common.fmt_num(r.get('tokens_per_s'))} tokens/s, "
+                       f"{r['status']}", lambda: common.free_memory(device))
     add_speedups(rows)
     meta = common.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
-    rows, paths = common.finish(args.out or common.default_out_dir(device), "generate", rows, meta, plot)
-    print("\n" + summarize({"rows": rows, "meta": meta}))
-    print("wrote " + ", ".join(str(p) for p in paths))
+    common.report(args.out or common.default_out_dir(device), "generate", rows, meta, plot, summarize)
     return 0
 
 

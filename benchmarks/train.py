@@ -275,10 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         print(summarize(common.read_results(args.summarize)))
         return 0
-    defaults = QUICK if args.quick else FULL
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    common.fill_defaults(args, QUICK, FULL)
     for name in ("batch_size", "warmup_steps", "steps"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup_steps" else 1):
@@ -297,28 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmarks.train on {common.device_name(device)}; ceilings: copy {ceilings['bandwidth_gbps']:.0f} GB/s, "
           f"{train_dtype} matmul {ceilings['matmul_tflops'][train_dtype]:.1f} TFLOP/s", flush=True)
     budget = common.Budget(args.budget_s)
-    rows, refs, interrupted = [], {}, None
+    refs = {}
     planned = plan(args.presets, args.contexts, args.backends, args.compile)
-    try:
-        for row in planned:
-            try:
-                result = run_row(row, args, device, ceilings, budget, refs)
-            except Exception as exc:  # one row's failure (OOM, a compile error) never stops the others
-                status = "skipped: out of memory" if common.is_oom(exc) else f"failed: {common.one_line(exc)}"
-                result = dict(asdict(row), status=status)
-            finally:
-                torch._dynamo.reset()
-                common.free_memory(device, collect=True)
-            rows.append(result)
-            print(f"[{len(rows)}/{len(planned)}] {row.preset} T={row.context} {row.backend} compile={row.compile}: "
-                  f"{common.fmt_num(result.get('ms_per_step'))} ms/step, {result['status']}", flush=True)
-    except KeyboardInterrupt as exc:  # Ctrl-C, or the SIGTERM of an outer `timeout`: keep what was measured
-        interrupted = common.one_line(exc)
-        print(f"interrupted ({interrupted}): writing the {len(rows)} rows measured so far", flush=True)
+
+    def cleanup():
+        torch._dynamo.reset()
+        common.free_memory(device, collect=True)
+
+    rows, interrupted = common.run_rows(
+        planned, lambda row: run_row(row, args, device, ceilings, budget, refs),
+        lambda row, r: f"{row.preset} T={row.context} {row.backend} compile={row.compile}: "
+                       f"{common.fmt_num(r.get('ms_per_step'))} ms/step, {r['status']}", cleanup)
     meta = common.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
-    rows, paths = common.finish(args.out or common.default_out_dir(device), "train", rows, meta, plot)
-    print("\n" + summarize({"rows": rows, "meta": meta}))
-    print("wrote " + ", ".join(str(p) for p in paths))
+    common.report(args.out or common.default_out_dir(device), "train", rows, meta, plot, summarize)
     return 0
 
 if __name__ == "__main__":

@@ -243,12 +243,18 @@ def test_dropout_gradients_match_math_with_the_same_mask(device, dtype, tiles):
     torch.manual_seed(5)
     q, k, v = _qkv((B, H, T, 24), dtype, device)
     grad_out = torch.randn_like(q)
+    _check_dropout_against_math(q, k, v, grad_out, p, seed, keep, dtype, f"dropout p={p}")
+
+
+def _check_dropout_against_math(q, k, v, grad_out, p, seed, keep, dtype, label):
+    """Our kernels with dropout (seeded to draw ``keep``) against the math with that exact mask: output and
+    gradients as close to float64 as the math in the same dtype gets."""
     torch.manual_seed(seed)
     ours = _run(causal_attention, q, k, v, grad_out, dropout_p=p)
     same_dtype = _run(causal_attention_math, q, k, v, grad_out, dropout_p=p, dropout_mask=keep)
     truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double(), dropout_p=p,
                  dropout_mask=keep)
-    _assert_as_good_as_torch(ours, same_dtype, truth, dtype, f"dropout p={p}")
+    _assert_as_good_as_torch(ours, same_dtype, truth, dtype, label)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -328,12 +334,7 @@ def test_fewer_queries_dropout_gradients_match_math_with_the_same_mask(device, d
         keep = _read_mask(device, B, H, Tk, p, seed, Tq=Tq)[2]  # the mask of the chunk's own forward
         torch.manual_seed(21)
         q, k, v, grad_out = _chunk(device, dtype, B, H, Tq, Tk, 24)
-        torch.manual_seed(seed)
-        ours = _run(causal_attention, q, k, v, grad_out, dropout_p=p)
-        same_dtype = _run(causal_attention_math, q, k, v, grad_out, dropout_p=p, dropout_mask=keep)
-        truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double(), dropout_p=p,
-                     dropout_mask=keep)
-        _assert_as_good_as_torch(ours, same_dtype, truth, dtype, f"dropout p={p} Tq={Tq} Tk={Tk}")
+        _check_dropout_against_math(q, k, v, grad_out, p, seed, keep, dtype, f"dropout p={p} Tq={Tq} Tk={Tk}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
