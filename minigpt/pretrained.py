@@ -282,8 +282,9 @@ def check_weights(sd: dict[str, torch.Tensor], cfg: GPTConfig, n_positions: int,
 
 
 def _linear(w: torch.Tensor) -> torch.Tensor:
-    """A Conv1D weight (in, out) as an nn.Linear weight (out, in), in its own contiguous memory."""
-    return w.t().contiguous()
+    """A Conv1D weight (in, out) as an nn.Linear weight (out, in): its transpose, in memory of its own that keeps
+    the (in, out) order minigpt's Linear layers are stored in (``model.input_major``)."""
+    return w.contiguous().t()
 
 
 def _convert(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -298,7 +299,7 @@ def _convert(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Ten
     # assume two tensors, and a tie would not survive any of them. Fine-tuning lets the two drift apart, and
     # costs V x C more parameters (38.6M for GPT-2's vocabulary at width 768). The clone matters: two
     # parameters sharing one tensor would each be updated by the optimizer, twice per step on the same memory.
-    ours["out_head.weight"] = sd.pop("lm_head.weight", wte).clone()
+    ours["out_head.weight"] = sd.pop("lm_head.weight", wte).t().contiguous().t()  # a copy, (C, V) in memory
     ours["pos_emb.weight"] = sd.pop("wpe.weight")[: cfg.context_length].clone()  # (T, C): a shorter context
     for i in range(cfg.n_layers):
         g, m = f"h.{i}.", f"trf_blocks.{i}."

@@ -556,6 +556,12 @@ class Trainer:
                 "and --tokenizer as the run that wrote it")
         load_model_state(self.raw_model, ckpt["model"], str(self.resume_from))
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        # AdamW's moments in their parameter's memory order (a checkpoint may have saved another; the fused
+        # CUDA optimizer walks a parameter and its moments as flat arrays, so the orders must agree)
+        for param, state in self.optimizer.state.items():
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])

@@ -178,3 +178,23 @@ def test_torch_backend_input_errors():
         ops.layer_norm(torch.randn(2, 8), torch.ones(7), torch.zeros(8))
     with pytest.raises(ValueError, match="approximate"):
         ops.gelu(q, "sigmoid")
+
+
+def test_linear_weights_are_stored_input_major_and_load_from_either_order():
+    from minigpt.model import seed_state_dict
+
+    cfg = dict(vocab_size=61, context_length=8, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
+    torch.manual_seed(0)
+    model = GPTModel(cfg, kernels="torch")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 6 + 1
+    for m in linears:  # nn.Linear's (out, in) shape, over (in, out) memory
+        assert m.weight.shape == (m.out_features, m.in_features) and m.weight.t().is_contiguous()
+    # a state dict in nn.Linear's usual order (a seed model.pth, an older checkpoint) loads into it, values and
+    # memory order kept apart
+    plain = {k: v.contiguous() for k, v in seed_state_dict(model).items()}
+    other = GPTModel(cfg, kernels="torch")
+    other.load_state_dict(plain)
+    assert all(m.weight.t().is_contiguous() for m in other.modules() if isinstance(m, torch.nn.Linear))
+    idx = torch.randint(0, 61, (2, 8))
+    assert torch.equal(other(idx), model(idx))

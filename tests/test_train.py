@@ -386,3 +386,29 @@ def test_a_temporary_file_left_by_a_killed_save_is_removed_by_the_next_run(tmp_p
     os.utime(leftover, (1e9, 1e9))
     run_train(tmp_path, "--max-steps", "2", "--eval-interval", "2")
     assert not leftover.exists() and (out / "checkpoint.pt").exists()
+
+
+def test_resume_from_a_checkpoint_saved_in_another_memory_order_continues_exactly(tmp_path):
+    common = ["--max-steps", "6", "--eval-interval", "3", "--drop-rate", "0.1"]
+    run_train(tmp_path, *common, on_step=_interrupt_at(3), out="a")
+    path = tmp_path / "a" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    # every tensor contiguous, as nn.Linear (and minigpt before its weights were stored input-major) saves them
+    ckpt["model"] = {k: v.contiguous() for k, v in ckpt["model"].items()}
+    for state in ckpt["optimizer"]["state"].values():
+        for k, v in state.items():
+            state[k] = v.contiguous() if torch.is_tensor(v) else v
+    (tmp_path / "b").mkdir()
+    torch.save(ckpt, tmp_path / "b" / "checkpoint.pt")
+    from minigpt.train import Trainer
+
+    trainer = Trainer(build_parser().parse_args(TINY + ["--out-dir", str(tmp_path / "b"), *common, "--resume",
+                                                        "auto"]))
+    trainer.setup()  # the moments are restored in their parameter's memory order (the fused CUDA AdamW needs it)
+    moments = [(p, v) for p, st in trainer.optimizer.state.items() for v in st.values() if v.shape == p.shape]
+    assert moments and all(v.stride() == p.stride() for p, v in moments)
+    for out in ("a", "b"):
+        run_train(tmp_path, *common, "--resume", "auto", out=out)
+    a, b = (torch.load(tmp_path / o / "checkpoint.pt", weights_only=True) for o in ("a", "b"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
