@@ -46,14 +46,23 @@ GPU_SHAPED_TILES = dict(fwd=Tiles(32, 16, 1, 1), dkdv=Tiles(16, 32, 1, 1), dq=Ti
 FEW_QUERY_TILES = dict(fwd=Tiles(16, 32, 1, 1), dkdv=Tiles(16, 32, 1, 1), dq=Tiles(16, 32, 1, 1))
 
 
-@pytest.fixture(params=["interpreter tiles", "gpu-shaped tiles"])
-def tiles(request, monkeypatch):
-    """Which tiles the interpreter uses (on a GPU the tiles are the GPU table's, so only the first param runs)."""
-    if request.param == "gpu-shaped tiles":
+TILE_TABLES = {"interpreter tiles": None, "gpu-shaped tiles": GPU_SHAPED_TILES, "few-query tiles": FEW_QUERY_TILES}
+
+
+def _use_tiles(name: str, monkeypatch) -> str:
+    """Make the interpreter launch with the tiles called ``name`` (on a GPU the tiles are the GPU table's, so only
+    the interpreter's own run there: the others skip)."""
+    if TILE_TABLES[name] is not None:
         if not is_interpreting():
             pytest.skip("tiles of the interpreter only")
-        monkeypatch.setattr(kernels.attention_tiles, "INTERPRETER_TILES", GPU_SHAPED_TILES)
-    return request.param
+        monkeypatch.setattr(kernels.attention_tiles, "INTERPRETER_TILES", TILE_TABLES[name])
+    return name
+
+
+@pytest.fixture(params=["interpreter tiles", "gpu-shaped tiles"])
+def tiles(request, monkeypatch):
+    """Which tiles the interpreter uses."""
+    return _use_tiles(request.param, monkeypatch)
 
 
 def _shapes(device: str) -> list[tuple[int, int, int, int]]:
@@ -301,12 +310,7 @@ def _chunk(device, dtype, B, H, Tq, Tk, D):
 def chunk_tiles(request, monkeypatch):
     """The ``tiles`` fixture's two, and small tiles shaped like the GPU's few-query ones (16 query rows, longer
     key steps), which run Tk = 37 in two key tiles."""
-    if request.param != "interpreter tiles":
-        if not is_interpreting():
-            pytest.skip("tiles of the interpreter only")
-        table = GPU_SHAPED_TILES if request.param == "gpu-shaped tiles" else FEW_QUERY_TILES
-        monkeypatch.setattr(kernels.attention_tiles, "INTERPRETER_TILES", table)
-    return request.param
+    return _use_tiles(request.param, monkeypatch)
 
 
 @pytest.mark.parametrize("device", DEVICES)
