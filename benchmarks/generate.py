@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--pretrained", help="GPT-2's weights (gpt2, gpt2-medium, ... or a local folder) instead of "
                                         "random ones")
-    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"], help="our ops backend")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"], help="kernels backend")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="weights' dtype (default bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--repeats", type=int, help="timed runs per row, after one warm-up (default 3 on a GPU, 1 on a "
                                                "CPU)")

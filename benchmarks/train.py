@@ -1,6 +1,6 @@
 r"""``python -m benchmarks.train``: how fast does the whole GPT train, backend by backend, with and without compile?
 
-One row per preset, context length, ops backend (``torch``: PyTorch's own fused ops; ``triton``: our kernels) and
+One row per preset, context length, kernels backend (``torch``: PyTorch's own fused ops; ``triton``: our kernels) and
 compile setting. Each row builds the model from the same seed, gives it random tokens (no dataset needed: the
 data's values do not change the work), runs a few warm-up steps (torch.compile and Triton's JIT happen there) and
 then times full training steps:

@@ -1,6 +1,9 @@
-"""Ops backends: the three operations a GPT needs besides matmuls.
+"""Kernels backends: the three operations a GPT needs besides matmuls.
 
-A backend is any object with these methods (shapes are the only contract):
+Words, used one way everywhere: the three *ops* are LayerNorm, GELU and causal attention; a *backend* is an object
+that implements all three (``get_backend(name)`` returns one, ``model.backend`` holds it); a user picks one by
+name with ``kernels=`` / ``--kernels``, and ``model.kernels`` reports that name; ``kernels`` is also this package,
+where the backends live. A backend is any object with these methods (shapes are the only contract):
 
     layer_norm(x, weight, bias, eps=1e-5)        x (..., C), weight/bias (C,) -> (..., C)
     gelu(x, approximate="tanh")                  any shape -> same shape

@@ -1,4 +1,4 @@
-"""minigpt: a GPT from scratch in PyTorch, with our own Triton kernels behind a pluggable ops backend.
+"""minigpt: a GPT from scratch in PyTorch, with our own Triton kernels behind a pluggable kernels backend.
 
     from minigpt import GPTModel, GPTConfig
     model = GPTModel(GPTConfig(), kernels="auto")   # or GPTModel(GPT_CONFIG_124M) with the seed's dict

@@ -2,7 +2,7 @@
 
 The architecture and every parameter name are the seed notebook's (GPT-2's design as taught in LLMs-from-scratch),
 so a ``model.pth`` saved there loads here verbatim. What is new: the three ops a GPT needs besides matmuls —
-LayerNorm, GELU and causal attention — are not hard-wired. The model asks an ops backend for them
+LayerNorm, GELU and causal attention — are not hard-wired. The model asks a kernels backend for them
 (``kernels.get_backend``): plain PyTorch, or our Triton kernels. The model never knows which one it got.
 
 Generation reuses work through a KV cache (``KVCache`` below): the keys and values of the tokens already seen are
@@ -25,23 +25,23 @@ from .config import GPTConfig
 class LayerNorm(nn.Module):
     """LayerNorm over the last dim with the seed's parameter names (``scale``, ``shift``) and eps."""
 
-    def __init__(self, emb_dim: int, ops, eps: float = 1e-5):  # 1e-5: GPT-2's and the seed's epsilon
+    def __init__(self, emb_dim: int, backend, eps: float = 1e-5):  # 1e-5: GPT-2's and the seed's epsilon
         super().__init__()
-        self.ops = ops
+        self.backend = backend
         self.eps = eps
         self.scale = nn.Parameter(torch.ones(emb_dim))
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.layer_norm(x, self.scale, self.shift, self.eps)
+        return self.backend.layer_norm(x, self.scale, self.shift, self.eps)
 
 
 class FeedForward(nn.Module):
     """Linear(C -> 4C) -> GELU (tanh form, as GPT-2) -> Linear(4C -> C). ``layers`` keeps the seed's key names."""
 
-    def __init__(self, cfg: GPTConfig, ops):
+    def __init__(self, cfg: GPTConfig, backend):
         super().__init__()
-        self.ops = ops
+        self.backend = backend
         self.layers = nn.ModuleList([
             nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),  # layers.0
             nn.Identity(),  # layers.1: the seed's GELU module sat here; we call the backend's gelu instead
@@ -50,7 +50,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers[0](x)  # (B, T, 4C)
-        x = self.ops.gelu(x, approximate="tanh")
+        x = self.backend.gelu(x, approximate="tanh")
         return self.layers[2](x)  # (B, T, C)
 
 
@@ -60,7 +60,7 @@ class KVCache:
     Why: a token's key and value in layer l depend only on that token and the ones before it (causality), so when
     generation appends a token, every earlier key and value stays what it was. Keeping them turns each step from
     a forward over the whole context (T positions) into a forward over the one new position, whose query attends
-    to the cached keys: attention with fewer queries than keys, which the ops backends support.
+    to the cached keys: attention with fewer queries than keys, which both kernels backends support.
 
     The buffers are allocated once, (B, H, max_len, D) per layer, and filled in place as tokens arrive — no
     growing ``torch.cat``, which would copy the whole cache at every step. ``length`` counts the positions filled;
@@ -109,9 +109,9 @@ class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention; the attention itself (softmax(QK^T/sqrt(D)) V with dropout on the
     weights) is the backend's ``causal_attention``, which never materializes the (T, T) matrix on the fast paths."""
 
-    def __init__(self, cfg: GPTConfig, ops, layer: int = 0):
+    def __init__(self, cfg: GPTConfig, backend, layer: int = 0):
         super().__init__()
-        self.ops = ops
+        self.backend = backend
         self.layer = layer  # which of the KV cache's layers is ours
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.emb_dim // cfg.n_heads
@@ -135,7 +135,7 @@ class MultiHeadAttention(nn.Module):
             keys, values = kv_cache.update(self.layer, keys, values)
 
         dropout_p = self.dropout_p if self.training else 0.0
-        context_vec = self.ops.causal_attention(queries, keys, values, dropout_p=dropout_p)  # (B, H, T, D)
+        context_vec = self.backend.causal_attention(queries, keys, values, dropout_p=dropout_p)  # (B, H, T, D)
 
         # (B, H, T, D) -> (B, T, H, D) -> (B, T, C)
         context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, d_out)
@@ -149,12 +149,12 @@ class MultiHeadAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: x + drop(attn(norm1(x))), then x + drop(ff(norm2(x)))."""
 
-    def __init__(self, cfg: GPTConfig, ops, layer: int = 0):
+    def __init__(self, cfg: GPTConfig, backend, layer: int = 0):
         super().__init__()
-        self.att = MultiHeadAttention(cfg, ops, layer)
-        self.ff = FeedForward(cfg, ops)
-        self.norm1 = LayerNorm(cfg.emb_dim, ops)
-        self.norm2 = LayerNorm(cfg.emb_dim, ops)
+        self.att = MultiHeadAttention(cfg, backend, layer)
+        self.ff = FeedForward(cfg, backend)
+        self.norm1 = LayerNorm(cfg.emb_dim, backend)
+        self.norm2 = LayerNorm(cfg.emb_dim, backend)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -183,13 +183,13 @@ class GPTModel(nn.Module):
         super().__init__()
         cfg = GPTConfig.from_any(cfg)
         self.cfg = cfg
-        ops = _resolve_backend(kernels)
-        self.ops = ops
+        backend = _resolve_backend(kernels)
+        self.backend = backend
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, ops, layer) for layer in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim, ops)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, backend, layer) for layer in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim, backend)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -215,8 +215,8 @@ class GPTModel(nn.Module):
 
     @property
     def kernels(self) -> str:
-        """Name of the ops backend in use."""
-        return self.ops.name
+        """Name of the kernels backend in use (what ``kernels=`` chose); the object itself is ``self.backend``."""
+        return self.backend.name
 
     def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """in_idx: LongTensor (B, T) of token ids -> logits (B, T, V).

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune GPT-2's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face hub) or a "
                         "folder in its format (config.json + model.safetensors); the model's shape is theirs")
     g.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
-                   help="ops backend: auto = triton on CUDA when installed, else torch")
+                   help="kernels backend: auto = triton on CUDA when installed, else torch")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
@@ -453,7 +453,7 @@ class Trainer:
         self.peak = peak_flops(device)
         self.tb = self._tensorboard() if args.log == "tensorboard" and self.dist.is_main else None
 
-        backend = getattr(self.raw_model.ops, "resolved_name", lambda d: self.raw_model.kernels)(device)
+        backend = getattr(self.raw_model.backend, "resolved_name", lambda d: self.raw_model.kernels)(device)
         cfg = self.cfg
         self.log(f"model: {preset or 'custom'}"
                  + (f" initialised from {self.init_from}" if self.init_from else "")

@@ -115,7 +115,7 @@ for model in (ref, tri):
 for (name, a), b in zip(ref.named_parameters(), tri.parameters()):
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
 q = torch.randn(1, 2, 24, 16, requires_grad=True)
-out = tri.ops.causal_attention(q, q, q, dropout_p=0.5)  # the dropout path calls Triton's own tl.randint4x
+out = tri.backend.causal_attention(q, q, q, dropout_p=0.5)  # the dropout path calls Triton's own tl.randint4x
 out.sum().backward()
 assert torch.isfinite(q.grad).all()
 print("ok")
