@@ -26,8 +26,11 @@ max grows. For each key tile j, with the tile's scores S_j:
     acc   = alpha * acc + P~_j v_j
     m     = m_new
 
-and at the end O = acc / l and LSE = m + log(l), the row's log-sum-exp. Everything is accumulated in float32
-whatever the input dtype. exp is computed as exp2, the GPU's native instruction: exp(x) = 2^(x log2 e), and the
+and at the end O = acc / l and LSE = m + log(l), the row's log-sum-exp. The statistics m and l, the scores and the
+accumulator are float32 whatever the input dtype, and every matmul accumulates in float32; but a matmul's operands
+are in the input dtype, so with 16-bit inputs P~_j is rounded to that dtype before P~_j v_j (the tensor cores take
+16-bit operands), as is dS in the backward before dS k and dS^T q. That rounding (about 3 significant digits in
+bf16) is the kernels' main difference from float32 math, and what the tests' per-dtype tolerances allow for. exp is computed as exp2, the GPU's native instruction: exp(x) = 2^(x log2 e), and the
 factor log2(e) is folded into the scale once (qk_scale = scale * log2 e), so m lives in base 2, and so does the
 saved LSE (LSE * log2 e): converting it back and forth would only add rounding to the backward's P.
 
@@ -36,8 +39,8 @@ are skipped by the loop bounds (half of the work disappears); key tiles wholly b
 the diagonal band [r, r + BLOCK_M) compares positions. The loop is split in two so the unmasked tiles, nearly all
 of them for long sequences, carry no mask arithmetic. With Tq < Tk the tile's rows sit at positions
 [a, a + BLOCK_M), a = (Tk - Tq) + r, and everything moves with them: the unmasked keys are [0, a) and the band
-[a, a + BLOCK_M), with a rounded down to a whole key tile so that the loop steps stay aligned (with Tq = Tk,
-a = r is already one, as BLOCK_N divides BLOCK_M). The offset enters only the loop bounds and the positions the
+[a, a + BLOCK_M), with a rounded down to a whole key tile so that the loop steps stay aligned (with Tq = Tk and
+BLOCK_N dividing BLOCK_M, as in every GPU tile, a = r is already one; otherwise the band just starts earlier). The offset enters only the loop bounds and the positions the
 band compares, computed once per program: the inner loops are the same code for every offset.
 
 Backward.  With dO = dL/dO, and Pd = P * M / (1 - p) the dropped-out weights:
@@ -62,14 +65,21 @@ owned by one program, so there are no atomic adds and the result is deterministi
 dP twice.
 
 Dropout.  The keep mask is drawn inside the kernels with Philox, a counter-based generator: tl.randint4x(key,
-counter) is a pure function, so the backward regenerates the forward's mask exactly and nothing is stored. One
-Philox call costs about as much integer arithmetic as the two matmuls of a whole tile row, and returns 128 random
-bits, so one call serves 8 keys with 16 bits each (as FlashAttention does with 8-bit draws): entry (i, j) of head
-bh uses key = seed + bh * 2^32 (the Philox key is 64 bits: the seed in the low word, the (batch, head) index in
-the high word), counter = a * Tk + 8 * (j // 8) with a the query's position (a = i when Tq = Tk), and the 16-bit
-half j % 2 of the word (j % 8) // 2 of the result. Positions, not row numbers: the rows of a chunk (Tq < Tk) draw
+counter) is a pure function, so the backward regenerates the forward's mask exactly and nothing is stored. A
+Philox-4x32 call is ten rounds of 32-bit multiplies and xors: drawn once per (query, key) entry it made up most of
+the forward kernel's instructions (benchmarks/NOTES.md counts them in the compiled code: 5072 instructions against
+1400 without dropout), so one call, which returns four 32-bit words, serves 8 keys with 16 bits each (2552). Entry
+(i, j) of head bh uses the Philox key seed + bh * 2^32 (64 bits: the seed in the low word, the (batch, head) index
+in the high word) and the counter a * Tk + 8 * (j // 8), with a the query's position (a = i when Tq = Tk). Of the
+words w0, w1, w2, w3 it returns, the keys 8g + 0 .. 8g + 7 of a group take, in order,
+
+    w0 low, w2 low, w1 low, w3 low, w0 high, w2 high, w1 high, w3 high       (low / high: the 16-bit halves)
+
+an order that falls out of how _keep_mask stacks the halves with tl.join; ``kernels/tiled.py`` rebuilds the mask
+from this sentence in NumPy and its test checks it against the kernel bit for bit. Positions, not row numbers: the rows of a chunk (Tq < Tk) draw
 exactly the mask the same rows draw in the whole (Tk, Tk) problem with the same seed. Counters are unique within
-a head while Tk * Tk < 2^31, i.e. Tk <= 46340, so distinct (bh, a, j) never share a draw.
+a head while the largest, (Tk - 1) * Tk + 8 * ((Tk - 1) // 8), stays below 2^31 (the counter is a 32-bit integer):
+Tk <= 46340 = MAX_DROPOUT_T, so distinct (bh, a, j) never share a draw.
 An entry is kept when its draw is >= round(p * 2^16), so dropped with probability p to within 2^-17; kept
 entries are scaled by 1 / (1 - p); l and the LSE use the undropped P, exactly as nn.Dropout applied to the softmax
 output. The seed comes from torch's default CPU generator, so torch.manual_seed reproduces a run.
@@ -119,7 +129,7 @@ __all__ = ["attention_bwd", "attention_fwd", "causal_attention", "causal_attenti
            "MAX_HEAD_DIM", "Tiles", "tuning_report"]
 
 MAX_HEAD_DIM = 128  # one (BLOCK, 128) tile of q, k, v and the accumulators must fit in registers / shared memory
-MAX_DROPOUT_T = 46340  # the Philox counter i * Tk + 8 * (j // 8) is an int32: Tk * Tk < 2^31
+MAX_DROPOUT_T = 46340  # the Philox counter a * Tk + 8 * (j // 8) is an int32: below 2^31 for every a, j < Tk
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
 
@@ -136,11 +146,13 @@ def _keep_mask(rng_key, rows, first_key, T, dropout_p, BLOCK_R: tl.constexpr, BL
     The counter is rows[r] * T + first_key + 8 * (c // 8); a caller holding query rows r counted from position
     ``offset`` passes first_key + offset * T instead, since (offset + r) * T + j = r * T + (j + offset * T).
     """
+    tl.static_assert(BLOCK_C % 8 == 0, "dropout draws 8 keys per Philox call: the key tile must be a multiple of 8")
     groups = first_key + 8 * tl.arange(0, BLOCK_C // 8)  # the first key of each group of 8
     w0, w1, w2, w3 = tl.randint4x(rng_key, rows[:, None] * T + groups[None, :])  # (BLOCK_R, BLOCK_C // 8) uint32
-    # The draws of key r of a group: the low (r even) or high half of word r // 2. tl.join stacks along a new last
-    # axis held by one thread, so each Philox call is made once and its bits spread in registers:
-    # (BLOCK_R, BLOCK_C // 8, 2, 2, 2) with r = 4 * c + 2 * a + b at [..., c, a, b].
+    # tl.join stacks two tensors along a new LAST axis, held by one thread, so each Philox call is made once and its
+    # bits spread in registers. Three joins give (BLOCK_R, BLOCK_C // 8, half, word_in_pair, pair) — half: low 0 /
+    # high 1; word = 2 * pair + word_in_pair — and the row-major reshape below numbers the 8 keys of a group
+    # r = 4 * half + 2 * word_in_pair + pair: w0 low, w2 low, w1 low, w3 low, w0 high, w2 high, w1 high, w3 high.
     w01 = tl.join(tl.join(w0 & 0xFFFF, w0 >> 16), tl.join(w1 & 0xFFFF, w1 >> 16))
     w23 = tl.join(tl.join(w2 & 0xFFFF, w2 >> 16), tl.join(w3 & 0xFFFF, w3 >> 16))
     draws = tl.join(w01, w23)  # uniform on [0, 2^16)
@@ -225,7 +237,7 @@ def _attention_fwd(
     rng_key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)  # Philox key: (seed, bh) in (low, high) words
 
     first = (Tk - Tq) + start_m * BLOCK_M  # the tile's first query position
-    lo = first // BLOCK_N * BLOCK_N  # rounded down to a key tile (first itself when Tq == Tk: BLOCK_N | BLOCK_M)
+    lo = first // BLOCK_N * BLOCK_N  # rounded down to a key tile (first itself when Tq == Tk and BLOCK_N | BLOCK_M)
     # keys [0, lo): in the past of every row of this tile, no mask
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, 0, lo, Tk,
                                qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N, False, DROPOUT, DOT_PRECISION)
@@ -469,8 +481,8 @@ def _block_d(head_dim: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # Default tl.dot on float32 is tf32 (10-bit mantissa), worse than torch's float32 attention; "ieee" keeps it
-    # exact. For 16-bit inputs the setting is ignored.
+    # Default tl.dot on float32 is tf32 (10-bit mantissa), worse than torch's float32 attention; "ieee" multiplies
+    # at full float32 precision (not exactly: float32 products still round). For 16-bit inputs it is ignored.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -619,7 +631,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     if dropout_p > 0.0 and Tk > MAX_DROPOUT_T:
         raise ValueError(
             f"causal_attention: dropout in the triton kernel supports Tk <= {MAX_DROPOUT_T} keys (its random-number "
-            f"counter is i * Tk + j in 32 bits), got Tk={Tk} — use dropout_p=0 or the torch backend"
+            f"counter a * Tk + 8 * (j // 8) is a 32-bit integer), got Tk={Tk} — use dropout_p=0 or the torch backend"
         )
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0

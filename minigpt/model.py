@@ -246,7 +246,15 @@ class GPTModel(nn.Module):
         return logits
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (optionally without the position embedding, as GPT-2's papers count)."""
+        """Parameter count; ``non_embedding=True`` leaves out the position embedding (a convention from nanoGPT).
+
+        Why "gpt2-124m" has 162.4M parameters here: GPT-2 ties its output head to the token embedding (one
+        50,257 x 768 matrix, 38.6M, used twice) and counts it once, with a 1024-position embedding: 85.0M in the
+        blocks + 38.6M + 0.8M = 124.4M. This model, like the seed notebook's, has an untied head (its own 38.6M) and
+        a 256-position embedding (0.2M): 85.0M + 2 x 38.6M + 0.2M = 162.4M. nanoGPT's non-embedding count drops
+        only the position embedding because its tied matrix still does work as the head; with an untied head the
+        token embedding is a lookup that does no FLOPs, which is why ``flops_per_token`` subtracts it too.
+        """
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if non_embedding else n
 
