@@ -55,9 +55,11 @@ on the arrival order). So the rows are cut into G groups of consecutive rows:
     stage 2  (C / REDUCE_BLOCK_C)  each program sums a slice of columns of the partials over the G rows and
                                    writes dw and db in the parameters' dtype.
 
-G is twice the number of multiprocessors, capped at M: every multiprocessor busy with two programs, which is as
-many as fit at once (at 768 wide a program of 8 warps holds about 110 registers per thread, so two take most of
-the register file); more groups would only add a second wave and more partials. The partials cost 16 bytes per
+G is at most twice the number of multiprocessors, and at most M; each group then gets the same number of
+consecutive rows, rounded up to whole BLOCK_M steps, so G ends up cdiv(M, rows per group) — fewer when the rounding
+leaves the last groups nothing to do (6 rows asked into 4 groups: 2 rows each, 3 groups). Twice the
+multiprocessors: every one busy with two programs, which is as many as fit at once (at 768 wide a program of 8
+warps holds about 110 registers per thread, so two take most of the register file); more groups would only add a second wave and more partials. The partials cost 16 bytes per
 (group, column), written and read back: against the 6 * M bytes per column the pass must move in bf16, 16 * G /
 (6 * M), about 9% at M = 8192 rows on a 132-multiprocessor H100 (it was 17% with four groups per
 multiprocessor). The result is deterministic: the same additions happen in the same order on every run.

@@ -1,0 +1,131 @@
+"""The kernel exercises (exercises/): the checker passes every solution and fails every blank, with one line that
+names the exercise and its lesson; and the solutions cannot drift from the real kernels they copy.
+
+Without a GPU the exercises run in Triton's interpreter, on shapes small enough to take a few seconds in all.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import tokenize
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the interpreter must be chosen before the kernel modules are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from exercises.check import EXERCISES, main, prepare_device, run_check, split_at_markers  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = list(EXERCISES)
+
+
+@pytest.fixture(scope="module")
+def device() -> str:
+    return prepare_device()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checker, both ways
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_solution_passes(name, device):
+    passed, line = run_check(name, solution=True, device=device)
+    assert passed, line
+    assert line == f"PASS {name} (lesson {EXERCISES[name].lesson})"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_blank_fails_naming_the_exercise_and_lesson(name, device):
+    passed, line = run_check(name, solution=False, device=device)
+    assert not passed
+    assert "\n" not in line
+    assert line.startswith(f"FAIL {name} (lesson {EXERCISES[name].lesson}, COURSE.md): "), line
+    assert " differs from " in line, line  # the placeholder runs: the check fails on the numbers, not on an error
+    assert line.endswith(f" — fill in the blank in exercises/{name}.py"), line
+
+
+def test_cli_checks_every_exercise_in_a_fresh_process():
+    """`python -m exercises check` on the blanks: four FAIL lines, exit code 1; the checker switches Triton's
+    interpreter on by itself when there is no GPU (TRITON_INTERPRET is not set here)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "exercises", "check"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [f"FAIL {name}" for name in NAMES], result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_exit_code_zero_when_the_named_exercises_pass(capsys, device):
+    assert main(["check", "--solutions", "attention_delta"]) == 0
+    assert capsys.readouterr().out == "PASS attention_delta (lesson 6)\n"
+
+
+def test_unknown_exercise_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "gelu_forward"])
+    assert exit_info.value.code == 2
+    assert "unknown exercise 'gelu_forward' — choose from gelu_backward" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No drift: the solutions are the real kernels' lines, and the exercises differ from them only in the blank
+
+
+def _real_function_lines(path: Path, function: str) -> list[tuple[str, str]]:
+    """(line, line without its trailing comment) for each line of the top-level function ``function`` in ``path``,
+    leading whitespace stripped."""
+    source = path.read_text()
+    lines = source.splitlines()
+    comment_at = {}  # line number -> column of its comment
+    with path.open() as f:
+        for token in tokenize.generate_tokens(f.readline):
+            if token.type == tokenize.COMMENT:
+                comment_at[token.start[0]] = token.start[1]
+    node = next((n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == function), None)
+    assert node is not None, f"{path.relative_to(ROOT)} has no function {function}: update exercises/check.py"
+    return [(lines[i - 1].strip(), lines[i - 1][:comment_at.get(i, len(lines[i - 1]))].strip())
+            for i in range(node.lineno, node.end_lineno + 1)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_solution_lines_are_the_real_kernels(name):
+    """Each line of the filled region appears, in order, in the real kernel function (leading whitespace aside; a
+    trailing comment may be left out, not changed)."""
+    exercise = EXERCISES[name]
+    _, region, _ = split_at_markers(exercise.path(solution=True).read_text(), exercise)
+    wanted = [line.strip() for line in region.splitlines() if line.strip()]
+    assert wanted, f"the solution of {name} fills in nothing"
+    real = _real_function_lines(ROOT / exercise.real_file, exercise.real_function)
+    position = 0
+    for line in wanted:
+        found = next((i for i in range(position, len(real)) if line in real[i]), None)
+        assert found is not None, (
+            f"exercises/solutions/{name}.py: {line!r} is not in {exercise.real_function} in {exercise.real_file} "
+            f"(after the lines before it) — copy the real kernel's line into the solution")
+        position = found + 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exercise_and_solution_differ_only_in_the_blank(name):
+    exercise = EXERCISES[name]
+    blank = split_at_markers(exercise.path().read_text(), exercise)
+    solution = split_at_markers(exercise.path(solution=True).read_text(), exercise)
+    assert blank[0] == solution[0], f"exercises/{name}.py and its solution differ before the blank"
+    assert blank[2] == solution[2], f"exercises/{name}.py and its solution differ after the blank"
+    assert blank[1].strip() and blank[1] != solution[1], f"exercises/{name}.py has no placeholder in its blank"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_docstring_points_to_the_lesson_and_the_real_kernel(name):
+    exercise = EXERCISES[name]
+    docstring = ast.get_docstring(ast.parse(exercise.path().read_text()))
+    assert f"lesson {exercise.lesson} of COURSE.md" in docstring
+    assert exercise.real_function in docstring and exercise.real_file in docstring
