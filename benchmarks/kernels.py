@@ -18,7 +18,8 @@ alone; the forward ran outside the timed region) and ``fwd+bwd``.
 Counting.  GELU and LayerNorm are memory-bound: GB/s = the fewest bytes the pass must move (each input read once,
 each output written once; formulas below) / median time. Attention: TFLOP/s with a (query, key) pair costing two
 D-long dot products (q.k, p.v) at 2 FLOPs per multiply-add, causality keeping half the pairs:
-fwd = 4*B*H*T*T*D / 2, bwd = 2.5 * fwd (five matmuls instead of two; recomputing the scores is not counted),
+fwd = 4*B*H*T*T*D / 2, bwd = 2.5 * fwd (five matmuls instead of two: S recomputed, dP, dV, dQ, dK; our dQ kernel's
+second S and dP are not counted),
 fwd+bwd = 3.5 * fwd — the same count for every contender, even those that compute the masked half. Both are also
 given as a percentage of this device's ceilings, measured at the start of the run (``benchmarks/common.py``).
 

@@ -29,8 +29,8 @@ max grows. For each key tile j, with the tile's scores S_j:
 and at the end O = acc / l and LSE = m + log(l), the row's log-sum-exp. The statistics m and l, the scores and the
 accumulator are float32 whatever the input dtype, and every matmul accumulates in float32; but a matmul's operands
 are in the input dtype, so with 16-bit inputs P~_j is rounded to that dtype before P~_j v_j (the tensor cores take
-16-bit operands), as is dS in the backward before dS k and dS^T q. That rounding (about 3 significant digits in
-bf16) is the kernels' main difference from float32 math, and what the tests' per-dtype tolerances allow for. exp is computed as exp2, the GPU's native instruction: exp(x) = 2^(x log2 e), and the
+16-bit operands), as is dS in the backward before dS k and dS^T q. That rounding (8 significant bits in
+bf16, under 3 decimal digits) is the kernels' main difference from float32 math, and what the tests' per-dtype tolerances allow for. exp is computed as exp2, the GPU's native instruction: exp(x) = 2^(x log2 e), and the
 factor log2(e) is folded into the scale once (qk_scale = scale * log2 e), so m lives in base 2, and so does the
 saved LSE (LSE * log2 e): converting it back and forth would only add rounding to the backward's P.
 
@@ -645,8 +645,11 @@ def causal_attention_flops(B: int, H: int, T: int, D: int) -> tuple[float, float
     """(forward, backward) FLOPs of causal attention over T = Tq = Tk positions, the convention the benchmarks
     report (a decoding step's count, 4 * B * H * Tk * D, is under "Decoding" in this module's docstring).
 
-    Forward: two matmuls (q k^T and P v) over the T * T / 2 (query, key) pairs that are not masked, 2 FLOPs per
-    multiply-add: 2 * 2 * B * H * T * T * D / 2. Backward: five such matmuls, 2.5 times the forward.
+    Forward: two matmuls (q k^T and P v) over the (query, key) pairs the mask keeps, 2 FLOPs per multiply-add,
+    with the pairs counted as T * T / 2 (exactly T (T + 1) / 2: the convention leaves out the T / 2 diagonal pairs'
+    share, under 0.1% at T = 1024): 2 * 2 * B * H * T * T * D / 2. Backward: five such matmuls (S recomputed, dP,
+    dV, dQ, dK), 2.5 times the forward. ``benchmarks/kernels.py`` keeps its own copy (``attention_flops``);
+    tests/test_formulas.py checks that the two agree.
     """
     fwd = 2.0 * 2.0 * B * H * T * T * D / 2.0
     return fwd, 2.5 * fwd

@@ -39,7 +39,8 @@ storage dtype. GELU does a handful of flops per element, so it is bound by memor
     forward:   reads n*b (x),          writes n*b (y)    -> 2 n b bytes
     backward:  reads 2 n b (x and dy), writes n*b (dx)   -> 3 n b bytes
 
-``gelu_bytes`` below computes these; the benchmark divides them by the measured time to get GB/s.
+``gelu_bytes`` below computes these; the benchmark (its own copy in ``benchmarks/kernels.py``, checked equal by
+tests/test_formulas.py) divides them by the measured time to get GB/s.
 """
 from __future__ import annotations
 

@@ -72,7 +72,9 @@ For M rows of width C, x in dtype of ``xb`` bytes, weight and bias of ``wb`` byt
     backward:  reads  2*M*C*xb (x, dy) + C*wb (w) + 8*M        writes M*C*xb (dx) + 8*G*C (partials)
                stage 2 reads the 8*G*C partials back           writes 2*C*wb (dw, db)
 
-``layer_norm_bytes`` below computes these; the benchmark divides them by the measured time to get GB/s.
+``layer_norm_bytes`` below computes these. The benchmark (``benchmarks/kernels.py``, which keeps its own copy so
+that it runs without Triton) divides the same counts, less our partial sums — an implementation's choice, not the
+op's — by the measured time to get GB/s; tests/test_formulas.py checks that the two copies agree.
 """
 from __future__ import annotations
 

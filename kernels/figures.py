@@ -1,0 +1,375 @@
+r"""``python -m kernels.figures``: the course's pictures, drawn from the kernels' own loop bounds and tile tables.
+
+A picture of a tiling drawn by hand goes stale the day a tile size or a loop bound changes. These are drawn by
+code from the very functions and tables the kernels run with, so they are redrawn, not re-drawn, when the kernels
+change:
+
+    attention_tile_grid.png            the causal tile grid of the forward and of both backward kernels, T = 512,
+                                       the default GPU tiles (kernels/attention_tiles.py); which tiles each kernel
+                                       skips, visits without a mask, or visits with the causal mask (the diagonal
+                                       band), from kernels/tiled.py's ``attention_tile_grid``, which shares its
+                                       loop bounds with the tiled mirror of the kernels
+    attention_tile_grid_chunk.png      the same for a chunk: the last Tq = 200 queries against Tk = 512 keys, the
+                                       diagonal shifted right and falling across tiles
+    layer_norm_backward_reduction.png  the LayerNorm backward's two-stage reduction of dw and db: rows cut into G
+                                       groups (``tiled.layer_norm_groups`` with layer_norm.py's tile and group
+                                       constants), one (G, C) row of partial sums per group, then column slices
+                                       of REDUCE_BLOCK_C summed over the G rows
+    attention_dropout_philox.png       which 16-bit half of which of the four 32-bit words of one Philox call each
+                                       of the 8 keys of a group draws (``tiled.PHILOX_KEY_LAYOUT``, which
+                                       tests/test_tiled.py and tests/test_figures.py check against the kernel)
+
+Regenerate them all with one command:
+
+    python -m kernels.figures              # writes docs/figures/*.png of this checkout, from any directory
+    python -m kernels.figures --out DIR
+
+tests/test_figures.py redraws them into a temporary folder and fails, asking for this command, when the committed
+PNGs differ. The output is deterministic: matplotlib's default style with pinned fonts (DejaVu Sans, shipped with
+matplotlib), sizes and dpi, and the PNG written by Pillow as 256 colours with no metadata (no "Software" stamp, no
+date). matplotlib is imported inside the functions: the kernels never need it.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from . import tiled
+from .attention_tiles import tiles_for
+from .layer_norm import GROUPS_PER_SM, INTERPRETER_GROUPS, REDUCE_BLOCK_C, backward_tile, row_tile
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures"
+DPI = 100  # with the sizes below: 1100 px wide, about GitHub's page width at 1:1 when scaled to fit
+RC = {  # everything a rendering depends on, pinned (on top of matplotlib's default style)
+    "font.family": "DejaVu Sans",
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 11,
+    "figure.titlesize": 13,
+    "path.simplify": False,
+}
+
+# The tile grid's states (tiled.attention_tile_grid) and their colours: colour-blind-safe blue and orange.
+SKIPPED, UNMASKED, MASKED = 0, 1, 2
+TILE_COLORS = {SKIPPED: "#eeeeee", UNMASKED: "#4c78a8", MASKED: "#f58518"}
+TILE_LABELS = {SKIPPED: "skipped by the loop bounds", UNMASKED: "visited, no mask",
+               MASKED: "visited with the causal mask (diagonal band)"}
+KERNEL_TITLES = {
+    "forward": "forward\none program per query tile (a row)",
+    "dkdv": "backward dK / dV\none program per key tile (a column)",
+    "dq": "backward dQ\none program per query tile (a row)",
+}
+# The attention figures: (file name, Tq, Tk). The tiles are the GPU's defaults for 16-bit inputs with D <= 64.
+ATTENTION_FIGURES = (("attention_tile_grid.png", 512, 512), ("attention_tile_grid_chunk.png", 200, 512))
+ATTENTION_DTYPE, ATTENTION_HEAD_DIM = torch.float16, 64
+_TILE_TABLE_NAME = {"forward": "fwd", "dkdv": "dkdv", "dq": "dq"}  # tiled's kernel names -> attention_tiles'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data each figure draws (also what tests/test_figures.py checks)
+
+
+def attention_tiles(Tq: int, Tk: int) -> dict[str, tuple[int, int]]:
+    """kernel ("forward", "dkdv", "dq") -> (BLOCK_M, BLOCK_N): the default GPU tiles for Tq queries against Tk keys
+    (the first candidate of each list in kernels/attention_tiles.py), for 16-bit inputs with D <= 64."""
+    table = tiles_for(ATTENTION_DTYPE, ATTENTION_HEAD_DIM, Tq, Tk, interpreting=False)
+    return {kernel: tuple(table[name][0][:2]) for kernel, name in _TILE_TABLE_NAME.items()}
+
+
+class LayerNormLayout(NamedTuple):
+    n_rows: int  # M
+    width: int  # C
+    n_groups: int  # G asked for; len(groups) may be fewer (no group without rows)
+    block_m: int  # rows per stage-1 loop step
+    groups: list[list[int]]  # the rows of each group
+    reduce_block_c: int  # columns per stage-2 program
+
+
+LAYER_NORM_ROWS, LAYER_NORM_WIDTH = 30, 2048  # bf16 rows of 2048: 2 rows per step, as row_tile gives on a GPU
+
+
+def layer_norm_layout(n_rows: int = LAYER_NORM_ROWS, width: int = LAYER_NORM_WIDTH) -> LayerNormLayout:
+    """The backward's row groups for ``n_rows`` bf16 rows of ``width``: G = INTERPRETER_GROUPS (on a GPU it is
+    GROUPS_PER_SM per multiprocessor, hundreds of groups, too many to draw), the GPU's stage-1 tile
+    (``backward_tile(row_tile(...))``), and the rows of each group as the launcher assigns them."""
+    n_groups = INTERPRETER_GROUPS
+    rows_per_program = -(-n_rows // max(1, min(n_groups, n_rows)))
+    block_m = backward_tile(row_tile(width, 2, rows_per_program, interpreting=False)).BLOCK_M
+    groups = tiled.layer_norm_groups(n_rows, n_groups, block_m)
+    return LayerNormLayout(n_rows, width, n_groups, block_m, groups, REDUCE_BLOCK_C)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _new_figure(width: float, height: float):
+    """A figure on the Agg canvas, not registered with pyplot (no global state, no GUI backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` as a palette PNG: the drawing has a few hundred colours (mostly anti-aliasing shades), and 256
+    of them, picked without dithering, look the same at a third of the size of an RGBA file. No metadata (no
+    "Software" stamp): the bytes depend on the drawing alone."""
+    from PIL import Image
+
+    fig.canvas.draw()
+    rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+    rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+    return path
+
+
+def _tile_ticks(ax, n_tiles: int, block: int, extent: int, axis: str) -> None:
+    """Tick marks at tile centres labelled with the tile index, at most about 8 labels."""
+    step = max(1, -(-n_tiles // 8))
+    index = list(range(0, n_tiles, step))
+    centres = [min(i * block + block / 2, (i * block + extent) / 2) for i in index]
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(centres, [str(i) for i in index])
+
+
+def _draw_tile_grid(ax, kernel: str, Tq: int, Tk: int, block_m: int, block_n: int) -> None:
+    """One kernel's (query tile, key tile) grid, in positions (tiles at their true size), with the causal
+    diagonal and one program's tiles outlined."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    grid = tiled.attention_tile_grid(kernel, Tq, Tk, block_m, block_n)
+    cells, colors = [], []
+    for i, j in np.ndindex(*grid.shape):  # query tile i, key tile j; the last ones may be cut short
+        y0, x0 = i * block_m, j * block_n
+        cells.append(Rectangle((x0, y0), min(block_n, Tk - x0), min(block_m, Tq - y0)))
+        colors.append(TILE_COLORS[int(grid[i, j])])
+    ax.add_collection(PatchCollection(cells, facecolors=colors, edgecolors="white", linewidths=0.6))
+    offset = Tk - Tq  # query row i sits at position offset + i and sees the keys 0 .. offset + i
+    ax.plot([offset, Tk], [0, Tq], color="black", linewidth=1.2, linestyle="--")
+
+    # one program, in the middle of the grid: its tiles outlined, an arrow along its walk
+    if kernel == "dkdv":
+        j = grid.shape[1] // 2
+        rows = [i for i in range(grid.shape[0]) if grid[i, j]]
+        x0, width = j * block_n, min(block_n, Tk - j * block_n)
+        y0, y1 = rows[0] * block_m, min((rows[-1] + 1) * block_m, Tq)
+        ax.add_patch(Rectangle((x0, y0), width, y1 - y0, fill=False, edgecolor="black", linewidth=2.0))
+        ax.annotate("", xy=(x0 + width / 2, y1 - 0.04 * Tq), xytext=(x0 + width / 2, y0 + 0.04 * Tq),
+                    arrowprops=dict(arrowstyle="->", color="black", linewidth=1.5))
+    else:
+        i = grid.shape[0] // 2
+        cols = [j for j in range(grid.shape[1]) if grid[i, j]]
+        y0, height = i * block_m, min(block_m, Tq - i * block_m)
+        x1 = min((cols[-1] + 1) * block_n, Tk)
+        ax.add_patch(Rectangle((0, y0), x1, height, fill=False, edgecolor="black", linewidth=2.0))
+        ax.annotate("", xy=(x1 - 0.04 * Tk, y0 + height / 2), xytext=(0.04 * Tk, y0 + height / 2),
+                    arrowprops=dict(arrowstyle="->", color="black", linewidth=1.5))
+
+    visited, masked = int((grid > 0).sum()), int((grid == MASKED).sum())
+    ax.set_title(f"{KERNEL_TITLES[kernel]}\n{visited} of {grid.size} tiles visited, {masked} masked", fontsize=11)
+    ax.set_xlim(0, Tk)
+    ax.set_ylim(Tq, 0)  # query 0 at the top, as a matrix is printed
+    ax.set_aspect("equal")
+    ax.xaxis.set_ticks_position("top")
+    ax.xaxis.set_label_position("top")
+    _tile_ticks(ax, grid.shape[1], block_n, Tk, "x")
+    _tile_ticks(ax, grid.shape[0], block_m, Tq, "y")
+    ax.set_xlabel(f"key tile ({block_n} keys)")
+    ax.set_ylabel(f"query tile\n({block_m} queries)")
+
+
+def draw_attention_tile_grid(path: Path, Tq: int, Tk: int) -> Path:
+    """The three kernels' tile grids side by side for Tq queries (the last Tq positions) against Tk keys."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    tiles = attention_tiles(Tq, Tk)
+    # laid out in inches, bottom to top: legend, the three panels (true aspect: Tq high, Tk wide), their axis
+    # labels and titles, the figure's title
+    width, panel_w, legend_h, above_h, title_h = 11.0, 2.9, 0.8, 1.2, 0.6
+    panel_h = panel_w * Tq / Tk
+    height = legend_h + panel_h + above_h + title_h
+    fig = _new_figure(width, height)
+    for n, kernel in enumerate(tiled.ATTENTION_KERNELS):
+        left = 0.7 + n * (panel_w + 0.75)
+        ax = fig.add_axes((left / width, legend_h / height, panel_w / width, panel_h / height))
+        _draw_tile_grid(ax, kernel, Tq, Tk, *tiles[kernel])
+    if Tq == Tk:
+        what = f"causal attention over T = {Tk} positions"
+    else:
+        what = f"the last Tq = {Tq} queries against Tk = {Tk} keys"
+    where = "" if Tq == Tk else f"query i at position {Tk - Tq} + i; "
+    fig.suptitle(f"Which tiles each attention kernel computes: {what}\n{where}default GPU tiles for 16-bit inputs, "
+                 f"head dim <= {ATTENTION_HEAD_DIM} (kernels/attention_tiles.py)", y=1 - 0.08 / height, va="top")
+    handles = [Patch(facecolor=TILE_COLORS[s], edgecolor="#999999", label=TILE_LABELS[s])
+               for s in (SKIPPED, UNMASKED, MASKED)]
+    handles += [Line2D([], [], color="black", linestyle="--", label="causal diagonal: key = query position"),
+                Patch(facecolor="none", edgecolor="black", linewidth=2.0,
+                      label="one program's tiles, walked along the arrow")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=10)
+    return _save(fig, path)
+
+
+GROUP_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756", "#72b7b2", "#eeca3b", "#9d755d")
+
+
+def draw_layer_norm_backward_reduction(path: Path) -> Path:
+    """Rows -> G groups (stage 1, one program each) -> (G, C) partials -> column slices summed (stage 2)."""
+    from matplotlib.patches import Rectangle
+
+    layout = layer_norm_layout()
+    M, C, block_m = layout.n_rows, layout.width, layout.block_m
+    G = len(layout.groups)
+    fig = _new_figure(11, 6.6)
+    ax = fig.add_axes((0.16, 0.08, 0.58, 0.74))
+    row_h, gap = 1.0, 4.0
+    partial_top = M * row_h + gap  # the (G, C) partials, each row 1.5 tall
+    partial_h = 1.5
+    out_top = partial_top + G * partial_h + gap
+    out_h = 1.5
+
+    # stage 1: the rows of x and dy, coloured by group, a thin line between loop steps of block_m rows
+    for g, rows in enumerate(layout.groups):
+        color = GROUP_COLORS[g % len(GROUP_COLORS)]
+        ax.add_patch(Rectangle((0, rows[0]), C, len(rows), facecolor=color, alpha=0.55, edgecolor="none"))
+        for step in range(rows[0] + block_m, rows[-1] + 1, block_m):
+            ax.plot([0, C], [step, step], color="white", linewidth=0.8)
+        ax.plot([0, C], [rows[0], rows[0]], color="black", linewidth=1.4)
+        n_steps = -(-len(rows) // block_m)
+        ax.text(C * 1.02, rows[0] + len(rows) / 2,
+                f"program {g}: rows {rows[0]}-{rows[-1]}\n{n_steps} steps of {block_m} rows",
+                va="center", ha="left", fontsize=10)
+        # its row of partial sums, and an arrow from the group to it
+        y = partial_top + g * partial_h
+        ax.add_patch(Rectangle((0, y), C, partial_h, facecolor=color, alpha=0.55, edgecolor="white"))
+        ax.annotate("", xy=(-0.005 * C, y + partial_h / 2), xytext=(-0.005 * C, rows[0] + len(rows) / 2),
+                    arrowprops=dict(arrowstyle="->", color=color, linewidth=1.8, shrinkA=0, shrinkB=0,
+                                    connectionstyle=f"arc3,rad={0.08 + 0.04 * (G - g)}"), annotation_clip=False)
+    ax.add_patch(Rectangle((0, 0), C, M, fill=False, edgecolor="black", linewidth=1.4))
+
+    # stage 2: column slices of the partials, one program each; one of them outlined down to its output
+    n_slices = -(-C // layout.reduce_block_c)
+    for s in range(1, n_slices):
+        x = s * layout.reduce_block_c
+        ax.plot([x, x], [partial_top, partial_top + G * partial_h], color="white", linewidth=0.8)
+        ax.plot([x, x], [out_top, out_top + out_h], color="#888888", linewidth=0.5)
+    ax.add_patch(Rectangle((0, partial_top), C, G * partial_h, fill=False, edgecolor="black", linewidth=1.4))
+    ax.add_patch(Rectangle((0, out_top), C, out_h, facecolor="#dddddd", edgecolor="black", linewidth=1.4))
+    chosen = n_slices // 2
+    x0 = chosen * layout.reduce_block_c
+    for top, h in ((partial_top, G * partial_h), (out_top, out_h)):
+        ax.add_patch(Rectangle((x0, top), layout.reduce_block_c, h, fill=False, edgecolor="black", linewidth=2.2))
+    ax.annotate("", xy=(x0 + layout.reduce_block_c / 2, out_top),
+                xytext=(x0 + layout.reduce_block_c / 2, partial_top + G * partial_h),
+                arrowprops=dict(arrowstyle="->", color="black", linewidth=1.6))
+    ax.text(C * 1.02, partial_top + G * partial_h / 2,
+            f"stage 1 writes one row per program:\n({G}, {C}) float32 partial sums,\none array for dw, one for db",
+            va="center", ha="left", fontsize=10)
+    ax.text(C * 1.02, out_top + out_h / 2,
+            f"stage 2: {n_slices} programs, each sums\n{layout.reduce_block_c} columns over the {G} rows\n"
+            f"(outlined: program {chosen})", va="center", ha="left", fontsize=10)
+
+    # labels on the left
+    labels = ((M / 2, f"x and dy:\n{M} rows\nof {C}"), (partial_top + G * partial_h / 2, "partial\nsums:\n(G, C)"),
+              (out_top + out_h / 2, "dw, db:\n(C,)"))
+    for y, label in labels:
+        ax.text(-0.1 * C, y, label, va="center", ha="right", fontsize=10.5)
+    ax.set_xlim(0, C)
+    ax.set_ylim(out_top + out_h + 0.5, -0.5)
+    ax.set_yticks([])
+    ax.set_xticks(range(0, C + 1, C // 4))
+    ax.set_xlabel("column (feature)")
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    fig.suptitle("LayerNorm backward: dw = sum over rows of dy * xhat and db = sum over rows of dy, in two stages",
+                 y=0.98)
+    fig.text(0.5, 0.905,
+             f"M = {M} bf16 rows of C = {C}; G = {layout.n_groups} row groups (INTERPRETER_GROUPS; on a GPU "
+             f"GROUPS_PER_SM = {GROUPS_PER_SM} per multiprocessor);\n"
+             f"{block_m} rows per loop step (backward_tile(row_tile(...)) on a GPU); "
+             f"REDUCE_BLOCK_C = {layout.reduce_block_c} columns per stage-2 program (kernels/layer_norm.py)",
+             ha="center", va="center", fontsize=10)
+    return _save(fig, path)
+
+
+WORD_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2")
+
+
+def draw_attention_dropout_philox(path: Path) -> Path:
+    """The 128 bits of one Philox call (four 32-bit words, each two 16-bit halves) and the 8 keys they serve."""
+    from matplotlib.patches import Rectangle
+
+    layout = tiled.PHILOX_KEY_LAYOUT
+    fig = _new_figure(11, 4.4)
+    ax = fig.add_axes((0.02, 0.02, 0.96, 0.8))
+    cell_w, cell_h, top, bottom = 1.0, 0.8, 3.0, 0.4
+    # the 8 halves, in memory order: w0 low, w0 high, w1 low, ...
+    for word in range(4):
+        for half in range(2):
+            x = 2 * word + half
+            ax.add_patch(Rectangle((x, top), cell_w, cell_h, facecolor=WORD_COLORS[word],
+                                   alpha=0.45 if half else 0.85, edgecolor="white", linewidth=2))
+            ax.text(x + 0.5, top + 0.4, f"w{word} {'high' if half else 'low'}\nbits {16 * half}-{16 * half + 15}",
+                    ha="center", va="center", fontsize=10)
+        ax.add_patch(Rectangle((2 * word, top), 2, cell_h, fill=False, edgecolor="black", linewidth=1.4))
+    ax.text(4, top + cell_h + 0.35,
+            "one Philox call: tl.randint4x(seed + bh * 2^32, a * Tk + 8g) -> four 32-bit words w0 .. w3",
+            ha="center", va="center", fontsize=11)
+    # the 8 keys of group g, each joined to the half it draws
+    for r, (word, half) in enumerate(layout):
+        ax.add_patch(Rectangle((r, bottom), cell_w, cell_h, facecolor=WORD_COLORS[word],
+                               alpha=0.45 if half else 0.85, edgecolor="white", linewidth=2))
+        ax.text(r + 0.5, bottom + 0.4, f"key 8g+{r}", ha="center", va="center", fontsize=10)
+        ax.annotate("", xy=(2 * word + half + 0.5, top), xytext=(r + 0.5, bottom + cell_h),
+                    arrowprops=dict(arrowstyle="->", color="#333333", linewidth=1.2))
+    ax.add_patch(Rectangle((0, bottom), 8, cell_h, fill=False, edgecolor="black", linewidth=1.4))
+    ax.text(4, bottom - 0.3, "the 8 keys 8g .. 8g+7 of query a: key kept when its 16-bit draw >= round(p * 2^16)",
+            ha="center", va="center", fontsize=11)
+    ax.set_xlim(-0.1, 8.1)
+    ax.set_ylim(-0.2, top + cell_h + 0.6)
+    ax.axis("off")
+    order = ", ".join(f"w{w} {'high' if h else 'low'}" for w, h in layout)
+    fig.suptitle(f"Dropout draws 8 keys from one Philox call (kernels/attention.py, _keep_mask)\n"
+                 f"keys 0..7 of a group take: {order}", y=0.97)
+    return _save(fig, path)
+
+
+FIGURES = tuple(name for name, _, _ in ATTENTION_FIGURES) + ("layer_norm_backward_reduction.png",
+                                                           "attention_dropout_philox.png")
+
+
+def render_all(out: Path = DEFAULT_OUT) -> list[Path]:
+    """Draw every figure into ``out`` (created if missing); returns the paths written, in FIGURES order."""
+    import matplotlib
+    import matplotlib.style
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with matplotlib.style.context("default"), matplotlib.rc_context(RC):
+        paths = [draw_attention_tile_grid(out / name, Tq, Tk) for name, Tq, Tk in ATTENTION_FIGURES]
+        paths.append(draw_layer_norm_backward_reduction(out / "layer_norm_backward_reduction.png"))
+        paths.append(draw_attention_dropout_philox(out / "attention_dropout_philox.png"))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m kernels.figures",
+        description="Draw the course's figures (PNGs) from the kernels' loop bounds and tile tables.")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for the PNGs (default: {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    for path in render_all(args.out):
+        print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The course's figures (kernels/figures.py -> docs/figures/*.png): current, small, and drawing the kernels' truth.
+
+The committed PNGs must be what ``python -m kernels.figures`` draws now: they are redrawn into a temporary folder
+and compared pixel by pixel (decoded images, not bytes, so a different PNG encoder version does not matter). The
+data behind them must be right independently of the drawing: every tile grid drawn is checked against a brute-force
+causal mask, the Philox layout against the kernel's own ``_keep_mask``, and the LayerNorm groups against the
+launcher's arithmetic.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the interpreter must be chosen before the kernel modules are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("matplotlib")
+pytest.importorskip("triton")
+
+import kernels.layer_norm as layer_norm  # noqa: E402
+from kernels import figures, tiled  # noqa: E402
+from kernels.launch import is_interpreting  # noqa: E402
+from kernels.reference import future_mask  # noqa: E402
+
+REGENERATE = "python -m kernels.figures"
+MAX_BYTES = 100 * 1024
+# Pixels allowed to differ by more than 0.1 (of the 0..1 range) in some channel: a few anti-aliased edge pixels if
+# a font rasterizer version differs, far fewer than a changed tile (hundreds of pixels) or a changed label.
+MAX_DIFFERING_PIXELS = 30
+
+
+@pytest.fixture(scope="module")
+def redrawn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    return {path.name: path for path in figures.render_all(out)}
+
+
+def test_committed_figures_are_current(redrawn):
+    import matplotlib.image
+
+    committed = figures.DEFAULT_OUT
+    stale = sorted(set(p.name for p in committed.glob("*.png")) - set(redrawn))
+    assert not stale, f"{committed} has figures no code draws: {stale} — delete them, or run `{REGENERATE}`"
+    for name, path in redrawn.items():
+        old = committed / name
+        assert old.exists(), f"{old} is missing — run `{REGENERATE}` and commit docs/figures/"
+        new_pixels, old_pixels = (matplotlib.image.imread(p)[..., :3] for p in (path, old))
+        assert new_pixels.shape == old_pixels.shape, (
+            f"{name}: the committed figure is {old_pixels.shape[:2]} pixels, the code draws "
+            f"{new_pixels.shape[:2]} — run `{REGENERATE}` and commit docs/figures/")
+        differing = int((np.abs(new_pixels - old_pixels).max(-1) > 0.1).sum())
+        assert differing <= MAX_DIFFERING_PIXELS, (
+            f"{name}: {differing} pixels differ from what the code draws now — run `{REGENERATE}` and commit "
+            f"docs/figures/")
+
+
+def test_figures_are_small(redrawn):
+    for name, path in redrawn.items():
+        assert path.stat().st_size < MAX_BYTES, f"{name}: {path.stat().st_size} bytes"
+        assert (figures.DEFAULT_OUT / name).stat().st_size < MAX_BYTES, name
+
+
+def test_drawing_is_deterministic(redrawn, tmp_path):
+    """Two drawings in one process give the same bytes (no timestamps, no version stamps, no random layout)."""
+    name, Tq, Tk = figures.ATTENTION_FIGURES[0]
+    import matplotlib
+    import matplotlib.style
+
+    with matplotlib.style.context("default"), matplotlib.rc_context(figures.RC):
+        again = figures.draw_attention_tile_grid(tmp_path / name, Tq, Tk)
+    assert again.read_bytes() == redrawn[name].read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data drawn
+
+
+def _grid_cases():
+    """(kernel, Tq, Tk, block_m, block_n): every grid the figures draw, then awkward ones (tiles that do not
+    divide T or each other, a chunk whose diagonal falls across tiles, one query)."""
+    for _name, Tq, Tk in figures.ATTENTION_FIGURES:
+        for kernel, (block_m, block_n) in figures.attention_tiles(Tq, Tk).items():
+            yield kernel, Tq, Tk, block_m, block_n
+    for kernel, (Tq, Tk, block_m, block_n) in itertools.product(
+            tiled.ATTENTION_KERNELS, [(100, 100, 32, 16), (100, 100, 16, 32), (37, 90, 16, 32), (50, 77, 12, 20),
+                                      (1, 40, 16, 8), (40, 40, 64, 64)]):
+        yield kernel, Tq, Tk, block_m, block_n
+
+
+@pytest.mark.parametrize("kernel, Tq, Tk, block_m, block_n", list(_grid_cases()))
+def test_tile_grid_agrees_with_brute_force_causality(kernel, Tq, Tk, block_m, block_n):
+    """From the (Tq, Tk) causal mask, element by element: every (query, key) pair with key <= the query's position
+    lies in a visited tile; no visited tile is wholly in the future; a tile visited without the mask has no future
+    pair in it (skipping the mask there must be safe)."""
+    grid = tiled.attention_tile_grid(kernel, Tq, Tk, block_m, block_n)
+    n_q, n_k = -(-Tq // block_m), -(-Tk // block_n)
+    assert grid.shape == (n_q, n_k) and set(np.unique(grid)) <= {0, 1, 2}
+    visible = ~future_mask(Tq, Tk).numpy()  # (Tq, Tk): query i sees key j
+    for i, j in itertools.product(range(n_q), range(n_k)):
+        tile = visible[i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
+        where = f"{kernel} tile (query {i}, key {j}) = {grid[i, j]}"
+        if tile.any():
+            assert grid[i, j] != 0, f"{where}: it holds a visible pair but is skipped"
+        else:
+            assert grid[i, j] == 0, f"{where}: wholly in the future but visited"
+        if grid[i, j] == 1:
+            assert tile.all(), f"{where}: visited without the mask but holds a future pair"
+
+
+def test_drawn_philox_layout_is_the_kernels():
+    """The figure's key -> (word, half) arrows are what the kernel's _keep_mask draws (one tiny launch)."""
+    if not (torch.cuda.is_available() or is_interpreting()):
+        pytest.skip("runs a kernel")
+    from tests.test_formulas import kernel_philox_key_layout
+
+    assert tiled.PHILOX_KEY_LAYOUT == kernel_philox_key_layout()
+
+
+class _RecordLaunch:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` records the call, runs nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+def test_drawn_layer_norm_groups_are_the_launchers(monkeypatch):
+    """The figure's row groups and step size are the ones _layer_norm_backward launches stage 1 with, for the
+    figure's shape (bf16 rows on a GPU, with its number of groups): the launch is recorded, not run."""
+    layout = figures.layer_norm_layout()
+    dx_kernel, dwdb_kernel = _RecordLaunch(), _RecordLaunch()
+    monkeypatch.setattr(layer_norm, "_layer_norm_bwd_dx", dx_kernel)
+    monkeypatch.setattr(layer_norm, "_layer_norm_bwd_dwdb", dwdb_kernel)
+    monkeypatch.setattr(layer_norm, "_num_groups", lambda n_rows, device: max(1, min(layout.n_groups, n_rows)))
+    monkeypatch.setattr(layer_norm, "is_interpreting", lambda: False)  # the GPU's tiles
+    M, C = layout.n_rows, layout.width
+    x = torch.zeros(M, C, dtype=torch.bfloat16)
+    w = torch.ones(C, dtype=torch.bfloat16)
+    stats = torch.zeros(M, dtype=torch.float32)
+    layer_norm._layer_norm_backward(x, x, w, stats, stats, torch.bfloat16, torch.bfloat16)
+
+    (grid, args, kwargs), = dx_kernel.calls
+    n_groups, rows_per_group = grid[0], args[11]
+    launched = [list(range(g * rows_per_group, min((g + 1) * rows_per_group, M))) for g in range(n_groups)]
+    assert layout.groups == launched
+    assert layout.block_m == kwargs["BLOCK_M"]
+    (grid, args, kwargs), = dwdb_kernel.calls
+    assert grid[0] == -(-C // layout.reduce_block_c) and kwargs["BLOCK_C"] == layout.reduce_block_c
