@@ -23,7 +23,8 @@ setup(
         'triton>=3.6; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest", "transformers", "safetensors"],  # transformers: the reference GPT-2 in the tests
+        "test": ["pytest", "transformers", "safetensors",  # transformers: the reference GPT-2 in the tests
+                 "nbclient", "nbformat", "ipykernel"],  # run notebooks/tour.ipynb (tests/test_notebook.py)
         "tensorboard": ["tensorboard"],
     },
     entry_points={

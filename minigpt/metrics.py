@@ -42,15 +42,19 @@ def csv_cell(v):
 
 
 def save_loss_plot(out_dir: str | os.PathLike, rows: list[dict]) -> list[Path]:
-    """Train and validation loss against tokens seen (the seed's plot), as loss.pdf and loss.png."""
-    import matplotlib
+    """Train and validation loss against tokens seen (the seed's plot), as loss.pdf and loss.png.
 
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    Drawn on a bare ``Figure`` with its own Agg canvas, not through pyplot: files only, no display needed, and
+    pyplot's global backend is left alone, so plots in a notebook that trains still show inline.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = [r for r in rows if r.get("train_loss") is not None]
     tokens = [r["tokens_seen"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot(tokens, [r["train_loss"] for r in rows], label="Training loss")
     ax.plot(tokens, [r["val_loss"] for r in rows], linestyle="-.", label="Validation loss")
     ax.set_xlabel("Tokens seen")
@@ -67,7 +71,6 @@ def save_loss_plot(out_dir: str | os.PathLike, rows: list[dict]) -> list[Path]:
         path = Path(out_dir) / f"loss.{ext}"
         atomic_write(path, lambda f, ext=ext: fig.savefig(f, format=ext, dpi=120))
         out.append(path)
-    plt.close(fig)
     return out
 
 

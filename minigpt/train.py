@@ -291,7 +291,7 @@ def check_compile(args, device: torch.device) -> None:
 # Optimizer and schedule
 
 
-def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
+def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device | str = "cpu"):
     """AdamW with weight decay on the weight matrices of the Linear layers only.
 
     Biases and LayerNorm scale/shift are offsets and gains, not capacity: decaying them only pulls the model away
@@ -306,7 +306,7 @@ def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, 
         is_matrix = p.dim() >= 2 and not name.startswith(("tok_emb", "pos_emb"))
         (decay if is_matrix else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, fused=torch.device(device).type == "cuda")
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
