@@ -1,9 +1,10 @@
-"""Kernels backends: the three operations a GPT needs besides matmuls.
+"""Kernels backends: the four operations a GPT needs besides its other matmuls.
 
-Words, used one way everywhere: the three *ops* are LayerNorm, GELU and causal attention; a *backend* is an object
-that implements all three (``get_backend(name)`` returns one, ``model.backend`` holds it); a user picks one by
-name with ``kernels=`` / ``--kernels``, and ``model.kernels`` reports that name; ``kernels`` is also this package,
-where the backends live. A backend is any object with these methods (shapes are the only contract):
+Words, used one way everywhere: the four *ops* are LayerNorm, GELU, causal attention and the loss (the output
+head's matmul fused with cross-entropy); a *backend* is an object that implements them (``get_backend(name)``
+returns one, ``model.backend`` holds it); a user picks one by name with ``kernels=`` / ``--kernels``, and
+``model.kernels`` reports that name; ``kernels`` is also this package, where the backends live. A backend is any
+object with these methods (shapes are the only contract):
 
     layer_norm(x, weight, bias, eps=1e-5)        x (..., C), weight/bias (C,) -> (..., C)
     gelu(x, approximate="tanh")                  any shape -> same shape
@@ -11,12 +12,23 @@ where the backends live. A backend is any object with these methods (shapes are 
                                                  q (B, H, Tq, D), k, v (B, H, Tk, D), Tq <= Tk -> (B, H, Tq, D);
                                                  the queries are the last Tq of the Tk positions (bottom-right
                                                  causal mask: query i sees keys 0 .. Tk - Tq + i)
+    linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean")
+                                                 x (N, C), weight (V, C) any strides, targets (N,) int64 ->
+                                                 F.cross_entropy(x @ weight.T, targets, ...) computed in float32:
+                                                 a scalar for "mean" / "sum", (N,) for "none"; "mean" divides by the
+                                                 rows whose target is not ignore_index (nan if none is), and no
+                                                 backend holds the (N, V) logits whole. A target outside [0, V)
+                                                 gives nan, or an error where checking costs no GPU sync
+                                                 (``check_linear_cross_entropy_inputs`` in reference.py)
+
+A backend object made elsewhere may leave out ``linear_cross_entropy``: the model then uses the torch backend's.
 
 Backends:
 
     torch   readable PyTorch (``kernels/reference.py``): the definition every kernel is checked against
-    triton  our Triton kernels (``kernels/attention.py``, ``layer_norm.py``, ``gelu.py``); on a machine without
-            a GPU they run in Triton's interpreter, which is slow and meant for learning and debugging
+    triton  our Triton kernels (``kernels/attention.py``, ``layer_norm.py``, ``gelu.py``,
+            ``linear_cross_entropy.py``); on a machine without a GPU they run in Triton's interpreter, which is
+            slow and meant for learning and debugging
     auto    per call: ``triton`` for CUDA tensors when Triton is installed, ``torch`` otherwise
 
 This package knows nothing of minigpt and never imports it.
@@ -182,6 +194,9 @@ class AutoBackend:
 
     def causal_attention(self, q, k, v, dropout_p: float = 0.0, scale: float | None = None):
         return self._pick(q).causal_attention(q, k, v, dropout_p, scale)
+
+    def linear_cross_entropy(self, x, weight, targets, ignore_index: int = -100, reduction: str = "mean"):
+        return self._pick(x).linear_cross_entropy(x, weight, targets, ignore_index, reduction)
 
     def resolved_name(self, device) -> str:
         """Which backend a tensor on ``device`` would get ("triton" or "torch")."""

@@ -54,7 +54,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
-MODULES = ("kernels.attention", "kernels.layer_norm", "kernels.gelu")
+MODULES = ("kernels.attention", "kernels.layer_norm", "kernels.gelu", "kernels.linear_cross_entropy")
 DEFAULT_ARCHS = (80, 90)
 # Most dynamic shared memory one block may use (CUDA programming guide, compute capabilities table).
 SHARED_MEMORY_LIMIT = {

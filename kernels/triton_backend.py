@@ -4,11 +4,13 @@ from __future__ import annotations
 from .attention import causal_attention
 from .gelu import gelu
 from .layer_norm import layer_norm
-from .reference import EPS
+from .linear_cross_entropy import linear_cross_entropy
+from .reference import EPS, IGNORE_INDEX
 
 
 class TritonBackend:
-    """Triton kernels for LayerNorm, GELU and FlashAttention-style causal attention, forward and backward."""
+    """Triton kernels for LayerNorm, GELU, FlashAttention-style causal attention and the loss (the torch backend's
+    chunk loop with a Triton kernel as its per-chunk softmax), forward and backward."""
 
     name = "triton"
 
@@ -20,3 +22,6 @@ class TritonBackend:
 
     def causal_attention(self, q, k, v, dropout_p: float = 0.0, scale: float | None = None):
         return causal_attention(q, k, v, dropout_p, scale)
+
+    def linear_cross_entropy(self, x, weight, targets, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
+        return linear_cross_entropy(x, weight, targets, ignore_index, reduction)

@@ -72,9 +72,10 @@ def generate_tokens(model, idx, max_new_tokens, context_size, temperature=0.0, t
             logits = model(idx[:, -context_size:])
         elif step == 0 or kv_cache.length == context_size:  # the prefill, or a re-prefill once the window slides
             kv_cache.reset()
-            logits = model(idx[:, -context_size:], kv_cache=kv_cache)
+            # last_only: the head runs on the last position alone, (B, 1, V), the only logits sampling reads
+            logits = model(idx[:, -context_size:], kv_cache=kv_cache, last_only=True)
         else:  # one decoding step: only the newest token goes through the model
-            logits = model(idx[:, -1:], kv_cache=kv_cache)
+            logits = model(idx[:, -1:], kv_cache=kv_cache)  # (B, 1, V)
         idx_next = choose_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)
         yield idx_next

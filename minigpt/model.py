@@ -1,9 +1,13 @@
 """The GPT: token + position embeddings -> n pre-LayerNorm transformer blocks -> final LayerNorm -> output head.
 
 The architecture and every parameter name are the seed notebook's (GPT-2's design as taught in LLMs-from-scratch),
-so a ``model.pth`` saved there loads here verbatim. What is new: the three ops a GPT needs besides matmuls —
-LayerNorm, GELU and causal attention — are not hard-wired. The model asks a kernels backend for them
-(``kernels.get_backend``): plain PyTorch, or our Triton kernels. The model never knows which one it got.
+so a ``model.pth`` saved there loads here verbatim. What is new: the four ops a GPT needs besides its other
+matmuls — LayerNorm, GELU, causal attention and the loss — are not hard-wired. The model asks a kernels backend for
+them (``kernels.get_backend``): plain PyTorch, or our Triton kernels. The model never knows which one it got.
+
+Training asks the model for its loss, ``model(idx, targets=targets)``, not for logits: the backend's
+``linear_cross_entropy`` fuses the output head with the cross-entropy and never holds the (B*T, V) logits, which
+at GPT-2's vocabulary are the largest activation of the whole model.
 
 Generation reuses work through a KV cache (``KVCache`` below): the keys and values of the tokens already seen are
 kept, so each new token runs the model over ONE position instead of the whole context.
@@ -218,14 +222,34 @@ class GPTModel(nn.Module):
         """Name of the kernels backend in use (what ``kernels=`` chose); the object itself is ``self.backend``."""
         return self.backend.name
 
-    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """in_idx: LongTensor (B, T) of token ids -> logits (B, T, V).
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """in_idx: LongTensor (B, T) of token ids -> logits (B, T, V); with ``targets``, the loss instead.
 
         Without ``kv_cache`` the tokens are positions 0 .. T - 1 (T <= context_length). With one, they are the
         positions after the ``kv_cache.length`` tokens already in it: their keys and values are added to the
         cache, their queries attend to everything cached, and ``kv_cache.length`` grows by T.
+
+        ``targets``: LongTensor (B, T) of the next token at each position -> the mean cross-entropy, a float32
+        scalar (float64 for a float64 model), from the backend's ``linear_cross_entropy``: the logits are never
+        materialized. Positions whose target is -100 are left out of the mean (F.cross_entropy's ``ignore_index``).
+        Not with ``kv_cache``: a loss is a training-time quantity, and a cache is for generation (it would also be
+        filled by the call).
+        ``last_only``: logits of the last position only, (B, 1, V): all that sampling the next token reads.
         """
         batch_size, seq_len = in_idx.shape
+        if targets is not None:
+            if kv_cache is not None or last_only:
+                raise ValueError("model(idx, targets=...) computes the training loss over every position — call it "
+                                 "without kv_cache and last_only (those are for generation)")
+            if targets.shape != in_idx.shape:
+                raise ValueError(f"targets must have in_idx's shape {tuple(in_idx.shape)} (the next token at each "
+                                 f"position), got {tuple(targets.shape)}")
         start = 0 if kv_cache is None else kv_cache.length  # position of the first token of in_idx
         if start + seq_len > self.cfg.context_length:
             cached = f" ({start} in the KV cache + {seq_len} new)" if start else ""
@@ -241,9 +265,21 @@ class GPTModel(nn.Module):
             x = block(x, kv_cache)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.advance(seq_len)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
         x = self.final_norm(x)
+        if targets is not None:
+            # (B, T, C) -> (B*T, C): the head's matmul and the cross-entropy in one op, chunk by chunk
+            return self._linear_cross_entropy(x.flatten(0, 1), self.out_head.weight, targets.flatten())
         logits = self.out_head(x)  # (B, T, V)
         return logits
+
+    def _linear_cross_entropy(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The backend's loss op, or the torch backend's when a user's backend object has only the other three."""
+        op = getattr(self.backend, "linear_cross_entropy", None)
+        if op is None:
+            op = kernels.get_backend("torch").linear_cross_entropy
+        return op(x, weight, targets)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; ``non_embedding=True`` leaves out the position embedding (a convention from nanoGPT).
@@ -289,11 +325,18 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_backend(kernels_arg):
+    """A backend by name, or a user's object checked for the ops. ``linear_cross_entropy`` may be left out — the
+    model then computes its loss with the torch backend's — so a backend written for the first three ops keeps
+    working; the other three are required (the model cannot run without them)."""
     if isinstance(kernels_arg, str):
         return kernels.get_backend(kernels_arg)
     for op in ("layer_norm", "gelu", "causal_attention"):
         if not callable(getattr(kernels_arg, op, None)):
             raise TypeError(f"kernels backend object is missing the method {op}() — see kernels/__init__.py")
+    loss_op = getattr(kernels_arg, "linear_cross_entropy", None)
+    if loss_op is not None and not callable(loss_op):
+        raise TypeError("kernels backend object's linear_cross_entropy is not a method — define it as one, or leave "
+                        "it out to use the torch backend's (see kernels/__init__.py)")
     return kernels_arg
 
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import pretrained
 from .checkpoint import (
@@ -328,10 +327,13 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
 
 
 def calc_loss_batch(input_batch, target_batch, model, device) -> torch.Tensor:
-    """Mean next-token cross-entropy of one batch (B, T) -> scalar (the seed's function of the same name)."""
+    """Mean next-token cross-entropy of one batch (B, T) -> float32 scalar (the seed's function of the same name).
+
+    The seed computed ``F.cross_entropy(model(x).flatten(0, 1), y.flatten())``, the (B*T, V) logits whole; the
+    model's ``targets=`` path gives the same number through the backend's fused linear + cross-entropy, without
+    them (minigpt/model.py)."""
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = model(input_batch)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
+    return model(input_batch, targets=target_batch)
 
 
 @torch.no_grad()

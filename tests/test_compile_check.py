@@ -114,7 +114,7 @@ def test_missing_modules_are_skipped_with_a_warning(capsys):
     assert "warning: skipping kernels.reference: it has no compile_targets()" in out
 
 
-@pytest.mark.parametrize("module", ["kernels.layer_norm", "kernels.gelu"])
+@pytest.mark.parametrize("module", ["kernels.layer_norm", "kernels.gelu", "kernels.linear_cross_entropy"])
 def test_targets_are_well_formed(module):
     """Every target names real arguments of its kernel, so a renamed argument fails here, not in CI's compile."""
     targets = collect_targets(modules=(module,))
@@ -124,4 +124,4 @@ def test_targets_are_well_formed(module):
         names = set(t["signature"]) | set(t["constexprs"])
         assert names == set(t["fn"].arg_names), t["name"]
         for ty in t["signature"].values():
-            assert ty in {"i32", "i64", "fp32"} or ty.lstrip("*") in {"fp32", "fp16", "bf16"}, ty
+            assert ty in {"i32", "i64", "fp32"} or ty.lstrip("*") in {"fp32", "fp16", "bf16", "i64"}, ty

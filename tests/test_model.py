@@ -198,3 +198,95 @@ def test_linear_weights_are_stored_input_major_and_load_from_either_order():
     assert all(m.weight.t().is_contiguous() for m in other.modules() if isinstance(m, torch.nn.Linear))
     idx = torch.randint(0, 61, (2, 8))
     assert torch.equal(other(idx), model(idx))
+
+
+# --- the loss: model(idx, targets=...) through the backend's linear_cross_entropy ---------------------------------
+
+@pytest.mark.parametrize("name", ["torch", "auto"])  # "auto" on CPU tensors: the torch backend, chosen per call
+def test_loss_from_targets_is_cross_entropy_of_the_logits_in_float64(name):
+    import torch.nn.functional as F
+
+    torch.manual_seed(5)
+    model = GPTModel(SMALL, kernels=name).double()
+    idx, y = torch.randint(0, 97, (3, 11)), torch.randint(0, 97, (3, 11))
+    y[0, :4] = -100  # padding: left out of the mean
+    params = [p for _, p in model.named_parameters()]
+    loss = model(idx, targets=y)
+    grads = torch.autograd.grad(loss, params)
+    ref = F.cross_entropy(model(idx).flatten(0, 1), y.flatten())  # the seed's loss, from the logits
+    ref_grads = torch.autograd.grad(ref, params)
+    assert loss.shape == () and loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12, msg=pname)
+
+
+def test_the_loss_never_makes_the_full_logits(monkeypatch):
+    import kernels.reference as reference
+    from tests.test_linear_cross_entropy import LiveBytes
+
+    cfg = {**SMALL, "vocab_size": 1003}
+    monkeypatch.setattr(reference, "LOGITS_CHUNK_BYTES", 4 * 1003 * 4)  # 4 rows a chunk
+    model = GPTModel(cfg, kernels="torch")
+    idx, y = torch.randint(0, 1003, (4, 16)), torch.randint(0, 1003, (4, 16))
+    logits_bytes = 4 * 16 * 1003 * 4  # (B*T, V) floats; the largest other tensor is a (V, C) weight's gradient
+    with LiveBytes() as rec:
+        model(idx, targets=y).backward()
+    assert rec.largest < logits_bytes
+    with LiveBytes() as rec:
+        model(idx)  # the instrument sees them when they are made
+    assert rec.largest >= logits_bytes
+
+
+def test_backend_object_gets_the_loss_or_lends_it_from_torch():
+    torch.manual_seed(6)
+    torch_ops = kernels.get_backend("torch")
+    seen = []
+
+    class ThreeOps:  # written before the loss was an op: the model uses the torch backend's
+        name = "three"
+        layer_norm, gelu, causal_attention = torch_ops.layer_norm, torch_ops.gelu, torch_ops.causal_attention
+
+    class FourOps(ThreeOps):
+        name = "four"
+
+        def linear_cross_entropy(self, x, weight, targets, *a, **k):
+            seen.append((x.shape, weight, targets.shape))
+            return torch_ops.linear_cross_entropy(x, weight, targets, *a, **k)
+
+    reference_model = GPTModel(SMALL, kernels="torch")
+    idx, y = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    expected = reference_model(idx, targets=y)
+    for backend in (ThreeOps(), FourOps()):
+        model = GPTModel(SMALL, kernels=backend)
+        model.load_state_dict(reference_model.state_dict())
+        torch.testing.assert_close(model(idx, targets=y), expected)
+    assert len(seen) == 1 and seen[0][0] == (18, 32) and seen[0][2] == (18,)
+    assert seen[0][1] is model.out_head.weight  # the parameter itself: no copy, no transpose
+
+    class BrokenLoss(ThreeOps):
+        linear_cross_entropy = "not a method"
+
+    with pytest.raises(TypeError, match="linear_cross_entropy is not a method"):
+        GPTModel(SMALL, kernels=BrokenLoss())
+
+
+def test_targets_with_a_kv_cache_or_another_shape_are_refused():
+    from minigpt.model import KVCache
+
+    model = GPTModel(SMALL, kernels="torch")
+    idx = torch.randint(0, 97, (2, 5))
+    with pytest.raises(ValueError, match="without kv_cache"):
+        model(idx, kv_cache=KVCache(model.cfg, batch_size=2), targets=idx)
+    with pytest.raises(ValueError, match=r"targets must have in_idx's shape \(2, 5\)"):
+        model(idx, targets=idx.flatten())
+
+
+def test_last_only_gives_the_last_positions_logits():
+    torch.manual_seed(7)
+    model = GPTModel(SMALL, kernels="torch").eval()
+    idx = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        last = model(idx, last_only=True)
+        assert last.shape == (2, 1, 97)
+        torch.testing.assert_close(last, model(idx)[:, -1:], rtol=1e-6, atol=1e-6)

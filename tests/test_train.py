@@ -247,6 +247,24 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(tmp_path):
     assert resumed["steps"] == 8
 
 
+def test_calc_loss_batch_is_the_seeds_loss_without_the_logits():
+    import torch.nn.functional as F
+
+    from minigpt import GPTModel
+    from minigpt.train import calc_loss_batch, calc_loss_loader
+
+    torch.manual_seed(0)
+    model = GPTModel(dict(vocab_size=64, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0,
+                          qkv_bias=False), kernels="torch").double()
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    loss = calc_loss_batch(x, y, model, "cpu")
+    assert "targets" in calls[0]  # the model's fused loss, not logits then F.cross_entropy
+    torch.testing.assert_close(loss, F.cross_entropy(model(x).flatten(0, 1), y.flatten()), rtol=1e-12, atol=1e-12)
+    assert calc_loss_loader([(x, y), (x, y)], model, "cpu") == pytest.approx(loss.item(), rel=1e-12)
+
+
 @pytest.mark.slow
 def test_compiled_model_matches_eager():
     from minigpt import GPTModel
@@ -258,6 +276,26 @@ def test_compiled_model_matches_eager():
     eager = model(idx)
     compiled = torch.compile(model)(idx)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_loss_and_gradients_match_eager():
+    # the chunked loss is an autograd.Function with a Python loop: it must trace as one graph (no data-dependent
+    # branch: the CPU target check steps aside under compile) and give eager's numbers
+    from minigpt import GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel(dict(vocab_size=64, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0,
+                          qkv_bias=False), kernels="torch")
+    idx, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    params = list(model.parameters())
+    eager = model(idx, targets=y)
+    eager_grads = torch.autograd.grad(eager, params)
+    compiled = torch.compile(model, fullgraph=True)(idx, targets=y)
+    compiled_grads = torch.autograd.grad(compiled, params)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------

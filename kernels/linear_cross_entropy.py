@@ -1,0 +1,412 @@
+r"""The language model's loss without its logits: a linear layer and cross-entropy, in chunks of rows.
+
+The op
+------
+The last layer of a GPT maps each of N hidden states x_i (width C) to V logits, one per vocabulary entry, and the
+loss compares them with the next token t_i:
+
+    z_i    = W x_i                                  (V,)  the logits,  W: (V, C)
+    lse_i  = log sum_j exp(z_ij)                          the row's log-sum-exp
+    loss_i = lse_i - z_{i, t_i}                           = -log softmax(z_i)[t_i]
+    loss   = sum_i loss_i / N_valid   ("mean"),    sum_i loss_i   ("sum"),    (loss_i)_i   ("none")
+
+A row whose target equals ``ignore_index`` (padding) has loss 0 and no gradient, and "mean" divides by N_valid, the
+number of the other rows, exactly as F.cross_entropy does. With g_i the gradient reaching loss_i (1 / N_valid for
+"mean", 1 for "sum", the upstream gradient's row i for "none", 0 for an ignored row):
+
+    dz_i = g_i * (softmax(z_i) - onehot(t_i))             (V,)   since d lse_i / d z_ij = softmax(z_i)_j
+    dX   = dZ W                                           (N, C)
+    dW   = dZ^T X = sum_i dz_i x_i^T                      (V, C) a sum over every row
+
+Why not ``F.cross_entropy(x @ W.T, t)``
+---------------------------------------
+The logits are big. GPT-2 small at 16 x 1024 tokens a batch and V = 50,257 has (N, V) logits of 3.3 GB in
+float32, and autograd keeps more of that size alive (log_softmax's output for the backward, then the gradient dZ),
+against 154 MB for W itself. So the rows go through in chunks of n (the chunk loop,
+``reference.linear_cross_entropy_chunks``, shared with the torch backend); for each chunk it
+
+    1. computes the chunk's float32 logits, Z_c = X_c W^T           (n, V), a matmul (cuBLAS on a GPU)
+    2. calls ``rows_step`` on them: each row's loss, and Z_c overwritten IN PLACE by dZ_c
+    3. dX_c = dZ_c W,   dW += dZ_c^T X_c                             two more matmuls; dW summed chunk after chunk
+
+and a single (n, V) buffer is alive at a time (128 MiB: 640 rows at V = 50,257). For "mean" and "sum" the gradients
+come out of the forward pass, as the loss's own (upstream gradient 1); autograd's backward then only multiplies
+them by the upstream gradient, one number. With "none" each row has its own upstream gradient, unknown in the
+forward: the backward runs the loop again with those as the g_i.
+
+This module supplies ``rows_step``, one Triton kernel, and the op around the loop. Why that split, rather than one
+kernel doing everything?
+
+* The matmuls are 6 N V C of the op's 6 N V C + ~10 N V FLOPs, and cuBLAS already runs them at the tensor cores'
+  rate: a Triton matmul of our own would at best match it.
+* dW is a sum over all N rows. In a fully fused kernel each program would own a block of rows and have to add its
+  (V, C) share of dW with atomics (contended on every element of W, and a result that depends on the order of
+  arrival) or write it as partial sums for a second reduction (more memory than the chunking saves). Chunks run one
+  after another and ``addmm`` adds each chunk's share into one buffer: no atomics, deterministic, and the sum done
+  by the tensor cores as part of the matmul.
+* The memory saving comes from the chunking, not from the kernel: with n rows a chunk, the peak is n V floats
+  whatever computes the softmax.
+* What the kernel removes are the passes between the matmuls. The plain step (``reference.cross_entropy_rows_step``)
+  makes about 12 passes over each chunk, through one more (n, V) temporary: logsumexp reads the chunk for its max,
+  writes and reads the shifted exponentials, reads them for the sum; the gradient is three in-place read-and-write
+  passes (subtract lse, exp, multiply by g). The kernel makes 3 (below).
+
+The rows kernel
+---------------
+One program per row; the grid is the chunk's n rows. A program streams its row past in BLOCK_V tiles, twice:
+
+    sweep 1 (statistics)   an online max m and sum l, in base 2, as the attention forward does over its keys:
+                               s     = z * log2(e)                         (the row's logits in base 2)
+                               m_new = max(m, max(s_tile))
+                               l     = l * 2^(m - m_new) + sum(2^(s_tile - m_new))
+                           then lse2 = m + log2(l), the log-sum-exp in base 2, and
+                               loss  = lse2 * ln(2) - z[t]
+                           with z[t], the target's logit, fetched by one scalar load after the loop.
+    sweep 2 (gradient)     only when a gradient is asked for: each tile read again and overwritten in place by
+                               g * (2^(s - lse2) - [j == t])  =  g * (softmax - onehot)
+                           the exact softmax, from the finished log-sum-exp: no running max any more.
+
+exp2 is what the GPU computes (exp(x) is exp2(x * log2 e) in hardware), so keeping the statistics in base 2 saves
+a multiply per logit, and only the one loss number goes back to natural log. The statistics are float32: the chunk
+loop hands over float32 logits whatever the model's dtype.
+
+One row per program, not a block of rows. In attention a block of query rows shares every key tile it loads; here
+rows share nothing (each logit belongs to one row), so a block of rows would only take more registers per program,
+not save any traffic. A row is long enough to keep a program busy: at V = 50,257, 49 tiles of BLOCK_V = 1024 per
+sweep, 8 float32 per thread over 4 warps (two 16-byte loads per thread). Small programs also fill the GPU evenly: at
+40-48 registers per thread (``python -m kernels.compile_check``) about ten fit on a multiprocessor, 1,320 at once on
+a 132-multiprocessor H100, so a 640-row chunk runs as a single wave with 4 or 5 rows on every multiprocessor. With 8
+warps and 16 floats a thread (BLOCK_V = 4096) it took 76-118 registers: two or three programs a multiprocessor
+(264-396), and the chunk would run in two or three waves, the last one mostly idle. Each sweep runs over the whole
+tiles without a mask, then over one masked last tile (the same split as the attention kernel's unmasked tiles and
+masked diagonal band), so that the whole tiles' loads are vectorized when the buffer's rows start 16-element
+aligned. (BLOCK_V and the warps are chosen from registers, not yet from timings on a GPU.) Under Triton's
+interpreter a program is a Python call, so there BLOCK_V grows to cover a whole row in one step (``_block_v``).
+
+Ignored and out-of-range targets. A row whose target is ``ignore_index`` gets loss 0 and a gradient row of exact
+zeros (set, not multiplied: with every row ignored, "mean" passes g = 1/0 = inf). Its statistics are computed all
+the same, branch-free, as padding is rare in pretraining. A target outside [0, V) that is not ``ignore_index`` is
+a bug in the data: F.cross_entropy raises on a CPU and asserts on a GPU, and ``check_linear_cross_entropy_inputs``
+raises wherever looking costs no GPU sync. The kernel cannot raise and never reads out of bounds: the target's
+logit is a masked load, which gives NaN there, so such a row's loss is NaN (and so is the "mean" or "sum" it goes
+into), and its gradient row is NaN too, so the mistake shows in the loss and in every gradient it reaches rather
+than training on silently. That is the behaviour of every backend (the shared contract,
+``reference.cross_entropy_rows_step``).
+
+Memory traffic
+--------------
+For one row of V float32 logits (int64 targets, one float32 g a row):
+
+    statistics:  reads 4 V (the row) + 4 (the target's logit) + 8 (the target)     writes 4 (the loss)
+    gradient:    reads 4 V (the row again) + 4 (g)                                 writes 4 V (dz, in place)
+
+so 12 V + 20 bytes a row with the gradient (603 KB at V = 50,257) and 4 V + 16 without (evaluation).
+``rows_step_bytes`` computes it. The second read would come from L2 if the row were still there, but at V = 50,257
+a row is 201 KB and a thousand rows are in flight, several times what an H100's 50 MB L2 holds: expect the full
+count from memory.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch
+from .launch import check_tensor, is_interpreting, triton_next_power_of_2
+from .reference import IGNORE_INDEX, check_linear_cross_entropy_inputs, linear_cross_entropy_chunks
+
+__all__ = ["compile_targets", "cross_entropy_rows", "linear_cross_entropy", "linear_cross_entropy_bwd",
+           "linear_cross_entropy_fwd", "linear_cross_entropy_loss", "rows_step_bytes"]
+
+LOG2E = tl.constexpr(math.log2(math.e))  # exp(z) = exp2(z * log2 e)
+LN2 = tl.constexpr(math.log(2.0))  # log(y) = log2(y) * ln 2
+
+# On a GPU: 1024 float32 logits a tile over 4 warps, 8 a thread (see "One row per program" above for the register
+# counts behind this choice).
+BLOCK_V = 1024
+NUM_WARPS = 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The kernel
+
+
+@triton.jit
+def _fold_tile(LOGITS, start, n_vocab, m, l, BLOCK_V: tl.constexpr, MASKED: tl.constexpr):
+    """Sweep 1's step: fold the logits [start, start + BLOCK_V) into the row's running base-2 max m and sum l."""
+    cols = start + tl.arange(0, BLOCK_V)
+    if MASKED:  # the last tile: lanes past V hold -inf, whose 2^(-inf - m) = 0 adds nothing, and max ignores them
+        s = tl.load(LOGITS + cols, mask=cols < n_vocab, other=float("-inf")) * LOG2E
+    else:
+        s = tl.load(LOGITS + cols) * LOG2E
+    m_new = tl.maximum(m, tl.max(s, axis=0))
+    l = l * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(s - m_new), axis=0)
+    return m_new, l
+
+
+@triton.jit
+def _grad_tile(LOGITS, start, n_vocab, lse2, target, g, ignored, BLOCK_V: tl.constexpr, MASKED: tl.constexpr):
+    """Sweep 2's step: overwrite the logits [start, start + BLOCK_V) by g * (softmax - onehot(target))."""
+    cols = start + tl.arange(0, BLOCK_V)
+    if MASKED:  # the last tile
+        s = tl.load(LOGITS + cols, mask=cols < n_vocab, other=0.0) * LOG2E
+    else:
+        s = tl.load(LOGITS + cols) * LOG2E
+    p = tl.math.exp2(s - lse2)  # the softmax, from the finished log-sum-exp
+    dz = (p - tl.where(cols == target, 1.0, 0.0)) * g
+    dz = tl.where(ignored, 0.0, dz)  # exactly 0, whatever g and the logits are
+    if MASKED:
+        tl.store(LOGITS + cols, dz, mask=cols < n_vocab)
+    else:
+        tl.store(LOGITS + cols, dz)
+
+
+@triton.jit
+def _cross_entropy_rows(
+    LOGITS,  # pointer to the float32 logits chunk (n, V); overwritten by the gradient dz when HAS_GRAD
+    TARGETS,  # pointer to the target class of each row (n,), int64
+    LOSS,  # pointer to the loss of each row (n,), float32, written here
+    GRAD_SCALE,  # pointer to the gradient's factor g of each row (n,), float32 (read only when HAS_GRAD)
+    stride_row,  # elements from one row of LOGITS to the next
+    n_vocab,  # V, the number of classes (logits a row), at least 1
+    ignore_index,  # a target equal to this gives loss 0 and a zero gradient row
+    HAS_GRAD: tl.constexpr,  # True: the second sweep writes g * (softmax - onehot) over the logits
+    BLOCK_V: tl.constexpr,  # logits a tile of the sweeps over the row
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row may pass 2^31
+    LOGITS += row * stride_row
+    target = tl.load(TARGETS + row)
+    ignored = target == ignore_index
+    in_vocab = (target >= 0) & (target < n_vocab)
+    # Whole tiles [0, v_full) need no mask; the last tile [v_full, v_full + BLOCK_V) is masked (wholly when BLOCK_V
+    # divides V: it then adds nothing and stores nothing)
+    v_full = n_vocab // BLOCK_V * BLOCK_V
+
+    # Sweep 1: the running max m and sum l of 2^s over the row, in base 2 (s = z * log2 e)
+    m = tl.full((), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((), dtype=tl.float32)
+    for start in range(0, v_full, BLOCK_V):
+        m, l = _fold_tile(LOGITS, tl.multiple_of(start, BLOCK_V), n_vocab, m, l, BLOCK_V, False)
+    m, l = _fold_tile(LOGITS, v_full, n_vocab, m, l, BLOCK_V, True)
+    lse2 = m + tl.math.log2(l)  # log2 sum_j 2^(s_j) = lse * log2 e
+
+    # The target's logit: one masked load, never outside the row; NaN for a target outside [0, V)
+    target_logit = tl.load(LOGITS + target, mask=in_vocab & ~ignored, other=float("nan"))
+    tl.store(LOSS + row, tl.where(ignored, 0.0, lse2 * LN2 - target_logit))
+
+    if HAS_GRAD:  # Sweep 2: the row read again and overwritten by g * (softmax - onehot)
+        g = tl.load(GRAD_SCALE + row)
+        g = tl.where(in_vocab, g, float("nan"))  # a target outside [0, V): a NaN gradient row (see the top)
+        for start in range(0, v_full, BLOCK_V):
+            _grad_tile(LOGITS, tl.multiple_of(start, BLOCK_V), n_vocab, lse2, target, g, ignored, BLOCK_V, False)
+        _grad_tile(LOGITS, v_full, n_vocab, lse2, target, g, ignored, BLOCK_V, True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The launcher: the chunk loop's rows_step
+
+
+def _block_v(n_vocab: int) -> int:
+    """Logits a tile: ``BLOCK_V`` on a GPU; under the interpreter, where every loop step costs Python calls, up to
+    ``launch.INTERPRETER_TILE`` (a whole row in one step for any vocabulary a test uses)."""
+    if is_interpreting():
+        return min(launch.INTERPRETER_TILE, triton_next_power_of_2(n_vocab))
+    return BLOCK_V
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                       grad_scale: torch.Tensor | None) -> torch.Tensor:
+    """The chunk loop's ``rows_step`` (contract: ``reference.cross_entropy_rows_step``), as one Triton kernel.
+
+    logits: (n, V) float32 with contiguous rows (any row stride); targets: (n,) int64; grad_scale: None or (n,),
+    one factor a row. Returns the (n,) float32 loss rows ``logsumexp(logits_i) - logits_i[targets_i]``: 0 where the
+    target is ``ignore_index``, NaN where it is outside [0, V). With ``grad_scale``, ``logits`` is overwritten by
+    ``grad_scale_i * (softmax(logits_i) - onehot(targets_i))``: zero rows for ignored targets, NaN rows for targets
+    outside [0, V). Nothing outside the rows is read or written.
+    """
+    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.shape[1] == 0 or (
+            logits.shape[1] > 1 and logits.stride(1) != 1):
+        raise ValueError(f"cross_entropy_rows: logits must be (n, V >= 1) float32 with contiguous rows, got "
+                         f"{tuple(logits.shape)} {logits.dtype} with strides {logits.stride()} (float64 inputs: "
+                         "use the torch backend)")
+    n, V = logits.shape
+    if targets.shape != (n,):
+        raise ValueError(f"cross_entropy_rows: targets must be ({n},), one per row, got {tuple(targets.shape)}")
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return loss
+    if grad_scale is not None:
+        if grad_scale.numel() != n:
+            raise ValueError(f"cross_entropy_rows: grad_scale must be ({n},), one factor a row, got "
+                             f"{tuple(grad_scale.shape)}")
+        grad_scale = grad_scale.to(torch.float32).reshape(n).contiguous()
+    _cross_entropy_rows[(n,)](
+        logits, targets.to(torch.int64).contiguous(), loss, loss if grad_scale is None else grad_scale,
+        logits.stride(0), V, ignore_index, HAS_GRAD=grad_scale is not None, BLOCK_V=_block_v(V),
+        num_warps=NUM_WARPS,
+    )
+    return loss
+
+
+def rows_step_bytes(rows: int, vocab: int, grad: bool = True) -> int:
+    """Bytes the rows kernel moves for ``rows`` rows of ``vocab`` float32 logits (the table at the top): 12 V + 20
+    a row with the gradient sweep, 4 V + 16 without."""
+    return rows * (12 * vocab + 20 if grad else 4 * vocab + 16)
+
+
+def compile_targets() -> list[dict]:
+    """Every (kernel, configuration) this module launches on a GPU, for ``python -m kernels.compile_check``.
+
+    The logits are float32 whatever the model's dtype, so the configurations are: with and without the gradient
+    sweep, times a row stride that is a multiple of 16 (a padded vocabulary such as 50,304, or a chunk buffer with
+    padded rows: Triton then knows every row starts 64-byte aligned and vectorizes the whole tiles' loads) or not
+    (GPT-2's 50,257 in a contiguous buffer: 4-byte loads, still coalesced across a warp).
+    """
+    targets = []
+    for has_grad in (True, False):
+        for aligned in (True, False):
+            sig = {"LOGITS": "*fp32", "TARGETS": "*i64", "LOSS": "*fp32", "GRAD_SCALE": "*fp32", "stride_row": "i32",
+                   "n_vocab": "i32", "ignore_index": "i32"}
+            targets.append(dict(
+                name="linear_cross_entropy_rows", fn=_cross_entropy_rows, signature=sig,
+                constexprs={"HAS_GRAD": has_grad, "BLOCK_V": BLOCK_V}, num_warps=NUM_WARPS, num_stages=1,
+                aligned=["stride_row"] if aligned else [],
+                config=f"{'loss+grad' if has_grad else 'loss'} row stride {'%16 == 0' if aligned else 'unaligned'} "
+                       f"BLOCK_V={BLOCK_V} w{NUM_WARPS}",
+            ))
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The PyTorch op
+#
+# The loop and its kernel are registered as custom operators (torch.library.custom_op): torch.compile then sees
+# each as one opaque node, with output shapes from its register_fake function, instead of tracing into the chunk
+# loop and Triton's launch machinery (which would break the graph). Three ops, because the gradients are made at
+# two different times (see the top of this file):
+#
+#   minigpt::linear_cross_entropy_fwd    "mean" / "sum" with gradients: (loss, grad_x, grad_weight), the gradients
+#                                        of the loss itself; its backward multiplies them by the upstream gradient
+#   minigpt::linear_cross_entropy_loss   the loss alone (evaluation, and "none"); its backward is the next op
+#   minigpt::linear_cross_entropy_bwd    (grad_x, grad_weight) for an upstream gradient, the logits made again
+#
+# Inside the ops autocast is off: ``linear_cross_entropy`` casts x and weight to autocast's dtype first (as an
+# nn.Linear under autocast would, a cast autograd sees), and the loop picks every dtype itself.
+
+
+def _loss_like(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    """An empty tensor shaped and typed as the loss: (N,) for "none", a scalar otherwise; float32."""
+    return x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=torch.promote_types(x.dtype, torch.float32))
+
+
+@torch.library.custom_op("minigpt::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                             reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_x, grad_weight) for reduction "mean" or "sum": the float32 scalar loss and its gradients (for an
+    upstream gradient of 1), grad_x (N, C) in x's dtype and grad_weight (V, C) in weight's dtype and strides."""
+    if reduction == "none":
+        raise ValueError("linear_cross_entropy_fwd: reduction 'none' has no gradients in the forward — use "
+                         "linear_cross_entropy_loss")
+    with torch.autocast(x.device.type, enabled=False):
+        return linear_cross_entropy_chunks(x, weight, targets, ignore_index, reduction, cross_entropy_rows,
+                                           need_grads=True)
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(x, weight, targets, ignore_index, reduction):
+    return _loss_like(x, reduction), x.new_empty(x.shape), torch.empty_like(weight)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    _loss, grad_x, grad_weight = output
+    ctx.save_for_backward(grad_x, grad_weight)
+    ctx.mark_non_differentiable(grad_x, grad_weight)
+
+
+def _fwd_backward(ctx, grad_loss, _grad_grad_x, _grad_grad_weight):
+    grad_x, grad_weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    return (grad_x * grad_loss if needs[0] else None, grad_weight * grad_loss if needs[1] else None,
+            None, None, None)
+
+
+linear_cross_entropy_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+@torch.library.custom_op("minigpt::linear_cross_entropy_loss", mutates_args=())
+def linear_cross_entropy_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                              reduction: str) -> torch.Tensor:
+    """The loss alone: float32, (N,) for reduction "none", a scalar for "mean" and "sum"."""
+    with torch.autocast(x.device.type, enabled=False):
+        loss, _, _ = linear_cross_entropy_chunks(x, weight, targets, ignore_index, reduction, cross_entropy_rows,
+                                                 need_grads=False)
+    return loss
+
+
+@linear_cross_entropy_loss.register_fake
+def _(x, weight, targets, ignore_index, reduction):
+    return _loss_like(x, reduction)
+
+
+@torch.library.custom_op("minigpt::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             ignore_index: int, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight) for the upstream gradient ``grad_loss`` of the loss (the loss's shape), the logits made
+    again chunk by chunk: grad_x (N, C) in x's dtype, grad_weight (V, C) in weight's dtype and strides."""
+    with torch.autocast(x.device.type, enabled=False):
+        if reduction == "none":
+            _, grad_x, grad_weight = linear_cross_entropy_chunks(
+                x, weight, targets, ignore_index, reduction, cross_entropy_rows, need_grads=True,
+                grad_output=grad_loss)
+            return grad_x, grad_weight
+        _, grad_x, grad_weight = linear_cross_entropy_chunks(x, weight, targets, ignore_index, reduction,
+                                                             cross_entropy_rows, need_grads=True)
+    return grad_x.mul_(grad_loss), grad_weight.mul_(grad_loss)
+
+
+@linear_cross_entropy_bwd.register_fake
+def _(grad_loss, x, weight, targets, ignore_index, reduction):
+    return x.new_empty(x.shape), torch.empty_like(weight)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    x, weight, targets, ctx.ignore_index, ctx.reduction = inputs
+    ctx.save_for_backward(x, weight, targets)
+
+
+def _loss_backward(ctx, grad_loss):
+    x, weight, targets = ctx.saved_tensors
+    grad_x, grad_weight = linear_cross_entropy_bwd(grad_loss, x, weight, targets, ctx.ignore_index, ctx.reduction)
+    needs = ctx.needs_input_grad
+    return grad_x if needs[0] else None, grad_weight if needs[1] else None, None, None, None
+
+
+linear_cross_entropy_loss.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy(x @ weight.T, targets, ignore_index=..., reduction=...)`` without the (N, V) logits.
+
+    x: (N, C) float32, float16 or bfloat16, any strides; weight: (V, C), x's dtype, any strides (the model's is
+    stored input-major); targets: (N,) int64 class ids in [0, V), or ``ignore_index``. Returns the loss in float32:
+    a scalar for "mean" (over the rows not ignored) and "sum", (N,) for "none". Differentiable in x and weight.
+    Under torch.autocast, x and weight are cast to autocast's dtype first, as an nn.Linear's would be. On a machine
+    without a GPU it needs Triton's interpreter (``TRITON_INTERPRET=1`` before import; ``kernels.get_backend
+    ("triton")`` sets it).
+    """
+    if not torch.compiler.is_compiling():
+        # The shared check also looks at the target values (on CPU tensors, or with MINIGPT_DEBUG_CHECKS=1): an
+        # `if` on a tensor, which torch.compile cannot put in a graph. Traced calls skip it; eager calls check.
+        check_linear_cross_entropy_inputs(x, weight, targets, ignore_index, reduction)
+    for t in (x, weight):
+        check_tensor("linear_cross_entropy", t)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        loss, _grad_x, _grad_weight = linear_cross_entropy_fwd(x, weight, targets, ignore_index, reduction)
+        return loss
+    return linear_cross_entropy_loss(x, weight, targets, ignore_index, reduction)
