@@ -74,7 +74,7 @@ PYTHON_BLOCKS = _blocks("python")
 def test_course_has_every_lesson_and_runnable_blocks():
     text = COURSE.read_text(encoding="utf-8")
     lessons = [int(n) for n in re.findall(r"^## Lesson (\d+)", text, re.M)]
-    assert lessons == list(range(11)), f"lessons out of order or missing: {lessons}"
+    assert lessons == list(range(12)), f"lessons out of order or missing: {lessons}"
     assert BASH_BLOCKS and PYTHON_BLOCKS
     langs = {m.group(1) for m in BLOCK.finditer(text)}
     assert langs <= {"bash", "python", "text"}, f"a block fenced as {langs - {'bash', 'python', 'text'}}: run or not?"
