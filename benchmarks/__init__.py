@@ -1,9 +1,14 @@
 """Benchmarks: one module per question.
 
-    python -m benchmarks.kernels    each op (GELU, LayerNorm, causal attention) against PyTorch, pass by pass
-    python -m benchmarks.train      end-to-end training-step throughput of the GPT presets
-    bash benchmarks/run_all.sh OUT  the tests, both benchmarks and a summary, in one command for a GPU machine
+    python -m benchmarks.kernels    each op (GELU, LayerNorm, the fused loss, causal attention) against PyTorch,
+                                    pass by pass; the loss's peak memory too
+    python -m benchmarks.train      end-to-end training steps of the GPT presets: throughput, memory per step and
+                                    the largest batch in a memory budget, with the fused loss and without
+    python -m benchmarks.generate   tokens/s with the KV cache, without it, and against transformers' GPT-2
+    python -m benchmarks.profile    a training step's time by op group (matmuls, attention, ..., the optimizer)
+    bash benchmarks/run_all.sh OUT  the tests, the four benchmarks and a summary, in one command for a GPU machine
 
-``benchmarks/common.py`` holds what both share: the device's measured ceilings, the timer and the output writers.
-See ``benchmarks/README.md`` for what every column means.
+``benchmarks/common.py`` holds what they share: the device's measured ceilings, the timer and the output writers;
+``benchmarks/memory.py`` measures peak memory on either device. See ``benchmarks/README.md`` for what every column
+means.
 """

@@ -127,7 +127,8 @@ def environment(device) -> dict:
         info.update(gpu=props.name, multiprocessors=props.multi_processor_count,
                     memory_gib=round(props.total_memory / 2**30, 1), l2_bytes=l2_cache_bytes(device))
     else:
-        info.update(cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads())
+        info.update(cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads(),
+                    load_average_1m=round(os.getloadavg()[0], 2))  # other work on the machine slows the timings
     return info
 
 
@@ -288,6 +289,31 @@ def time_pass(fn, sets, pass_: str, device, warmup_ms: float, rep_ms: float) -> 
     gradient), cycling through them so that rotated copies keep the inputs out of the cache. ``fwd`` times the
     forward as training runs it (saving what backward needs); ``bwd`` times out.backward(dy) alone (the forwards run
     once, outside the timed region, and the graph is kept); ``fwd+bwd`` both. Gradients are reset before every run."""
+    run, leaves = pass_runner(fn, sets, pass_)
+    return time_ms(run, device, warmup_ms, rep_ms, grad_to_none=leaves)
+
+
+def time_interleaved(runners: dict, rounds: int) -> dict:
+    """The ms of every run of each of several ``pass_runner``s on the CPU, taking turns: after one warm-up call each,
+    every round runs each once. On a machine shared with other work, whose load changes during a measurement,
+    contenders timed one after another can meet different conditions; taking turns gives each the same ones, on
+    average. Returns name -> [ms of round 1, round 2, ...]."""
+    for run, leaves in runners.values():
+        _reset_grads(leaves)
+        run()  # the first call: allocations, lazy initialisation
+    samples = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, (run, leaves) in runners.items():
+            _reset_grads(leaves)
+            t0 = time.perf_counter()
+            run()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def pass_runner(fn, sets, pass_: str):
+    """(a function running one pass of ``fn``, the tensors whose gradients to reset before each run): see
+    ``time_pass``."""
     leaves = [t for s in sets for t in s.tensors]
     order = itertools.cycle(range(len(sets)))
     if pass_ == "fwd":
@@ -303,7 +329,7 @@ def time_pass(fn, sets, pass_: str, device, warmup_ms: float, rep_ms: float) -> 
         def run():
             s = sets[next(order)]
             fn(*s.tensors).backward(s.dy)
-    return time_ms(run, device, warmup_ms, rep_ms, grad_to_none=leaves)
+    return run, leaves
 
 
 def measure_ceilings(device, matmul_dtypes=("bf16",), quick: bool = False) -> dict:

@@ -1,7 +1,9 @@
 r"""``python -m benchmarks.kernels``: each op, each pass, against the best PyTorch has — checked, then timed.
 
-How fast are our Triton kernels (``kernels/gelu.py``, ``layer_norm.py``, ``attention.py``) at the sizes a GPT uses,
-against what a user could write or call instead, and how close do they come to what this device can do at all?
+How fast are our Triton kernels (``kernels/gelu.py``, ``layer_norm.py``, ``attention.py``,
+``linear_cross_entropy.py``) at the sizes a GPT uses, against what a user could write or call instead, and how close
+do they come to what this device can do at all? For the loss, which exists to save memory, also: how much memory
+does each pass need (``benchmarks/loss_rows.py``, ``benchmarks/memory.py``)?
 
 Contenders, run in the same process on the same inputs:
 
@@ -10,7 +12,9 @@ Contenders, run in the same process on the same inputs:
     math_compile  the same formula under torch.compile      dynamic=True: one compile serves every size
     pytorch       the best PyTorch ships                    F.gelu, F.layer_norm, F.scaled_dot_product_attention
                                                             with the flash backend (default dispatch where flash
-                                                            cannot run: fp32, or dropout on the CPU; rows say so)
+                                                            cannot run: fp32, or dropout on the CPU; rows say so),
+                                                            F.linear_cross_entropy's chunked path for the loss
+    chunked       the loss only: our chunked PyTorch        the torch backend's linear_cross_entropy
 
 Passes: ``fwd`` (inputs require grad, as in training, so what backward needs is saved), ``bwd`` (out.backward(dy)
 alone; the forward ran outside the timed region) and ``fwd+bwd``.
@@ -20,33 +24,36 @@ each output written once; formulas below) / median time. Attention: TFLOP/s with
 D-long dot products (q.k, p.v) at 2 FLOPs per multiply-add, causality keeping half the pairs:
 fwd = 4*B*H*T*T*D / 2, bwd = 2.5 * fwd (five matmuls instead of two: S recomputed, dP, dV, dQ, dK; our dQ kernel's
 second S and dP are not counted),
-fwd+bwd = 3.5 * fwd — the same count for every contender, even those that compute the masked half. Both are also
-given as a percentage of this device's ceilings, measured at the start of the run (``benchmarks/common.py``).
+fwd+bwd = 3.5 * fwd — the same count for every contender, even those that compute the masked half. The loss:
+TFLOP/s of its three matmuls, 2*N*C*V each (logits forward; dX and dW backward). Both are also given as a percentage
+of this device's ceilings, measured at the start of the run (``benchmarks/common.py``). The loss rows also report
+``peak_mem_mib``: the most memory the pass needed beyond its inputs.
 
 Checked before timed.  Each contender first runs forward and backward once on the benchmark's own inputs; its output
 and every gradient are compared with the formula in float64 (||out - ref|| / ||ref||, a tolerance per dtype). A
 contender that fails is reported ``wrong`` and not timed: a fast wrong kernel is not fast. With dropout no two
 implementations draw the same mask, so the check is statistical: each result's deviation from the no-dropout float64
 result must be within 3x of the deviation float64 dropout itself causes. Large references are evaluated on a sample
-(two heads of attention, evenly spaced rows of GELU). Rows that would not fit in memory are skipped, and say so.
+(two heads of attention, evenly spaced rows of GELU) or in pieces (the loss, chunks of rows). Rows that would not
+fit in memory are skipped, and say so.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import math
+import statistics
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
-from benchmarks import common
+from benchmarks import common, loss_rows, memory
+from benchmarks.kernels_report import CONTENDERS, contenders, plot, progress, summarize, table
 
-OPS = ("gelu", "layer_norm", "attention")
+OPS = ("gelu", "layer_norm", "linear_cross_entropy", "attention")  # run in this order: the tail is lost first
+LOSS = loss_rows.OP
 PASSES = ("fwd", "bwd", "fwd+bwd")
-CONTENDERS = ("triton", "math", "math_compile", "pytorch")
 EPS = 1e-5  # GPT-2's LayerNorm epsilon, as the model uses
 TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}  # relative error vs float64 that a correct 16-bit formula
 #                                                        keeps well under, even evaluated step by step in that dtype
@@ -63,7 +70,9 @@ QUICK_SWEEP = dict(rows=64, widths=(128, 320), batch=1, heads=((2, 32),), seq_le
 INTERPRETER_MAX_ELEMENTS = 1 << 18  # larger inputs take minutes in Triton's interpreter: not checked there
 RATES = ("gbps", "tflops", "pct_bandwidth", "pct_matmul_peak", "triton_speedup")  # columns add_rates() fills
 COUNTING = ("GB/s: fewest bytes of the pass / median time; TFLOP/s: causal attention, fwd = 4*B*H*T*T*D/2, "
-            "bwd = 2.5*fwd; pct_*: of the ceilings measured at the start; triton_speedup = contender ms / triton ms")
+            "bwd = 2.5*fwd; linear_cross_entropy, 2*N*C*V per matmul: fwd 1, bwd 2, fwd+bwd 3 matmuls; pct_*: of the "
+            "ceilings measured at the start; triton_speedup = contender ms / triton ms; peak_mem_mib: peak memory of "
+            "the pass beyond what was in use before it (the inputs)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,7 +82,7 @@ COUNTING = ("GB/s: fewest bytes of the pass / median time; TFLOP/s: causal atten
 @dataclass(frozen=True)
 class Case:
     op: str
-    shape: tuple  # (M, C) for gelu and layer_norm, (B, H, T, D) for attention
+    shape: tuple  # (M, C) for gelu and layer_norm, (B, H, T, D) for attention, (N, C, V) for the loss
     dtype: str
     dropout: float = 0.0
 
@@ -86,6 +95,8 @@ class Case:
         if self.op == "attention":
             B, H, _T, D = self.shape
             return f"attention B{B} H{H} D{D}" + (f" p={self.dropout:g}" if self.dropout else "") + f" {self.dtype}"
+        if self.op == LOSS:
+            return f"{self.op} N={self.shape[0]} V={self.shape[2]} {self.dtype}"
         return f"{self.op} rows={self.shape[0]} {self.dtype}"
 
     @property
@@ -98,8 +109,16 @@ class Case:
 
     @property
     def set_bytes(self) -> int:
-        """Bytes of one input set: q, k, v, dy for attention; x, dy (and the small weight, bias) otherwise."""
+        """Bytes of one input set: q, k, v, dy for attention; x, W, targets for the loss; x, dy (and the small
+        weight, bias) otherwise."""
+        if self.op == LOSS:
+            return loss_rows.set_bytes(*self.shape, self.elem)
         return (4 if self.op == "attention" else 2) * math.prod(self.shape) * self.elem
+
+    @property
+    def interpreter_elements(self) -> int:  # what the Triton interpreter's time grows with
+        return loss_rows.interpreter_elements(self.shape[0], self.shape[2]) if self.op == LOSS else math.prod(
+            self.shape)
 
 
 def layer_norm_bytes(rows: int, width: int, elem: int, pass_: str) -> int:
@@ -128,9 +147,11 @@ def attention_flops(B: int, H: int, T: int, D: int, pass_: str) -> float:
 
 
 def work(case: Case, pass_: str) -> tuple[int | None, float | None]:
-    """(bytes, FLOPs) of one pass: bytes for the memory-bound ops, FLOPs for attention."""
+    """(bytes, FLOPs) of one pass: bytes for the memory-bound ops, FLOPs for attention and the loss."""
     if case.op == "attention":
         return None, attention_flops(*case.shape, pass_)
+    if case.op == LOSS:
+        return None, loss_rows.flops(*case.shape, pass_)
     rows, width = case.shape
     if case.op == "layer_norm":
         return layer_norm_bytes(rows, width, case.elem, pass_), None
@@ -140,7 +161,10 @@ def work(case: Case, pass_: str) -> tuple[int | None, float | None]:
 def planned_bytes(case: Case, contender: str, copies: int) -> int:
     """Rough peak memory of one contender's row: inputs, output and gradients (about 3 input sets), and for attention
     the (T, T) planes the formula materializes — scores, masked scores, weights, dropped weights and the gradient of
-    each: ~6 for the plain formula, ~3 once torch.compile fuses the elementwise steps; flash keeps none."""
+    each: ~6 for the plain formula, ~3 once torch.compile fuses the elementwise steps; flash keeps none. The loss:
+    ``loss_rows.planned_bytes``."""
+    if case.op == LOSS:
+        return loss_rows.planned_bytes(*case.shape, case.elem, contender, copies)
     total = 3 * case.set_bytes * copies
     if case.op == "attention":
         B, H, T, _D = case.shape
@@ -148,15 +172,22 @@ def planned_bytes(case: Case, contender: str, copies: int) -> int:
     return total
 
 
-def build_cases(ops, dtypes, dropout: float, quick: bool, widths=None, seq_lens=None) -> list[Case]:
-    """The sweep in run order: the cheap memory-bound ops first, the dropout row set (GPT-2 small's heads) last —
-    when a time budget runs out, what is lost is the tail."""
+def build_cases(ops, dtypes, dropout: float, quick: bool, widths=None, seq_lens=None, loss_rows_n=None,
+                vocab=None) -> list[Case]:
+    """The sweep in run order: the cheap memory-bound ops first, then the loss, the dropout row set (GPT-2 small's
+    heads) last — when a time budget runs out, what is lost is the tail. ``widths`` replaces the widths of
+    LayerNorm, GELU (4x) and the loss; ``loss_rows_n`` and ``vocab`` the loss's N and V."""
     sweep = QUICK_SWEEP if quick else SWEEP
-    widths, seq_lens, B = widths or sweep["widths"], seq_lens or sweep["seq_lens"], sweep["batch"]
+    loss = loss_rows.QUICK_SWEEP if quick else loss_rows.SWEEP
+    loss_shape = (loss_rows_n or loss["rows"], vocab or loss["vocab"])
+    seq_lens, B = seq_lens or sweep["seq_lens"], sweep["batch"]
     cases = []
     for dtype in dtypes:
-        cases += [Case("gelu", (sweep["rows"], 4 * c), dtype) for c in widths if "gelu" in ops]
-        cases += [Case("layer_norm", (sweep["rows"], c), dtype) for c in widths if "layer_norm" in ops]
+        cases += [Case("gelu", (sweep["rows"], 4 * c), dtype) for c in widths or sweep["widths"] if "gelu" in ops]
+        cases += [Case("layer_norm", (sweep["rows"], c), dtype) for c in widths or sweep["widths"]
+                  if "layer_norm" in ops]
+        cases += [Case(LOSS, (loss_shape[0], c, loss_shape[1]), dtype) for c in widths or loss["widths"]
+                  if LOSS in ops]
         if "attention" in ops:
             cases += [Case("attention", (B, H, T, D), dtype) for H, D in sweep["heads"] for T in seq_lens]
             H, D = sweep["heads"][0]
@@ -169,15 +200,18 @@ def build_cases(ops, dtypes, dropout: float, quick: bool, widths=None, seq_lens=
 
 
 class InputSet(NamedTuple):
-    tensors: list  # the leaf tensors (requires_grad) the op takes
-    dy: object  # the upstream gradient a backward pass uses
+    tensors: list  # the tensors the op takes: leaves that require grad (and the loss's integer targets)
+    dy: object  # the upstream gradient a backward pass uses (None for the loss: a scalar, gradient 1)
 
 
 def make_inputs(case: Case, device, copies: int) -> list[InputSet]:
-    """Fresh random inputs (never zeros): N(0, 1) activations, LayerNorm parameters near (1, 0), a shifted mean."""
+    """Fresh random inputs (never zeros): N(0, 1) activations, LayerNorm parameters near (1, 0), a shifted mean;
+    the loss's in ``loss_rows.make_inputs``."""
     import torch
 
     dt = common.torch_dtype(case.dtype)
+    if case.op == LOSS:
+        return [InputSet(*s) for s in loss_rows.make_inputs(case.shape, dt, device, copies)]
 
     def randn(*shape, scale=1.0, shift=0.0):
         return (torch.randn(*shape, device=device) * scale + shift).to(dt).requires_grad_()
@@ -204,12 +238,16 @@ def rotation_copies(case: Case, device) -> int:
     return min(ROTATE_SETS_MAX, math.ceil(2 * l2 / case.set_bytes))
 
 
-def contender_fns(op: str, dropout: float, triton_backend, compiled: dict) -> dict:
-    """name -> function of the input tensors. ``compiled`` keeps the torch.compile'd formulas across cases."""
+def contender_fns(op: str, dropout: float, triton_backend, compiled: dict) -> tuple[dict, dict]:
+    """(name -> function of the input tensors, name -> the status of a contender that cannot run here).
+    ``compiled`` keeps the torch.compile'd formulas across cases."""
     import torch
     import torch.nn.functional as F
 
     from kernels import reference
+
+    if op == LOSS:
+        return loss_rows.contender_fns(triton_backend, compiled)
 
     def flash(q, k, v):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -233,7 +271,7 @@ def contender_fns(op: str, dropout: float, triton_backend, compiled: dict) -> di
     if triton_backend is not None:
         triton_fn = getattr(triton_backend, "causal_attention" if op == "attention" else op)
         fns["triton"] = lambda *t: triton_fn(*t, *args)
-    return fns
+    return fns, {}
 
 
 def selector(case: Case, device):
@@ -254,20 +292,24 @@ def selector(case: Case, device):
 
 
 def forward_backward(fn, inputs: InputSet):
-    """One forward and backward; returns the output and the input gradients (detached)."""
-    for t in inputs.tensors:
+    """One forward and backward; returns the output and the gradients of the inputs that require them (detached)."""
+    leaves = [t for t in inputs.tensors if t.requires_grad]
+    for t in leaves:
         t.grad = None
     out = fn(*inputs.tensors)
     out.backward(inputs.dy)
-    return out.detach(), [t.grad for t in inputs.tensors]
+    return out.detach(), [t.grad for t in leaves]
 
 
 def reference(case: Case, inputs: InputSet, select, dropout: float = 0.0):
     """The formula in float64 on the selected part: (output, gradients). Attention is evaluated one head at a time
-    (the (T, T) planes of float64 are large)."""
+    (the (T, T) planes of float64 are large), the loss in chunks of rows."""
     import torch
 
     from kernels import reference as ref
+
+    if case.op == LOSS:
+        return loss_rows.reference(inputs)
 
     leaves = [select(t.detach()).double() for t in inputs.tensors]
     dy = select(inputs.dy).double()
@@ -322,6 +364,7 @@ class Run:
         self.budget = common.Budget(args.budget_s)
         self.compiled: dict = {}
         self.interpreting = device.type == "cpu"
+        self.memory_note = memory.prepare(device)  # None: peak memory can be measured here
         self.triton, self.triton_error = None, None
         try:
             import kernels
@@ -333,13 +376,15 @@ class Run:
     def skip_reason(self, case: Case, name: str, copies: int) -> str | None:
         if self.budget.expired():
             return f"skipped: time budget ({self.args.budget_s:g} s) spent"
+        if self.args.contenders and name not in self.args.contenders:
+            return "skipped: not in --contenders"
         if name == "triton" and self.triton is None:
             return f"failed: {self.triton_error}"
         if name == "math_compile" and self.args.no_compile:
             return "skipped: --no-compile"
         if name == "math_compile" and self.device.type == "cpu" and self.args.quick:
             return "skipped: torch.compile on the CPU is too slow for --quick"
-        if name == "triton" and self.interpreting and math.prod(case.shape) > INTERPRETER_MAX_ELEMENTS:
+        if name == "triton" and self.interpreting and case.interpreter_elements > INTERPRETER_MAX_ELEMENTS:
             return "not timed (interpreter); not checked: too large for the interpreter"
         need = planned_bytes(case, name, copies)
         have = common.memory_budget(self.device)
@@ -361,26 +406,67 @@ def run_case(case: Case, run: Run) -> list[dict]:
     if case.dropout:
         drop_out, drop_grads = reference(case, sets[0], select, case.dropout)
         ref["dropout_dev"] = [common.rel_err(a, b) for a, b in zip([drop_out] + drop_grads, [out64] + grads64)]
-    fns = contender_fns(case.op, case.dropout, run.triton, run.compiled)
-    rows = []
-    for name in CONTENDERS:
+    fns, missing = contender_fns(case.op, case.dropout, run.triton, run.compiled)
+    rows, ready = [], {}  # ready: the contenders checked correct and to be timed
+    for name in contenders(case.op):
         verdict = dict(checked=None, check_error=None, check=None, note=None, copies=copies)
-        status = run.skip_reason(case, name, copies)
+        status = run.skip_reason(case, name, copies) or missing.get(name)
         fn = fns.get(name)
         if status is None:
             status, fn = check_contender(case, name, fn, sets[0], select, ref, verdict, run)
+        if status is None:
+            ready[name] = fn
         for pass_ in run.args.passes:
             row = dict(blank_row(case, name, pass_, status or "ok"), **verdict)
-            if status is None and run.budget.expired():
-                row["status"] = f"skipped: time budget ({run.args.budget_s:g} s) spent"
-            elif status is None:
-                try:
-                    row["ms"] = common.time_pass(fn, sets, pass_, run.device, run.args.warmup_ms, run.args.rep_ms)
-                except Exception as exc:
-                    row["status"] = error_status(exc, run.device)
+            if status is None and (name, pass_) in loss_rows.PASS_STATUS and case.op == LOSS:
+                row["status"] = loss_rows.PASS_STATUS[name, pass_]
             rows.append(row)
+    for pass_ in run.args.passes:
+        todo = {r["contender"]: r for r in rows
+                if r["pass"] == pass_ and r["status"] == "ok" and r["contender"] in ready}
+        time_rows(todo, ready, sets, pass_, run)
+        for name, row in todo.items():
+            if case.op == LOSS and row["ms"]:
+                measure_memory(row, ready[name], sets[0], pass_, run)
     add_rates(rows, run.ceilings, case.dtype)
     return rows
+
+
+def time_rows(todo: dict, fns: dict, sets: list[InputSet], pass_: str, run: "Run") -> None:
+    """Fill ``ms`` of each row in ``todo`` (contender -> row): contender after contender, or with --interleave taking
+    turns (``common.time_interleaved``)."""
+    for row in todo.values():
+        if run.budget.expired():
+            row["status"] = f"skipped: time budget ({run.args.budget_s:g} s) spent"
+    todo = {name: row for name, row in todo.items() if row["status"] == "ok"}
+    if run.args.interleave:
+        try:
+            times = common.time_interleaved({name: common.pass_runner(fns[name], sets, pass_) for name in todo},
+                                            run.args.rounds)
+        except Exception as exc:
+            status = error_status(exc, run.device)
+            for row in todo.values():
+                row["status"] = status
+            return
+        for name, samples in times.items():
+            todo[name].update(ms=statistics.median(samples), round_ms=[round(t, 3) for t in samples])
+        return
+    for name, row in todo.items():
+        try:
+            row["ms"] = common.time_pass(fns[name], sets, pass_, run.device, run.args.warmup_ms, run.args.rep_ms)
+        except Exception as exc:
+            row["status"] = error_status(exc, run.device)
+
+
+def measure_memory(row: dict, fn, inputs: InputSet, pass_: str, run: "Run") -> None:
+    """The loss row's peak memory beyond its inputs (``loss_rows.pass_peak_bytes``), after its timed runs: warm."""
+    if run.memory_note:
+        row["note"] = "; ".join(filter(None, [row["note"], f"memory {run.memory_note}"]))
+        return
+    try:
+        row["peak_mem_mib"] = loss_rows.pass_peak_bytes(fn, loss_rows.LossInputs(*inputs), pass_, run.device) / 2**20
+    except Exception as exc:  # the time stands; the memory says why it is missing
+        row["note"] = "; ".join(filter(None, [row["note"], f"memory {error_status(exc, run.device)}"]))
 
 
 def check_contender(case, name, fn, inputs, select, ref, verdict: dict, run: Run):
@@ -390,9 +476,11 @@ def check_contender(case, name, fn, inputs, select, ref, verdict: dict, run: Run
     poison_allocator(case.set_bytes, run.device)
     try:
         try:
-            with warnings.catch_warnings():  # flash explains at length why it cannot run; the row says it
-                warnings.simplefilter("ignore", UserWarning)
+            with warnings.catch_warnings(record=True) as caught:  # flash explains at length why it cannot run;
+                warnings.simplefilter("always", UserWarning)        # the row says it
                 ok, err, note = check(case, fn, inputs, select, ref)
+            if case.op == LOSS and caught:  # e.g. PyTorch's chunked path falling back to the plain formula
+                verdict["note"] = "warned: " + common.one_line(caught[0].message)
         except RuntimeError as exc:  # flash cannot run this case (fp32, or dropout on the CPU)
             if name != "pytorch" or common.is_oom(exc) or "no available kernel" not in str(exc).lower():
                 raise
@@ -420,8 +508,8 @@ def blank_row(case: Case, contender: str, pass_: str, status: str) -> dict:
     nbytes, flops = work(case, pass_)
     return dict(op=case.op, family=case.family, shape=case.label, size=case.size, dtype=case.dtype,
                 dropout=case.dropout, contender=contender, **{"pass": pass_}, status=status, ms=None,
-                **dict.fromkeys(RATES), bytes=nbytes, flops=flops, checked=None, check_error=None, check=None,
-                note=None, copies=None)
+                **dict.fromkeys(RATES), bytes=nbytes, flops=flops, peak_mem_mib=None, round_ms=None, checked=None,
+                check_error=None, check=None, note=None, copies=None)
 
 
 def add_rates(rows: list[dict], ceilings: dict, dtype: str) -> None:
@@ -439,115 +527,11 @@ def add_rates(rows: list[dict], ceilings: dict, dtype: str) -> None:
         r["triton_speedup"] = ms / t if ms and t else None  # > 1: triton is that many times faster
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reporting: terminal table, plot, summary
-
-
-def _cell(row: dict | None, speedup: bool = True) -> str:
-    """A contender's time (with triton's speed-up over it), or the first word of why there is none."""
-    if row is None:
-        return "-"
-    if row["ms"] is None:
-        word = row["status"].split(":")[0]
-        return word.upper() if word in ("wrong", "failed") else "not timed" if word.startswith("not timed") else word
-    return f"{row['ms']:.3g} ms" + (f" ({row['triton_speedup']:.2f}x)" if speedup and row["triton_speedup"] else "")
-
-
-def progress(rows: list[dict]) -> str:
-    """One case on one line: each contender's times (passes joined by '/') or why it has none."""
-    by = {name: [r for r in rows if r["contender"] == name] for name in CONTENDERS}
-    return "; ".join(f"{name} " + ("/".join(f"{r['ms']:.3g}" for r in rs) + " ms" if all(r["ms"] for r in rs)
-                                   else _cell(next(r for r in rs if not r["ms"]), False)) for name, rs in by.items())
-
-
-def _rate(row: dict | None) -> tuple[str, str]:
-    """(throughput, share of the ceiling) of a timed row, as table cells."""
-    if not row or not row.get("ms"):
-        return "-", "-"
-    if row["tflops"]:
-        return f"{row['tflops']:.0f} TF/s", f"{row['pct_matmul_peak']:.0f}%"
-    return f"{row['gbps']:.0f} GB/s", f"{row['pct_bandwidth']:.0f}%"
-
-
-def table(rows: list[dict]) -> str:
-    """One line per case and pass: triton's time, throughput and share of the ceiling, then every other contender's
-    time with triton's speed-up over it in parentheses (> 1: triton is faster)."""
-    cases: dict = {}
-    for r in rows:
-        cases.setdefault((r["family"], r["shape"], r["pass"]), {})[r["contender"]] = r
-    lines = [[family, pass_, shape, _cell(by.get("triton"), False), *_rate(by.get("triton"))]
-             + [_cell(by.get(c)) for c in CONTENDERS[1:]] for (family, shape, pass_), by in cases.items()]
-    return common.format_table(["case", "pass", "shape", "triton", "rate", "% ceil", *CONTENDERS[1:]], lines,
-                               right={3, 4, 5, 6, 7, 8})
-
-
-def plot(rows: list[dict], ceilings: dict, path: Path) -> Path | None:
-    """One figure: a subplot per family (rows) and pass (columns), throughput vs size, a line per contender, the
-    device's ceiling dashed."""
-    plt = common.pyplot()
-    if plt is None:
-        return None
-    families, passes = list(dict.fromkeys(r["family"] for r in rows)), list(dict.fromkeys(r["pass"] for r in rows))
-    fig, axes = plt.subplots(len(families), len(passes), figsize=(4.2 * len(passes), 3.2 * len(families)),
-                             squeeze=False)
-    for (i, family), (j, pass_) in itertools.product(enumerate(families), enumerate(passes)):
-        ax, sel = axes[i][j], [r for r in rows if r["family"] == family and r["pass"] == pass_]
-        attention = sel[0]["op"] == "attention"
-        key = "tflops" if attention else "gbps"
-        for name in CONTENDERS:
-            points = [(r["size"], r[key]) for r in sel if r["contender"] == name and r.get(key)]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=name)
-            elif any(r["contender"] == name for r in sel):
-                ax.plot([], [], " ", label=f"{name}: {_cell(next(r for r in sel if r['contender'] == name))}")
-        matmul = ceilings["matmul_tflops"]
-        ax.axhline(matmul.get(sel[0]["dtype"], matmul["bf16"]) if attention else ceilings["bandwidth_gbps"],
-                   color="grey", linestyle="--", linewidth=1, label="device ceiling")
-        if any(r.get(key) for r in sel):
-            ax.set_xscale("log", base=2)
-        ax.set_title(f"{family} — {pass_}", fontsize=9)
-        ax.set_xlabel("sequence length T" if attention else "width (columns)")
-        ax.set_ylabel("TFLOP/s (causal count)" if attention else "GB/s (fewest bytes)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return common.save_figure(fig, path)
-
-
 def tuned_attention_tiles() -> list[str]:
     """What the attention kernels' tile tuner chose in this run (kernels/launch.py), one line per problem class."""
     if "kernels.attention" not in sys.modules:  # the triton contenders never ran
         return []
     return sys.modules["kernels.attention"].tuning_report()
-
-
-def summarize(data: dict) -> str:
-    """Per family and pass: triton at the largest size, and its geometric-mean speed-up over each contender (with
-    the number of sizes it is taken over); then the checks and every wrong or failed row."""
-    rows, env, ceil = data["rows"], data["meta"]["environment"], data["meta"]["ceilings"]
-    lines = []
-    for family, pass_ in dict.fromkeys((r["family"], r["pass"]) for r in rows):
-        sel = [r for r in rows if r["family"] == family and r["pass"] == pass_]
-        top = max((r for r in sel if r["contender"] == "triton" and r["ms"]), key=lambda r: r["size"], default=None)
-        speedups = []
-        for c in CONTENDERS[1:]:
-            s = [r["triton_speedup"] for r in sel if r["contender"] == c and r["triton_speedup"]]
-            speedups.append(f"{math.exp(sum(map(math.log, s)) / len(s)):.2f}x ({len(s)})" if s else "-")
-        lines.append([family, pass_, top["shape"] if top else "-", _cell(top, False), *_rate(top), *speedups])
-    triton = {(r["family"], r["shape"]): r["checked"] for r in rows if r["contender"] == "triton"}
-    bad = dict.fromkeys(f"  {r['family']} {r['shape']} {r['contender']}: {r['status']}" for r in rows
-                        if r["status"].startswith(("wrong", "failed")))
-    return "\n".join([
-        f"kernels on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}); ceilings: copy "
-        f"{ceil['bandwidth_gbps']:.0f} GB/s, matmul " + ", ".join(f"{k} {v:.0f} TFLOP/s"
-                                                                for k, v in ceil["matmul_tflops"].items()), "",
-        common.format_table(["family", "pass", "largest", "triton", "rate", "% ceil"]
-                            + [f"vs {c} (geo-mean)" for c in CONTENDERS[1:]], lines), "",
-        f"triton checked correct in {sum(v is True for v in triton.values())} of {len(triton)} cases; "
-        f"{len(bad)} wrong or failed (case, contender)" + (":" if bad else ""), *bad]
-        + (["", "attention tiles (BLOCK_M, BLOCK_N, warps, stages) the tuner chose:"]
-           + [f"  {line}" for line in data["meta"].get("attention_tiles", [])] if data["meta"].get("attention_tiles")
-           else []))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -562,9 +546,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", nargs="+", choices=common.DTYPE_NAMES, default=["bf16"], help="dtypes (default bf16)")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="add an attention row set with this dropout probability (e.g. 0.1; default none)")
-    p.add_argument("--widths", type=int, nargs="+", help="LayerNorm widths C (GELU runs 4C) instead of the sweep's")
+    p.add_argument("--widths", type=int, nargs="+",
+                   help="widths C instead of the sweep's: LayerNorm's, GELU's (it runs 4C) and the loss's")
+    p.add_argument("--rows", type=int, help="the loss's rows N (default 16384 = 16 x 1024; 96 with --quick)")
+    p.add_argument("--vocab-size", type=int, help="the loss's vocabulary V (default 50257; 1000 with --quick)")
     p.add_argument("--seq-lens", type=int, nargs="+", help="attention sequence lengths T instead of the sweep's")
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, help="only these contenders (default all)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    p.add_argument("--interleave", action="store_true",
+                   help="CPU: time the contenders taking turns, --rounds runs each, instead of one after another "
+                        "(on a machine shared with other work, every contender then meets the same load on average)")
+    p.add_argument("--rounds", type=int, default=5, help="runs of each contender with --interleave (default 5)")
     p.add_argument("--warmup-ms", type=float, help="warm-up per timing, ms (default 25; 5 with --quick)")
     p.add_argument("--rep-ms", type=float, help="timed runs per timing, ms (default 100; 20 with --quick)")
     common.add_run_args(p, "kernels")
@@ -580,7 +572,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --dropout must be in [0, 1), got {args.dropout}")
     args.warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.quick else 25.0)
     args.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.quick else 100.0)
+    for name in ("rows", "vocab_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.rounds < 1:
+        raise SystemExit(f"error: --rounds must be positive, got {args.rounds}")
     device = common.setup(args)
+    if args.interleave and device.type == "cuda":
+        raise SystemExit("error: --interleave is for a CPU shared with other work; a GPU's timer (do_bench) times "
+                         "each contender alone — leave it out")
+    memory.prepare(device)  # before the big allocations: see benchmarks/memory.py
     import torch._functorch.config as functorch_config
 
     # The compiled formula's backward is timed with retain_graph=True (its forward ran once, outside the timed
@@ -588,9 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(functorch_config, "donated_buffer"):
         functorch_config.donated_buffer = False
     ops = OPS if "all" in args.op else tuple(o for o in OPS if o in args.op)
-    cases = build_cases(ops, args.dtype, args.dropout, args.quick, args.widths, args.seq_lens)
-    print(f"benchmarks.kernels: {len(cases)} cases x {len(CONTENDERS)} contenders x {len(args.passes)} passes "
-          f"on {common.device_name(device)}", flush=True)
+    cases = build_cases(ops, args.dtype, args.dropout, args.quick, args.widths, args.seq_lens, args.rows,
+                        args.vocab_size)
+    print(f"benchmarks.kernels: {len(cases)} cases x up to {len(CONTENDERS)} contenders x {len(args.passes)} "
+          f"passes on {common.device_name(device)}", flush=True)
     ceilings = common.measure_ceilings(device, ["bf16"] + list(args.dtype), quick=args.quick)
     print(f"ceilings: copy {ceilings['bandwidth_gbps']:.0f} GB/s, matmul "
           + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in ceilings["matmul_tflops"].items()), flush=True)
@@ -604,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
                 case_rows = run_case(case, run)
             except Exception as exc:  # the inputs or the reference did not fit: every contender's rows say so
                 status = f"skipped: {exc}" if isinstance(exc, TimeoutError) else error_status(exc, device)
-                case_rows = [blank_row(case, c, p, status) for c in CONTENDERS for p in args.passes]
+                case_rows = [blank_row(case, c, p, status) for c in contenders(case.op) for p in args.passes]
             common.free_memory(device)
             rows += case_rows
             print(f"[{i}/{len(cases)}] {case.family} {case.label} ({run.budget.spent():.0f} s): {progress(case_rows)}",
@@ -614,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted ({interrupted}): writing the {len(rows)} rows measured so far", flush=True)
     meta = common.run_meta(device, ceilings, args, run.budget, interrupted, COUNTING)
     meta["attention_tiles"] = tuned_attention_tiles()
+    meta["memory_method"] = run.memory_note or memory.METHOD[device.type]
     rows, paths = common.finish(args.out or common.default_out_dir(device), "kernels", rows, meta,
                                 lambda rows, path: plot(rows, ceilings, path))
     print("\n" + table(rows) + "\n\n" + summarize({"rows": rows, "meta": meta}))

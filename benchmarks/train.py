@@ -1,22 +1,33 @@
-r"""``python -m benchmarks.train``: how fast does the whole GPT train, backend by backend, with and without compile?
+r"""``python -m benchmarks.train``: how fast does the whole GPT train, backend by backend, with and without compile,
+and how much memory does a step take with the fused loss and without?
 
-One row per preset, context length, kernels backend (``torch``: PyTorch's own fused ops; ``triton``: our kernels) and
-compile setting. Each row builds the model from the same seed, gives it random tokens (no dataset needed: the
-data's values do not change the work), runs a few warm-up steps (torch.compile and Triton's JIT happen there) and
-then times full training steps:
+One row per preset, context length, kernels backend (``torch``: PyTorch's own fused ops; ``triton``: our kernels),
+compile setting and loss. Each row builds the model from the same seed, gives it random tokens (no dataset needed:
+the data's values do not change the work), runs a few warm-up steps (torch.compile and Triton's JIT happen there)
+and then times full training steps:
 
-    forward (bf16 autocast on a GPU) -> cross-entropy loss -> backward -> AdamW step (fused on CUDA) -> zero grads
+    forward (bf16 autocast on a GPU) -> loss -> backward -> AdamW step (fused on CUDA) -> zero grads
 
-with the optimizer ``minigpt.train`` trains with, and dropout as the preset sets it (0.1 for gpt2-124m).
+with the optimizer ``minigpt.train`` trains with, and dropout as the preset sets it (0.1 for gpt2-124m). The loss
+(``--loss``): ``plain``, the logits whole then F.cross_entropy in float32 (how minigpt trained before the fused op);
+``fused``, ``model(idx, targets=targets)``, the backend's linear_cross_entropy, which never holds the logits.
 
 Reported per row: median ms per step, tokens per second (batch * context / step time), MFU — model FLOPs per
 token (``model.flops_per_token``: 6 N for the matmuls forward and backward, plus the causal attention term) times
-tokens per second, over this device's bf16 matmul rate measured at the start of the run — and the peak memory
-PyTorch allocated.
+tokens per second, over this device's bf16 matmul rate measured at the start of the run — and memory:
+
+    peak_mem_gib   the most memory a timed step needed, over what was in use before the row built its model (so:
+                   weights, gradients, optimizer state, batch, activations): torch.cuda.max_memory_allocated on a
+                   GPU, the process's peak resident set on the CPU (``benchmarks/memory.py`` says how)
+    max_batch      the largest batch whose step peak stays within ``--memory-budget-gib``: the peak is measured at
+                   two batch sizes, a straight line through them (weights and optimizer state fixed, activations
+                   per sequence) predicts the limit, and steps at the prediction and one above it confirm it
+                   (eager rows only: a compiled model would recompile for every batch size)
 
 Checked before timed: in eval mode (no dropout) each backend's logits on one batch are compared with the torch
-backend's in float32 on the same weights. On a machine without a GPU the triton backend runs in Triton's
-interpreter: its rows are checked there (and one training step must give a finite loss) but never timed.
+backend's in float32 on the same weights, and on the ``fused`` rows its loss with the float32 cross-entropy of those
+logits. On a machine without a GPU the triton backend runs in Triton's interpreter: its rows are checked there (and
+one training step must give a finite loss) but never timed.
 """
 from __future__ import annotations
 
@@ -28,9 +39,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, memory
 
 BACKENDS = ("torch", "triton")
+LOSSES = ("plain", "fused")
 TOKENS_PER_STEP = 16384  # default batch = this / context: 64 x 256 or 16 x 1024, the same work per step
 LR, WEIGHT_DECAY = 3e-4, 0.1  # the values do not change the step's cost; AdamW's work is the same for any
 TOLERANCE = {"bf16": 5e-2, "fp32": 1e-3}  # logits' relative error vs the float32 torch backend (at least)
@@ -42,6 +54,11 @@ COUNTING = ("MFU = model.flops_per_token(T) * tokens/s / measured matmul FLOP/s;
             "without the embeddings) + 6 * n_layers * T * emb_dim (causal attention, forward and backward)")
 QUICK = dict(presets=["tiny"], contexts=[64], batch_size=1, warmup_steps=1, steps=3)
 FULL = dict(presets=["gpt2-124m"], contexts=[256, 1024], batch_size=None, warmup_steps=3, steps=10)
+GPU_BUDGET_FRACTION = 0.9  # default memory budget on a GPU: this share of its memory (the rest: the CUDA context,
+#                            the allocator's cache and fragmentation, which max_memory_allocated does not count)
+CPU_BUDGET_GIB = 2.0  # default memory budget on the CPU: small, so that the steps at the largest batch stay short
+FIT_TRIES = 12  # steps the largest-batch search may take after its first two: a line needs about two, halving an
+#                interval (a device out of memory below the budget) about log2 of its width
 
 
 @dataclass(frozen=True)
@@ -50,55 +67,93 @@ class Row:
     context: int
     backend: str
     compile: str  # "no", "model" (torch.compile(model), what minigpt.train --compile does) or "blocks"
+    loss: str = "plain"  # "plain" (logits, then F.cross_entropy) or "fused" (model(idx, targets=...))
 
 
-def plan(presets, contexts, backends, compile_modes) -> list[Row]:
+def plan(presets, contexts, backends, compile_modes, losses=("plain",)) -> list[Row]:
     """Uncompiled rows first (they take seconds), then compiled ones (compiling takes far longer), longest context
-    first within each: if the time budget runs out, what is lost is the tail."""
+    first within each, the losses side by side: if the time budget runs out, what is lost is the tail."""
     rows = []
     for mode in sorted(compile_modes, key=lambda m: m != "no"):
         for preset in presets:
             for context in sorted(contexts, reverse=True):
-                rows += [Row(preset, context, backend, mode) for backend in backends]
+                rows += [Row(preset, context, backend, mode, loss) for backend in backends for loss in losses]
     return rows
+
+
+def make_step(step_model, optimizer, loss: str, autocast):
+    """One training step on a batch -> the loss (detached): forward and loss under ``autocast``, backward, AdamW,
+    gradients set to None. The loss and the optimizer are labelled for the profiler (``benchmarks.profile``); a
+    label costs a few microseconds."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import record_function
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            if loss == "fused":
+                out = step_model(inputs, targets=targets)  # the backend's linear_cross_entropy inside
+            else:
+                logits = step_model(inputs)  # (B, T, V)
+                with record_function("minigpt.loss"):
+                    out = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        out.backward()
+        with record_function("minigpt.optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return out.detach()
+
+    return step
 
 
 def build_model(row: Row, backend: str, device, seed: int, vocab_size: int | None):
     import torch
 
-    from minigpt import GPTModel, get_preset
+    from minigpt import GPTModel
 
-    cfg = get_preset(row.preset).with_overrides(context_length=row.context, vocab_size=vocab_size)
     torch.manual_seed(seed)  # the same weights for every backend
-    return GPTModel(cfg, kernels=backend).to(device)
+    return GPTModel(row_config(row, vocab_size), kernels=backend).to(device)
 
 
-def reference_logits(row: Row, args, device, batch):
-    """float32 logits of the torch backend in eval mode: what every row's logits are checked against."""
+def row_config(row: Row, vocab_size: int | None):
+    from minigpt import get_preset
+
+    return get_preset(row.preset).with_overrides(context_length=row.context, vocab_size=vocab_size)
+
+
+def reference_outputs(row: Row, args, device, batch, targets) -> dict:
+    """float32 logits of the torch backend in eval mode, and their cross-entropy: what every row is checked against.
+    Kept on the CPU, so that they are not in a GPU row's memory."""
     import torch
+    import torch.nn.functional as F
 
     model = build_model(row, "torch", device, args.seed, args.vocab_size).eval()
     with torch.no_grad():
-        return model(batch).float()
+        logits = model(batch).float()  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return {"logits": logits.cpu(), "loss": loss.cpu()}
 
 
-def check_logits(model, batch, ref, autocast, tol: float) -> tuple[bool, float, str]:
-    """Eval-mode logits (no dropout) of ``model`` against ``ref`` -> (ok, relative error, description)."""
+def check_outputs(model, loss: str, batch, targets, ref: dict, autocast, tol: float) -> tuple[bool, float, str]:
+    """Eval-mode logits (no dropout) of ``model`` against the reference's, and for the fused loss its loss against
+    the reference's cross-entropy -> (ok, largest relative error, description)."""
     import torch
 
     model.eval()
     with torch.no_grad(), autocast():
-        logits = model(batch).float()
+        errors = {"logits": common.rel_err(model(batch).float().cpu(), ref["logits"])}
+        if loss == "fused":
+            errors["fused loss"] = common.rel_err(model(batch, targets=targets).float().cpu(), ref["loss"])
     model.train()
-    err = common.rel_err(logits, ref)
-    return err <= tol, err, f"logits rel err {err:.1e} vs float32 torch backend (tol {tol:.2g})"
+    err = max(errors.values(), key=lambda e: e if math.isfinite(e) else math.inf)  # NaN is the worst
+    described = ", ".join(f"{name} rel err {e:.1e}" for name, e in errors.items())
+    return err <= tol, err, f"{described} vs float32 torch backend (tol {tol:.2g})"
 
 
 def run_row(row: Row, args, device, ceilings, budget: common.Budget, refs: dict) -> dict:
     import contextlib
 
     import torch
-    import torch.nn.functional as F
 
     from minigpt.train import configure_optimizer
 
@@ -107,7 +162,9 @@ def run_row(row: Row, args, device, ceilings, budget: common.Budget, refs: dict)
     batch_size = args.batch_size or max(1, TOKENS_PER_STEP // row.context)
     result = dict(asdict(row), batch=batch_size, tokens_per_step=batch_size * row.context, dtype=dtype,
                   status="ok", check=None, checked=None, check_error=None, ms_per_step=None, tokens_per_s=None,
-                  mfu=None, peak_mem_gib=None, warmup_s=None, first_loss=None, last_loss=None)
+                  mfu=None, peak_mem_gib=None, step_peak_gib=None, max_batch=None, max_batch_peak_gib=None,
+                  mem_per_seq_mib=None, mem_fixed_gib=None, max_batch_note=None, warmup_s=None, first_loss=None,
+                  last_loss=None)
     interpreting = row.backend == "triton" and not on_gpu
     if budget.expired():
         return dict(result, status=f"skipped: time budget ({args.budget_s:g} s) spent")
@@ -126,21 +183,25 @@ def run_row(row: Row, args, device, ceilings, budget: common.Budget, refs: dict)
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
 
+    vocab = row_config(row, args.vocab_size).vocab_size
+    generator = torch.Generator(device).manual_seed(args.seed)
+    check_batch, check_targets = (torch.randint(0, vocab, (min(CHECK_BATCH, batch_size), row.context), device=device,
+                                                generator=generator) for _ in range(2))
+    key = (row.preset, row.context)
+    if row.compile == "no" and key not in refs:
+        refs[key] = reference_outputs(row, args, device, check_batch, check_targets)
+
+    common.free_memory(device, collect=True)
+    baseline = memory.current_bytes(device)  # the row's memory is everything above this
     model = build_model(row, row.backend, device, args.seed, args.vocab_size)
     result["params"] = model.num_params()
     result["flops_per_token"] = model.flops_per_token(row.context)
-    vocab = model.cfg.vocab_size
-    check_batch = torch.randint(0, vocab, (min(CHECK_BATCH, batch_size), row.context), device=device,
-                                generator=torch.Generator(device).manual_seed(args.seed))
     if row.compile == "no":
-        key = (row.preset, row.context)
-        if key not in refs:
-            refs[key] = {"logits": reference_logits(row, args, device, check_batch)}
         # the tolerance, or twice what the torch backend itself gets in this precision (the rule the kernels'
         # tests use), whichever is larger
         tol = max(TOLERANCE[dtype], 2 * refs[key].get("torch_error", 0.0))
-        ok, err, note = check_logits(model, check_batch, refs[key]["logits"], autocast, tol)
-        if row.backend == "torch":
+        ok, err, note = check_outputs(model, row.loss, check_batch, check_targets, refs[key], autocast, tol)
+        if row.backend == "torch" and row.loss == "plain":
             refs[key]["torch_error"] = err
         result.update(checked=ok, check_error=err, check=note)
         if not ok:
@@ -155,41 +216,31 @@ def run_row(row: Row, args, device, ceilings, budget: common.Budget, refs: dict)
             for block in model.trf_blocks:
                 block.compile()
     optimizer = configure_optimizer(model, LR, WEIGHT_DECAY, device)
-    batches = [(torch.randint(0, vocab, (batch_size, row.context), device=device),
-                torch.randint(0, vocab, (batch_size, row.context), device=device)) for _ in range(2)]
+    step = make_step(step_model, optimizer, row.loss, autocast)
+    batches = [random_batch(batch_size, row.context, vocab, device) for _ in range(2)]
 
-    def step(i: int) -> torch.Tensor:
-        inputs, targets = batches[i % len(batches)]
-        with autocast():
-            logits = step_model(inputs)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    losses = [step(i) for i in range(1 if interpreting else args.warmup_steps)]
+    losses = [step(*batches[i % 2]) for i in range(1 if interpreting else args.warmup_steps)]
     result["first_loss"] = losses[0].item()  # synchronizes: the warm-up is over
     result["warmup_s"] = round(time.perf_counter() - t0, 2)
     if not math.isfinite(result["first_loss"]):
         return dict(result, status=f"failed: loss is {result['first_loss']} in the first step")
     if interpreting:
         return dict(result, status="not timed (interpreter)")
-    times = []
+    times, peaks = [], []
     for i in range(args.steps):
+        memory.reset_peak(device)  # the allocator counts on the host: no synchronization, the steps stay queued
         if on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            loss = step(i)
+            loss = step(*batches[i % 2])
             end.record()
             times.append((start, end))
         else:
             t = time.perf_counter()
-            loss = step(i)
+            loss = step(*batches[i % 2])
             times.append(time.perf_counter() - t)
+        peaks.append(memory.peak_bytes(device) - baseline)
     result["last_loss"] = loss.item()
     if on_gpu:
         torch.cuda.synchronize(device)
@@ -197,10 +248,99 @@ def run_row(row: Row, args, device, ceilings, budget: common.Budget, refs: dict)
     tokens_per_s = batch_size * row.context / (ms_step * 1e-3)
     peak = ceilings["matmul_tflops"][ceilings["train_dtype"]] * 1e12
     result.update(ms_per_step=ms_step, tokens_per_s=tokens_per_s, mfu=result["flops_per_token"] * tokens_per_s / peak,
-                  peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None)
+                  step_peak_gib=[round(p / 2**30, 4) for p in peaks])
+    if not args.memory_note:
+        result["peak_mem_gib"] = max(peaks) / 2**30
     if not math.isfinite(result["last_loss"]):
-        result["status"] = f"failed: loss is {result['last_loss']} after {args.steps} timed steps"
+        return dict(result, status=f"failed: loss is {result['last_loss']} after {args.steps} timed steps")
+    if row.compile == "no" and args.max_batch and not args.memory_note:
+        def measure(b: int) -> float:
+            return step_peak(step, lambda: optimizer.zero_grad(set_to_none=True), b, row.context, vocab, device,
+                             baseline)
+
+        result.update(largest_batch(measure, batch_size, max(peaks), args.memory_budget_gib * 2**30))
+    elif row.compile != "no":
+        result["max_batch_note"] = "not searched: a compiled model recompiles for each batch size"
     return result
+
+
+def random_batch(batch_size: int, context: int, vocab: int, device):
+    """Random (inputs, targets), (B, T) each: the data's values do not change the work."""
+    import torch
+
+    return tuple(torch.randint(0, vocab, (batch_size, context), device=device) for _ in range(2))
+
+
+def step_peak(step, zero_grad, batch_size: int, context: int, vocab: int, device, baseline: int) -> float:
+    """Peak bytes above ``baseline`` of one training step at ``batch_size``; inf when it runs out of memory (the
+    gradients a broken-off step left are dropped with ``zero_grad``)."""
+    common.free_memory(device, collect=True)
+    try:
+        batch = random_batch(batch_size, context, vocab, device)
+        memory.reset_peak(device)
+        step(*batch).item()
+        return float(memory.peak_bytes(device) - baseline)
+    except Exception as exc:
+        if not common.is_oom(exc):
+            raise
+        zero_grad()
+        return math.inf
+    finally:
+        common.free_memory(device, collect=True)
+
+
+def largest_batch(measure, batch: int, peak: float, budget: float) -> dict:
+    """The largest batch whose step peak ``measure(b)`` (bytes) stays within ``budget`` bytes.
+
+    Memory grows about in a straight line with the batch: weights, gradients and optimizer state are fixed,
+    activations (and the logits, with the plain loss) are per sequence. The peak at ``batch`` is known; one more
+    measurement at a larger batch gives the line, the line predicts the limit, and steps at the prediction and next
+    to it confirm it — refitting on the latest measurements, until a batch that fits sits next to one that does
+    not.
+    """
+    points = {batch: peak}
+    for trial in (batch + max(batch, 4), batch + 1):  # the second only if the first ran out of memory
+        points[trial] = measure(trial)
+        if math.isfinite(points[trial]):
+            break
+
+    def bracket():  # (the largest batch known to fit or 0, the smallest known not to or None)
+        fits = [b for b, p in points.items() if p <= budget]
+        return max(fits, default=0), min((b for b, p in points.items() if p > budget), default=None)
+
+    for _ in range(FIT_TRIES):
+        lo, hi = bracket()
+        if hi is not None and hi <= lo + 1:
+            break
+        fixed, per_seq = _line(points)
+        guess = math.floor((budget - fixed) / per_seq) if per_seq > 0 else None
+        if hi is None:  # no upper end yet: follow the line, at least one further (doubling if it is flat)
+            guess = max(lo + 1, guess if guess is not None else 2 * lo)
+        elif guess is None or not lo < guess < hi:  # the line points outside what is known (e.g. out of memory
+            guess = (lo + hi) // 2                   # below the budget): halve the interval instead
+        points[guess] = measure(guess)
+    lo, hi = bracket()
+    fixed, per_seq = _line(points)
+    if not lo:
+        note = "no batch fits the budget"
+    elif hi is not None and hi <= lo + 1:
+        note = f"{lo} fits, {hi} does not" + (" (out of memory)" if math.isinf(points[hi]) else "") + " (measured)"
+    else:
+        note = f"at least {lo}: the search stopped before a batch over the budget was next to it"
+    return dict(max_batch=lo or None, max_batch_peak_gib=points[lo] / 2**30 if lo else None,
+                mem_per_seq_mib=per_seq / 2**20, mem_fixed_gib=fixed / 2**30, max_batch_note=note)
+
+
+def _line(points: dict) -> tuple[float, float]:
+    """(fixed bytes, bytes per sequence): the line through the two largest batches measured without running out of
+    memory — the local slope, which is what matters near the limit (a fused loss's chunk buffer grows with the batch
+    only until it holds a whole chunk, so its memory bends before it runs straight)."""
+    finite = sorted((b, p) for b, p in points.items() if math.isfinite(p))
+    if len(finite) < 2:
+        return (finite[0][1] if finite else 0.0), 0.0
+    (b0, p0), (b1, p1) = finite[-2:]
+    per_seq = (p1 - p0) / (b1 - b0)
+    return p1 - per_seq * b1, per_seq
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,43 +348,63 @@ def run_row(row: Row, args, device, ceilings, budget: common.Budget, refs: dict)
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["preset", "context", "batch", "backend", "compile", "ms/step", "tokens/s", "MFU", "peak GiB",
-               "warm-up s", "check", "status"]
-    lines = [[r["preset"], r["context"], r["batch"], r["backend"], r["compile"], common.fmt_num(r["ms_per_step"]),
-              common.fmt_num(r["tokens_per_s"]), f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-",
-              common.fmt_num(r["peak_mem_gib"]), common.fmt_num(r["warmup_s"]),
+    headers = ["preset", "context", "batch", "backend", "compile", "loss", "ms/step", "tokens/s", "MFU", "peak GiB",
+               "max batch", "MiB/seq", "warm-up s", "check", "status"]
+    lines = [[r["preset"], r["context"], r["batch"], r["backend"], r["compile"], r.get("loss", "plain"),
+              common.fmt_num(r["ms_per_step"]), common.fmt_num(r["tokens_per_s"]),
+              f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-", common.fmt_num(r["peak_mem_gib"]),
+              _max_batch_cell(r), common.fmt_num(r.get("mem_per_seq_mib")), common.fmt_num(r["warmup_s"]),
               "-" if r["checked"] is None else ("ok" if r["checked"] else "WRONG"), r["status"][:70]] for r in rows]
-    return common.format_table(headers, lines, right={1, 2, 5, 6, 7, 8, 9})
+    return common.format_table(headers, lines, right={1, 2, 6, 7, 8, 9, 10, 11, 12})
+
+
+def _max_batch_cell(r: dict) -> str:
+    if not r.get("max_batch"):
+        return "-"
+    return f"{r['max_batch']}" + ("" if "(measured)" in (r.get("max_batch_note") or "") else "+")
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
-    """Tokens/s and MFU per row, grouped by context length."""
+    """Tokens/s, MFU and peak memory per step (with the largest batch in the budget on top) per row."""
     plt = common.pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    labels = [f"{r['preset']}\nT={r['context']}\n{r['backend']}\ncompile={r['compile']}" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
+    labels = [f"{r['preset']}\nT={r['context']}\n{r['backend']}\ncompile={r['compile']}\n{r.get('loss', 'plain')}"
+              for r in rows]
+    colors = {("torch", "plain"): "tab:blue", ("torch", "fused"): "tab:cyan", ("triton", "plain"): "tab:orange",
+              ("triton", "fused"): "tab:red"}
     x = list(range(len(rows)))
-    for ax, key, title in ((axes[0], "tokens_per_s", "tokens / s"), (axes[1], "mfu", "MFU (vs measured matmul)")):
-        values = [(r[key] or 0) * (100 if key == "mfu" else 1) for r in rows]
-        bars = ax.bar(x, values, color=["tab:blue" if r["backend"] == "torch" else "tab:orange" for r in rows])
+    for ax, key, title in ((axes[0], "tokens_per_s", "tokens / s"), (axes[1], "mfu", "MFU (vs measured matmul, %)"),
+                           (axes[2], "peak_mem_gib", "peak memory per step, GiB (max batch in the budget on top)")):
+        values = [(r.get(key) or 0) * (100 if key == "mfu" else 1) for r in rows]
+        bars = ax.bar(x, values, color=[colors.get((r["backend"], r.get("loss", "plain")), "grey") for r in rows])
         for bar, r in zip(bars, rows):
-            if not r[key]:
+            if not r.get(key):
                 ax.annotate(r["status"].split(":")[0], (bar.get_x() + bar.get_width() / 2, 0), ha="center",
                             va="bottom", fontsize=7, rotation=90)
-        ax.set_xticks(x, labels, fontsize=7)
-        ax.set_title(title + (" (%)" if key == "mfu" else ""))
+            elif key == "peak_mem_gib" and r.get("max_batch"):
+                ax.annotate(f"max {_max_batch_cell(r)}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, labels, fontsize=6)
+        ax.set_title(title, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     return common.save_figure(fig, path)
 
 
 def summarize(data: dict) -> str:
-    env, ceil = data["meta"]["environment"], data["meta"]["ceilings"]
+    meta = data["meta"]
+    env, ceil = meta["environment"], meta["ceilings"]
     peak = common.fmt_num(ceil["matmul_tflops"][ceil["train_dtype"]])
     head = (f"training step on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}); MFU vs "
             f"measured {ceil['train_dtype']} matmul {peak} TFLOP/s")
-    return head + "\n\n" + table(data["rows"])
+    budget = meta.get("args", {}).get("memory_budget_gib")
+    tail = (f"peak GiB: a step's peak memory above what was in use before the row built its model "
+            f"({meta.get('memory_method', 'see benchmarks/memory.py')}); max batch: the largest batch whose step peak "
+            f"stays within {common.fmt_num(budget)} GiB (+: at least); MiB/seq: the memory one more sequence costs"
+            if budget else "")
+    return head + "\n\n" + table(data["rows"]) + ("\n\n" + tail if tail else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,8 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile settings to run: no, model (torch.compile(model), as minigpt.train --compile), "
                         "blocks (each transformer block compiled: one graph reused n_layers times, far quicker to "
                         "compile); default: no model")
+    p.add_argument("--loss", nargs="+", choices=LOSSES, default=list(LOSSES),
+                   help="plain (logits, then F.cross_entropy), fused (model(idx, targets=...): the backend's "
+                        "linear_cross_entropy); default both")
     p.add_argument("--batch-size", type=int, help=f"sequences per step (default {TOKENS_PER_STEP} tokens / context; "
                                                   "1 with --quick)")
+    p.add_argument("--memory-budget-gib", type=float,
+                   help=f"the budget of the largest-batch search (default {100 * GPU_BUDGET_FRACTION:.0f}%% of the "
+                        f"GPU's memory; {CPU_BUDGET_GIB:g} GiB on the CPU)")
+    p.add_argument("--no-max-batch", dest="max_batch", action="store_false",
+                   help="skip the largest-batch search (it runs a few more steps per uncompiled row)")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary (default: the preset's)")
     p.add_argument("--warmup-steps", type=int, help="untimed steps first (default 3; 1 with --quick)")
     p.add_argument("--steps", type=int, help="timed steps (default 10; 3 with --quick)")
@@ -286,8 +454,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in args.presets if p not in PRESETS]
     if unknown:
         raise SystemExit(f"error: unknown preset(s) {unknown} — choose from {', '.join(PRESETS)}")
+    if args.memory_budget_gib is not None and args.memory_budget_gib <= 0:
+        raise SystemExit(f"error: --memory-budget-gib must be positive, got {args.memory_budget_gib}")
     device = common.setup(args)
+    args.memory_note = memory.prepare(device)  # before the big allocations: see benchmarks/memory.py
     import torch
+
+    if args.memory_budget_gib is None:
+        args.memory_budget_gib = (round(GPU_BUDGET_FRACTION * torch.cuda.get_device_properties(device).total_memory
+                                        / 2**30, 1) if device.type == "cuda" else CPU_BUDGET_GIB)
+    available = common.memory_budget(device, fraction=0.8) / 2**30
+    if device.type == "cpu" and args.max_batch and args.memory_budget_gib > available:
+        # a GPU says "out of memory" and the search steps back; a CPU's system ends the whole process instead
+        raise SystemExit(f"error: --memory-budget-gib {args.memory_budget_gib:g} is over 80% of the memory this "
+                         f"machine has available ({available:.1f} GiB) — use a smaller budget, or --no-max-batch")
 
     train_dtype = "bf16" if device.type == "cuda" else "fp32"  # a CPU trains in float32
     ceilings = dict(common.measure_ceilings(device, [train_dtype], quick=args.quick), train_dtype=train_dtype)
@@ -295,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{train_dtype} matmul {ceilings['matmul_tflops'][train_dtype]:.1f} TFLOP/s", flush=True)
     budget = common.Budget(args.budget_s)
     refs = {}
-    planned = plan(args.presets, args.contexts, args.backends, args.compile)
+    planned = plan(args.presets, args.contexts, args.backends, args.compile, args.loss)
 
     def cleanup():
         torch._dynamo.reset()
@@ -303,9 +483,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, interrupted = common.run_rows(
         planned, lambda row: run_row(row, args, device, ceilings, budget, refs),
-        lambda row, r: f"{row.preset} T={row.context} {row.backend} compile={row.compile}: "
-                       f"{common.fmt_num(r.get('ms_per_step'))} ms/step, {r['status']}", cleanup)
+        lambda row, r: f"{row.preset} T={row.context} {row.backend} compile={row.compile} loss={row.loss}: "
+                       f"{common.fmt_num(r.get('ms_per_step'))} ms/step, peak {common.fmt_num(r.get('peak_mem_gib'))} "
+                       f"GiB, max batch {_max_batch_cell(r)}, {r['status']}", cleanup)
     meta = common.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
+    meta["memory_method"] = args.memory_note or memory.METHOD[device.type]
     common.report(args.out or common.default_out_dir(device), "train", rows, meta, plot, summarize)
     return 0
 

@@ -1,5 +1,6 @@
-"""The benchmarks: both commands run end to end in --quick mode and write what they promise, the checks they make
-before timing catch wrong results, and the work they count matches the op's definition.
+"""The benchmarks: every command runs end to end in --quick mode and writes what it promises, the checks they make
+before timing catch wrong results, the work they count matches the op's definition, memory is measured as said, and
+the profile's groups account for the step.
 
 The commands run in subprocesses: on the CPU the Triton kernels need the interpreter switched on before they are
 imported, which must not leak into the other tests' process. On a GPU the quick runs skip torch.compile (minutes of
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common
+from benchmarks import common, loss_rows
 from benchmarks import kernels as kernel_bench
+from benchmarks import profile as profile_bench
 from benchmarks import train as train_bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +45,7 @@ def read_outputs(out: Path, stem: str) -> tuple[dict, list[dict]]:
     assert len(csv_rows) == len(data["rows"]) > 0
     for row, line in zip(data["rows"], csv_rows):
         assert set(line) == set(row)
-        assert line["status"] == row["status"]
+        assert line.get("status") == row.get("status")
     assert (out / f"{stem}.png").stat().st_size > 0
     return data, csv_rows
 
@@ -57,12 +59,12 @@ def test_kernels_quick_checks_every_contender_and_times_the_ones_it_may(device, 
     ceilings = data["meta"]["ceilings"]
     assert ceilings["bandwidth_gbps"] > 0 and ceilings["matmul_tflops"]["bf16"] > 0
 
-    cases = {(r["family"], r["shape"]) for r in rows}
-    assert {r["op"] for r in rows} == {"gelu", "layer_norm", "attention"}
+    cases = {(r["op"], r["family"], r["shape"]) for r in rows}
+    assert {r["op"] for r in rows} == {"gelu", "layer_norm", "linear_cross_entropy", "attention"}
     assert any(r["dropout"] > 0 for r in rows), "the --dropout row set is missing"
-    for family, shape in cases:
+    for op, family, shape in cases:
         present = {(r["contender"], r["pass"]) for r in rows if (r["family"], r["shape"]) == (family, shape)}
-        assert present == {(c, p) for c in kernel_bench.CONTENDERS for p in kernel_bench.PASSES}, (family, shape)
+        assert present == {(c, p) for c in kernel_bench.contenders(op) for p in kernel_bench.PASSES}, (family, shape)
 
     for r in rows:
         where = f"{r['family']} {r['shape']} {r['contender']} {r['pass']}: {r['status']}"
@@ -73,42 +75,145 @@ def test_kernels_quick_checks_every_contender_and_times_the_ones_it_may(device, 
         if r["contender"] == "triton" and device == "cpu":
             assert r["status"] == "not timed (interpreter)" and r["ms"] is None, where
             continue
+        if (r["contender"], r["pass"]) in loss_rows.PASS_STATUS and r["op"] == "linear_cross_entropy":
+            assert r["status"] == loss_rows.PASS_STATUS[r["contender"], r["pass"]], where
+            continue
         assert r["status"] == "ok" and r["ms"] > 0, where
-        rate = r["tflops"] if r["op"] == "attention" else r["gbps"]
+        rate = r["gbps"] if r["op"] in ("gelu", "layer_norm") else r["tflops"]
         assert rate > 0 and math.isfinite(rate), where
         if device == "cuda":  # triton is timed too: every other contender gets a speed-up ratio
             assert r["triton_speedup"] > 0, where
+        if r["op"] == "linear_cross_entropy":  # the loss's rows say how much memory each pass took
+            assert r["peak_mem_mib"] is not None and r["peak_mem_mib"] >= 0, where
+        else:
+            assert r["peak_mem_mib"] is None, where
+    # the plain formula holds the (N, V) float32 logits at once: its fwd+bwd peak is at least that large
+    for r in rows:
+        if r["op"] == "linear_cross_entropy" and r["contender"] == "math" and r["pass"] == "fwd+bwd":
+            N, _C, V = map(int, r["shape"].split("x"))
+            assert r["peak_mem_mib"] * 2**20 >= N * V * 4, r
 
     summary = kernel_bench.summarize(data)
     assert f"triton checked correct in {len(cases)} of {len(cases)} cases" in summary
+    assert "peak memory beyond the inputs" in summary
     assert "ceilings" in proc.stdout
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_train_quick_writes_a_row_per_backend_and_compile_setting(device, tmp_path):
-    extra = ["--compile", "no"] if device == "cuda" else []
+def test_train_quick_writes_a_row_per_backend_compile_setting_and_loss(device, tmp_path):
+    # a small memory budget keeps the largest-batch search's steps short (the tiny model at context 64)
+    extra = ["--memory-budget-gib", "0.45"] + (["--compile", "no"] if device == "cuda" else [])
     run_quick("benchmarks.train", device, tmp_path, *extra)
     data, _ = read_outputs(tmp_path, "train")
-    rows = {(r["backend"], r["compile"]): r for r in data["rows"]}
+    rows = {(r["backend"], r["compile"], r["loss"]): r for r in data["rows"]}
     compile_modes = ["no"] if device == "cuda" else ["no", "model"]
-    assert set(rows) == {(b, c) for b in train_bench.BACKENDS for c in compile_modes}
+    assert set(rows) == {(b, c, loss) for b in train_bench.BACKENDS for c in compile_modes
+                         for loss in train_bench.LOSSES}
 
-    torch_row = rows["torch", "no"]
-    assert torch_row["status"] == "ok" and torch_row["checked"] is True
-    assert torch_row["ms_per_step"] > 0 and torch_row["tokens_per_s"] > 0 and 0 < torch_row["mfu"] < 1
-    assert torch_row["tokens_per_s"] == pytest.approx(
-        torch_row["batch"] * torch_row["context"] / (torch_row["ms_per_step"] * 1e-3))
-    assert math.isfinite(torch_row["first_loss"]) and math.isfinite(torch_row["last_loss"])
+    for loss in train_bench.LOSSES:
+        torch_row = rows["torch", "no", loss]
+        assert torch_row["status"] == "ok" and torch_row["checked"] is True, torch_row["status"]
+        assert torch_row["ms_per_step"] > 0 and torch_row["tokens_per_s"] > 0 and 0 < torch_row["mfu"] < 1
+        assert torch_row["tokens_per_s"] == pytest.approx(
+            torch_row["batch"] * torch_row["context"] / (torch_row["ms_per_step"] * 1e-3))
+        assert math.isfinite(torch_row["first_loss"]) and math.isfinite(torch_row["last_loss"])
+        # every timed step's peak is recorded; the row reports the largest
+        assert len(torch_row["step_peak_gib"]) == 3 and torch_row["peak_mem_gib"] > 0
+        assert torch_row["peak_mem_gib"] == pytest.approx(max(torch_row["step_peak_gib"]), abs=1e-3)
+        # the largest batch within the budget was confirmed by a step, and one more sequence was over it
+        assert torch_row["max_batch"] >= 1 and torch_row["max_batch_peak_gib"] <= 0.45, torch_row["max_batch_note"]
+        assert torch_row["max_batch_note"].endswith("(measured)"), torch_row["max_batch_note"]
+        assert torch_row["mem_per_seq_mib"] > 0
+    fused, plain = rows["torch", "no", "fused"], rows["torch", "no", "plain"]
+    assert "fused loss rel err" in fused["check"]  # the fused loss was checked against F.cross_entropy's
+    # what the fused loss is for: without the (B*T, 50257) logits more sequences fit in the same memory
+    assert fused["max_batch"] > plain["max_batch"]
 
-    triton_row = rows["triton", "no"]
-    assert triton_row["checked"] is True, triton_row["status"]  # logits agree with the torch backend's
-    assert math.isfinite(triton_row["first_loss"])  # and a full training step ran
-    if device == "cpu":
-        assert triton_row["status"] == "not timed (interpreter)" and triton_row["ms_per_step"] is None
-        assert all(rows[b, "model"]["status"].startswith("skipped") for b in train_bench.BACKENDS)
-    else:
-        assert triton_row["status"] == "ok" and triton_row["tokens_per_s"] > 0
+    for loss in train_bench.LOSSES:
+        triton_row = rows["triton", "no", loss]
+        assert triton_row["checked"] is True, triton_row["status"]  # logits (and loss) agree with the torch backend
+        assert math.isfinite(triton_row["first_loss"])  # and a full training step ran
+        if device == "cpu":
+            assert triton_row["status"] == "not timed (interpreter)" and triton_row["ms_per_step"] is None
+            assert all(rows[b, "model", loss]["status"].startswith("skipped") for b in train_bench.BACKENDS)
+        else:
+            assert triton_row["status"] == "ok" and triton_row["tokens_per_s"] > 0
     assert "tiny" in train_bench.summarize(data)
+
+
+def test_the_largest_batch_search_finds_the_limit_of_a_known_memory_curve():
+    gib = 2**30
+
+    def bent(b):  # a fused loss's shape: a chunk buffer that grows with the batch up to 10 sequences, then stays
+        return 0.25 * gib + min(b, 10) * 0.01 * gib + b * 0.005 * gib
+
+    def out_of_memory_above_50(b):  # a straight line, and a device that runs out above 50 sequences
+        return math.inf if b > 50 else 0.1 * gib + b * 0.02 * gib
+
+    for curve, budget in ((bent, 0.5 * gib), (bent, 0.26 * gib), (out_of_memory_above_50, 10 * gib)):
+        measured = []
+        found = train_bench.largest_batch(lambda b: measured.append(b) or curve(b), 1, curve(1), budget)
+        truth = max((b for b in range(1, 200) if curve(b) <= budget), default=0)
+        assert (found["max_batch"] or 0) == truth, (curve.__name__, budget, found, measured)
+        assert len(measured) <= 2 + train_bench.FIT_TRIES
+
+
+def test_profile_quick_splits_the_step_into_groups_that_add_up(tmp_path):
+    run_quick("benchmarks.profile", "cpu", tmp_path)
+    data, _ = read_outputs(tmp_path, "profile")
+    for loss in profile_bench.LOSSES:
+        by = {r["group"]: r for r in data["rows"] if r["loss"] == loss}
+        assert set(by) == set(profile_bench.GROUPS) | {profile_bench.OUTSIDE, "step"}
+        step = by["step"]["ms_per_step"]
+        grouped = sum(by[g]["ms_per_step"] for g in profile_bench.GROUPS)
+        # the ops' own times cover the step, up to the Python between them
+        assert 0.7 * step <= grouped <= 1.02 * step, (loss, grouped, step)
+        for group in ("matmuls", "attention", "LayerNorm", "GELU", "loss", "optimizer"):
+            assert by[group]["ms_per_step"] > 0, (loss, group)  # every part of the model was found
+        assert "aten::mm" in by["matmuls"]["top_ops"]
+    assert "LayerNorm" in profile_bench.summarize(data)
+
+
+@pytest.mark.parametrize("chain, group", [
+    (["aten::addmm", "aten::linear"], "matmuls"),
+    (["aten::copy_", "aten::addmm", "aten::linear"], "matmuls"),
+    (["autograd::engine::evaluate_function: AddmmBackward0"], "matmuls"),
+    (["aten::mm", "LinearCrossEntropy", "minigpt.linear_cross_entropy"], "matmuls"),  # the head's matmul, fused
+    (["aten::exp_", "LinearCrossEntropy", "minigpt.linear_cross_entropy"], "loss"),
+    (["aten::mul", "autograd::engine::evaluate_function: LinearCrossEntropyBackward"], "loss"),
+    (["minigpt::linear_cross_entropy_fwd"], "loss"),
+    (["aten::copy_", "aten::_to_copy", "aten::to", "minigpt.loss"], "loss"),
+    (["aten::_log_softmax_backward_data"], "loss"),
+    (["aten::bmm", "aten::_scaled_dot_product_attention_math", "minigpt.causal_attention"], "attention"),
+    (["aten::bmm", "autograd::engine::evaluate_function: BmmBackward0",  # a backward node, then its forward op
+      "aten::bmm", "aten::matmul", "aten::_scaled_dot_product_attention_math", "minigpt.causal_attention"], "attention"),
+    (["aten::mm", "autograd::engine::evaluate_function: AddmmBackward0", "aten::addmm", "aten::linear"], "matmuls"),
+    (["minigpt::attention_bwd"], "attention"),
+    (["aten::native_layer_norm", "aten::layer_norm", "minigpt.layer_norm"], "LayerNorm"),
+    (["aten::gelu_backward", "autograd::engine::evaluate_function: GeluBackward0"], "GELU"),
+    (["aten::sqrt", "Optimizer.step#AdamW.step", "minigpt.optimizer"], "optimizer"),
+    (["aten::_fused_adamw_"], "optimizer"),
+    (["aten::embedding_dense_backward"], "rest"),
+    (["aten::add"], "rest"),
+])
+def test_profile_groups_ops_by_what_they_sit_in(chain, group):
+    assert profile_bench.classify(chain) == group
+
+
+def test_the_peak_memory_meter_sees_an_allocation_of_known_size():
+    # in a subprocess: the meter changes malloc's settings for the whole process
+    code = ("import torch; from benchmarks import memory; d = torch.device('cpu'); assert memory.prepare(d) is None; "
+            "x = torch.ones(1);\n"
+            "with memory.PeakMemory(d) as m:\n    t = torch.ones(16 * 2**20); del t\n"
+            "with memory.PeakMemory(d) as again:\n    t = torch.ones(16 * 2**20); del t\n"
+            "print(m.bytes, again.bytes)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # 64 MiB of float32, freed inside the block: counted, and counted again. Linux updates a process's resident
+    # size in batches of pages per thread, so the count is good to about a MiB.
+    for peak in map(int, proc.stdout.split()):
+        assert 63 * 2**20 <= peak < 72 * 2**20, peak
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -212,6 +317,11 @@ def test_the_byte_and_flop_counts_follow_their_definitions():
     assert kernel_bench.attention_flops(1, 2, 4, 8, "fwd") == 512
     assert kernel_bench.attention_flops(1, 2, 4, 8, "bwd") == 2.5 * 512
     assert kernel_bench.attention_flops(1, 2, 4, 8, "fwd+bwd") == 3.5 * 512
+    # the loss, N=2 rows, C=3, V=5: logits are 2 x 5 dot products of length 3 (2 * 3 * 5 multiply-adds, 60 FLOPs);
+    # the backward's dX and dW are two more products of that size
+    assert loss_rows.flops(2, 3, 5, "fwd") == 60
+    assert loss_rows.flops(2, 3, 5, "bwd") == 120
+    assert loss_rows.flops(2, 3, 5, "fwd+bwd") == 180
 
 
 def test_the_sweep_and_the_command_lines():
@@ -219,14 +329,26 @@ def test_the_sweep_and_the_command_lines():
     widths = {c.shape[1] for c in cases if c.op == "layer_norm"}
     assert min(widths) == 768 and max(widths) == 8192
     assert {c.shape[1] for c in cases if c.op == "gelu"} == {4 * w for w in widths}
+    assert {c.shape for c in cases if c.op == "linear_cross_entropy"} == {(16384, 768, 50257), (16384, 1600, 50257)}
     attention = [c for c in cases if c.op == "attention"]
     assert {c.shape[2] for c in attention} == {256, 512, 1024, 2048, 4096, 8192}
     assert {(c.shape[1], c.shape[3]) for c in attention} == {(12, 64), (16, 128)}
     assert all(c.shape[0] == 8 for c in attention) and any(c.dropout == 0.1 for c in attention)
     assert common.device_name(torch.device("cpu")) == "cpu"
-    for module in (kernel_bench, train_bench):
+    for module in (kernel_bench, train_bench, profile_bench):
         assert "--quick" in module.build_parser().format_help()
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "run_all.sh")]).returncode == 0
+
+
+def test_run_all_parts_fit_in_eight_minutes_on_a_gpu():
+    import re
+
+    script = (ROOT / "benchmarks" / "run_all.sh").read_text()
+    gpu = script[script.index("MODE=gpu"):script.index("MODE=cpu")]
+    limits = dict(re.findall(r"(\w+)_S=(\d+)", gpu))
+    assert set(limits) == {"TESTS", "KERNELS", "TRAIN", "GENERATE", "PROFILE"}
+    assert sum(map(int, limits.values())) < 8 * 60
+    assert "run_part profile" in script
 
 
 def test_summarize_reports_an_unreadable_results_file_in_one_line(tmp_path):
