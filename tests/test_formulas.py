@@ -8,13 +8,14 @@ torch.autograd (a gradient, a Jacobian), torch.utils.flop_counter (a FLOP count)
 log-sum-exp), Python integers (a counter bound), or a count of the tensors a pass touches (memory traffic).
 Where a docstring gives a *reason* (float32 cancellation, an overflow), the float32 failure it describes is shown.
 
-Only the dropout-layout test runs a kernel (one tiny launch of ``_keep_mask``, in Triton's interpreter without a
-GPU); the rest is float64 arithmetic on small tensors.
+No test here runs a kernel (the dropout layout is read off the kernel in tests/test_tiled.py); everything is
+float64 arithmetic on small tensors.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -25,12 +26,10 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before the k
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 import kernels.attention as attention  # noqa: E402
 import kernels.gelu as gelu_module  # noqa: E402
-from kernels.attention import LOG2E, MAX_DROPOUT_T, _keep_mask, causal_attention, causal_attention_flops  # noqa: E402
+from kernels.attention import LOG2E, MAX_DROPOUT_T, causal_attention, causal_attention_flops  # noqa: E402
 from kernels.attention_tiles import GPU_TILES, MIN_BLOCK_D  # noqa: E402
 from kernels.gelu import gelu_bytes  # noqa: E402
 from kernels.launch import is_interpreting  # noqa: E402
@@ -553,51 +552,17 @@ def test_dropout_threshold(p):
     assert abs(p_drop - p) <= 2**-17
 
 
-# The docstring's sentence: keys 8g + 0 .. 8g + 7 take "w0 low, w2 low, w1 low, w3 low, w0 high, w2 high, w1 high,
-# w3 high" — (word, half) with half 0 the low 16 bits.
-DOCSTRING_KEY_LAYOUT = ((0, 0), (2, 0), (1, 0), (3, 0), (0, 1), (2, 1), (1, 1), (3, 1))
-
-
-@triton.jit
-def _philox_probe(KEEP, HALVES, seed, T, dropout_p, ROWS: tl.constexpr):
-    """The keep mask of keys 0 .. 7 (one group) for query rows 0 .. ROWS - 1, from the kernel's _keep_mask, and
-    beside it the 16-bit halves of the same Philox calls: HALVES (ROWS, word, half)."""
-    rows = tl.arange(0, ROWS)
-    keep = _keep_mask(seed, rows, 0, T, dropout_p, ROWS, 8)
-    tl.store(KEEP + rows[:, None] * 8 + tl.arange(0, 8)[None, :], keep.to(tl.int32))
-    w0, w1, w2, w3 = tl.randint4x(seed, rows * T)  # the group's counters: a * T + 0
-    tl.store(HALVES + rows * 8 + 0, (w0 & 0xFFFF).to(tl.int32))
-    tl.store(HALVES + rows * 8 + 1, (w0 >> 16).to(tl.int32))
-    tl.store(HALVES + rows * 8 + 2, (w1 & 0xFFFF).to(tl.int32))
-    tl.store(HALVES + rows * 8 + 3, (w1 >> 16).to(tl.int32))
-    tl.store(HALVES + rows * 8 + 4, (w2 & 0xFFFF).to(tl.int32))
-    tl.store(HALVES + rows * 8 + 5, (w2 >> 16).to(tl.int32))
-    tl.store(HALVES + rows * 8 + 6, (w3 & 0xFFFF).to(tl.int32))
-    tl.store(HALVES + rows * 8 + 7, (w3 >> 16).to(tl.int32))
-
-
-def kernel_philox_key_layout(rows: int = 128, seed: int = 1234) -> tuple[tuple[int, int], ...]:
-    """Which (word, half) of its group's Philox call each of the 8 keys uses, measured on the kernel's own
-    ``_keep_mask``: one launch draws a (rows, 8) keep mask at p = 1/2 and, beside it, the four words of the same
-    Philox calls (tl.randint4x with the same key and counters); each key's column of the mask matches exactly one
-    of the 8 halves' ``>= 2^15`` patterns (two differ with probability 1 - 2^-rows)."""
-    device = "cuda" if torch.cuda.is_available() and not is_interpreting() else "cpu"
-    keep = torch.empty(rows, 8, dtype=torch.int32, device=device)
-    halves = torch.empty(rows, 4, 2, dtype=torch.int32, device=device)
-    _philox_probe[(1,)](keep, halves, seed, 100, 0.5, ROWS=rows)
-    keep, halves = keep.cpu().bool(), halves.cpu()
-    layout = []
-    for key in range(8):
-        matches = [(w, h) for w in range(4) for h in range(2) if torch.equal(halves[:, w, h] >= 2**15, keep[:, key])]
-        assert len(matches) == 1, f"key {key}: {matches}"
-        layout.append(matches[0])
-    return tuple(layout)
-
-
-@pytest.mark.skipif(not (torch.cuda.is_available() or is_interpreting()), reason="runs a kernel")
 def test_philox_key_layout_is_the_docstring_sentence():
-    """The docstring's order of the 16-bit halves over the 8 keys of a group is the one _keep_mask draws."""
-    assert kernel_philox_key_layout() == DOCSTRING_KEY_LAYOUT
+    """The module docstring's order of the 16-bit halves over the 8 keys of a group ("w0 low, w2 low, ...") is
+    ``tiled.PHILOX_KEY_LAYOUT``, which tests/test_tiled.py reads off the kernel's own ``_keep_mask``: the sentence a
+    reader rebuilds the mask from is the kernel's order."""
+    from kernels import tiled
+
+    sentence = re.search(r"((?:w[0-3] (?:low|high), ){7}w[0-3] (?:low|high))", attention.__doc__)
+    assert sentence, "the Dropout paragraph no longer lists the 8 keys' halves"
+    said = tuple((int(word[1]), 0 if half == "low" else 1)
+                 for word, half in (item.split() for item in sentence.group(1).split(", ")))
+    assert said == tiled.PHILOX_KEY_LAYOUT
 
 
 # ================================================================================================================
