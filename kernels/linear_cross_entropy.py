@@ -115,7 +115,7 @@ import triton.language as tl
 
 from . import launch
 from .launch import check_tensor, is_interpreting, triton_next_power_of_2
-from .reference import IGNORE_INDEX, check_linear_cross_entropy_inputs, linear_cross_entropy_chunks
+from .reference import IGNORE_INDEX, autocast_inputs, check_linear_cross_entropy_inputs, linear_cross_entropy_chunks
 
 __all__ = ["compile_targets", "cross_entropy_rows", "linear_cross_entropy", "linear_cross_entropy_bwd",
            "linear_cross_entropy_fwd", "linear_cross_entropy_loss", "rows_step_bytes"]
@@ -397,15 +397,10 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     without a GPU it needs Triton's interpreter (``TRITON_INTERPRET=1`` before import; ``kernels.get_backend
     ("triton")`` sets it).
     """
-    if not torch.compiler.is_compiling():
-        # The shared check also looks at the target values (on CPU tensors, or with MINIGPT_DEBUG_CHECKS=1): an
-        # `if` on a tensor, which torch.compile cannot put in a graph. Traced calls skip it; eager calls check.
-        check_linear_cross_entropy_inputs(x, weight, targets, ignore_index, reduction)
+    check_linear_cross_entropy_inputs(x, weight, targets, ignore_index, reduction)
     for t in (x, weight):
         check_tensor("linear_cross_entropy", t)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
+    x, weight = autocast_inputs(x, weight)
     if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         loss, _grad_x, _grad_weight = linear_cross_entropy_fwd(x, weight, targets, ignore_index, reduction)
         return loss

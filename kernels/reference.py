@@ -183,8 +183,9 @@ def check_linear_cross_entropy_inputs(
     if not (x.device == weight.device == targets.device):
         raise ValueError(f"linear_cross_entropy: x, weight and targets are on different devices ({x.device}, "
                          f"{weight.device}, {targets.device}) — move them to one")
-    cheap = targets.device.type == "cpu" and not torch.compiler.is_compiling()  # a branch on data splits a graph
-    if cheap or os.environ.get(DEBUG_CHECKS_ENV) == "1":
+    if torch.compiler.is_compiling():
+        return  # looking at the values is a branch on data, which torch.compile cannot put in a graph
+    if targets.device.type == "cpu" or os.environ.get(DEBUG_CHECKS_ENV) == "1":
         V = weight.shape[0]
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
         if bad.any():
@@ -390,6 +391,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_weight, None, None, None, None, None
 
 
+def autocast_inputs(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and weight cast to torch.autocast's dtype when it is on (as an nn.Linear's would be: a cast autograd sees,
+    so float32 parameters still get float32 gradients); unchanged otherwise."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
 def linear_cross_entropy_chunked(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -406,9 +416,7 @@ def linear_cross_entropy_chunked(
     is differentiable, so float32 parameters get float32 gradients); the logits are float32 either way. Without
     gradients (torch.no_grad, or inputs that need none) only the loss is computed.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
+    x, weight = autocast_inputs(x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(x, weight, targets, ignore_index, reduction, rows_step, chunk_rows)
     with torch.autocast(x.device.type, enabled=False):
