@@ -74,7 +74,10 @@ def _prepare_triton() -> None:
     if not _cuda_available() and os.environ.get("TRITON_INTERPRET") != "1":
         os.environ["TRITON_INTERPRET"] = "1"
     if os.environ.get("TRITON_INTERPRET") == "1":
+        from .launch import fix_interpreter_scalars
+
         _interpret_loaded_jit_functions()
+        fix_interpreter_scalars()
         if not _interpreter_warned:
             _interpreter_warned = True
             warnings.warn(

@@ -30,11 +30,53 @@ def check_tensor(op: str, t: torch.Tensor) -> None:
     if t.device.type == "cuda":
         return
     if t.device.type == "cpu" and is_interpreting():
+        fix_interpreter_scalars()  # every launcher passes here before its first interpreted launch
         return
     raise ValueError(
         f"{op}: the triton kernels need a CUDA tensor (got one on {t.device}); on a machine without a GPU set "
         "TRITON_INTERPRET=1 before importing triton (kernels.get_backend('triton') does it) or use the torch backend"
     )
+
+
+def fix_interpreter_scalars() -> None:
+    """Let Triton's interpreter turn a kernel's scalar into a Python int under NumPy 2.4 and later.
+
+    The interpreter holds every scalar of a kernel (``tl.program_id(0)``, a value loaded through a scalar pointer)
+    as a one-element NumPy array of shape (1,). A loop ``for i in range(start, stop)`` whose bounds are such scalars
+    asks for their ``__index__``, which some Triton releases (3.6 among them) compute as ``int(array)``; NumPy 2.4
+    refuses that for any array with a dimension ("only 0-dimensional arrays can be converted to Python scalars"),
+    so those kernels fail in the interpreter. The interpreter installs its tensor methods at every launch through
+    ``triton.runtime.interpreter._patch_lang_tensor``; we wrap that function so ``__index__`` reads the one element
+    instead. Done once; nothing changes where NumPy still converts, or on a GPU (no interpreter).
+    """
+    global _scalars_fixed
+    if _scalars_fixed:
+        return
+    _scalars_fixed = True
+    import numpy as np
+
+    try:
+        int(np.ones(1))
+        return  # this NumPy still converts a one-element array: Triton's own __index__ works
+    except TypeError:
+        pass
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return  # a Triton without the interpreter module: nothing to wrap
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None:
+        return  # a Triton that installs its tensor methods differently (and, being newer, reads scalars right)
+
+    def patch_tensor_reading_one_element(tensor, scope):
+        patch_tensor(tensor, scope)
+        # scope.restore() undoes its changes last-in first-out: this one, then Triton's, after the launch.
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_tensor_reading_one_element
+
+
+_scalars_fixed = False
 
 
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:

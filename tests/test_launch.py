@@ -1,15 +1,28 @@
-"""The tile tuner of kernels/launch.py, with a fake timer: what it picks, when it times, what it skips.
+"""The tile tuner of kernels/launch.py, with a fake timer: what it picks, when it times, what it skips; and the
+interpreter's scalar fix (fix_interpreter_scalars), on a kernel whose loop bounds are scalars it computes.
 
 The real timer needs a GPU (tests/test_attention.py runs the tuner there); the choosing logic is plain Python.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
 import kernels.launch as launch  # noqa: E402
 from kernels.launch import TileTuner  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_interpreter = pytest.mark.skipif(not launch.is_interpreting(), reason="tests Triton's CPU interpreter, "
+                                       "which is off where CUDA is available")
 
 
 class FakeGPU:
@@ -77,3 +90,47 @@ def test_autotune_switch(monkeypatch):
     monkeypatch.setenv("MINIGPT_AUTOTUNE", "1")
     monkeypatch.setattr(launch, "is_interpreting", lambda: True)
     assert not launch.autotune_enabled(), "the interpreter has its own tiles and nothing to time"
+
+
+@triton.jit
+def _sum_between(X, START, STOP, OUT):
+    """OUT[p] = X[START[p]] + ... + X[STOP[p] - 1]: a loop whose bounds are scalars loaded inside the kernel."""
+    p = tl.program_id(0)
+    total = 0.0
+    for i in range(tl.load(START + p), tl.load(STOP + p)):
+        total += tl.load(X + i)
+    tl.store(OUT + p, total)
+
+
+@needs_interpreter
+def test_interpreter_loops_over_bounds_it_loaded():
+    # The interpreter holds those bounds as one-element arrays; a Triton that reads them with int(array) fails
+    # under NumPy 2.4 and later unless fix_interpreter_scalars() is in place.
+    launch.fix_interpreter_scalars()
+    x = torch.arange(10, dtype=torch.float32) ** 2
+    start = torch.tensor([0, 3, 7, 5], dtype=torch.int32)
+    stop = torch.tensor([10, 4, 9, 5], dtype=torch.int32)
+    out = torch.full((4,), float("nan"))
+    _sum_between[(4,)](x, start, stop, out)
+    expected = torch.stack([x[a:b].sum() for a, b in zip(start.tolist(), stop.tolist())])
+    torch.testing.assert_close(out, expected)
+
+
+@needs_interpreter
+def test_a_kernel_module_used_alone_gets_the_scalar_fix():
+    # No kernels.get_backend() call: the launcher's device check is what applies the fix. A fresh process, since
+    # this one may have applied it already. The LayerNorm backward loops over rows between scalar bounds.
+    script = (
+        "import torch, torch.nn.functional as F\n"
+        "from kernels.layer_norm import layer_norm\n"
+        "x = torch.randn(5, 3, requires_grad=True)\n"
+        "w, b = torch.randn(3), torch.randn(3)\n"
+        "layer_norm(x, w, b).square().sum().backward()\n"
+        "mine, x.grad = x.grad, None\n"
+        "F.layer_norm(x, (3,), w, b).square().sum().backward()\n"
+        "torch.testing.assert_close(mine, x.grad)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
