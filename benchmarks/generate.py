@@ -10,17 +10,27 @@ weights from ``--seed``, or GPT-2's own with ``--pretrained NAME|PATH``. Contend
     transformers   Hugging Face's GPT2LMHeadModel.generate(do_sample=False, use_cache=True), when transformers
                    is installed (its row says why when it is not)
 
-Reported per row: seconds for the whole generation (the median of ``--repeats`` runs after an untimed warm-up
-of a few tokens),
+Reported per row: seconds for the whole generation (the median of ``--repeats`` runs: 3 on a GPU, 1 on a CPU),
 new tokens per second (batch x new tokens / seconds), milliseconds per generated position (seconds / new tokens),
 and the speed-ups the targets are stated in: the cache against the uncached loop and against transformers.
 
+The warm-up.  Before its timed runs every row makes one untimed run of the SAME generation: the same prompt, the
+same number of new tokens. On a GPU the first call of a Triton kernel compiles it, and the attention kernels' tile
+tuner (kernels/attention_tiles.py) times its candidate tiles on the first call of each problem class, which it keys
+on the query and key counts rounded up to powers of two. A generation meets a new class every time its length
+crosses a power of two (the cache's decoding steps attend to 33, 34, ... 287 keys: the 64, 128, 256 and 512
+classes), so a shorter warm-up would leave the later classes to be tuned inside the first timed run. The same
+generation meets exactly the classes the timed runs will; on a CPU nothing is tuned and the warm-up costs one more
+run per row.
+
 The floor of a decoding step.  At batch 1 a step multiplies one position's activations by every weight matrix:
-about 2 x parameters FLOPs, but every weight must be READ once, parameter bytes in all, and a GPU reads far slower
-than it multiplies. So a step cannot take less than parameter bytes / memory bandwidth; the bandwidth is the copy
-rate measured at the start of the run (``benchmarks/common.py``). The rows at batch 1 report that floor and
-floor_ratio = measured ms per token / floor ms (1.0 would be perfect; kernel launches and the KV cache's reads are
-what is above it). On the CPU the same ratio is reported for completeness.
+about 2 x parameters FLOPs, but every one of those weights must be READ once, and a GPU reads far slower than it
+multiplies. So a step cannot take less than the bytes it must read / memory bandwidth (``floor_bytes_per_token``:
+the matmuls' weights, the LayerNorms', one row of each embedding table, and the KV cache at the step's length);
+the bandwidth is the copy rate measured at the start of the run (``benchmarks/common.py``). The rows at batch 1
+report that floor and floor_ratio = measured ms per token / floor ms (1.0 would be perfect; kernel launches, the
+prefill's extra work and everything a step does besides reading are what is above it). On the CPU the same ratio
+is reported for completeness.
 
 Checked before any timing matters: every contender's tokens are compared with the uncached loop's. Greedy decoding
 is deterministic, so in float32 they must be identical; in bfloat16 (on a GPU) two correct implementations may
@@ -39,9 +49,10 @@ from pathlib import Path
 from benchmarks import common
 
 CONTENDERS = ("cache", "no cache", "transformers")
-WARMUP_TOKENS = 8  # the untimed warm-up generates this many: every code path runs (prefill, decode steps)
 COUNTING = ("tokens/s = batch * new tokens / seconds of the whole generation (prefill included); floor ms per token "
-            "= parameter bytes / measured copy bandwidth (every weight read once per decoding step)")
+            "= floor_bytes_per_token / measured copy bandwidth: the matmuls' weights (the output head once) and the "
+            "LayerNorms' + one token and one position embedding row + the KV cache at the step's length (all "
+            "layers, K and V), averaged over the new tokens")
 FULL = dict(batches=[1, 8], prompt_len=32, new_tokens=256, context=512, emb_dim=768, n_layers=12, n_heads=12)
 QUICK = dict(batches=[1, 2], prompt_len=8, new_tokens=24, context=64, emb_dim=128, n_layers=2, n_heads=4)
 
@@ -109,10 +120,12 @@ def generator_for(row: Row, ours, theirs, args):
 
 
 def timed(fn, prompt, new_tokens: int, device, repeats: int) -> tuple[float, "object"]:
-    """(median seconds of ``repeats`` runs after an untimed warm-up, the last output)."""
+    """(median seconds of ``repeats`` runs, the last output), after one untimed run of the same generation: it
+    meets every code path and every problem class the timed runs will (Triton's compilation, the tile tuner's
+    timings; see the module docstring), so none of them is paid for inside the timings."""
     import torch
 
-    fn(prompt, min(new_tokens, WARMUP_TOKENS))  # allocation, Triton's JIT, the tile tuner: prefill and decode
+    fn(prompt, new_tokens)  # the warm-up
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -123,6 +136,41 @@ def timed(fn, prompt, new_tokens: int, device, repeats: int) -> tuple[float, "ob
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def floor_bytes_per_token(model, prompt_len: int, new_tokens: int) -> float:
+    """Bytes that generating one token at batch 1 with the KV cache must read, averaged over ``new_tokens`` tokens
+    generated after ``prompt_len`` prompt tokens: the numerator of the decoding floor.
+
+    With C the width, L the layers and e the bytes of one cache element, the step that makes new token i (0, 1, ...)
+    attends to keys(i) = min(prompt_len + i, context) positions (past the context the window slides and it holds
+    the whole context) and reads
+
+        weights      every parameter except the two embedding tables, once: the matmuls' weights and biases (the
+                     output head included; one that shares the token embedding's storage is counted once, as the
+                     head's matmul) and the LayerNorms' scales and shifts
+        rows         one row of the token embedding and one of the position embedding (a lookup reads only those)
+        cache        2 (K and V) x L x keys(i) x C x e, in the cache's dtype (the dtype W_key produces)
+
+        bytes(i) = weights + rows + cache(i);  the result is the mean of bytes(i) over i = 0 .. new_tokens - 1
+
+    Left out, so that the floor stays below what any step must do: the prefill's other prompt rows, the new key and
+    value written, the activations (a few C-wide vectors per layer) and the logits.
+    """
+    cfg = model.cfg
+    tables = {"tok_emb.weight", "pos_emb.weight"}
+    weights, seen = 0, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        storage = (p.untyped_storage().data_ptr(), p.numel())
+        if name in tables or storage in seen:  # a tied head appears twice; its count comes from out_head.weight
+            continue
+        seen.add(storage)
+        weights += p.numel() * p.element_size()
+    rows = cfg.emb_dim * (model.tok_emb.weight.element_size() + model.pos_emb.weight.element_size())
+    e = model.trf_blocks[0].att.W_key.weight.element_size()
+    mean_keys = sum(min(prompt_len + i, cfg.context_length) for i in range(new_tokens)) / new_tokens
+    cache = 2 * cfg.n_layers * mean_keys * cfg.emb_dim * e
+    return weights + rows + cache
 
 
 def first_difference(a, b) -> int | None:
@@ -152,8 +200,8 @@ def run_row(row: Row, args, device, ours, theirs, why_not, reference: dict, budg
     n_new = new.shape[1]
     result.update(seconds=seconds, tokens_per_s=row.batch * n_new / seconds, ms_per_token=1e3 * seconds / n_new)
     if row.batch == 1:
-        param_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-        result["floor_ms"] = 1e3 * param_bytes / (args.bandwidth_gbps * 1e9)
+        step_bytes = floor_bytes_per_token(ours, args.prompt_len, n_new)
+        result["floor_ms"] = 1e3 * step_bytes / (args.bandwidth_gbps * 1e9)
         result["floor_ratio"] = result["ms_per_token"] / result["floor_ms"]
     key = row.batch
     if row.contender == "no cache":
@@ -181,6 +229,9 @@ def add_speedups(rows: list[dict]) -> None:
 # Reporting
 
 
+STATUS_WIDTH = 70  # characters of a status the table shows; the JSON and CSV hold the whole text
+
+
 def table(rows: list[dict]) -> str:
     headers = ["batch", "contender", "seconds", "tokens/s", "ms/token", "floor ms", "x floor", "x no cache",
                "x transformers", "tokens", "status"]
@@ -191,8 +242,13 @@ def table(rows: list[dict]) -> str:
         lines.append([r["batch"], r["contender"], common.fmt_num(r.get("seconds")), common.fmt_num(r.get("tokens_per_s")),
                       common.fmt_num(r.get("ms_per_token")), common.fmt_num(r.get("floor_ms")),
                       common.fmt_num(r.get("floor_ratio")), common.fmt_num(r.get("speedup_vs_no_cache")),
-                      common.fmt_num(r.get("speedup_vs_transformers")), same, r["status"][:70]])
+                      common.fmt_num(r.get("speedup_vs_transformers")), same, shorten(r["status"])])
     return common.format_table(headers, lines, right={0, 2, 3, 4, 5, 6, 7, 8})
+
+
+def shorten(status: str) -> str:
+    """A status cut to ``STATUS_WIDTH`` characters for the table, with "..." where it was cut."""
+    return status if len(status) <= STATUS_WIDTH else status[:STATUS_WIDTH - 3] + "..."
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
