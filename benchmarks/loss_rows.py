@@ -101,11 +101,30 @@ def plain_loss(x, weight, targets):
     return F.cross_entropy((x @ weight.T).float(), targets, ignore_index=IGNORE_INDEX)  # logits (N, V)
 
 
+PYTORCH_MISSING = "skipped: torch {version} has no F.linear_cross_entropy with chunking"
+
+
+def pytorch_loss():
+    """PyTorch's own fused loss as a function of (x, weight, targets), or None where this torch lacks it.
+
+    Newer torch releases ship ``F.linear_cross_entropy`` with ``torch.nn.LinearCrossEntropyOptions`` (its chunked
+    path); older ones have neither. Both are looked up, never assumed, so that on an older torch the row says
+    what is missing instead of failing.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    fused = getattr(F, "linear_cross_entropy", None)
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if fused is None or options is None:
+        return None
+    return lambda x, w, t: fused(x, w, t, ignore_index=IGNORE_INDEX, options=options())
+
+
 def contender_fns(triton_backend, compiled: dict) -> tuple[dict, dict]:
     """(name -> function of (x, weight, targets), name -> why it cannot run). ``compiled`` keeps the compiled
     formula across cases (dynamic=True: one compile for every shape)."""
     import torch
-    import torch.nn.functional as F
 
     def math_compile(x, weight, targets):
         if OP not in compiled:  # on first use: creating it imports the compiler stack, seconds on a CPU
@@ -113,11 +132,11 @@ def contender_fns(triton_backend, compiled: dict) -> tuple[dict, dict]:
         return compiled[OP](x, weight, targets)
 
     fns, missing = {"math": plain_loss, "math_compile": math_compile}, {}
-    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
-    if hasattr(F, "linear_cross_entropy") and options is not None:
-        fns["pytorch"] = lambda x, w, t: F.linear_cross_entropy(x, w, t, ignore_index=IGNORE_INDEX, options=options())
+    pytorch = pytorch_loss()
+    if pytorch is not None:
+        fns["pytorch"] = pytorch
     else:
-        missing["pytorch"] = f"skipped: torch {torch.__version__} has no F.linear_cross_entropy with chunking"
+        missing["pytorch"] = PYTORCH_MISSING.format(version=torch.__version__)
     from kernels.reference import TorchBackend
 
     if hasattr(TorchBackend, OP):

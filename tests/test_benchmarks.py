@@ -66,10 +66,15 @@ def test_kernels_quick_checks_every_contender_and_times_the_ones_it_may(device, 
         present = {(r["contender"], r["pass"]) for r in rows if (r["family"], r["shape"]) == (family, shape)}
         assert present == {(c, p) for c in kernel_bench.contenders(op) for p in kernel_bench.PASSES}, (family, shape)
 
+    has_pytorch_loss = loss_rows.pytorch_loss() is not None  # F.linear_cross_entropy: only in newer torch
     for r in rows:
         where = f"{r['family']} {r['shape']} {r['contender']} {r['pass']}: {r['status']}"
         if r["contender"] == "math_compile":
             assert r["status"].startswith("skipped") and r["ms"] is None, where
+            continue
+        if r["op"] == "linear_cross_entropy" and r["contender"] == "pytorch" and not has_pytorch_loss:
+            assert r["status"] == loss_rows.PYTORCH_MISSING.format(version=torch.__version__), where
+            assert r["ms"] is None and r["checked"] is not True, where
             continue
         assert r["checked"] is True, where  # compared with float64 before any timing
         if r["contender"] == "triton" and device == "cpu":
