@@ -495,14 +495,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # extra output so that it can be saved for the backward op.
 #
 # The dropout seed goes to both ops, so the backward regenerates the forward's mask. A Python int drawn at trace
-# time would be frozen into a compiled graph, so the seed is a one-element int64 tensor drawn from torch's default
-# CPU generator on every call (no GPU synchronization) and read with .item() inside the ops, where the compiler
-# does not look. torch.manual_seed reproduces a run. Under torch.compile the draw is a random op of the graph, so
-# every call still gets a new seed: with the aot_eager backend the very seeds of eager mode; with inductor, from
-# inductor's own generator (seeded from torch's, so reproducible too, but other seeds than eager mode).
-
-
-_NO_SEED = torch.zeros(1, dtype=torch.int64)  # the seed argument without dropout (unused then)
+# time would be frozen into a compiled graph, so the seed is a one-element int64 tensor, drawn on every call from
+# torch's default CPU generator (no GPU synchronization) and read with .item() inside the ops, where the compiler
+# does not look; torch.manual_seed reproduces a run. The draw is a custom op too, attention_seed: torch.randint in
+# the graph would be lowered by inductor to a C++ kernel of its own (a C++ compiler needed on the machine, and
+# inductor's generator drawn from, not torch's), while an opaque op runs as it is, so a compiled call draws the
+# very seed eager mode draws. Its tag says that it draws random numbers, as torch's random ops are tagged. It takes
+# the attention's inputs, unread, because the compiler merges calls of one op on equal inputs (sparing only torch's
+# own random ops): calls on different tensors are different draws, while two identical calls in one compiled graph
+# may share one. Without dropout there is no draw and the seed is None.
 
 
 def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
@@ -515,12 +516,28 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+@torch.library.custom_op("minigpt::attention_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def attention_seed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A new dropout seed for the attention of q, k, v (which are not read): an int64 tensor of one element on the
+    CPU, in [0, 2^31 - 1), drawn from torch's default CPU generator."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")
+
+
+@attention_seed.register_fake
+def _(q, k, v):
+    return q.new_empty((1,), dtype=torch.int64, device="cpu")
+
+
+def _seed_value(seed: torch.Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item())  # no seed without dropout: the kernels do not read it then
+
+
 @torch.library.custom_op("minigpt::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float,
-                  seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse2) for q (B, H, Tq, D) and k, v (B, H, Tk, D): o (B, H, Tq, D) in q's dtype, contiguous; lse2
     (B * H, Tq) float32, each row's log-sum-exp in base 2 (LSE * log2 e). ``seed``: the dropout's Philox seed, an
-    int64 tensor of one element on the CPU."""
+    int64 tensor of one element on the CPU (attention_seed's), or None when dropout_p is 0."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if q.numel() == 0:  # Tq == 0 or B * H == 0: nothing to launch
@@ -533,7 +550,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
         _attention_fwd[(triton.cdiv(Tq, tiles.BLOCK_M), B * H)](
             q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, Tq, Tk, scale * LOG2E,
             dropout_p,
-            int(seed.item()), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
+            _seed_value(seed), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
             DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
         )
@@ -551,7 +568,7 @@ def _(q, k, v, dropout_p, scale, seed):
 @torch.library.custom_op("minigpt::attention_bwd", mutates_args=())
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, dropout_p: float, scale: float,
-                  seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for the gradient ``do`` of the forward's output ``o``: the delta pass, then the dK/dV and the
     dQ kernels. dq (B, H, Tq, D) and dk, dv (B, H, Tk, D), in q's dtype, contiguous."""
     B, H, Tq, D = q.shape
@@ -569,7 +586,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dk, dv = (torch.empty((B, H, Tk, D), dtype=q.dtype, device=q.device) for _ in range(2))
     common = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
     inputs = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    rest = (H, Tq, Tk, scale, scale * LOG2E, dropout_p, int(seed.item()))
+    rest = (H, Tq, Tk, scale, scale * LOG2E, dropout_p, _seed_value(seed))
 
     def run_dkdv(t: Tiles):
         _attention_bwd_dkdv[(triton.cdiv(Tk, t.BLOCK_N), B * H)](
@@ -635,8 +652,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         )
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-    # the seed from torch's default CPU generator (see "The PyTorch op" above); no draw without dropout
-    seed = torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0.0 else _NO_SEED
+    # a new seed from torch's default CPU generator (see "The PyTorch op" above); no draw without dropout
+    seed = attention_seed(q, k, v) if dropout_p > 0.0 else None
     out, _lse = attention_fwd(q, k, v, float(dropout_p), float(scale), seed)
     return out
 
