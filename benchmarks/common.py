@@ -17,6 +17,7 @@ torch is imported inside functions so that importing this module does no work.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import inspect
@@ -173,11 +174,17 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def one_line(exc: BaseException, limit: int = 160) -> str:
-    """``Type: first line of the message``, cut to ``limit`` characters, for a table cell."""
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """``Type: first line of the message``; cut to ``limit`` characters when one is given (for a table cell —
+    what a results file stores is never cut: the whole line is what tells a failure from another)."""
     first = (str(exc).strip().splitlines() or [""])[0]
     text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_text(exc: BaseException) -> str:
+    """The whole message of a row's error, every line of it, for the results file's ``error`` column."""
+    return f"{type(exc).__name__}: {str(exc).strip()}"
 
 
 def free_memory(device, collect: bool = False) -> None:
@@ -390,12 +397,14 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run_rows(planned: list, run_one, describe, cleanup) -> tuple[list[dict], str | None]:
+def run_rows(planned: list, run_one, describe, cleanup, save=None) -> tuple[list[dict], str | None]:
     """``run_one(row)`` for each planned row (a dataclass), printing ``describe(row, result)`` after each.
 
-    A row that raises becomes a result with a status (``skipped: out of memory`` or ``failed: <one line>``) and the
-    next row runs; ``cleanup()`` follows every row. Ctrl-C, or the SIGTERM of an outer ``timeout``, ends the loop
-    and keeps the rows measured so far. Returns (rows, why the run was interrupted or None).
+    A row that raises becomes a result with a status (``skipped: out of memory`` or ``failed: <one line>``, the
+    whole message in its ``error`` column) and the next row runs; ``cleanup()`` follows every row, then
+    ``save(rows)`` (when given: writing the rows so far, so that a run killed outright keeps them). Ctrl-C, or the
+    SIGINT / SIGTERM of an outer ``timeout``, ends the loop and keeps the rows measured so far. Returns (rows, why
+    the run was interrupted or None).
     """
     from dataclasses import asdict
 
@@ -406,10 +415,12 @@ def run_rows(planned: list, run_one, describe, cleanup) -> tuple[list[dict], str
                 result = run_one(row)
             except Exception as exc:  # one row's failure (OOM, a compile error) never stops the others
                 status = "skipped: out of memory" if is_oom(exc) else f"failed: {one_line(exc)}"
-                result = dict(asdict(row), status=status)
+                result = dict(asdict(row), status=status, error=error_text(exc))
             finally:
                 cleanup()
             rows.append(result)
+            if save is not None:
+                save(rows)
             print(f"[{len(rows)}/{len(planned)}] {describe(row, result)}", flush=True)
     except KeyboardInterrupt as exc:
         interrupted = one_line(exc)
@@ -449,6 +460,7 @@ def add_run_args(p, what: str) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 with --quick on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and weights (default 0)")
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device-name>/)")
+    p.add_argument("--name", default=what, help=f"the results files' name: NAME.json, .csv, .png (default {what})")
     p.add_argument("--summarize", type=Path, metavar="JSON",
                    help=f"print the summary of a {what}.json written earlier and exit (runs nothing)")
 
@@ -493,14 +505,33 @@ def write_results(out_dir: Path, stem: str, rows: list[dict], meta: dict) -> lis
     """``<stem>.json`` ({"meta": ..., "rows": [...]}) and ``<stem>.csv`` (one line per row) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable) + "\n")
+    with atomic_open(json_path) as f:
+        f.write(json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable) + "\n")
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(csv_path, "w", newline="") as f:
+    with atomic_open(csv_path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: csv_cell(row.get(k)) for k in columns})
     return [json_path, csv_path]
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, **kwargs):
+    """Write ``path`` through a temporary file, flushed to disk and renamed over it only when the writing ended
+    well: a run killed mid-write leaves the previous complete file, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", **kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def partial_writer(out_dir: Path, stem: str, meta):
+    """``save(rows)`` for ``run_rows``: the results so far, with ``meta()`` marked partial (the final write
+    replaces them)."""
+    return lambda rows: write_results(out_dir, stem, rows, dict(meta(), partial=True))
 
 
 def _jsonable(value):

@@ -336,13 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     # the uncached loop first at each batch: it is the reference the other rows' tokens are compared with
     order = sorted(args.contenders, key=lambda c: c != "no cache")
     planned = [Row(b, c) for b in args.batches for c in order]
+    out = args.out or common.default_out_dir(device)
+
+    def meta(interrupted=None):
+        return common.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
+
     rows, interrupted = common.run_rows(
         planned, lambda row: run_row(row, args, device, ours, theirs, why_not, reference, budget),
         lambda row, r: f"batch {row.batch} {row.contender}: {common.fmt_num(r.get('tokens_per_s'))} tokens/s, "
-                       f"{r['status']}", lambda: common.free_memory(device))
+                       f"{r['status']}", lambda: common.free_memory(device), save=common.partial_writer(out, args.name, meta))
     add_speedups(rows)
-    meta = common.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
-    common.report(args.out or common.default_out_dir(device), "generate", rows, meta, plot, summarize)
+    common.report(out, args.name, rows, meta(interrupted), plot, summarize)
     return 0
 
 

@@ -498,9 +498,10 @@ def check_contender(case, name, fn, inputs, select, ref, verdict: dict, run: Run
 
 
 def error_status(exc: Exception, device) -> str:
-    """A row's status for an exception: out of memory is a skip, anything else a failure (one line)."""
+    """A row's status for an exception: out of memory is a skip, anything else a failure with the whole message
+    (a compiler's error says what went wrong lines below its first; tables show the first line)."""
     common.free_memory(device, collect=True)
-    return "skipped: out of memory" if common.is_oom(exc) else f"failed: {common.one_line(exc)}"
+    return "skipped: out of memory" if common.is_oom(exc) else f"failed: {common.error_text(exc)}"
 
 
 def blank_row(case: Case, contender: str, pass_: str, status: str) -> dict:
@@ -597,6 +598,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ceilings: copy {ceilings['bandwidth_gbps']:.0f} GB/s, matmul "
           + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in ceilings["matmul_tflops"].items()), flush=True)
     run = Run(args, device, ceilings)
+    out = args.out or common.default_out_dir(device)
+
+    def meta(interrupted=None):
+        m = common.run_meta(device, ceilings, args, run.budget, interrupted, COUNTING)
+        return dict(m, attention_tiles=tuned_attention_tiles(), memory_method=run.memory_note or memory.METHOD[device.type])
+
+    save = common.partial_writer(out, args.name, meta)
     rows, interrupted = [], None
     try:
         for i, case in enumerate(cases, 1):
@@ -609,17 +617,15 @@ def main(argv: list[str] | None = None) -> int:
                 case_rows = [blank_row(case, c, p, status) for c in contenders(case.op) for p in args.passes]
             common.free_memory(device)
             rows += case_rows
+            save(rows)  # after every case: a run stopped outright keeps what it measured
             print(f"[{i}/{len(cases)}] {case.family} {case.label} ({run.budget.spent():.0f} s): {progress(case_rows)}",
                   flush=True)
     except KeyboardInterrupt as exc:  # Ctrl-C, or the SIGTERM of an outer `timeout`: keep what was measured
         interrupted = common.one_line(exc)
         print(f"interrupted ({interrupted}): writing the {len(rows)} rows measured so far", flush=True)
-    meta = common.run_meta(device, ceilings, args, run.budget, interrupted, COUNTING)
-    meta["attention_tiles"] = tuned_attention_tiles()
-    meta["memory_method"] = run.memory_note or memory.METHOD[device.type]
-    rows, paths = common.finish(args.out or common.default_out_dir(device), "kernels", rows, meta,
-                                lambda rows, path: plot(rows, ceilings, path))
-    print("\n" + table(rows) + "\n\n" + summarize({"rows": rows, "meta": meta}))
+    final = meta(interrupted)
+    rows, paths = common.finish(out, args.name, rows, final, lambda rows, path: plot(rows, ceilings, path))
+    print("\n" + table(rows) + "\n\n" + summarize({"rows": rows, "meta": final}))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -175,7 +175,7 @@ def summarize(data: dict) -> str:
             speedups.append(f"{math.exp(sum(map(math.log, s)) / len(s)):.2f}x ({len(s)})" if s else "-")
         lines.append([family, pass_, top["shape"] if top else "-", _cell(top, False), *_rate(top), *speedups])
     triton = {(r["family"], r["shape"]): r["checked"] for r in rows if r["contender"] == "triton"}
-    bad = dict.fromkeys(f"  {r['family']} {r['shape']} {r['contender']}: {r['status']}" for r in rows
+    bad = dict.fromkeys(f"  {r['family']} {r['shape']} {r['contender']}: {r['status'].splitlines()[0]}" for r in rows
                         if r["status"].startswith(("wrong", "failed")))
     memory = memory_table(rows)
     return "\n".join([

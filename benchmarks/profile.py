@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["run"] = dict(preset=args.preset, context=args.context, batch_size=args.batch_size, backend=args.backend,
                        dtype="bf16 autocast" if on_gpu else "fp32", steps=args.steps,
                        warmup_steps=args.warmup_steps)
-    common.report(args.out or common.default_out_dir(device), "profile", rows, meta, plot, summarize)
+    common.report(args.out or common.default_out_dir(device), args.name, rows, meta, plot, summarize)
     return 0
 
 

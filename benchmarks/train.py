@@ -71,10 +71,11 @@ class Row:
 
 
 def plan(presets, contexts, backends, compile_modes, losses=("plain",)) -> list[Row]:
-    """Uncompiled rows first (they take seconds), then compiled ones (compiling takes far longer), longest context
-    first within each, the losses side by side: if the time budget runs out, what is lost is the tail."""
+    """Rows in the order the options give the compile modes, backends and losses (the default puts the uncompiled
+    rows, which take seconds, before the compiled ones, which take tens), longest context first: if the time
+    budget runs out, what is lost is the tail — so name first what matters most."""
     rows = []
-    for mode in sorted(compile_modes, key=lambda m: m != "no"):
+    for mode in compile_modes:
         for preset in presets:
             for context in sorted(contexts, reverse=True):
                 rows += [Row(preset, context, backend, mode, loss) for backend in backends for loss in losses]
@@ -354,7 +355,7 @@ def table(rows: list[dict]) -> str:
               common.fmt_num(r["ms_per_step"]), common.fmt_num(r["tokens_per_s"]),
               f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-", common.fmt_num(r["peak_mem_gib"]),
               _max_batch_cell(r), common.fmt_num(r.get("mem_per_seq_mib")), common.fmt_num(r["warmup_s"]),
-              "-" if r["checked"] is None else ("ok" if r["checked"] else "WRONG"), r["status"][:70]] for r in rows]
+              "-" if r["checked"] is None else ("ok" if r["checked"] else "WRONG"), r["status"].splitlines()[0][:70]] for r in rows]
     return common.format_table(headers, lines, right={1, 2, 6, 7, 8, 9, 10, 11, 12})
 
 
@@ -420,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="+", choices=("no", "model", "blocks"), default=["no", "model"],
                    help="compile settings to run: no, model (torch.compile(model), as minigpt.train --compile), "
                         "blocks (each transformer block compiled: one graph reused n_layers times, far quicker to "
-                        "compile); default: no model")
+                        "compile); run in the order given; default: no model")
     p.add_argument("--loss", nargs="+", choices=LOSSES, default=list(LOSSES),
                    help="plain (logits, then F.cross_entropy), fused (model(idx, targets=...): the backend's "
                         "linear_cross_entropy); default both")
@@ -476,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     budget = common.Budget(args.budget_s)
     refs = {}
     planned = plan(args.presets, args.contexts, args.backends, args.compile, args.loss)
+    out = args.out or common.default_out_dir(device)
+
+    def meta(interrupted=None):
+        m = common.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
+        return dict(m, memory_method=args.memory_note or memory.METHOD[device.type])
 
     def cleanup():
         torch._dynamo.reset()
@@ -485,10 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         planned, lambda row: run_row(row, args, device, ceilings, budget, refs),
         lambda row, r: f"{row.preset} T={row.context} {row.backend} compile={row.compile} loss={row.loss}: "
                        f"{common.fmt_num(r.get('ms_per_step'))} ms/step, peak {common.fmt_num(r.get('peak_mem_gib'))} "
-                       f"GiB, max batch {_max_batch_cell(r)}, {r['status']}", cleanup)
-    meta = common.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
-    meta["memory_method"] = args.memory_note or memory.METHOD[device.type]
-    common.report(args.out or common.default_out_dir(device), "train", rows, meta, plot, summarize)
+                       f"GiB, max batch {_max_batch_cell(r)}, {r['status']}", cleanup,
+        save=common.partial_writer(out, args.name, meta))
+    common.report(out, args.name, rows, meta(interrupted), plot, summarize)
     return 0
 
 if __name__ == "__main__":
