@@ -9,6 +9,7 @@ the traced graph op by op); on a GPU inductor is checked as well.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,12 +76,25 @@ def test_opcheck_attention(device, dropout_p, q_len):
     torch.manual_seed(2)
     q = _randn(1, 2, q_len, 16, device=device, requires_grad=True)
     k, v = (_randn(1, 2, 21, 16, device=device, requires_grad=True) for _ in range(2))
-    seed = torch.tensor([1234])
+    seed = torch.tensor([1234]) if dropout_p > 0.0 else None  # as causal_attention passes it
     torch.library.opcheck(OPS.attention_fwd, (q, k, v, dropout_p, 0.25, seed))
     with torch.no_grad():
         o, lse = OPS.attention_fwd(q, k, v, dropout_p, 0.25, seed)
     do = _randn(1, 2, q_len, 16, device=device)
     torch.library.opcheck(OPS.attention_bwd, (do, q.detach(), k.detach(), v.detach(), o, lse, dropout_p, 0.25, seed))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_attention_seed(device):
+    q = _randn(1, 2, 5, 16, device=device, requires_grad=True)
+    k, v = (_randn(1, 2, 21, 16, device=device, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(OPS.attention_seed, (q, k, v))
+    torch.manual_seed(7)
+    first, second = OPS.attention_seed(q, k, v), OPS.attention_seed(q, k, v)
+    assert first.dtype == torch.int64 and first.shape == (1,) and first.device.type == "cpu"
+    assert not torch.equal(first, second), "two draws gave one seed"
+    torch.manual_seed(7)
+    assert torch.equal(OPS.attention_seed(q, k, v), first), "torch.manual_seed does not reproduce the seed"
 
 
 def test_registering_again_on_reimport_is_fine():
@@ -142,7 +156,7 @@ def test_compiled_ops_match_eager_on_cpu():
     _assert_compiled_matches_eager(lambda x: gelu(x.transpose(0, 1), "none"), x)  # a non-contiguous input
     q, k, v = (torch.randn(2, 2, 19, 16) for _ in range(3))
     _assert_compiled_matches_eager(lambda q, k, v: causal_attention(q, k, v), q, k, v)
-    # with dropout: the seed is drawn in the compiled graph from the same generator, so eager's mask
+    # with dropout: the seed op draws in the compiled graph from the same generator, so eager's mask
     _assert_compiled_matches_eager(lambda q, k, v: causal_attention(q, k, v, dropout_p=0.3), q, k, v, seed=4)
     # the last 4 queries against all 19 keys: the fake rules give q's shape to the output, k's and v's to their
     # gradients
@@ -160,6 +174,93 @@ def test_compiled_dropout_draws_a_new_seed_every_call():
     assert not torch.equal(first, second), "the compiled graph reused one dropout seed"
     torch.manual_seed(5)
     assert torch.equal(compiled(q), first), "torch.manual_seed no longer reproduces the compiled run"
+
+
+# Compiled by inductor on a machine without a C++ compiler: the script runs in a subprocess whose PATH holds links
+# to every program on ours except the compilers, with CC and CXX unset. It first checks that inductor finds no
+# compiler (torch._inductor.cpp_builder tries $CXX, else g++ on the PATH, and installs one only when
+# TORCH_INDUCTOR_INSTALL_GXX is set), and last that a random op of torch's own in a graph does fail there: the
+# environment is one where the dropout seed's draw would fail if inductor compiled it. The inductor cache is a
+# fresh folder, so that no kernel built earlier is reused.
+NO_CXX_SCRIPT = """
+import sys
+import torch
+from torch._inductor import cpp_builder, exc
+try:
+    found = cpp_builder.get_cpp_compiler()
+except exc.InvalidCxxCompiler:
+    found = None
+assert found is None, f"inductor still finds the C++ compiler {found}"
+
+import kernels.triton_backend
+from kernels.attention import causal_attention
+
+device = sys.argv[1]
+torch.manual_seed(0)
+q, k, v, grad_out = (torch.randn(1, 2, 16, 16, device=device) for _ in range(4))
+
+
+def run(fn):
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*inputs)
+    out.backward(grad_out)
+    return [out.detach()] + [t.grad for t in inputs]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+attend = lambda q, k, v: causal_attention(q, k, v, dropout_p=0.5)
+compiled = torch.compile(attend, fullgraph=True, backend="inductor")
+torch.manual_seed(1)
+first, second = run(compiled), run(compiled)
+torch.manual_seed(1)
+again = run(compiled)
+torch.manual_seed(1)
+eager = run(attend)
+assert not torch.equal(first[0], second[0]), "two compiled calls drew one dropout seed"
+assert same(again, first), "torch.manual_seed does not reproduce the compiled run"
+assert same(eager, first), "the compiled run is not eager mode's with the same seed"
+
+try:
+    torch.compile(lambda: torch.randint(0, 9, (1,)), backend="inductor")()
+except Exception as e:
+    assert "InvalidCxxCompiler" in f"{type(e).__name__}: {e}", e
+else:
+    raise AssertionError("inductor compiled a CPU random op without a C++ compiler: the test proves nothing here")
+print("ok")
+"""
+
+
+def _path_without(compiler, folder: Path) -> str:
+    """A PATH of one folder: links to the programs of this PATH whose names ``compiler`` does not match."""
+    folder.mkdir()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if not os.path.isdir(directory):
+            continue
+        for name in os.listdir(directory):
+            program = os.path.join(directory, name)
+            if compiler.fullmatch(name) or (folder / name).exists() or not os.access(program, os.X_OK):
+                continue
+            (folder / name).symlink_to(program)
+    return str(folder)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_dropout_runs_without_a_cxx_compiler(device, tmp_path):
+    if device == "cpu":  # the interpreter needs no compiler at all
+        compiler = re.compile(r"(.*-)?(g\+\+|c\+\+|clang\+\+|gcc|cc|clang|cpp)(-[0-9.]+)?")
+    else:  # Triton builds its small C launcher module with gcc or clang: a GPU machine needs a C compiler anyway
+        compiler = re.compile(r"(.*-)?(g\+\+|c\+\+|clang\+\+)(-[0-9.]+)?")
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX", "TORCH_INDUCTOR_INSTALL_GXX")}
+    env |= dict(PATH=_path_without(compiler, tmp_path / "bin"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env.pop("TRITON_INTERPRET", None)
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", NO_CXX_SCRIPT, device], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr[-3000:]
 
 
 # The model of test_model_kernels.py: head_dim 16, T=24 not a multiple of the interpreter's blocks
@@ -192,3 +293,25 @@ def test_compiled_model_matches_eager(device):
         assert grads.keys() == eager_grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, eager_grads[name], **tol, msg=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_model_with_dropout_matches_eager(device):
+    """Training mode with dropout: each layer's attention draws its own seed in the compiled graph, in eager mode's
+    order and from the same generator as nn.Dropout, so aot_eager (which runs the graph's ops as they are) gives
+    eager mode's logits and gradients with the same torch.manual_seed; a second step draws new masks."""
+    torch.manual_seed(6)
+    model = GPTModel(CFG | dict(drop_rate=0.2), kernels="triton").to(device).train()
+    idx = torch.randint(0, CFG["vocab_size"], (2, CFG["context_length"]), device=device)
+    targets = torch.randint(0, CFG["vocab_size"], (2, CFG["context_length"]), device=device)
+    torch.manual_seed(7)
+    eager_logits, eager_grads = _model_logits_and_grads(model, model, idx, targets)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(7)
+    logits, grads = _model_logits_and_grads(compiled, model, idx, targets)
+    next_logits, _ = _model_logits_and_grads(compiled, model, idx, targets)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(next_logits, logits), "the second compiled step reused the first one's dropout masks"
