@@ -339,6 +339,10 @@ def test_the_sweep_and_the_command_lines():
     assert {c.shape[2] for c in attention} == {256, 512, 1024, 2048, 4096, 8192}
     assert {(c.shape[1], c.shape[3]) for c in attention} == {(12, 64), (16, 128)}
     assert all(c.shape[0] == 8 for c in attention) and any(c.dropout == 0.1 for c in attention)
+    # run order: attention (with its dropout rows) first, then the loss, LayerNorm, GELU — a budget cuts the tail
+    order = list(dict.fromkeys(c.op for c in cases))
+    assert order == ["attention", "linear_cross_entropy", "layer_norm", "gelu"]
+    assert [c.op for c in cases[:len(attention)]] == ["attention"] * len(attention)
     assert common.device_name(torch.device("cpu")) == "cpu"
     for module in (kernel_bench, train_bench, profile_bench):
         assert "--quick" in module.build_parser().format_help()
