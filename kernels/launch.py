@@ -30,7 +30,6 @@ def check_tensor(op: str, t: torch.Tensor) -> None:
     if t.device.type == "cuda":
         return
     if t.device.type == "cpu" and is_interpreting():
-        fix_interpreter_scalars()  # every launcher passes here before its first interpreted launch
         return
     raise ValueError(
         f"{op}: the triton kernels need a CUDA tensor (got one on {t.device}); on a machine without a GPU set "
@@ -48,6 +47,9 @@ def fix_interpreter_scalars() -> None:
     so those kernels fail in the interpreter. The interpreter installs its tensor methods at every launch through
     ``triton.runtime.interpreter._patch_lang_tensor``; we wrap that function so ``__index__`` reads the one element
     instead. Done once; nothing changes where NumPy still converts, or on a GPU (no interpreter).
+
+    Called where the interpreter is chosen: below, when the kernel modules (which all import this one) are imported
+    with ``TRITON_INTERPRET=1``, and by ``kernels.get_backend("triton")`` when it switches the interpreter on.
     """
     global _scalars_fixed
     if _scalars_fixed:
@@ -77,6 +79,11 @@ def fix_interpreter_scalars() -> None:
 
 
 _scalars_fixed = False
+
+# Triton decides at import whether our kernels are interpreted (it reads TRITON_INTERPRET as they are decorated), so
+# the interpreter's fix comes at the same moment: a launcher called directly (torch.ops.minigpt.*) needs it too.
+if is_interpreting():
+    fix_interpreter_scalars()
 
 
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:

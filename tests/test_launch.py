@@ -117,18 +117,18 @@ def test_interpreter_loops_over_bounds_it_loaded():
 
 
 @needs_interpreter
-def test_a_kernel_module_used_alone_gets_the_scalar_fix():
-    # No kernels.get_backend() call: the launcher's device check is what applies the fix. A fresh process, since
-    # this one may have applied it already. The LayerNorm backward loops over rows between scalar bounds.
+def test_a_kernel_op_called_alone_gets_the_scalar_fix():
+    # No kernels.get_backend() and no wrapper with input checks: the op straight from torch.ops, as opcheck calls
+    # it. A fresh process, since this one has applied the fix already. The LayerNorm backward loops over rows
+    # between scalar bounds.
     script = (
         "import torch, torch.nn.functional as F\n"
-        "from kernels.layer_norm import layer_norm\n"
-        "x = torch.randn(5, 3, requires_grad=True)\n"
-        "w, b = torch.randn(3), torch.randn(3)\n"
-        "layer_norm(x, w, b).square().sum().backward()\n"
-        "mine, x.grad = x.grad, None\n"
-        "F.layer_norm(x, (3,), w, b).square().sum().backward()\n"
-        "torch.testing.assert_close(mine, x.grad)\n"
+        "import kernels.layer_norm\n"
+        "x, w, b, dy = torch.randn(5, 3, requires_grad=True), torch.randn(3), torch.randn(3), torch.randn(5, 3)\n"
+        "_, mean, rstd = torch.ops.minigpt.layer_norm_fwd(x.detach(), w, b, 1e-5)\n"
+        "dx, _, _ = torch.ops.minigpt.layer_norm_bwd(dy, x.detach(), w, mean, rstd, b.dtype)\n"
+        "F.layer_norm(x, (3,), w, b, 1e-5).backward(dy)\n"
+        "torch.testing.assert_close(dx, x.grad)\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
