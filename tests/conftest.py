@@ -26,6 +26,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# Where the triton backend can take tensors in this process. CPU tensors only in Triton's interpreter, which is off
+# where CUDA is available (the kernels are compiled for the GPU there, and kernels/launch.py refuses CPU tensors);
+# CUDA tensors only with the compiled kernels. `TRITON_INTERPRET=1 pytest` on a GPU machine runs the CPU half.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not _INTERPRETING, reason="the triton backend takes CPU tensors only in Triton's interpreter, which is off "
+                                  "where CUDA is available (set TRITON_INTERPRET=1 to run this)")),
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or _INTERPRETING, reason="needs a CUDA GPU (and compiled kernels)")),
+]
+
 
 @pytest.fixture(autouse=True)
 def _token_cache(tmp_path, monkeypatch):

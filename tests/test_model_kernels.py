@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import GPTModel
-from tests.conftest import DEVICES
+from tests.conftest import TRITON_DEVICES
 
 # head_dim 16, T=24 not a multiple of the interpreter's blocks
 CFG = dict(vocab_size=61, context_length=24, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
@@ -24,7 +24,7 @@ def _pair(device, **overrides):
     return ref, tri
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_logits_loss_and_every_gradient_match_the_torch_backend(device):
     ref, tri = _pair(device)
     idx = torch.randint(0, 61, (2, 24), device=device)
@@ -42,7 +42,7 @@ def test_logits_loss_and_every_gradient_match_the_torch_backend(device):
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=2e-5, msg=name)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_a_few_training_steps_give_matching_losses(device):
     ref, tri = _pair(device)
     data = torch.randint(0, 61, (1, 2, 25), device=device).expand(6, 2, 25)  # one batch, learned by heart
@@ -61,7 +61,7 @@ def test_a_few_training_steps_give_matching_losses(device):
     assert curves[0][-1] < curves[0][0]  # and they did learn something
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_dropout_trains_through_the_attention_kernel(device, monkeypatch):
     """With drop_rate > 0 the model must call the kernel's dropout, not fall back to the torch backend."""
     import kernels.attention as A
@@ -83,13 +83,14 @@ def test_dropout_trains_through_the_attention_kernel(device, monkeypatch):
     assert calls == [0.0, 0.0]  # no dropout at evaluation
 
 
-def test_train_cli_runs_the_triton_backend_on_the_tiny_preset(tmp_path):
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_train_cli_runs_the_triton_backend_on_the_tiny_preset(device, tmp_path):
     from minigpt.train import build_parser, train
 
     args = build_parser().parse_args([
         "--preset", "tiny", "--kernels", "triton", "--max-steps", "20", "--eval-interval", "10", "--eval-iters", "2",
         "--data", "stories", "--max-docs", "200", "--tokenizer", "bytes", "--batch-size", "4",
-        "--context-length", "64", "--device", "cpu", "--no-progress", "--lr", "3e-3", "--out-dir", str(tmp_path)])
+        "--context-length", "64", "--device", device, "--no-progress", "--lr", "3e-3", "--out-dir", str(tmp_path)])
     summary = train(args)
     rows = summary["metrics"]
     assert summary["steps"] == 20 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
@@ -136,7 +137,7 @@ def test_triton_backend_runs_on_cpu_after_triton_was_imported_for_the_compiler()
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_kv_cache_decoding_on_the_kernels_matches_the_torch_backend(device):
     from minigpt.generate import generate
     from minigpt.model import KVCache
