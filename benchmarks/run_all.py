@@ -75,6 +75,10 @@ class Part:
     wall_s: float = 0.0
     lane_status: dict[str, str] = field(default_factory=dict)
 
+    def log_name(self, lane: str) -> str:
+        """``PART.log`` for a part's only lane of its own name, ``PART-LANE.log`` for one of several."""
+        return f"{self.name}.log" if lane == self.name else f"{self.name}-{lane}.log"
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The plans
@@ -170,7 +174,7 @@ def run_part(part: Part, logs: Path, env: dict) -> None:
     start = time.monotonic()
     procs = {}
     for lane, cmd in part.lanes.items():
-        log = open(logs / (f"{part.name}.log" if len(part.lanes) == 1 else f"{part.name}-{lane}.log"), "w")
+        log = open(logs / part.log_name(lane), "w")
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         # a session of its own: the signals reach the lane's children too (pytest-xdist's workers, compile workers)
@@ -260,7 +264,8 @@ def lane_verdict(xml_path: Path, log_path: Path) -> tuple[str, list[str]]:
     """A test lane's counts and its failing tests' ids, read from the JUnit XML pytest wrote (a lane that only
     collected its tests: the count its log gives)."""
     log = log_path.read_text(errors="replace") if log_path.exists() else ""
-    collected = re.findall(r"^(\d+) tests? collected", log, re.MULTILINE)
+    collected = re.findall(r"^(\d+)(?:/\d+)? tests? collected", log, re.MULTILINE)  # "62/94 tests collected (32
+    #                                                                              deselected)" after -k or -m
     if "--collect-only" in log.partition("\n")[0]:
         return (f"{collected[-1]} tests collected" if collected else "nothing collected"), []
     try:
@@ -292,14 +297,14 @@ def summary(parts: list[Part], out: Path, mode: str, elapsed: float) -> str:
         lines += ["", f"## {p.name}", "```"]
         if p.name == "tests":
             for lane in p.lanes:
-                counts, failing = lane_verdict(out / "logs" / f"tests-{lane}.xml", out / "logs" / f"tests-{lane}.log")
+                counts, failing = lane_verdict(out / "logs" / f"tests-{lane}.xml", out / "logs" / p.log_name(lane))
                 lines.append(f"{lane}: {p.lane_status.get(lane, 'not run')}; {counts}")
                 lines += [f"    FAILED {t}" for t in failing]
         elif p.results:
             lines.append(_benchmark_summary(p, out))
         if p.status != "passed":
             for lane in p.lanes:
-                log = out / "logs" / (f"{p.name}.log" if len(p.lanes) == 1 else f"{p.name}-{lane}.log")
+                log = out / "logs" / p.log_name(lane)
                 tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL:] if log.exists() else []
                 lines += [f"-- {p.name} {lane}: the last lines of {log.relative_to(out)}:", *tail]
         lines.append("```")

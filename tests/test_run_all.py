@@ -83,6 +83,11 @@ def test_test_lanes_verdicts_come_from_pytest_itself(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "tiny: failed (exit 1); 1 passed, 1 failed, 0 errors, 0 skipped" in summary
     assert "FAILED test_tiny::test_bad" in summary
+    # a dry run's lane only collects, and counts what its selection keeps
+    part = run_all.Part("tests", 60, {"tiny": [PY, "-m", "pytest", str(tests), "-q", "-p", "no:cacheprovider",
+                                               "-k", "not bad", "--collect-only"]})
+    run_all.run([part], tmp_path / "dry", "test", PY)
+    assert "tiny: passed; 1 tests collected" in (tmp_path / "dry" / "summary.md").read_text()
 
 
 def plan_of(mode, tmp_path):
