@@ -35,7 +35,8 @@ shipped with Triton, needs no GPU). From the result:
                         spill stores")
     shared memory       ``compiled.metadata.shared``, bytes per block, against the chip's limit below
 
-The program prints a table and exits non-zero on any compile error, spill (of a default configuration), or
+The program prints which Triton it used (spills change between its versions, so CI runs it under each version a
+GPU machine may have), a table, and exits non-zero on any compile error, spill (of a default configuration), or
 shared memory over the limit. It must run WITHOUT ``TRITON_INTERPRET=1``: under the interpreter ``@triton.jit``
 returns interpreted functions, which cannot be compiled.
 """
@@ -233,6 +234,14 @@ def check_targets(targets: list[dict], archs=DEFAULT_ARCHS, jobs: int | None = N
         _POOL_TARGETS = []
 
 
+def triton_description() -> str:
+    """Which Triton compiles, e.g. "triton 3.6.0 (/venv/lib/python3.12/site-packages/triton)": register counts and
+    spills change from one Triton version to the next, so a table means little without it."""
+    import triton
+
+    return f"triton {triton.__version__} ({os.path.dirname(triton.__file__)})"
+
+
 def format_table(results: list[Result]) -> str:
     """The results as an aligned text table, one line per (target, arch)."""
     header = ("kernel", "config", "arch", "registers", "spills", "shared memory", "status")
@@ -269,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
               "`env -u TRITON_INTERPRET python -m kernels.compile_check`", file=sys.stderr)
         return 2
     start = time.time()
+    compiler = triton_description()
+    print(f"compiling with {compiler}", flush=True)
     targets = collect_targets(only=args.only)
     if not targets:
         print("error: no kernels to compile (check --only)", file=sys.stderr)
@@ -276,12 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     results = check_targets(targets, args.arch, jobs=args.jobs)
     print(format_table(results))
     failed = [r for r in results if not r.ok]
-    for r in failed:
-        if r.error:
-            print(f"\n{r.name} [{r.config}] sm_{r.arch}: {r.error}")
+    for r in failed:  # again below the table, where a CI log's reader looks first
+        detail = r.error or (f"{r.spills} bytes of spills, {r.registers} registers" if r.spills else
+                             f"{r.status}, {r.shared} bytes")
+        print(f"\nfailed: {r.name} [{r.config}] sm_{r.arch}: {detail}")
     elapsed = time.time() - start
-    print(f"\n{len(results)} compiles ({len(targets)} kernel configurations x {len(args.arch)} architectures), "
-          f"{len(failed)} failed, in {elapsed:.1f} s")
+    print(f"\n{len(results)} compiles ({len(targets)} kernel configurations x {len(args.arch)} architectures) with "
+          f"{compiler}, {len(failed)} failed, in {elapsed:.1f} s")
     return 1 if failed else 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from kernels.compile_check import collect_targets, parse_resource_usage  # noqa: E402
 
@@ -40,6 +40,9 @@ def test_compiles_a_subset_and_prints_the_table():
     assert {row[-1] for row in rows} == {"ok"}
     assert {"sm_80", "sm_90"} <= {cell for row in rows for cell in row}
     assert "compiles" in lines[-1] and " s" in lines[-1]  # the total time
+    # which Triton compiled, before the table and in the summary: register counts depend on its version
+    assert lines[0].startswith(f"compiling with triton {triton.__version__} (")
+    assert f"with triton {triton.__version__} (" in lines[-1]
 
 
 def test_refuses_to_run_under_the_interpreter():
@@ -92,6 +95,36 @@ def test_reports_a_kernel_the_compiler_rejects_and_spills(tmp_path):
     assert results["broken"]["status"] == "error"
     assert "power of 2" in results["broken"]["error"]
     assert results["too_wide"]["status"] == "spills" and results["too_wide"]["spills"] > 0
+
+
+SPILL_EXIT_SCRIPT = '''
+import json, sys
+sys.path.insert(0, {root!r})
+from kernels import compile_check
+from kernels.layer_norm import compile_targets as layer_norm_targets
+
+# the LayerNorm backward with a 16384-wide row spills (see the test above), as a default and as an alternative
+wide = next(t for t in layer_norm_targets() if t["name"] == "layer_norm_bwd_dx" and "x=fp32" in t["config"])
+wide = dict(wide, name="too_wide", constexprs={{"BLOCK_M": 1, "BLOCK_C": 16384}}, config="BLOCK=1x16384")
+codes = {{}}
+for allowed in (False, True):
+    compile_check.collect_targets = lambda only=None, t=dict(wide, spills_allowed=allowed): [t]
+    codes["alternative" if allowed else "default"] = compile_check.main(["--arch", "90", "--jobs", "1"])
+print(json.dumps(codes))
+'''
+
+
+def test_exit_status_fails_a_spilling_default_only(tmp_path):
+    """CI relies on the exit status: non-zero when a default configuration spills, zero when only a tuner's
+    alternative does; the failing row is named again below the table."""
+    script = tmp_path / "spill_exit.py"
+    script.write_text(textwrap.dedent(SPILL_EXIT_SCRIPT.format(root=str(ROOT))))
+    proc = _run([str(script)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == {"default": 1, "alternative": 0}
+    assert sum(line.startswith("failed: too_wide [BLOCK=1x16384] sm_90: ") for line in lines) == 1
+    assert any("spills (alternative)" in line for line in lines)
 
 
 def test_parse_resource_usage():
