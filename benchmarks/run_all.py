@@ -339,7 +339,9 @@ def archive(out: Path, dest: Path) -> None:
     """``dest``: a .tar.gz of everything in ``out``, replaced atomically (a reader never sees half of one)."""
     tmp = dest.with_name(dest.name + ".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(out, arcname=out.name, filter=lambda info: None if info.name.endswith(".tmp") else info)
+        skip = {dest.name, tmp.name}  # an archive written inside OUT does not swallow its previous self
+        tar.add(out, arcname=out.name, filter=lambda info: None if Path(info.name).name in skip or
+                info.name.endswith(".tmp") else info)
     os.replace(tmp, dest)
 
 

@@ -181,3 +181,14 @@ def test_run_all_sh_usage_error_is_one_line():
                           text=True, timeout=60)
     assert done.returncode == 2
     assert "usage" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_archive_inside_out_never_holds_itself(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.md").write_text("# summary\n")
+    dest = out / "results.tar.gz"
+    for _ in range(2):  # the second archive would find the first in OUT
+        run_all.archive(out, dest)
+    with tarfile.open(dest) as tar:
+        assert sorted(tar.getnames()) == ["out", "out/summary.md"]
