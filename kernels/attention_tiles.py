@@ -48,7 +48,10 @@ GPU_TILES = {
     ("16bit", "D=128"): dict(
         fwd=(Tiles(128, 32, 8, 3), Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 3)),
         dkdv=(Tiles(16, 64, 8, 2), Tiles(32, 64, 8, 2), Tiles(16, 128, 8, 2)),
-        dq=(Tiles(128, 32, 8, 2), Tiles(128, 64, 8, 2), Tiles(64, 32, 4, 3)),
+        # dQ at D = 128 holds a (BLOCK_M, 128) tile each of q, dO and the dQ accumulator: with dropout's draws on
+        # top, 128 query rows at 8 warps sit at the chip's per-thread register limit (255) on sm_80 and spill with
+        # some compiler versions, so the default halves the query tile; the 128-row tile stays a candidate.
+        dq=(Tiles(64, 32, 8, 2), Tiles(128, 32, 8, 2), Tiles(64, 32, 4, 3)),
     ),
     ("fp32", "D<=64"): dict(fwd=(Tiles(32, 16, 8, 2),), dkdv=(Tiles(16, 32, 8, 1),), dq=(Tiles(32, 16, 8, 2),)),
     ("fp32", "D=128"): dict(fwd=(Tiles(32, 16, 8, 2),), dkdv=(Tiles(16, 16, 4, 2),), dq=(Tiles(32, 16, 8, 2),)),
@@ -58,15 +61,27 @@ PREPROCESS_TILES = Tiles(64, 0, 4, 1)  # the delta pass: BLOCK_M rows of (o, dO)
 # Few queries (Tq <= SMALL_Q_MAX, a decoding step above all): the forward and dQ kernels hold one 16-row query tile
 # and stream the keys BLOCK_N at a time. A decoding step reads all of K and V once and does about one FLOP per byte
 # read, far below what the tensor cores could use (see "Decoding" in kernels/attention.py): what matters is keeping
-# enough K/V loads in flight, hence long key steps and a deep pipeline in the 16-bit forward. float32 and the dQ
-# kernel (its dropout's Philox draws) need 8 warps to stay clear of spills. The dK/dV kernel already steps through
-# 16 query rows at a time: its tiles stay the usual ones. The first candidate is the default, as in GPU_TILES.
+# enough K/V loads in flight (the key step times the pipeline's depth), hence long key steps or deep pipelines.
+# With one 16-row query tile, a tile's registers are shared by few rows, so most defaults here run 8 warps: the
+# same tile spread over twice the threads, which keeps the score tile, dropout's Philox draws and the loads in
+# flight clear of spills. The dK/dV kernel already steps through 16 query rows at a time: its tiles stay the usual
+# ones. The first candidate is the default, as in GPU_TILES (spill-free everywhere); the others may spill.
 SMALL_Q_MAX = 16
 SMALL_Q_TILES = {
-    ("16bit", "D<=64"): dict(fwd=(Tiles(16, 128, 4, 3), Tiles(16, 64, 4, 4)), dq=(Tiles(16, 64, 8, 2),)),
-    ("16bit", "D=128"): dict(fwd=(Tiles(16, 64, 4, 3), Tiles(16, 128, 4, 2)), dq=(Tiles(16, 64, 8, 2),)),
+    # A 128-key step at 4 warps leaves each thread a quarter of the (16, 128) score tile plus the pipelined loads,
+    # right at the register budget the compiler gives 4 warps: it spills with some compiler versions. 8 warps
+    # halve that share at the same step, and 2 stages keep 256 keys in flight, as many as the candidate
+    # (16, 64, 4, 4) does with a shorter step and a deeper pipeline.
+    ("16bit", "D<=64"): dict(fwd=(Tiles(16, 128, 8, 2), Tiles(16, 64, 4, 4), Tiles(16, 128, 4, 3)),
+                             dq=(Tiles(16, 64, 8, 2),)),
+    # At D = 128 (and 80, padded to 128) a 64-key step already fills the registers of 4 or of 8 warps once dropout's
+    # draws or the padded head dim's masks join in; 32-key steps at 8 warps stay clear, and 3 stages keep 96 keys
+    # of K and V in flight. The 64- and 128-key steps remain candidates for the tuner.
+    ("16bit", "D=128"): dict(fwd=(Tiles(16, 32, 8, 3), Tiles(16, 64, 4, 3), Tiles(16, 128, 4, 2)),
+                             dq=(Tiles(16, 64, 8, 2),)),
     ("fp32", "D<=64"): dict(fwd=(Tiles(16, 32, 8, 2),), dq=(Tiles(16, 32, 8, 2),)),
-    ("fp32", "D=128"): dict(fwd=(Tiles(16, 32, 8, 2),), dq=(Tiles(16, 32, 8, 2),)),
+    # float32 at D = 128: (16, 32) with dropout is at the register budget of 8 warps; 16-key steps stay clear
+    ("fp32", "D=128"): dict(fwd=(Tiles(16, 16, 8, 2),), dq=(Tiles(16, 32, 8, 2),)),
 }
 
 # The interpreter runs each program as Python, milliseconds per program and loop step whatever the tiles, while
