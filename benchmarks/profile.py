@@ -264,7 +264,8 @@ def summarize(data: dict) -> str:
     head = (f"training step by op on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}): "
             f"{run['preset']}, batch {run['batch_size']} x context {run['context']}, {run['backend']} backend, "
             f"{run['dtype']}; {run['steps']} profiled steps after {run['warmup_steps']} warm-up")
-    return head + "\n\n" + table(data["rows"])
+    failed = [f"{loss}: failed: {text.splitlines()[0]}" for loss, text in meta.get("errors", {}).items()]
+    return "\n".join([head, "", table(data["rows"]) if data["rows"] else "no profile finished", *failed])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,27 +315,39 @@ def main(argv: list[str] | None = None) -> int:
     budget = common.Budget(args.budget_s)
     print(f"benchmarks.profile on {common.device_name(device)}: {args.preset}, batch {args.batch_size} x context "
           f"{args.context}, {args.backend} backend, losses {' '.join(args.loss)}", flush=True)
+    counting = ("ms per step of each group: the self time of its ops (CPU) or of the GPU kernels they launched (GPU), "
+                "summed over the profiled steps / steps")
+    errors = {}  # loss -> the whole message of a profile that failed: the other loss's profile still runs
+
+    def meta(interrupted=None):
+        return dict(common.run_meta(device, {}, args, budget, interrupted, counting), errors=errors,
+                    run=dict(preset=args.preset, context=args.context, batch_size=args.batch_size,
+                             backend=args.backend, dtype="bf16 autocast" if on_gpu else "fp32", steps=args.steps,
+                             warmup_steps=args.warmup_steps))
+
+    out = args.out or common.default_out_dir(device)
     rows, interrupted = [], None
     try:
         for loss in args.loss:
             if budget.expired():
                 print(f"{loss}: skipped, time budget ({args.budget_s:g} s) spent", flush=True)
                 continue
-            loss_rows = profile_loss(loss, args, device)
+            try:
+                loss_rows = profile_loss(loss, args, device)
+            except Exception as exc:
+                errors[loss] = common.error_text(exc)
+                print(f"{loss}: failed: {common.one_line(exc)}", flush=True)
+                continue
+            finally:
+                common.free_memory(device, collect=True)
             rows += loss_rows
-            common.free_memory(device, collect=True)
+            common.write_results(out, args.name, rows, dict(meta(), partial=True))  # kept if the run is killed
             print(f"{loss}: step {common.fmt_num(loss_rows[-1]['ms_per_step'])} ms ({budget.spent():.0f} s)",
                   flush=True)
     except KeyboardInterrupt as exc:  # Ctrl-C, or the SIGTERM of an outer `timeout`: keep what was measured
         interrupted = common.one_line(exc)
         print(f"interrupted ({interrupted}): writing what was profiled", flush=True)
-    counting = ("ms per step of each group: the self time of its ops (CPU) or of the GPU kernels they launched (GPU), "
-                "summed over the profiled steps / steps")
-    meta = common.run_meta(device, {}, args, budget, interrupted, counting)
-    meta["run"] = dict(preset=args.preset, context=args.context, batch_size=args.batch_size, backend=args.backend,
-                       dtype="bf16 autocast" if on_gpu else "fp32", steps=args.steps,
-                       warmup_steps=args.warmup_steps)
-    common.report(args.out or common.default_out_dir(device), args.name, rows, meta, plot, summarize)
+    common.report(out, args.name, rows, meta(interrupted), plot, summarize)
     return 0
 
 

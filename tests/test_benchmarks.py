@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -177,6 +178,29 @@ def test_profile_quick_splits_the_step_into_groups_that_add_up(tmp_path):
             assert by[group]["ms_per_step"] > 0, (loss, group)  # every part of the model was found
         assert "aten::mm" in by["matmuls"]["top_ops"]
     assert "LayerNorm" in profile_bench.summarize(data)
+
+
+def test_a_failing_profile_leaves_the_other_and_says_why(tmp_path, monkeypatch):
+    """One loss's profile raising (a kernel that fails on some GPU, say) is recorded with its whole message; the
+    other loss is still profiled and written."""
+    real = profile_bench.profile_loss
+
+    def profile_loss(loss, args, device):
+        if loss == "plain":
+            raise RuntimeError("the plain loss broke\nand this line says where")
+        return real(loss, args, device)
+
+    monkeypatch.setattr(profile_bench, "profile_loss", profile_loss)
+    threads, on_term = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
+    try:  # in this process: the torch backend on the CPU needs no interpreter
+        assert profile_bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--name", "p"]) == 0
+    finally:  # what the benchmark's setup changed for its own process
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, on_term)
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert {r["loss"] for r in data["rows"]} == {"fused"}
+    assert data["meta"]["errors"] == {"plain": "RuntimeError: the plain loss broke\nand this line says where"}
+    assert "plain: failed: RuntimeError: the plain loss broke" in profile_bench.summarize(data)
 
 
 @pytest.mark.parametrize("chain, group", [
