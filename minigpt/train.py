@@ -186,8 +186,12 @@ def check_args(args) -> None:
     check_seed(args.seed)
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """An --out-dir that can be a folder: not a file, and not under one."""
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """An --out-dir that can be a folder: named (an empty one would be the current folder), not a file, and not
+    under one."""
+    if not str(out_dir).strip():
+        raise ConfigError("--out-dir is empty — name a folder (e.g. --out-dir out, or --out-dir . for this one)")
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out-dir {out_dir} is a file — choose a folder (it is created if missing)")
     parent = next(p for p in out_dir.absolute().parents if p.exists())
@@ -378,8 +382,8 @@ class Trainer:
         self.device = device = resolve_device(device_name)
         self.dtype = resolve_dtype(args.dtype, device)
         check_compile(args, device)
+        check_out_dir(args.out_dir)
         self.out_dir = Path(args.out_dir)
-        check_out_dir(self.out_dir)
         self.resume_from = self._resume_path()
         self._refuse_to_overwrite()
         ckpt = load_torch(self.resume_from) if self.resume_from else None
