@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import stat
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,10 +30,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit the model (the message says what to do)."""
 
 
-# A temporary file is named ".<target>.<random>.tmp" and its writer holds an exclusive lock on it until it is renamed
-# or removed, so an unlocked one is a leftover of a process that died (kill -9, a power cut): see remove_stale_temps.
+# A temporary file is named ".<target>.minigpt-<12 hex digits>.tmp" and its writer holds an exclusive lock on it until
+# it is renamed or removed, so an unlocked one is a leftover of a process that died (kill -9, a power cut): see
+# remove_stale_temps. The cleanup removes only names of exactly this form: the folder may be the user's, and a
+# ".notes.tmp" of theirs is not ours to delete.
+TEMP_MARKER = "minigpt-"
 TEMP_SUFFIX = ".tmp"
+TEMP_RANDOM_HEX = 12  # 48 random bits: two writers beside the same target never pick the same name in practice
 STALE_AFTER_S = 10.0  # a temporary file younger than this is never removed (its writer may be about to lock it)
+
+_TEMP_NAME = re.compile(rf"\..+\.{re.escape(TEMP_MARKER)}[0-9a-f]{{{TEMP_RANDOM_HEX}}}{re.escape(TEMP_SUFFIX)}")
+# The older form, ".<target>.<random>.tmp" with tempfile.mkstemp's random part (a-z 0-9 _), is removed only when the
+# target is a file minigpt writes: a run's checkpoint, weights, metrics and plots, a token cache's ".bin" and its
+# ".json". Without a marker, the target's name is what tells ours apart.
+_OLD_TEMP_NAME = re.compile(
+    r"\.(?:checkpoint\.pt|model\.pth|metrics\.csv|loss\.pdf|loss\.png|.+\.bin|.+\.bin\.json)\.[a-z0-9_]+\.tmp"
+)
+
+
+def is_our_temp_name(name: str) -> bool:
+    """Whether ``name`` is one that ``atomic_open`` gives its temporary files (or gave them in the older form)."""
+    return bool(_TEMP_NAME.fullmatch(name) or _OLD_TEMP_NAME.fullmatch(name))
+
 
 _umask_lock = threading.Lock()
 
@@ -49,6 +68,18 @@ def _new_file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
+def _create_temp(path: Path) -> tuple[int, str]:
+    """Create and open a new, empty temporary file beside ``path`` (mode 0600 until ``atomic_open`` sets it);
+    returns ``(fd, its path)``. ``O_EXCL`` makes the creation fail rather than open a file that already exists."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # O_BINARY: Windows only
+    while True:
+        tmp = path.parent / f".{path.name}.{TEMP_MARKER}{secrets.token_hex(TEMP_RANDOM_HEX // 2)}{TEMP_SUFFIX}"
+        try:
+            return os.open(tmp, flags, 0o600), str(tmp)
+        except FileExistsError:
+            continue
+
+
 def _lock(fd: int) -> None:
     if fcntl is not None:
         with contextlib.suppress(OSError):  # a filesystem without locks: stale files are then kept, never harmed
@@ -62,7 +93,7 @@ def atomic_open(path: str | os.PathLike):
     The file gets the permissions ``open()`` would give it (the umask's, or the replaced file's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         _lock(fd)
         if hasattr(os, "fchmod"):
@@ -89,13 +120,14 @@ def atomic_open(path: str | os.PathLike):
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
     """Remove the temporary files that writers which died left in ``folder`` (see ``atomic_open``); returns their
-    names. A file is stale when no process holds its lock and it is older than ``STALE_AFTER_S`` seconds, so a
-    write in progress in another process is never touched. Without file locks (Windows) nothing is removed."""
+    names. Only names ``atomic_open`` makes are considered (``is_our_temp_name``); one is stale when no process
+    holds its lock and it is older than ``STALE_AFTER_S`` seconds, so a write in progress in another process is
+    never touched. Without file locks (Windows) nothing is removed."""
     removed = []
     if fcntl is None:
         return removed
     try:
-        names = [n for n in os.listdir(folder) if n.startswith(".") and n.endswith(TEMP_SUFFIX)]
+        names = [n for n in os.listdir(folder) if is_our_temp_name(n)]
     except OSError:
         return removed
     now = time.time()

@@ -1,9 +1,15 @@
 """Where a run writes: the --out-dir it is given, and the temporary files its atomic writes leave behind."""
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
+from minigpt.checkpoint import STALE_AFTER_S, atomic_open, is_our_temp_name, remove_stale_temps
 from minigpt.train import main
+
+fcntl = pytest.importorskip("fcntl", reason="the cleanup needs file locks (it removes nothing without them)")
 
 TINY = ["--data", "stories", "--max-docs", "20", "--tokenizer", "bytes", "--preset", "tiny", "--max-steps", "1",
         "--no-progress", "--device", "cpu", "--kernels", "torch"]
@@ -17,3 +23,41 @@ def test_an_empty_out_dir_is_refused_in_one_line(tmp_path, monkeypatch, out_dir)
     msg = str(e.value)
     assert msg.startswith("error: --out-dir is empty") and "--out-dir out" in msg and "\n" not in msg
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def _age(path, seconds=3600.0):
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_the_cleanup_keeps_a_users_own_tmp_files(tmp_path):
+    theirs = [".notes.tmp", ".notes.txt.abcd1234.tmp", ".checkpoint.pt.tmp", "notes.tmp", ".x.minigpt-0123.tmp"]
+    for name in theirs:
+        (tmp_path / name).write_text("a user's file")
+        _age(tmp_path / name)
+    assert remove_stale_temps(tmp_path) == []
+    assert sorted(os.listdir(tmp_path)) == sorted(theirs)
+
+
+def test_a_stale_temporary_file_of_ours_is_removed_and_a_live_one_kept(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    with atomic_open(target) as f:
+        f.write(b"being written")
+        (name,) = os.listdir(tmp_path)  # the writer's own name for its temporary file, locked while it writes
+        assert is_our_temp_name(name)
+        _age(tmp_path / name)
+        assert remove_stale_temps(tmp_path) == [] and (tmp_path / name).exists()
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+    # the same name left behind by a writer that died: nobody holds its lock
+    (tmp_path / name).write_bytes(b"half a checkpoint")
+    young = tmp_path / ".model.pth.minigpt-00000000beef.tmp"
+    young.write_bytes(b"its writer may be about to lock it")
+    _age(young, STALE_AFTER_S / 2)
+    older_form = tmp_path / ".metrics.csv.a1b2_c3d.tmp"  # tempfile.mkstemp's random part
+    older_form.write_bytes(b"")
+    _age(tmp_path / name)
+    _age(older_form)
+    assert sorted(remove_stale_temps(tmp_path)) == sorted([name, older_form.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", young.name])
+    assert target.read_bytes() == b"being written"
