@@ -36,7 +36,9 @@ from pathlib import Path
 from minigpt.metrics import csv_cell
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
+# The recorded results, committed with the code: written only when --out names them, and never by a --quick run.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path("benchmark-results")  # in the current folder: a run with no --out replaces no recorded result
 
 # Sizes of the ceiling measurements: large enough to reach the device's steady state (1 GiB moves far past any
 # cache; an 8192^3 matmul keeps every multiprocessor busy), small enough to take a second. Quick mode and the CPU
@@ -102,7 +104,16 @@ def device_name(device) -> str:
 
 
 def default_out_dir(device) -> Path:
-    return RESULTS_DIR / device_name(device)
+    """Where a run without --out writes: ``./benchmark-results/<device-name>/``, outside the recorded results."""
+    return DEFAULT_OUT / device_name(device)
+
+
+def check_out(args) -> None:
+    """Refuse a --quick run whose --out is in the recorded results (``benchmarks/results/``): its tiny sizes would
+    replace a full run's numbers."""
+    if args.quick and args.out is not None and args.out.resolve().is_relative_to(RESULTS_DIR):
+        raise SystemExit(f"error: --quick would replace the recorded results in {args.out} — pass another --out "
+                         f"(or drop --out: {DEFAULT_OUT}/<device-name>/)")
 
 
 def environment(device) -> dict:
@@ -459,7 +470,8 @@ def add_run_args(p, what: str) -> None:
     p.add_argument("--budget-s", type=float, help="start no new row after this many seconds (default: no limit)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 with --quick on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and weights (default 0)")
-    p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device-name>/)")
+    p.add_argument("--out", type=Path, help=f"output folder (default ./{DEFAULT_OUT}/<device-name>/; the recorded "
+                   "results in benchmarks/results/ are written only when named here, and never with --quick)")
     p.add_argument("--name", default=what, help=f"the results files' name: NAME.json, .csv, .png (default {what})")
     p.add_argument("--summarize", type=Path, metavar="JSON",
                    help=f"print the summary of a {what}.json written earlier and exit (runs nothing)")
@@ -473,7 +485,9 @@ def fill_defaults(args, quick: dict, full: dict) -> None:
 
 
 def setup(args):
-    """Device, interpreter switch, threads and the SIGTERM handler: what both benchmarks do before their rows."""
+    """--out's check, device, interpreter switch, threads and the SIGTERM handler: what every benchmark does before
+    its rows."""
+    check_out(args)
     stop_on_sigterm()
     device = resolve_device(args.device)
     prepare_interpreter(device)

@@ -381,3 +381,46 @@ def test_summarize_reports_an_unreadable_results_file_in_one_line(tmp_path):
         common.read_results(tmp_path / "list.json")
     (tmp_path / "ok.json").write_text('{"meta": {}, "rows": []}')
     assert common.read_results(tmp_path / "ok.json") == {"meta": {}, "rows": []}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the files go: ./benchmark-results/<device>/ unless --out names a folder; a --quick run never replaces the
+# recorded results in benchmarks/results/
+
+
+def _recorded_files() -> dict:
+    return {p: p.stat().st_mtime_ns for p in common.RESULTS_DIR.rglob("*") if p.is_file()}
+
+
+def test_a_run_without_out_writes_in_the_current_folder_and_leaves_the_recorded_results(tmp_path):
+    before = _recorded_files()
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                                                      os.environ.get("PYTHONPATH")])))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "benchmarks.kernels", "--quick", "--device", "cpu", "--op", "gelu", "--budget-s", "0"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "benchmark-results" / "cpu" / "kernels.json").is_file()
+    assert _recorded_files() == before
+
+
+@pytest.mark.parametrize("inside", ["cpu", ".", "cpu/../new-device"])
+def test_a_quick_run_into_the_recorded_results_is_refused_in_one_line(inside, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = Path("benchmarks", "results", inside)  # relative to the repository, as a user in it would type it
+    with pytest.raises(SystemExit) as e:
+        kernel_bench.main(["--quick", "--device", "cpu", "--op", "gelu", "--budget-s", "0", "--out", str(out),
+                           "--name", "refused"])
+    msg = str(e.value)
+    assert msg.startswith("error: --quick would replace the recorded results") and "--out" in msg
+    assert "\n" not in msg and not list(common.RESULTS_DIR.rglob("refused.*"))
+
+
+def test_the_recorded_results_are_written_when_out_names_them_without_quick(tmp_path):
+    from argparse import Namespace
+
+    full = Namespace(quick=False, out=common.RESULTS_DIR / "cpu")
+    common.check_out(full)  # a full run is how they are recorded
+    elsewhere = Namespace(quick=True, out=tmp_path / "results" / "cpu")
+    common.check_out(elsewhere)  # a folder of the same name elsewhere is the user's
+    assert common.default_out_dir(torch.device("cpu")).resolve() == (Path.cwd() / "benchmark-results" / "cpu")
