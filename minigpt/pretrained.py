@@ -224,26 +224,47 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
 
 def read_weights(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
     """GPT-2's tensors from ``folder`` under their names without the "transformer." prefix, mask buffers left
-    out; and the file they came from (a sharded model's index file lists its shards, all read)."""
+    out, each checked finite; and the file they came from (a sharded model's index file lists its shards, all
+    read, each inside ``folder``)."""
     path = _weights_file(Path(folder))
     if path.name.endswith(".index.json"):
         try:
             shards = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise PretrainedError(f"{path} is not a shard index (no weight_map) — restore the file") from None
-        sd = {}
-        for shard in shards:
-            if not (path.parent / shard).is_file():
-                raise PretrainedError(f"{path} lists {shard}, which is not in {path.parent} — download it again")
-            sd.update(_read_file(path.parent / shard))
+        files = [_shard_file(path, shard) for shard in shards]
     else:
-        sd = _read_file(path)
+        files = [path]
     out = {}
-    for key, tensor in sd.items():
-        key = key.removeprefix("transformer.")
-        if not key.endswith(MASK_BUFFERS):
+    for file in files:
+        for key, tensor in _read_file(file).items():
+            key = key.removeprefix("transformer.")
+            if key.endswith(MASK_BUFFERS):
+                continue
+            # A NaN or an infinity in one weight spreads to every logit (the next LayerNorm mixes it into the whole
+            # row, attention into every later position), so a damaged file is refused here, where the tensor and
+            # its file can still be named. One pass over each tensor, far cheaper than reading it from disk.
+            if not torch.isfinite(tensor).all():
+                raise PretrainedError(f"{key} in {file} holds NaN or infinite values — the file is damaged: "
+                                      "download it again, or save the model again from weights that are finite")
             out[key] = tensor
     return out, path
+
+
+def _shard_file(index: Path, shard: object) -> Path:
+    """The file a shard index's ``weight_map`` names, which must lie inside the index's folder: an entry such as
+    "../x.safetensors" or "/abs/x.safetensors" would otherwise read a file the folder does not hold.
+
+    The path is normalised as written ("..", absolute paths), not through symbolic links: Hugging Face's cache
+    keeps every file of a model as a link to a blob outside the model's folder, and those shards are the folder's.
+    """
+    folder = Path(os.path.normpath(index.parent.absolute()))
+    if not isinstance(shard, str) or not Path(os.path.normpath(folder / shard)).is_relative_to(folder):
+        raise PretrainedError(f"{index} lists the shard {shard!r}, which is outside {index.parent} — a shard index "
+                              "names files in its own folder: restore the index file")
+    if not (folder / shard).is_file():
+        raise PretrainedError(f"{index} lists {shard}, which is not in {index.parent} — download it again")
+    return index.parent / shard
 
 
 def _expected_shapes(cfg: GPTConfig, n_positions: int) -> dict[str, tuple[int, ...]]:

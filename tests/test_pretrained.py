@@ -250,6 +250,39 @@ def test_a_pickle_is_never_run(small, tmp_path):
     one_line(e, "is not a readable weights file")
 
 
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_a_shard_index_cannot_name_a_file_outside_its_folder(small, tmp_path, where):
+    hf, _, _ = small
+    folder = tmp_path / "sharded"
+    hf.save_pretrained(folder, max_shard_size="100KB")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "outside").mkdir()
+    shutil.move(folder / shard, tmp_path / "outside" / shard)  # a whole, readable shard: only its place is wrong
+    entry = f"../outside/{shard}" if where == "parent" else str(tmp_path / "outside" / shard)
+    index["weight_map"] = {k: entry if v == shard else v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(PretrainedError) as e:
+        GPTModel.from_pretrained(folder, kernels="torch")
+    one_line(e, f"{index_path} lists the shard {entry!r}, which is outside {folder}", "restore the index file")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_weights_that_are_not_finite(small, tmp_path, value):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_folder(small[1], tmp_path / "m")
+    sd = load_file(folder / "model.safetensors")
+    key = next(k for k in sd if k.endswith("h.1.mlp.c_fc.weight"))
+    sd[key][3, 5] = value  # one value among 16384
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PretrainedError) as e:
+        GPTModel.from_pretrained(folder, kernels="torch")
+    one_line(e, f"h.1.mlp.c_fc.weight in {folder / 'model.safetensors'} holds NaN or infinite values",
+             "download it again")
+
+
 def test_unknown_name_and_the_hub_offline(tmp_path, monkeypatch):
     with pytest.raises(PretrainedError) as e:
         GPTModel.from_pretrained("gpt3")
@@ -431,3 +464,98 @@ def test_generate_cli_pretrained_needs_gpt2s_vocabulary(gpt2_vocab, bpe_as_gpt2)
 
     with pytest.raises(SystemExit, match="has vocab_size 50257, GPT-2's tokenizer 265 tokens"):
         generate_main(["--pretrained", str(gpt2_vocab[1]), "--device", "cpu"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The triton backend, its kernels imported for the first time inside from_pretrained
+
+# Run in a fresh Python: from_pretrained builds its model under ``with torch.device("meta")``, and the triton backend's
+# modules are imported there when nothing imported them before. A tensor made at their import would be a meta
+# tensor, and the logits garbage; in this test process earlier tests have imported them already, which hides that.
+TRITON_FIRST = """
+import os
+import sys
+import torch
+
+from minigpt.pretrained import from_pretrained
+
+folder, out = sys.argv[1], sys.argv[2]
+assert "kernels.triton_backend" not in sys.modules, "the triton backend was imported before from_pretrained"
+device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+idx = torch.randint(0, {vocab}, (2, 24), generator=torch.Generator().manual_seed(5)).to(device)
+logits = {{}}
+for kernels in ("triton", "torch"):  # triton first: its modules are imported inside this call
+    model = from_pretrained(folder, kernels=kernels).to(device)
+    if kernels == "triton":
+        assert "kernels.attention" in sys.modules
+    with torch.no_grad():
+        logits[kernels] = model(idx).cpu()
+torch.save(logits, out)
+"""
+
+
+def run_fresh_python(script, *args):
+    """``script`` in a new interpreter at the repository root, with Triton's interpreter where there is no GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # as tests/conftest.py does, before anything imports Triton
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_triton_backend_loads_gpt2_weights_like_the_torch_backend(small, tmp_path):
+    pytest.importorskip("triton")
+    _, folder, _ = small
+    run_fresh_python(TRITON_FIRST.format(vocab=SMALL_VOCAB), folder, tmp_path / "logits.pt")
+    logits = torch.load(tmp_path / "logits.pt", weights_only=True)
+    assert torch.isfinite(logits["triton"]).all()
+    torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)
+
+
+TRAIN_TRITON_FIRST = """
+import sys
+import torch
+
+import minigpt.tokenizer as T
+from minigpt.train import build_parser, train
+from tests.test_data import small_bpe
+
+corpus, folder, out = sys.argv[1], sys.argv[2], sys.argv[3]
+assert "kernels.triton_backend" not in sys.modules, "the triton backend was imported before the run"
+encoding = small_bpe().encoding
+T._load_gpt2_encoding = lambda: encoding  # GPT-2's tiktoken files cannot be downloaded here (see bpe_as_gpt2)
+runs = {{}}
+for kernels in ("triton", "torch"):  # triton first: its modules are imported inside from_pretrained
+    args = build_parser().parse_args([
+        "--data", corpus, "--init-from", folder, "--kernels", kernels, "--device", "{device}",
+        "--out-dir", out + "/" + kernels, "--max-steps", "2", "--eval-interval", "2", "--eval-iters", "1",
+        "--context-length", "16", "--batch-size", "2", "--drop-rate", "0", "--no-progress"])
+    summary = train(args)
+    runs[kernels] = [[row["train_loss"], row["val_loss"]] for row in summary["metrics"]]
+torch.save({{k: torch.tensor(v) for k, v in runs.items()}}, out + "/losses.pt")
+"""
+
+
+def test_fine_tuning_on_the_triton_backend_follows_the_torch_backend(small, corpus, tmp_path):
+    pytest.importorskip("triton")
+    _, folder, _ = small
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_fresh_python(TRAIN_TRITON_FIRST.format(device=device), corpus, folder, tmp_path)
+    losses = torch.load(tmp_path / "losses.pt", weights_only=True)
+    assert losses["triton"].shape == (2, 2) and torch.isfinite(losses["triton"]).all()  # steps 0 and 2
+    torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-4, atol=1e-4)
+    ckpts = {k: torch.load(tmp_path / k / "checkpoint.pt", weights_only=True) for k in ("triton", "torch")}
+    assert [ckpts[k]["args"]["kernels"] for k in ckpts] == ["triton", "torch"]
+    ours, ref = ckpts["triton"]["model"], ckpts["torch"]["model"]
+    assert ours.keys() == ref.keys()
+    for name in ref:  # the weights after two optimizer steps
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-4, msg=name)
