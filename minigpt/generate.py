@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -222,6 +223,26 @@ def _config_for_state_dict(sd: dict, preset: str | None, n_heads: int | None, pa
 
 
 DEFAULT_TOP_K = 50  # sampling among GPT-2's 50 most likely tokens, as GPT-2's own samples did
+# The smallest temperature that samples. Sampling divides the logits by the temperature: a tiny one (1e-40) turns
+# them into inf in float32, and softmax of inf is NaN. Long before that, sampling is greedy in all but name: at 1e-4
+# a logit gap of 0.01 already weighs e^100 to 1, so a user who wants that wants --temperature 0.
+MIN_TEMPERATURE = 1e-4
+
+
+def check_float_flag(flag: str, value: float, low: float, high: float = math.inf, low_open: bool = False,
+                     high_open: bool = False, also: str = "") -> None:
+    """Refuse a float flag that is not a finite number between ``low`` and ``high`` (an open end excludes the bound
+    itself) with a ConfigError naming the flag, the value and the range; ``also`` names any other allowed value.
+    Every float flag goes through here because NaN fails every comparison: ``value < 0`` alone lets it through."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if math.isfinite(value) and above and below:
+        return
+    if math.isinf(high):
+        allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ConfigError(f"{flag} must be {allowed}{also}, got {value}")
 
 
 def check_sampling_args(args) -> list[str]:
@@ -231,14 +252,14 @@ def check_sampling_args(args) -> list[str]:
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.temperature != 0:
+        check_float_flag("--temperature", args.temperature, MIN_TEMPERATURE, also=" or 0 (greedy)")
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.top_k is not None and args.top_k < 0:
         raise ConfigError(f"--top-k must be >= 0 (0 = every token), got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_p is not None:
+        check_float_flag("--top-p", args.top_p, 0.0, 1.0, low_open=True)
     if args.n_heads is not None and args.n_heads < 1:
         raise ConfigError(f"--n-heads must be >= 1, got {args.n_heads}")
     check_seed(args.seed)
@@ -269,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the tokenizer recorded in the checkpoint")
     p.add_argument("--prompt", default="Once upon a time", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (always the most likely token)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help=f"0 = greedy (always the most likely token); sampling takes >= {MIN_TEMPERATURE:g}")
     p.add_argument("--top-k", type=int, default=None,
                    help=f"sample among the k most likely tokens (0 = all; default {DEFAULT_TOP_K})")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")

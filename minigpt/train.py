@@ -41,6 +41,7 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from .generate import check_float_flag
 from .metrics import save_loss_plot, write_metrics_csv
 from .model import GPTModel, seed_state_dict
 from .runtime import (
@@ -166,23 +167,39 @@ def resolve_run_settings(args, device: torch.device, resuming: bool = False) -> 
     return CPU_PRESET, note
 
 
+# Every float flag and the values it may take: (low, high, low_open, high_open), as check_float_flag reads them.
+FLOAT_FLAG_RANGES = {
+    "lr": (0.0, math.inf, True, True),
+    "min_lr": (0.0, math.inf, False, True),  # and at most --lr, checked once --lr has its default
+    "weight_decay": (0.0, math.inf, False, True),
+    "grad_clip": (0.0, math.inf, False, True),  # 0 = off
+    "train_ratio": (0.0, 1.0, True, True),  # both splits need tokens
+}  # --drop-rate is GPTConfig's drop_rate, whose own check (NaN included) runs when the config is built, before data
+
+
+def check_float_flags(args) -> None:
+    """Refuse a float flag that is NaN, infinite or out of its range, one line each; flags left unset (None) wait
+    for their defaults."""
+    for name, (low, high, low_open, high_open) in FLOAT_FLAG_RANGES.items():
+        value = getattr(args, name)
+        if value is not None:
+            check_float_flag(f"--{name.replace('_', '-')}", value, low, high, low_open, high_open)
+
+
 def check_args(args) -> None:
     """Reject impossible or contradictory flags with one line each (before any work is done)."""
     for name in ("batch_size", "epochs", "eval_interval", "eval_iters", "grad_accum"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "warmup_steps", "grad_clip", "weight_decay"):
+    for name in ("max_steps", "warmup_steps"):
         value = getattr(args, name)
         if value is not None and value < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if args.max_docs is not None and args.max_docs < 1:
         raise ConfigError(f"--max-docs must be >= 1, got {args.max_docs}")
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be > 0, got {args.lr}")
-    if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
+    check_float_flags(args)  # again: a resumed run takes the flags it was not given from its checkpoint
+    if args.min_lr is not None and args.min_lr > args.lr:
         raise ConfigError(f"--min-lr must be between 0 and --lr ({args.lr}), got {args.min_lr}")
-    if not 0.0 < args.train_ratio < 1.0:
-        raise ConfigError(f"--train-ratio must be between 0 and 1, got {args.train_ratio}")
     check_seed(args.seed)
 
 
@@ -378,6 +395,7 @@ class Trainer:
         from .tokenizer import get_tokenizer, tokenizer_from_name
 
         args = self.args
+        check_float_flags(args)  # the flags alone, before a device, a process group or a checkpoint is opened
         self.dist, device_name = init_distributed(args.device)
         self.device = device = resolve_device(device_name)
         self.dtype = resolve_dtype(args.dtype, device)

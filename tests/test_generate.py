@@ -1,12 +1,17 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from minigpt import GPTModel
 from minigpt.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
-from minigpt.generate import generate, main
+from minigpt.generate import MIN_TEMPERATURE, choose_next_token, generate, main
 from minigpt.model import seed_state_dict
 
 CFG = dict(vocab_size=257, context_length=8, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=False)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -164,6 +169,34 @@ def test_bad_sampling_flags_are_one_line(model, tmp_path, flags, match):
     with pytest.raises(SystemExit, match=match) as e:
         main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--device", "cpu", *flags])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"),
+    ("--temperature", "1e-40"),  # the logits / 1e-40 overflow to inf in float32: softmax gave NaN probabilities
+    ("--temperature", "1e-5"),
+    ("--top-p", "nan"), ("--top-p", "inf"), ("--top-p", "0"), ("--top-p", "1.5"),
+])
+def test_a_float_flag_that_is_not_finite_or_out_of_range_is_refused_before_loading(tmp_path, flag, value):
+    # no checkpoint exists: a flag checked only after loading would get the missing file's error instead
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--device", "cpu", f"{flag}={value}"])
+    msg = str(e.value)
+    assert msg.startswith(f"error: {flag} must be ") and msg.endswith(f", got {float(value)}") and "\n" not in msg
+
+
+def test_the_smallest_temperature_samples_without_nan():
+    logits = torch.tensor([[0.0, 30.0, 30.0 - 1e-3]])  # divided by 1e-4, the gap of 1e-3 weighs e^10 to 1
+    ids = choose_next_token(logits, MIN_TEMPERATURE, generator=torch.Generator().manual_seed(0))
+    assert ids.item() == 1
+
+
+def test_a_temperature_error_from_the_command_line_is_one_line_without_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "minigpt.generate", "--checkpoint", str(tmp_path / "checkpoint.pt"),
+                        "--device", "cpu", "--temperature", "nan"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.splitlines() == ["error: --temperature must be a finite number >= 0.0001 or 0 (greedy), got nan"]
 
 
 def test_greedy_says_which_sampling_flags_do_nothing(model, tmp_path, capsys):

@@ -71,6 +71,41 @@ def test_bad_input_is_one_line_that_names_the_fix(tmp_path, extra, match):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+@pytest.mark.parametrize("flag, value", [
+    ("--lr", "nan"), ("--lr", "inf"), ("--lr", "-inf"), ("--lr", "0"),
+    ("--min-lr", "nan"), ("--min-lr", "-1e-4"),
+    ("--weight-decay", "nan"), ("--weight-decay", "inf"), ("--weight-decay", "-0.1"),
+    ("--grad-clip", "nan"), ("--grad-clip", "inf"), ("--grad-clip", "-1"),
+    ("--train-ratio", "nan"), ("--train-ratio", "1"), ("--train-ratio", "0"),
+])
+def test_a_float_flag_that_is_not_finite_or_out_of_range_is_refused_before_any_work(tmp_path, flag, value):
+    # --max-steps 2: a value that slipped through would train briefly and not raise; FLAG=VALUE, or argparse would
+    # take -inf or -1e-4 for a flag
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--out-dir", str(tmp_path / "out"), "--max-steps", "2", f"{flag}={value}"])
+    msg = str(e.value)
+    assert msg.startswith(f"error: {flag} must be ") and msg.endswith(f", got {float(value)}") and "\n" not in msg
+    assert list(tmp_path.iterdir()) == []  # no out dir, no token cache (conftest puts it under tmp_path)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1", "-0.1"])
+def test_a_drop_rate_outside_0_1_is_refused_by_the_config_before_any_data(tmp_path, value):
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--out-dir", str(tmp_path / "out"), "--max-steps", "2", f"--drop-rate={value}"])
+    msg = str(e.value)
+    assert msg == f"error: drop_rate must be in [0, 1), got {float(value)}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_float_flag_error_from_the_command_line_is_one_line_without_a_traceback(tmp_path):
+    env = dict(os.environ, MINIGPT_CACHE=str(tmp_path / "token-cache"))
+    r = subprocess.run([sys.executable, "-m", "minigpt.train", *TINY, "--out-dir", str(tmp_path / "out"),
+                        "--grad-clip", "nan"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.splitlines() == ["error: --grad-clip must be a finite number >= 0, got nan"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cuda_device_without_gpu(tmp_path):
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         main(TINY + ["--out-dir", str(tmp_path), "--device", "cuda"])
