@@ -174,7 +174,8 @@ FLOAT_FLAG_RANGES = {
     "weight_decay": (0.0, math.inf, False, True),
     "grad_clip": (0.0, math.inf, False, True),  # 0 = off
     "train_ratio": (0.0, 1.0, True, True),  # both splits need tokens
-}  # --drop-rate is GPTConfig's drop_rate, whose own check (NaN included) runs when the config is built, before data
+    "drop_rate": (0.0, 1.0, False, True),  # 1 would drop everything (GPTConfig checks its field again)
+}
 
 
 def check_float_flags(args) -> None:

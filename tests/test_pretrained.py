@@ -392,7 +392,7 @@ def test_default_fine_tuning_settings(small, corpus, tmp_path, bpe_as_gpt2):
     (["--preset", "tiny"], ["--preset tiny contradicts --init-from", "emb_dim 64"]),
     (["--preset", "gpt2"], ["--preset gpt2 contradicts --init-from", "emb_dim 64"]),
     (["--tokenizer", "bytes"], ["--tokenizer bytes contradicts --init-from", "GPT-2's tokenizer"]),
-    (["--drop-rate", "1.5"], ["drop_rate must be in [0, 1)"]),
+    (["--drop-rate", "1.5"], ["--drop-rate must be in [0, 1)"]),
 ])
 def test_init_from_flags_that_contradict_the_weights(small, corpus, tmp_path, bpe_as_gpt2, flag, parts):
     with pytest.raises(SystemExit) as e:

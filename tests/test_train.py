@@ -89,11 +89,11 @@ def test_a_float_flag_that_is_not_finite_or_out_of_range_is_refused_before_any_w
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "1", "-0.1"])
-def test_a_drop_rate_outside_0_1_is_refused_by_the_config_before_any_data(tmp_path, value):
+def test_a_drop_rate_outside_0_1_is_refused_before_any_data(tmp_path, value):
     with pytest.raises(SystemExit) as e:
         main(TINY + ["--out-dir", str(tmp_path / "out"), "--max-steps", "2", f"--drop-rate={value}"])
     msg = str(e.value)
-    assert msg == f"error: drop_rate must be in [0, 1), got {float(value)}"
+    assert msg == f"error: --drop-rate must be in [0, 1), got {float(value)}"
     assert list(tmp_path.iterdir()) == []
 
 
