@@ -17,10 +17,10 @@ torch is imported inside functions so that importing this module does no work.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime
 import inspect
+import io
 import itertools
 import json
 import math
@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from minigpt.checkpoint import atomic_open
 from minigpt.metrics import csv_cell
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
@@ -519,27 +520,17 @@ def write_results(out_dir: Path, stem: str, rows: list[dict], meta: dict) -> lis
     """``<stem>.json`` ({"meta": ..., "rows": [...]}) and ``<stem>.csv`` (one line per row) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    with atomic_open(json_path) as f:
-        f.write(json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable) + "\n")
+    with atomic_open(json_path) as f:  # minigpt's own writer: a run killed mid-write leaves the previous file
+        f.write((json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable) + "\n").encode())
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with atomic_open(csv_path, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: csv_cell(row.get(k)) for k in columns})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: csv_cell(row.get(k)) for k in columns})
+    with atomic_open(csv_path) as f:
+        f.write(text.getvalue().encode())
     return [json_path, csv_path]
-
-
-@contextlib.contextmanager
-def atomic_open(path: Path, **kwargs):
-    """Write ``path`` through a temporary file, flushed to disk and renamed over it only when the writing ended
-    well: a run killed mid-write leaves the previous complete file, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", **kwargs) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def partial_writer(out_dir: Path, stem: str, meta):

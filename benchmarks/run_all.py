@@ -327,22 +327,20 @@ def _benchmark_summary(part: Part, out: Path) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from minigpt.checkpoint import atomic_open  # the project's one writer: temp file, fsync, rename
+
+    with atomic_open(path) as f:
+        f.write(text.encode())
 
 
 def archive(out: Path, dest: Path) -> None:
     """``dest``: a .tar.gz of everything in ``out``, replaced atomically (a reader never sees half of one)."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        skip = {dest.name, tmp.name}  # an archive written inside OUT does not swallow its previous self
-        tar.add(out, arcname=out.name, filter=lambda info: None if Path(info.name).name in skip or
+    from minigpt.checkpoint import atomic_open
+
+    with atomic_open(dest) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+        # temp files (ours: *.tmp) and an archive written inside OUT (its earlier self) stay out
+        tar.add(out, arcname=out.name, filter=lambda info: None if Path(info.name).name == dest.name or
                 info.name.endswith(".tmp") else info)
-    os.replace(tmp, dest)
 
 
 # ----------------------------------------------------------------------------------------------------------------
