@@ -17,6 +17,7 @@ torch is imported inside functions so that importing this module does no work.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import inspect
@@ -30,6 +31,7 @@ import re
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +42,7 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32")
 # The recorded results, committed with the code: written only when --out names them, and never by a --quick run.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = Path("benchmark-results")  # in the current folder: a run with no --out replaces no recorded result
+SEEDS = range(-2**63, 2**64)  # what torch.manual_seed takes; beyond it, a traceback after the ceilings
 
 # Sizes of the ceiling measurements: large enough to reach the device's steady state (1 GiB moves far past any
 # cache; an 8192^3 matmul keeps every multiprocessor busy), small enough to take a second. Quick mode and the CPU
@@ -107,6 +110,59 @@ def device_name(device) -> str:
 def default_out_dir(device) -> Path:
     """Where a run without --out writes: ``./benchmark-results/<device-name>/``, outside the recorded results."""
     return DEFAULT_OUT / device_name(device)
+
+
+def check_out_dir(out: Path, names: list[str], flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder that cannot take the files ``names``: a file, a folder under a
+    file, one of the names taken by a folder, or a place that cannot be written (permissions, read-only disk).
+    Nothing is created: the probe file is anonymous and gone at once. ``flag`` names the option in the message."""
+    for above in [out, *out.parents]:
+        if not above.exists():
+            continue
+        if not above.is_dir():
+            what = "is a file, not a folder" if above == out else f"cannot be made: {above} is a file"
+            raise SystemExit(f"error: {flag} {out} {what} — pass a folder (it is created if missing)")
+        try:
+            tempfile.TemporaryFile(dir=above).close()
+        except OSError as e:
+            raise SystemExit(f"error: cannot write in {flag} {out}: {e.strerror} (in {above}) — pass a folder you "
+                             "can write") from None
+        break
+    for name in names:
+        if (out / name).is_dir():
+            raise SystemExit(f"error: {out / name} is a folder, not a file — move it away, or pass another {flag}")
+
+
+def results_names(stem: str) -> list[str]:
+    """The files a benchmark named ``stem`` writes (``write_results`` and its plot)."""
+    return [f"{stem}.json", f"{stem}.csv", f"{stem}.png"]
+
+
+def check_run_args(args) -> None:
+    """Refuse, before any work, values of the options every benchmark takes that would fail late or be ignored."""
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"error: --threads must be at least 1, got {args.threads} — or leave it out")
+    if args.budget_s is not None and not args.budget_s >= 0:  # `not >=`: NaN too, which would never expire
+        raise SystemExit(f"error: --budget-s must be 0 or more seconds, got {args.budget_s} — e.g. --budget-s 600")
+    if args.seed not in SEEDS:
+        raise SystemExit(f"error: --seed {args.seed} does not fit in 64 bits — use a seed from -2**63 to 2**64 - 1")
+    name = args.name
+    if not name or name in (".", "..") or any(sep and sep in name for sep in (os.sep, os.altsep)):
+        raise SystemExit(f"error: --name {name!r} is not a plain file name — give a name without folders (e.g. "
+                         "--name kernels-quick); the folder goes in --out")
+
+
+def check_positive(args, names: tuple[str, ...], allow_zero: tuple[str, ...] = ()) -> None:
+    """Refuse a number flag (``args.<name>``: a number, a list of them, or None = unset) that is not above 0 (0 is
+    let through for ``allow_zero``), NaN or infinite."""
+    for name in names:
+        value = getattr(args, name)
+        zero_ok = name in allow_zero
+        for v in value if isinstance(value, list) else [] if value is None else [value]:
+            if not (math.isfinite(v) and (v >= 0 if zero_ok else v > 0)):
+                flag = "--" + name.replace("_", "-")
+                raise SystemExit(f"error: {flag} must be {'0 or more' if zero_ok else 'positive'}, got {v} — give a "
+                                 f"finite number {'>= 0' if zero_ok else 'above 0'}, or leave it out for the default")
 
 
 def check_out(args) -> None:
@@ -404,7 +460,9 @@ class Terminated(KeyboardInterrupt):
 
 def stop_on_sigterm() -> None:
     def handler(signum, frame):
-        raise Terminated(f"received signal {signum}")
+        stop = Terminated(f"received signal {signum}")
+        stop.signum = signum  # kernels/cli.py's run_cli exits with 128 + it, as the shell expects
+        raise stop
 
     signal.signal(signal.SIGTERM, handler)
 
@@ -486,11 +544,13 @@ def fill_defaults(args, quick: dict, full: dict) -> None:
 
 
 def setup(args):
-    """--out's check, device, interpreter switch, threads and the SIGTERM handler: what every benchmark does before
-    its rows."""
+    """The common options' checks, device, --out's check, interpreter switch, threads and the SIGTERM handler: what
+    every benchmark does before its rows."""
     check_out(args)
-    stop_on_sigterm()
+    check_run_args(args)
     device = resolve_device(args.device)
+    check_out_dir(args.out or default_out_dir(device), results_names(args.name))
+    stop_on_sigterm()
     prepare_interpreter(device)
     set_threads(device, args.threads, args.quick)
     return device
@@ -520,7 +580,7 @@ def write_results(out_dir: Path, stem: str, rows: list[dict], meta: dict) -> lis
     """``<stem>.json`` ({"meta": ..., "rows": [...]}) and ``<stem>.csv`` (one line per row) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    with atomic_open(json_path) as f:  # minigpt's own writer: a run killed mid-write leaves the previous file
+    with _naming(json_path), atomic_open(json_path) as f:  # a run killed mid-write leaves the previous file
         f.write((json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable) + "\n").encode())
     columns = list(dict.fromkeys(k for row in rows for k in row))
     text = io.StringIO(newline="")
@@ -528,9 +588,21 @@ def write_results(out_dir: Path, stem: str, rows: list[dict], meta: dict) -> lis
     writer.writeheader()
     for row in rows:
         writer.writerow({k: csv_cell(row.get(k)) for k in columns})
-    with atomic_open(csv_path) as f:
+    with _naming(csv_path), atomic_open(csv_path) as f:
         f.write(text.getvalue().encode())
     return [json_path, csv_path]
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Give an OSError raised while writing ``path`` that file's name: a failed write (a full disk) names none, and
+    the one-line error at the command line should say which file it was."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 def partial_writer(out_dir: Path, stem: str, meta):

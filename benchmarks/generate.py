@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks import common
+from kernels.cli import run_cli
 
 CONTENDERS = ("cache", "no cache", "transformers")
 COUNTING = ("tokens/s = batch * new tokens / seconds of the whole generation (prefill included); floor ms per token "
@@ -306,12 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check every option, then run; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+def run(args) -> int:
     if args.summarize:
         print(summarize(common.read_results(args.summarize)))
         return 0
     common.fill_defaults(args, QUICK, FULL)
-    for name in ("prompt_len", "new_tokens", "context", "repeats"):
+    for name in ("prompt_len", "new_tokens", "context", "repeats", "vocab_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")

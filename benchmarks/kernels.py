@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 from benchmarks import common, loss_rows, memory
 from benchmarks.kernels_report import CONTENDERS, contenders, plot, progress, summarize, table
+from kernels.cli import run_cli
 
 OPS = ("attention", "linear_cross_entropy", "layer_norm", "gelu")  # run in this order, the headline first: when a
 #                                                                   time budget runs out, the tail is what is lost
@@ -564,7 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check every option, then run; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+def run(args) -> int:
     if args.summarize:
         print(summarize(common.read_results(args.summarize)))
         return 0
@@ -572,11 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --dropout must be in [0, 1), got {args.dropout}")
     args.warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.quick else 25.0)
     args.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.quick else 100.0)
-    for name in ("rows", "vocab_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.rounds < 1:
-        raise SystemExit(f"error: --rounds must be positive, got {args.rounds}")
+    common.check_positive(args, ("rows", "vocab_size", "rounds", "warmup_ms", "rep_ms", "widths", "seq_lens"),
+                          allow_zero=("warmup_ms",))
     device = common.setup(args)
     if args.interleave and device.type == "cuda":
         raise SystemExit("error: --interleave is for a CPU shared with other work; a GPU's timer (do_bench) times "

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common
+from kernels.cli import run_cli
 
 GROUPS = ("matmuls", "attention", "LayerNorm", "GELU", "loss", "optimizer", "rest")
 OUTSIDE = "outside ops"  # step time in no op: Python between ops on the CPU, GPU idle time on a GPU
@@ -290,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check every option, then run; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+def run(args) -> int:
     if args.summarize:
         print(summarize(common.read_results(args.summarize)))
         return 0

@@ -393,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archive", type=Path, metavar="FILE",
                    help="also keep FILE (a .tar.gz of OUT) and summary.md beside it current after every part")
     args = p.parse_args(argv)
+    from benchmarks import common
+
+    # A file where a folder should be is refused now, not as a traceback when the first file is removed or written.
+    common.check_out_dir(args.out, ["summary.md", "env.txt"], flag="OUT")
+    if args.archive is not None:
+        common.check_out_dir(args.archive.parent, [args.archive.name], flag="--archive's folder")
     py = sys.executable
     import torch  # only to choose the mode: every part runs in its own process
 

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks import common, memory
+from kernels.cli import run_cli
 
 BACKENDS = ("torch", "triton")
 LOSSES = ("plain", "fused")
@@ -440,23 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check every option, then run; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+def run(args) -> int:
     if args.summarize:
         print(summarize(common.read_results(args.summarize)))
         return 0
     common.fill_defaults(args, QUICK, FULL)
-    for name in ("batch_size", "warmup_steps", "steps"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup_steps" else 1):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {value}")
+    common.check_positive(args, ("batch_size", "warmup_steps", "steps", "contexts", "vocab_size", "memory_budget_gib"),
+                          allow_zero=("warmup_steps",))
     args.warmup_steps = max(1, args.warmup_steps)  # the first step is always untimed: it allocates and compiles
     from minigpt import PRESETS
 
     unknown = [p for p in args.presets if p not in PRESETS]
     if unknown:
         raise SystemExit(f"error: unknown preset(s) {unknown} — choose from {', '.join(PRESETS)}")
-    if args.memory_budget_gib is not None and args.memory_budget_gib <= 0:
-        raise SystemExit(f"error: --memory-budget-gib must be positive, got {args.memory_budget_gib}")
     device = common.setup(args)
     args.memory_note = memory.prepare(device)  # before the big allocations: see benchmarks/memory.py
     import torch

@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from kernels.cli import run_cli
+
 HERE = Path(__file__).resolve().parent  # exercises/
 START_MARKER = "# ---- your code here (exercise {name}, lesson {lesson}) ----"
 END_MARKER = "# ---- end ----"
@@ -285,16 +287,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "list":
-        for e in EXERCISES.values():
-            print(f"{e.name:<24} lesson {e.lesson}   copies {e.real_function} in {e.real_file}")
-        return 0
+        return run_cli(lambda: print("\n".join(f"{e.name:<24} lesson {e.lesson}   copies {e.real_function} in "
+                                               f"{e.real_file}" for e in EXERCISES.values())))
     unknown = [name for name in args.names if name not in EXERCISES]
     if unknown:
         parser.error(f"unknown exercise {unknown[0]!r} — choose from {', '.join(EXERCISES)}")
     device = prepare_device()
-    all_passed = True
-    for name in args.names or EXERCISES:
-        passed, line = run_check(name, args.solutions, device)
-        print(line, flush=True)
-        all_passed &= passed
-    return 0 if all_passed else 1
+
+    def check_all() -> int:
+        all_passed = True
+        for name in args.names or EXERCISES:
+            passed, line = run_check(name, args.solutions, device)
+            print(line, flush=True)
+            all_passed &= passed
+        return 0 if all_passed else 1
+
+    return run_cli(check_all)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib
+import importlib.util
 import multiprocessing
 import os
 import shutil
@@ -55,8 +56,13 @@ import time
 import warnings
 from dataclasses import dataclass
 
+from .cli import run_cli
+
 MODULES = ("kernels.attention", "kernels.layer_norm", "kernels.gelu", "kernels.linear_cross_entropy")
 DEFAULT_ARCHS = (80, 90)
+# What --arch takes: two or three digits, major then minor (sm_80, sm_120). Outside this, ptxas knows no such GPU;
+# the range is wide on purpose, so a new GPU needs no change here (ptxas itself then says whether it knows it).
+ARCHS = range(50, 200)
 # Most dynamic shared memory one block may use (CUDA programming guide, compute capabilities table).
 SHARED_MEMORY_LIMIT = {
     80: 166912,  # A100: 163 KiB
@@ -260,6 +266,21 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def check_args(args) -> None:
+    """Refuse, before any compile, flag values that could only fail every target or be silently ignored."""
+    for arch in args.arch:
+        if arch not in ARCHS:
+            raise SystemExit(f"error: --arch {arch} is not a compute capability — write its two digits together, "
+                             f"e.g. 80 for sm_80 (A100) or 90 for sm_90 (H100)")
+    if args.jobs is not None and args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be at least 1, got {args.jobs} — or leave it out (one per CPU core)")
+    if importlib.util.find_spec("triton") is None:
+        raise SystemExit("error: compiling the kernels needs Triton — pip install triton (Linux)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("error: TRITON_INTERPRET=1 is set — interpreted kernels cannot be compiled; run "
+                         "`env -u TRITON_INTERPRET python -m kernels.compile_check`")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kernels.compile_check",
@@ -272,17 +293,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="only kernels whose name contains one of these, e.g. --only gelu layer_norm_fwd")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per CPU core)")
     args = parser.parse_args(argv)
+    check_args(args)
+    return run_cli(lambda: _compile_and_report(args))
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("error: TRITON_INTERPRET=1 is set — interpreted kernels cannot be compiled; run "
-              "`env -u TRITON_INTERPRET python -m kernels.compile_check`", file=sys.stderr)
-        return 2
+
+def _compile_and_report(args) -> int:
     start = time.time()
     compiler = triton_description()
     print(f"compiling with {compiler}", flush=True)
     targets = collect_targets(only=args.only)
     if not targets:
-        print("error: no kernels to compile (check --only)", file=sys.stderr)
+        print("error: no kernels to compile — check --only (names such as gelu_fwd, layer_norm_bwd_dx)",
+              file=sys.stderr)
         return 2
     results = check_targets(targets, args.arch, jobs=args.jobs)
     print(format_table(results))

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import torch
 
 from . import tiled
+from .cli import run_cli
 from .reference import causal_attention_math, layer_norm_math
 
 MAX_T = 256  # more than this and the grids no longer fit a terminal
 MAX_ROWS = 64
 MAX_WIDTH = 64
+SEEDS = range(-2**63, 2**64)  # what torch.Generator.manual_seed takes
 GRID_MARKS = {0: ".", 1: "o", 2: "#"}  # skipped, visited without mask, visited with the causal mask
 
 
@@ -166,6 +169,12 @@ def _positive(name: str, value: int, most: int | None = None) -> None:
         raise SystemExit(f"error: --{name} {value} is more than this printout can show — use at most {most}")
 
 
+def _check_seed(seed: int) -> None:
+    if seed not in SEEDS:
+        raise SystemExit(f"error: --seed {seed} does not fit in 64 bits — use a seed from -2**63 to 2**64 - 1, "
+                         "e.g. --seed 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kernels.explain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,32 +199,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Check every flag, then print; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
     torch.set_printoptions(precision=3)
+    _check_seed(args.seed)
     if args.op == "attention":
         Tq = args.T if args.Tq is None else args.Tq
-        _positive("T", args.T, MAX_T)
-        _positive("Tq", Tq)
-        if Tq > args.T:
-            raise SystemExit(f"error: --Tq {Tq} is more than --T {args.T} — the queries are the last Tq of the T "
-                             f"positions, so Tq <= T")
-        _positive("block-m", args.block_m, MAX_T)
-        _positive("block-n", args.block_n, MAX_T)
-        _positive("D", args.D, 128)
-        if not 0.0 <= args.dropout < 1.0:
-            raise SystemExit(f"error: --dropout must be in [0, 1), got {args.dropout} — e.g. --dropout 0.1")
-        if args.dropout > 0.0 and args.block_n % 8:
-            raise SystemExit(f"error: dropout draws 8 keys per Philox call, so --block-n must be a multiple of 8, got "
-                             f"{args.block_n} — e.g. --block-n 8")
-        explain_attention(args.T, Tq, args.block_m, args.block_n, args.D, args.seed, args.dropout)
-    else:
-        _positive("rows", args.rows, MAX_ROWS)
-        _positive("width", args.width, MAX_WIDTH)
-        _positive("groups", args.groups)
-        _positive("block-m", args.block_m, MAX_ROWS)
-        explain_layer_norm(args.rows, args.width, args.groups, args.block_m, args.seed)
+        _check_attention_args(args, Tq)
+        return run_cli(lambda: explain_attention(args.T, Tq, args.block_m, args.block_n, args.D, args.seed,
+                                                 args.dropout))
+    _positive("rows", args.rows, MAX_ROWS)
+    _positive("width", args.width, MAX_WIDTH)
+    _positive("groups", args.groups)
+    _positive("block-m", args.block_m, MAX_ROWS)
+    return run_cli(lambda: explain_layer_norm(args.rows, args.width, args.groups, args.block_m, args.seed))
+
+
+def _check_attention_args(args, Tq: int) -> None:
+    _positive("T", args.T, MAX_T)
+    _positive("Tq", Tq)
+    if Tq > args.T:
+        raise SystemExit(f"error: --Tq {Tq} is more than --T {args.T} — the queries are the last Tq of the T "
+                         f"positions, so Tq <= T")
+    _positive("block-m", args.block_m, MAX_T)
+    _positive("block-n", args.block_n, MAX_T)
+    _positive("D", args.D, 128)
+    if not 0.0 <= args.dropout < 1.0:
+        raise SystemExit(f"error: --dropout must be in [0, 1), got {args.dropout} — e.g. --dropout 0.1")
+    if args.dropout > 0.0 and args.block_n % 8:
+        raise SystemExit(f"error: dropout draws 8 keys per Philox call, so --block-n must be a multiple of 8, got "
+                         f"{args.block_n} — e.g. --block-n 8")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,6 +32,9 @@ date). matplotlib is imported inside the functions: the kernels never need it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,6 +42,7 @@ import numpy as np
 import torch
 
 from . import tiled
+from .cli import run_cli
 from .attention_tiles import tiles_for
 from .layer_norm import GROUPS_PER_SM, INTERPRETER_GROUPS, REDUCE_BLOCK_C, backward_tile, row_tile
 
@@ -361,15 +365,43 @@ def render_all(out: Path = DEFAULT_OUT) -> list[Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
+def check_out(out: Path) -> None:
+    """Refuse, before anything is drawn, an --out that cannot take the PNGs: a file, a folder under a file, a
+    figure's name taken by a folder, a folder that cannot be written; and a missing matplotlib or Pillow."""
+    missing = [name for name in ("matplotlib", "PIL") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"error: drawing the figures needs {' and '.join(missing)} — pip install matplotlib pillow")
+    for above in [out, *out.parents]:
+        if above.exists():
+            if not above.is_dir():
+                what = "is a file, not a folder" if above == out else f"cannot be made: {above} is a file"
+                raise SystemExit(f"error: --out {out} {what} — pass a folder (it is created if missing)")
+            break
+    taken = [name for name in FIGURES if (out / name).exists() and not (out / name).is_file()]
+    if taken:
+        raise SystemExit(f"error: {out / taken[0]} is a folder, not a figure — move it away or pass another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # can a file be written there at all (permissions, read-only)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write in --out {out}: {e.strerror} — pass a folder you can write") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check --out, then draw every figure; returns the exit status (see kernels/cli.py)."""
     parser = argparse.ArgumentParser(
         prog="python -m kernels.figures",
         description="Draw the course's figures (PNGs) from the kernels' loop bounds and tile tables.")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for the PNGs (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
-    for path in render_all(args.out):
-        print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
+    check_out(args.out)
+
+    def draw() -> None:
+        for path in render_all(args.out):
+            print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
+
+    return run_cli(draw)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -398,17 +399,25 @@ def generate_stories(n: int, seed: int = 0) -> Iterator[str]:
         yield story
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Print a few stories: ``python -m minigpt.stories [N] [SEED]``."""
+def main(argv: list[str] | None = None) -> int:
+    """Print a few stories: ``python -m minigpt.stories [N] [SEED]``; returns the exit status."""
     import argparse
+
+    from kernels.cli import run_cli
 
     p = argparse.ArgumentParser(prog="python -m minigpt.stories", description="Print generated stories.")
     p.add_argument("n", nargs="?", type=int, default=3, help="how many (default 3)")
     p.add_argument("seed", nargs="?", type=int, default=0, help="corpus seed (default 0)")
     args = p.parse_args(argv)
-    for story in generate_stories(args.n, args.seed):
-        print(story, end="\n\n---\n\n")
+    if args.n < 0:
+        raise SystemExit(f"error: N must be 0 or more, got {args.n} — e.g. python -m minigpt.stories 3")
+
+    def show() -> None:
+        for story in generate_stories(args.n, args.seed):
+            print(story, end="\n\n---\n\n")
+
+    return run_cli(show)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -424,3 +424,125 @@ def test_the_recorded_results_are_written_when_out_names_them_without_quick(tmp_
     elsewhere = Namespace(quick=True, out=tmp_path / "results" / "cpu")
     common.check_out(elsewhere)  # a folder of the same name elsewhere is the user's
     assert common.default_out_dir(torch.device("cpu")).resolve() == (Path.cwd() / "benchmark-results" / "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every bad option value and every output folder that cannot take the results is refused before any work; what
+# fails later is one line
+
+
+class WorkStarted(BaseException):
+    """Raised where a benchmark's work would begin: no benchmark catches it."""
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    def started(*args, **kwargs):
+        raise WorkStarted
+
+    monkeypatch.setattr(common, "measure_ceilings", started)
+    monkeypatch.setattr(profile_bench, "profile_loss", started)  # the profile measures no ceilings
+
+
+def _refusal(module, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        module.main(["--quick", "--device", "cpu", *args])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("module", [kernel_bench, train_bench, profile_bench], ids=["kernels", "train", "profile"])
+def test_an_out_that_is_a_file_is_refused_before_any_work(module, tmp_path, no_work):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert _refusal(module, ["--out", str(a_file)]).startswith(f"error: --out {a_file} is a file, not a folder — ")
+    assert _refusal(module, ["--out", str(a_file / "sub")]).startswith(
+        f"error: --out {a_file / 'sub'} cannot be made: {a_file} is a file — ")
+
+
+def test_a_results_name_taken_by_a_folder_is_refused_before_any_work(tmp_path, no_work):
+    (tmp_path / "gelu.csv").mkdir()
+    message = _refusal(kernel_bench, ["--op", "gelu", "--out", str(tmp_path), "--name", "gelu"])
+    assert message.startswith(f"error: {tmp_path / 'gelu.csv'} is a folder, not a file — ")
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, no_work, monkeypatch):
+    def read_only(dir):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(common.tempfile, "TemporaryFile", read_only)
+    message = _refusal(kernel_bench, ["--out", str(tmp_path / "new")])
+    assert message == (f"error: cannot write in --out {tmp_path / 'new'}: Read-only file system (in {tmp_path}) — "
+                       "pass a folder you can write")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("module, args, message", [
+    (kernel_bench, ["--name", "a/b"], "--name 'a/b' is not a plain file name"),
+    (kernel_bench, ["--name", ""], "--name '' is not a plain file name"),
+    (kernel_bench, ["--budget-s", "nan"], "--budget-s must be 0 or more seconds, got nan"),
+    (kernel_bench, ["--budget-s", "-1"], "--budget-s must be 0 or more seconds, got -1.0"),
+    (kernel_bench, ["--threads", "0"], "--threads must be at least 1, got 0"),
+    (kernel_bench, ["--seed", str(2**64)], f"--seed {2**64} does not fit in 64 bits"),
+    (kernel_bench, ["--rep-ms", "nan"], "--rep-ms must be positive, got nan"),
+    (kernel_bench, ["--warmup-ms", "-1"], "--warmup-ms must be 0 or more, got -1.0"),
+    (kernel_bench, ["--widths", "64", "0"], "--widths must be positive, got 0"),
+    (kernel_bench, ["--seq-lens", "0"], "--seq-lens must be positive, got 0"),
+    (train_bench, ["--contexts", "0"], "--contexts must be positive, got 0"),
+    (train_bench, ["--memory-budget-gib", "nan"], "--memory-budget-gib must be positive, got nan"),
+    (train_bench, ["--vocab-size", "0"], "--vocab-size must be positive, got 0"),
+    (profile_bench, ["--threads", "-2"], "--threads must be at least 1, got -2"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_option_values_are_refused_before_any_work(module, args, message, tmp_path, no_work):
+    assert _refusal(module, [*args, "--out", str(tmp_path)]).startswith(f"error: {message}")
+
+
+def test_good_option_values_get_to_the_work(tmp_path, no_work):
+    for module, args in ((train_bench, ["--memory-budget-gib", "0.5", "--no-max-batch"]),
+                         (kernel_bench, ["--warmup-ms", "0", "--budget-s", "0", "--seed", str(-2**63)])):
+        with pytest.raises(WorkStarted):
+            module.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *args])
+
+
+def test_a_failed_write_names_its_file_in_one_line(tmp_path, monkeypatch, capsys):
+    import contextlib
+
+    from kernels.cli import run_cli
+
+    class Full:
+        def write(self, b):
+            raise OSError(28, "No space left on device")  # as a file object raises it: no file name
+
+    monkeypatch.setattr(common, "atomic_open", lambda path: contextlib.nullcontext(Full()))
+    assert run_cli(lambda: common.write_results(tmp_path, "kernels", [{"a": 1}], {})) == 1
+    json_path = tmp_path / "kernels.json"
+    assert capsys.readouterr().err == (f"error: No space left on device: {json_path} — free some disk space or write "
+                                       "somewhere else\n")
+
+
+def test_sigterm_before_the_rows_exits_143_in_one_line(tmp_path, monkeypatch, capsys):
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` sends it while the ceilings are measured
+
+    monkeypatch.setattr(common, "measure_ceilings", terminated)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        assert kernel_bench.main(["--quick", "--device", "cpu", "--op", "gelu", "--out", str(tmp_path)]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_run_all_refuses_an_out_that_is_a_file_before_removing_anything(tmp_path):
+    from benchmarks import run_all
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept")
+    with pytest.raises(SystemExit) as e:
+        run_all.main([str(a_file)])
+    assert str(e.value.code).startswith(f"error: OUT {a_file} is a file, not a folder — ")
+    with pytest.raises(SystemExit) as e:
+        run_all.main([str(tmp_path / "out"), "--archive", str(a_file / "results.tar.gz")])
+    assert str(e.value.code).startswith(f"error: --archive's folder {a_file} is a file, not a folder — ")
+    assert a_file.read_text() == "kept" and not (tmp_path / "out").exists()

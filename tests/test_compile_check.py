@@ -158,3 +158,31 @@ def test_targets_are_well_formed(module):
         assert names == set(t["fn"].arg_names), t["name"]
         for ty in t["signature"].values():
             assert ty in {"i32", "i64", "fp32"} or ty.lstrip("*") in {"fp32", "fp16", "bf16", "i64"}, ty
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "8"], "error: --arch 8 is not a compute capability — write its two digits together, e.g. 80"),
+    (["--arch", "80", "900"], "error: --arch 900 is not a compute capability"),
+    (["--jobs", "0"], "error: --jobs must be at least 1, got 0 — "),
+    (["--jobs", "-2"], "error: --jobs must be at least 1, got -2 — "),
+])
+def test_bad_flag_values_are_refused_before_any_compile(args, message, monkeypatch):
+    from kernels import compile_check
+
+    def never(*args, **kwargs):
+        raise AssertionError("compiling started although a flag had to be refused first")
+
+    monkeypatch.setattr(compile_check, "collect_targets", never)
+    with pytest.raises(SystemExit) as info:
+        compile_check.main(args)
+    assert str(info.value.code).startswith(message) and "\n" not in str(info.value.code)
+
+
+def test_output_closed_early_ends_quietly():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, "-m", "kernels.compile_check", "--arch", "80", "--only", "gelu_fwd",
+                             "--jobs", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"compiling with triton")
+    proc.stdout.close()  # `| head -1`: the table that follows meets a closed pipe
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"Exception ignored" not in err

@@ -75,6 +75,26 @@ def test_unknown_exercise_is_a_usage_error(capsys):
     assert "unknown exercise 'gelu_forward' — choose from gelu_backward" in capsys.readouterr().err
 
 
+def test_ctrl_c_while_checking_is_one_line_and_130(capsys, device, monkeypatch):
+    import exercises.check
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # the interpreter can take a while on a learner's slow kernel
+
+    monkeypatch.setattr(exercises.check, "run_check", interrupted)
+    assert main(["check", "gelu_backward"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_list_to_a_full_device_is_one_line():
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "exercises", "list"], cwd=ROOT, stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: No space left on device: standard output — free some disk "
+                                          "space or write somewhere else"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # No drift: the solutions are the real kernels' lines, and the exercises differ from them only in the blank
 

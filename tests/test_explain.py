@@ -108,3 +108,31 @@ def test_help_and_no_work_at_import(capsys):
     assert info.value.code == 0 and "--block-m" in out and "--Tq" in out
     importlib.reload(explain)
     assert capsys.readouterr() == ("", "")
+
+
+def test_output_closed_early_ends_quietly():
+    """`python -m kernels.explain attention --T 50 | head -1`: no BrokenPipeError traceback, the status a pipe's
+    reader stopping gives (141), nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "kernels.explain", "attention", "--T", "50"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"Causal attention: Tq=50")
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b""
+
+
+def test_output_to_a_full_device_is_one_line():
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "kernels.explain", "layer_norm"], cwd=ROOT, stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: No space left on device: standard output — free some disk "
+                                          "space or write somewhere else"]
+
+
+def test_a_seed_beyond_64_bits_is_refused_in_one_line():
+    for op in ("attention", "layer_norm"):
+        with pytest.raises(SystemExit) as info:
+            explain.main([op, "--seed", str(2**64)])
+        assert str(info.value.code).startswith(f"error: --seed {2**64} does not fit in 64 bits — ")
+    assert explain.main(["layer_norm", "--rows", "2", "--width", "2", "--seed", str(2**64 - 1)]) == 0

@@ -141,3 +141,42 @@ def test_drawn_layer_norm_groups_are_the_launchers(monkeypatch):
     assert layout.block_m == kwargs["BLOCK_M"]
     (grid, args, kwargs), = dwdb_kernel.calls
     assert grid[0] == -(-C // layout.reduce_block_c) and kwargs["BLOCK_C"] == layout.reduce_block_c
+
+
+def _never_draw(*args, **kwargs):
+    raise AssertionError("a figure was drawn although --out had to be refused first")
+
+
+def test_an_out_that_cannot_take_the_figures_is_refused_before_drawing(tmp_path, monkeypatch):
+    monkeypatch.setattr(figures, "render_all", _never_draw)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    taken = tmp_path / "taken"
+    (taken / figures.FIGURES[0]).mkdir(parents=True)
+    for out, message in ((a_file, f"error: --out {a_file} is a file, not a folder — pass a folder"),
+                         (a_file / "sub", f"error: --out {a_file / 'sub'} cannot be made: {a_file} is a file — "),
+                         (taken, f"error: {taken / figures.FIGURES[0]} is a folder, not a figure — ")):
+        with pytest.raises(SystemExit) as info:
+            figures.main(["--out", str(out)])
+        assert str(info.value.code).startswith(message) and "\n" not in str(info.value.code)
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_drawing(tmp_path, monkeypatch):
+    monkeypatch.setattr(figures, "render_all", _never_draw)
+
+    def read_only(dir):
+        raise OSError(30, "Read-only file system", str(dir))
+
+    monkeypatch.setattr(figures.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(SystemExit, match=r"cannot write in --out .*: Read-only file system — pass a folder you can"):
+        figures.main(["--out", str(tmp_path / "figures")])
+
+
+def test_a_write_failing_while_drawing_is_one_line(tmp_path, monkeypatch, capsys):
+    def full_disk(out):
+        raise OSError(28, "No space left on device", str(out / figures.FIGURES[0]))
+
+    monkeypatch.setattr(figures, "render_all", full_disk)
+    assert figures.main(["--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"error: No space left on device: {tmp_path / figures.FIGURES[0]} — free some "
+                                       "disk space or write somewhere else\n")

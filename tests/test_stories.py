@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from itertools import islice
+from pathlib import Path
 
 import pytest
 
 from minigpt import stories
 from minigpt.stories import DEFAULT_NUM_STORIES, generate_stories
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +83,20 @@ def test_small_n_and_bad_n():
     with pytest.raises(ValueError):
         list(generate_stories(-1))
     assert DEFAULT_NUM_STORIES == 20000
+
+
+def test_cli_refuses_a_negative_count_in_one_line():
+    with pytest.raises(SystemExit) as info:
+        stories.main(["-1"])
+    assert str(info.value.code) == "error: N must be 0 or more, got -1 — e.g. python -m minigpt.stories 3"
+
+
+def test_cli_prints_stories_and_ends_quietly_when_its_output_is_closed(capsys):
+    assert stories.main(["2", "5"]) == 0
+    assert capsys.readouterr().out.split("\n\n---\n\n")[:2] == list(generate_stories(2, seed=5))
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt.stories", "2000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # `| head -1`
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b""

@@ -1,0 +1,146 @@
+"""kernels/cli.py's ``run_cli``, the edge every command-line tool shares: what escapes a tool's work becomes one
+line and an exit status. Where the behaviour depends on real file descriptors (a pipe closed by its reader, a full
+device, a signal) the tool runs in a child process; the rest runs here."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kernels.cli import os_error_line, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tool that prints N lines through run_cli (then, with "sleep", waits to be interrupted).
+TOOL = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from kernels.cli import run_cli
+
+    def work():
+        for i in range(int(sys.argv[1])):
+            print("line", i)
+        if sys.argv[2:] == ["sleep"]:
+            print("ready", flush=True)
+            time.sleep(60)
+
+    sys.exit(run_cli(work))
+""").format(root=str(ROOT))
+
+
+def _tool(*args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", TOOL, *args], stdout=stdout, stderr=subprocess.PIPE)
+
+
+def test_a_pipe_closed_by_its_reader_ends_quietly_with_141():
+    proc = _tool("200000")  # far more than a pipe holds: the writer meets the closed end
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()  # as `| head -1` does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141
+    assert err == b""  # no traceback, no "Exception ignored" at exit
+
+
+@pytest.mark.parametrize("lines", ["3", "200000"])  # failing at the final flush, and in the middle of the work
+def test_a_full_output_device_is_one_line_naming_the_output(lines):
+    with open("/dev/full", "w") as full:
+        proc = _tool(lines, stdout=full)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.decode().splitlines() == [
+        "error: No space left on device: standard output — free some disk space or write somewhere else"]
+
+
+def test_ctrl_c_is_one_line_and_130():
+    proc = _tool("1", "sleep")
+    assert proc.stdout.readline() == b"line 0\n" and proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.decode().strip() == "interrupted"
+
+
+def test_an_interruption_carrying_a_signal_exits_128_plus_it(capsys):
+    def work():
+        stop = KeyboardInterrupt("received signal 15")
+        stop.signum = signal.SIGTERM  # a SIGTERM turned into an exception (benchmarks/common.py's Terminated)
+        raise stop
+
+    assert run_cli(work, interrupted="interrupted: the rows so far are kept") == 143
+    assert capsys.readouterr().err.strip() == "interrupted: the rows so far are kept"
+
+
+def test_an_os_error_names_the_file_and_what_to_do(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder" / "x.txt"
+    assert run_cli(lambda: open(missing)) == 1
+    assert capsys.readouterr().err == f"error: No such file or directory: {missing} — check the path\n"
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device", "out/checkpoint.pt")
+
+    assert run_cli(full_disk, kept=lambda: "the last good checkpoint is kept in out/") == 1
+    assert capsys.readouterr().err == ("error: No space left on device: out/checkpoint.pt — free some disk space or "
+                                       "write somewhere else; the last good checkpoint is kept in out/\n")
+
+
+def test_a_broken_pipe_that_is_not_the_output_is_an_error(capsys):
+    """Only the tool's own standard output closed by its reader is quiet; a pipe to anything else that breaks is
+    a failure to report."""
+    def work():
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")  # e.g. writing to a child process that died
+
+    assert run_cli(work) == 1
+    assert capsys.readouterr().err == "error: Broken pipe\n"
+
+
+def test_the_tools_own_errors_are_one_line_and_others_pass_through(capsys):
+    class ToolError(ValueError):
+        pass
+
+    def bad_value():
+        raise ToolError("--x must be positive, got -1 — e.g. --x 2")
+
+    assert run_cli(bad_value, errors=(ToolError,)) == 1
+    assert capsys.readouterr().err == "error: --x must be positive, got -1 — e.g. --x 2\n"
+    with pytest.raises(ZeroDivisionError):  # a bug is not the user's mistake: its traceback is kept
+        run_cli(lambda: 1 / 0, errors=(ToolError,))
+
+
+def test_status_and_stdout_are_given_back(capsys):
+    stdout = sys.stdout
+    assert run_cli(lambda: print("out") or 3) == 3 and run_cli(lambda: None) == 0
+    assert sys.stdout is stdout and capsys.readouterr().out == "out\n"
+
+
+def test_os_error_line_without_a_file_name_or_advice():
+    assert os_error_line(OSError(errno.EIO, "Input/output error")) == "Input/output error"
+    assert os_error_line(OSError(errno.EROFS, "Read-only file system", "/ro/x")) == (
+        "Read-only file system: /ro/x — the filesystem is read-only: write to another folder")
+
+
+def test_a_full_output_still_says_what_was_kept(capsys):
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    def work():
+        sys.stdout.write("a step's progress line")
+
+    real = sys.stdout
+    sys.stdout = Full()  # run_cli wraps whatever stdout is when it starts
+    try:
+        status = run_cli(work, kept=lambda: "the last good checkpoint is kept in out/")
+    finally:
+        sys.stdout = real
+    assert status == 1
+    assert capsys.readouterr().err == ("error: No space left on device: standard output — free some disk space or "
+                                       "write somewhere else; the last good checkpoint is kept in out/\n")
