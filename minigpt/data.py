@@ -12,7 +12,7 @@ Sources (the ``--data`` string):
     hf:NAME[:CONFIG] any Hugging Face text dataset (or a local dataset folder); "train", plus "validation" when
                      there is one; ``text_field`` names the column with the text
     a path           a .txt file, a folder (every *.txt inside, recursively, sorted) or a glob of .txt files;
-                     each file is one document
+                     each file is one document. Devices, FIFOs and sockets are refused (one may never end)
 
 A source without a validation split is tokenized as one stream and cut at ``train_ratio`` (0.9) of its tokens,
 as the seed notebook cut its text.
@@ -26,6 +26,10 @@ text field, and ``FORMAT_VERSION``), so a second run with the same inputs starts
 gets a new file, which replaces the entries of earlier versions of the same files. Files are written to a
 temporary name in the same folder, synced, then renamed, so an interrupted run never leaves a half-written cache
 behind (Ctrl-C and SIGTERM remove the temporary file; one left by a killed process is removed by the next run).
+One process at a time writes a source's entries: another one asking for them meanwhile (a second run started at
+the same moment) waits, saying for which process, then reads what the first wrote. The lock is a small hidden file
+per source (``.<name>.lock``), kept after use: removing it would race with a process about to lock it. A full disk
+or a file-size limit while writing is one DataError naming the folder, and nothing half-written is kept.
 On load, the largest id of an entry is checked against the vocabulary: a damaged entry is tokenized again.
 Folder: ``cache_dir``, else $MINIGPT_CACHE, else ~/.cache/minigpt.
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -56,7 +61,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import stories
-from .checkpoint import atomic_open, remove_stale_temps
+from .checkpoint import atomic_open, exclusive_lock, remove_stale_temps
 from .tokenizer import EOT_TEXT, can_reach, get_tokenizer
 
 __all__ = ["FORMAT_VERSION", "DataError", "TokenizingInterrupted", "TokenWindows", "create_dataloader", "create_dataloader_v1",
@@ -195,6 +200,16 @@ def _readable_once(paths: list[str]) -> list[str]:
     return kept
 
 
+def _special_kind(path: str) -> str:
+    """What a path that is neither a regular file nor a folder is, in words: "a character device", "a FIFO"."""
+    mode = os.stat(path).st_mode
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
 def _files_source(data: str, max_docs: int | None) -> _Source:
     path = os.path.expanduser(data)
     if os.path.isfile(path):
@@ -207,6 +222,9 @@ def _files_source(data: str, max_docs: int | None) -> _Source:
         files = _readable_once(sorted(p for p in glob.glob(path, recursive=True) if p.endswith(".txt")))
         if not files:
             raise DataError(f"no .txt files match {data!r} — check the pattern (quote it so the shell keeps it)")
+    elif os.path.exists(path):
+        raise DataError(f"{data} is {_special_kind(path)}, not a file or folder — only regular .txt files and "
+                        "folders of them are read (a device or a pipe may never end): save the text in a .txt file")
     else:
         raise DataError(f"no such file or folder: {data} — give a .txt file, a folder of .txt files, a glob, "
                         f"'tinystories', 'stories' or 'hf:NAME'")
@@ -311,9 +329,13 @@ def _identity(source: _Source, split: str, tokenizer) -> str:
     """What names an entry apart from its content's version: the same files (by path, not size or time), the
     same split and tokenizer. A new entry replaces older ones of the same identity — an edited file, a newer
     generated corpus — instead of leaving them behind."""
-    who = {k: ([f[0] for f in v] if k == "files" else v) for k, v in source.descriptor.items() if k != "version"}
-    key = {"source": who, "split": split, "tokenizer": tokenizer.name}
+    key = {"source": _who(source), "split": split, "tokenizer": tokenizer.name}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _who(source: _Source) -> dict:
+    """The source's descriptor without what changes with its content (files' sizes and times, a version)."""
+    return {k: ([f[0] for f in v] if k == "files" else v) for k, v in source.descriptor.items() if k != "version"}
 
 
 def _read_meta(path: str) -> dict | None:
@@ -462,6 +484,79 @@ def _write_cache(path: str, pieces: Pieces, tokenizer, total_docs: int | None, d
     return meta
 
 
+def _cached_or_tokenized(source: _Source, tokenizer, cache_dir: str, max_docs: int | None):
+    """``(source, {split: (path, meta)}, cached, fallback)``: the source's cache entries, tokenized first when
+    missing. Only one process writes an entry: another one asking for it meanwhile waits, then reads it."""
+    found = _find_cache(source, tokenizer, cache_dir)
+    if found is not None:
+        return source, found, True, None
+    try:
+        with _entry_lock(cache_dir, source, tokenizer):
+            found = _find_cache(source, tokenizer, cache_dir)  # written by the process this one waited for
+            if found is not None:
+                return source, found, True, None
+            try:
+                splits = source.open()
+            except _Unavailable as e:
+                log.warning("warning: TinyStories unavailable (%s); using the generated 'stories' corpus instead", e)
+                source, found, cached, _ = _cached_or_tokenized(_stories_source(max_docs), tokenizer, cache_dir,
+                                                                max_docs)
+                return source, found, cached, str(e)
+            return source, _tokenize_splits(source, splits, tokenizer, cache_dir), False, None
+    except OSError as e:  # reading errors were turned into DataError: this one is the cache's
+        raise DataError(_cache_write_error(e, cache_dir)) from None
+
+
+def _entry_lock(cache_dir: str, source: _Source, tokenizer):
+    """The lock a process holds while it writes the cache entries of ``source`` x ``tokenizer`` (every split):
+    a second process waits for it, saying whom it waits for, instead of tokenizing the same text again. Keyed like
+    ``_identity``, so an edited file reuses its lock file instead of leaving one more behind."""
+    key = {"source": _who(source), "tokenizer": tokenizer.name}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f".{source.slug}-{tokenizer.name}-{digest}.lock")
+
+    def say_who(pid: int | None) -> None:
+        holder = f"process {pid}" if pid else "another process"
+        log.warning("waiting for %s, which is tokenizing the same data into %s", holder, cache_dir)
+
+    return exclusive_lock(path, "the token cache entry", "wait for it to finish", wait=say_who)
+
+
+def _cache_write_error(e: OSError, cache_dir: str) -> str:
+    """One line for a token cache that could not be written: what happened, in which folder, what to do."""
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+           errno.EFBIG: "a file-size limit was reached (see `ulimit -f`)"}.get(e.errno, e.strerror or str(e))
+    fix = ("free some space, or put the cache on another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "raise the limit, or put the cache where none applies" if e.errno == errno.EFBIG else
+           "put the cache in a folder you can write")
+    return (f"cannot write the token cache in {cache_dir}: {why} — nothing was cached and no partial file is "
+            f"left; {fix}: --cache-dir DIR or MINIGPT_CACHE=DIR")
+
+
+def _tokenize_splits(source: _Source, splits: dict, tokenizer, cache_dir: str) -> dict:
+    """Tokenize every split of an opened source into its cache entry; returns {split: (path, meta)}."""
+    found = {}
+    for name, (pieces, total) in splits.items():
+        path = _cache_path(cache_dir, source, name, tokenizer)
+        desc = f"tokenizing {source.label} [{name}]"
+        with _stop_cleanly_on_signals(desc):
+            meta = _write_cache(path, _reading(pieces(), source.label), tokenizer, total, desc,
+                                _identity(source, name, tokenizer))
+        _prune_older_versions(path, meta, cache_dir)
+        found[name] = (path, meta)
+    return found
+
+
+def _reading(pieces: Pieces, label: str) -> Pieces:
+    """``pieces``, with an OSError while reading the source told apart from one while writing the cache."""
+    try:
+        yield from pieces
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise DataError(f"cannot read the data {label}{where}: {e.strerror or e} — check that it can be read, "
+                        "or remove it from the data") from None
+
+
 def _memmap(path: str, meta: dict, start: int, stop: int) -> np.memmap:
     dtype = np.dtype(meta["dtype"])
     return np.memmap(path, dtype=dtype, mode="r", offset=start * dtype.itemsize, shape=(stop - start,))
@@ -494,29 +589,7 @@ def load_token_splits(data: str, tokenizer, *, max_docs: int | None = None, text
         log.info("removed %d temporary file(s) left in %s by an interrupted run", len(stale), cache_dir)
 
     source = _resolve_source(data, max_docs, text_field)
-    fallback = None
-    found = _find_cache(source, tokenizer, cache_dir)
-    cached = found is not None
-    if found is None:
-        try:
-            splits = source.open()
-        except _Unavailable as e:
-            fallback = str(e)
-            log.warning("warning: TinyStories unavailable (%s); using the generated 'stories' corpus instead", e)
-            source = _stories_source(max_docs)
-            found = _find_cache(source, tokenizer, cache_dir)
-            cached = found is not None
-            splits = None if cached else source.open()
-        if found is None:
-            found = {}
-            for name, (pieces, total) in splits.items():
-                path = _cache_path(cache_dir, source, name, tokenizer)
-                desc = f"tokenizing {source.label} [{name}]"
-                with _stop_cleanly_on_signals(desc):
-                    meta = _write_cache(path, pieces(), tokenizer, total, desc,
-                                        _identity(source, name, tokenizer))
-                _prune_older_versions(path, meta, cache_dir)
-                found[name] = (path, meta)
+    source, found, cached, fallback = _cached_or_tokenized(source, tokenizer, cache_dir, max_docs)
 
     info = {"source": source.label, "tokenizer": tokenizer.name, "cached": cached, "fallback": fallback,
             "cache": [path for path, _ in found.values()], "n_docs": sum(m["n_docs"] for _, m in found.values())}
@@ -639,8 +712,14 @@ def create_dataloader(txt: str, batch_size: int = 4, max_length: int = 256, stri
 create_dataloader_v1 = create_dataloader  # the seed's name
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m minigpt.data DATA``: tokenize a source into the cache ahead of training and print its sizes."""
+def main(argv: list[str] | None = None) -> int:
+    """``python -m minigpt.data DATA``: tokenize a source into the cache ahead of training and print its sizes;
+    returns the exit status (see kernels/cli.py)."""
+    from kernels.cli import run_cli
+
+    from .checkpoint import CheckpointError
+    from .tokenizer import TokenizerError
+
     p = argparse.ArgumentParser(description="Tokenize a data source into the token cache.")
     p.add_argument("data", help="tinystories, stories, hf:NAME[:CONFIG], a .txt file, a folder or a glob")
     p.add_argument("--tokenizer", default="auto", help="auto, gpt2 or bytes (default: auto)")
@@ -648,16 +727,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-field", default="text", help="the text column of an hf: dataset (default: text)")
     p.add_argument("--cache-dir", default=None, help="default: $MINIGPT_CACHE or ~/.cache/minigpt")
     args = p.parse_args(argv)
-    try:
-        _, _, info = load_token_splits(args.data, get_tokenizer(args.tokenizer), max_docs=args.max_docs,
-                                       text_field=args.text_field, cache_dir=args.cache_dir)
-    except TokenizingInterrupted as e:
-        print(e, file=sys.stderr)
-        sys.exit(128 + e.signum)  # as a program killed by that signal, so scripts see the interruption
-    except (DataError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps(info, indent=1))
+    if args.max_docs is not None and args.max_docs < 1:
+        raise SystemExit(f"error: --max-docs must be at least 1, got {args.max_docs} — or leave it out (every "
+                         "document)")
+
+    def tokenize() -> int:
+        _resolve_source(args.data, args.max_docs, args.text_field)  # a wrong --data is said before the tokenizer
+        try:
+            _, _, info = load_token_splits(args.data, get_tokenizer(args.tokenizer), max_docs=args.max_docs,
+                                           text_field=args.text_field, cache_dir=args.cache_dir)
+        except TokenizingInterrupted as e:
+            print(e, file=sys.stderr)
+            return 128 + e.signum  # as a program killed by that signal, so scripts see the interruption
+        print(json.dumps(info, indent=1))
+        return 0
+
+    return run_cli(tokenize, errors=(DataError, TokenizerError, CheckpointError),
+                   interrupted="interrupted: nothing was cached")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

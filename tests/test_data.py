@@ -1,6 +1,7 @@
 """Data sources, the token cache and the windows, offline: every corpus is written here, in tmp_path."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -57,6 +58,11 @@ def cache(tmp_path):
 
 def leftovers(cache_dir: str) -> list[str]:
     return [n for n in os.listdir(cache_dir) if n.endswith(".tmp") or ".tmp-" in n]
+
+
+def cache_files(cache_dir: str) -> list[str]:
+    """What the cache folder holds besides the entries' lock files (kept on purpose: see data._entry_lock)."""
+    return sorted(n for n in os.listdir(cache_dir) if not (n.startswith(".") and n.endswith(".lock")))
 
 
 class Spy(ByteTokenizer):
@@ -137,7 +143,7 @@ def test_undecodable_file_is_named_and_leaves_nothing(tmp_path, cache):
     (tmp_path / "d" / "latin1.txt").write_bytes("café crème".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1\.txt is not UTF-8"):
         load_token_splits(str(tmp_path / "d"), ByteTokenizer(), cache_dir=cache)
-    assert os.listdir(cache) == []  # no cache entry, no temporary file
+    assert cache_files(cache) == []  # no cache entry, no temporary file
 
 
 def test_large_file_is_tokenized_in_chunks_exactly(tmp_path, cache, monkeypatch):
@@ -174,8 +180,8 @@ def test_cache_is_written_once_then_reused(tmp_path, cache):
     train2, val2, info2 = load_token_splits(str(f), Spy(refuse=True), cache_dir=cache)
     assert info2["cached"] is True and info2["cache"] == info1["cache"]
     assert both(train2, val2) == both(train1, val1)
-    assert sorted(os.listdir(cache)) == sorted([os.path.basename(info1["cache"][0]),
-                                                os.path.basename(info1["cache"][0]) + ".json"])
+    assert cache_files(cache) == sorted([os.path.basename(info1["cache"][0]),
+                                   os.path.basename(info1["cache"][0]) + ".json"])
 
 
 def test_cache_key_changes_with_inputs(tmp_path, cache):
@@ -199,7 +205,7 @@ def test_interrupted_write_leaves_no_partial_cache(tmp_path, cache, monkeypatch)
         write(root / f"{i:02d}.txt", f"doc {i} " * 20)
     with pytest.raises(data.TokenizingInterrupted, match="interrupted .SIGINT. while tokenizing"):
         load_token_splits(str(root), Spy(fail_after=5), cache_dir=cache)
-    assert os.listdir(cache) == []
+    assert cache_files(cache) == []
     _, _, info = load_token_splits(str(root), Spy(), cache_dir=cache)
     assert info["n_docs"] == 10 and leftovers(cache) == []
     with open(info["cache"][0] + ".json") as f:
@@ -547,7 +553,7 @@ class Slow(ByteTokenizer):
 
 data.BATCH_PIECES = 1
 data.get_tokenizer = lambda name: Slow()
-data.main([{corpus!r}, "--cache-dir", {cache!r}])
+sys.exit(data.main([{corpus!r}, "--cache-dir", {cache!r}]))
 """
 
 
@@ -566,4 +572,129 @@ def test_a_signal_while_tokenizing_removes_the_partial_file_and_says_so_in_one_l
     assert proc.returncode == code
     assert err.strip().splitlines()[-1].startswith(f"interrupted ({sig.name}) while tokenizing")
     assert "Traceback" not in err
-    assert os.listdir(cache) == []
+    assert cache_files(cache) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the data is not, a cache that cannot be written, and two processes after one entry
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_a_device_or_a_fifo_as_data_is_named_and_refused(tmp_path, cache, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path, kind in (("/dev/zero", "a character device"), (str(fifo), "a FIFO")):
+        with pytest.raises(DataError, match=f"{path} is {kind}.* only regular .txt files and folders of them"):
+            load_token_splits(path, ByteTokenizer(), cache_dir=cache)
+        assert data.main([path, "--tokenizer", "bytes", "--cache-dir", cache]) == 1  # before any tokenizer
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {path} is {kind}") and "\n" not in err and "no such file" not in err
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk, after ``room`` bytes."""
+
+    def __init__(self, f, room: int, errno_: int):
+        self.f, self.room, self.errno = f, room, errno_
+
+    def write(self, b: bytes) -> int:
+        if len(b) > self.room:
+            raise OSError(self.errno, os.strerror(self.errno))  # as f.write raises it: no file name
+        self.room -= len(b)
+        return self.f.write(b)
+
+
+def _disk_fills(monkeypatch, room: int, errno_: int = 28, suffix: str = ".bin") -> None:
+    """Make the cache writer's files named ``*suffix`` fail after ``room`` bytes."""
+    real = data.atomic_open
+
+    @contextlib.contextmanager
+    def atomic_open(path):
+        with real(path) as f:
+            yield _FullDisk(f, room, errno_) if str(path).endswith(suffix) else f
+
+    monkeypatch.setattr(data, "atomic_open", atomic_open)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".json"])
+def test_a_full_disk_while_tokenizing_is_one_line_naming_the_folder(tmp_path, cache, monkeypatch, capsys, suffix):
+    monkeypatch.setattr(data, "BATCH_PIECES", 2)
+    _disk_fills(monkeypatch, room=100, suffix=suffix)
+    with pytest.raises(DataError) as e:
+        load_token_splits("stories", ByteTokenizer(), max_docs=20, cache_dir=cache)
+    message = str(e.value)
+    assert message.startswith(f"cannot write the token cache in {cache}: the disk is full — nothing was cached")
+    assert "--cache-dir" in message and "MINIGPT_CACHE" in message and "\n" not in message
+    assert leftovers(cache) == [] and not any(n.endswith(".bin.json") for n in os.listdir(cache))
+    assert data.main(["stories", "--max-docs", "20", "--tokenizer", "bytes", "--cache-dir", cache]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {message}"
+    monkeypatch.undo()  # space again: the next run tokenizes from the start and succeeds
+    _, _, info = load_token_splits("stories", ByteTokenizer(), max_docs=20, cache_dir=cache)
+    assert info["cached"] is False and info["n_docs"] == 20
+
+
+def test_a_file_size_limit_while_tokenizing_is_one_line(tmp_path, cache):
+    """A real RLIMIT_FSIZE (Python ignores SIGXFSZ, so the write fails with EFBIG instead of killing it)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run([sys.executable, "-m", "minigpt.data", "stories", "--max-docs", "200", "--tokenizer",
+                             "bytes", "--cache-dir", cache], cwd=ROOT, env=env, preexec_fn=limit,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot write the token cache in {cache}: a file-size limit was reached (see `ulimit -f`)")
+    assert leftovers(cache) == [] and cache_files(cache) == []
+
+
+def test_an_unreadable_source_file_is_not_blamed_on_the_cache(tmp_path, cache, monkeypatch):
+    write(tmp_path / "a.txt", "text")
+
+    def failing(paths):
+        yield "half a document", False
+        raise OSError(5, "Input/output error", paths[0])
+
+    monkeypatch.setattr(data, "_file_pieces", failing)
+    with pytest.raises(DataError, match=r"cannot read the data .*a\.txt.*: Input/output error") as e:
+        load_token_splits(str(tmp_path / "a.txt"), ByteTokenizer(), cache_dir=cache)
+    assert "token cache" not in str(e.value) and cache_files(cache) == []
+
+
+def _start_slow_tokenizing(tmp_path, cache, n_docs: int) -> tuple[subprocess.Popen, str]:
+    root = tmp_path / "docs"
+    for i in range(n_docs):
+        write(root / f"{i:02d}.txt", f"document {i} " * 5)
+    script = SLOW_TOKENIZING.format(root=str(ROOT), corpus=str(root), cache=cache)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "tokenizing"  # it holds the entry's lock now
+    return proc, str(root)
+
+
+def test_a_second_process_waits_for_the_first_then_reads_its_cache(tmp_path, cache, caplog):
+    proc, corpus = _start_slow_tokenizing(tmp_path, cache, n_docs=4)
+    with caplog.at_level(logging.WARNING):
+        train, val, info = load_token_splits(corpus, Spy(refuse=True), cache_dir=cache)  # waits, never tokenizes
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert info["cached"] is True and info["n_docs"] == 4
+    assert f"waiting for process {proc.pid}, which is tokenizing the same data into {cache}" in caplog.text
+
+
+def test_a_waiting_process_tokenizes_itself_when_the_first_one_is_killed(tmp_path, cache):
+    import threading
+
+    proc, corpus = _start_slow_tokenizing(tmp_path, cache, n_docs=30)
+    spy, result = Spy(), {}
+    waiter = threading.Thread(target=lambda: result.update(
+        info=load_token_splits(corpus, spy, cache_dir=cache)[2]))
+    waiter.start()
+    time.sleep(0.5)
+    assert spy.calls == 0  # still waiting
+    proc.kill()  # kill -9: the kernel drops its lock
+    proc.communicate(timeout=60)
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and spy.calls > 0 and result["info"]["n_docs"] == 30
