@@ -106,9 +106,11 @@ def atomic_open(path: str | os.PathLike):
                 os.replace(tmp, path)  # while the file is still open, and so still locked
         if fcntl is None:
             os.replace(tmp, path)  # Windows cannot rename an open file (and has no locks to keep)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name the target
+            e.filename = str(path)
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every filesystem)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -150,15 +152,105 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
     return removed
 
 
+class Busy(CheckpointError):
+    """Another process holds the lock on a folder or file this one wants to write (see ``exclusive_lock``)."""
+
+    def __init__(self, message: str, pid: int | None):
+        super().__init__(message)
+        self.pid = pid
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike, what: str, advice: str,
+                   wait: Callable[[int | None], None] | None = None):
+    """Hold an exclusive lock on ``lock_path`` (created if needed, holding the holder's pid) while the block runs.
+
+    Only one process at a time gets it: another one gets ``Busy("<what> is in use by process <pid> — <advice>")``
+    at once instead of waiting. The kernel drops the lock when its holder dies, however it dies (kill -9 too), so a
+    lock file left behind never blocks a later run. Without file locks (Windows, some network filesystems) the
+    block runs unguarded.
+
+    ``wait`` (optional) makes a busy lock something to wait for instead: ``wait(pid)`` is called once, to say whom
+    the caller waits for, then the call blocks until the holder lets go (or dies). For work a second process can
+    reuse, such as a token cache entry the first one is writing.
+    """
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                if wait is None:
+                    holder = f"process {pid}" if pid else "another process"
+                    raise Busy(f"{what} is in use by {holder} — {advice}", pid) from None
+                wait(pid)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder lets go, however it ends
+            except OSError:  # a filesystem without locks: run unguarded rather than not at all
+                pass
+        if _read_pid(fd) != os.getpid():  # the same process locking again writes nothing (its pid is there)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a process about to lock it)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a binary file object, then move the result over ``path`` in one step."""
     with atomic_open(path) as f:
         write(f)
 
 
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create and remove one temporary file in ``folder``: raises the OSError (read-only filesystem, no permission)
+    the first save would meet, before there is work to lose. The file is named as ``atomic_open`` names its own,
+    so one left by a crash in between is removed like theirs (``remove_stale_temps``)."""
+    fd, tmp = _create_temp(Path(folder) / "write-probe")
+    os.close(fd)
+    os.unlink(tmp)
+
+
+class _WriteErrors:
+    """A binary file that remembers the OSError its ``write`` raised. torch.save reports a failed write (a full disk,
+    a file-size limit) as a RuntimeError of its zip writer that no longer says what happened."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_torch(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` through ``atomic_write``."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` through ``atomic_write``; a failed write raises its own OSError (ENOSPC, EFBIG, ...)."""
+
+    def write(f: BinaryIO) -> None:
+        recorder = _WriteErrors(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+    atomic_write(path, write)
 
 
 def load_torch(path: str | os.PathLike, what: str = "checkpoint"):

@@ -42,6 +42,9 @@ def init_distributed(device_arg: str) -> tuple[DistInfo, str]:
         device_arg = f"cuda:{info.local_rank}"
     elif device_arg == "auto":
         device_arg = "cpu"
+    # torch's default timeout (minutes) is kept on purpose: the other ranks wait in a collective while rank 0
+    # tokenizes a corpus, compiles, or writes a large checkpoint, each of which can take minutes. A rank that
+    # stops at once does not make the others wait for it: see abandon_distributed().
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return info, device_arg
 
@@ -57,6 +60,32 @@ def finish_distributed() -> None:
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def abandon_distributed() -> None:
+    """Leave the process group now, for a rank that stops at once (in the middle of a step). It must not then wait
+    in a collective (the final barrier) that the other ranks, still in their step, never reach. With gloo the
+    others' next collective fails as soon as this process's connections close; with NCCL they fail at the group's
+    timeout, unless the launcher stops them first (torchrun does when this process exits with an error status)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agreed_stop_signal(local_signal: int, info: DistInfo, device) -> int:
+    """The largest signal number any rank has received (0: none), the same on every rank.
+
+    Each rank gets its own signals, at its own moment (or alone: `kill` of one worker), so a rank that stopped on
+    its own would leave the others waiting in the next gradient all-reduce while it saves. Calling this once per
+    step on every rank makes stopping a decision they all take after the same step. The cost is one all-reduce of
+    one int per step, on the device because NCCL only reduces device tensors (DDP's gradient all-reduce runs inside
+    backward and cannot carry it), and one more wait for the GPU per step when reading it, beside the two a step
+    already has (its loss and gradient norm). MAX: ranks that got different signals all exit with the same status.
+    """
+    if not info.enabled:
+        return local_signal
+    flag = torch.full((1,), local_signal, dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def all_reduce_mean(values: list[float], counts: list[float], info: DistInfo, device) -> list[float]:

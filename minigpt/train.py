@@ -27,6 +27,8 @@ from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     CheckpointError,
+    check_writable,
+    exclusive_lock,
     is_minigpt_checkpoint,
     load_model_state,
     load_torch,
@@ -36,12 +38,14 @@ from .checkpoint import (
 from .config import PRESETS, ConfigError, GPTConfig, get_preset
 from .distributed import (
     WindowSampler,
+    abandon_distributed,
+    agreed_stop_signal,
     all_reduce_mean,
     finish_distributed,
     init_distributed,
     shutdown_distributed,
 )
-from .generate import check_float_flag
+from .generate import check_float_flag, check_prompt
 from .metrics import save_loss_plot, write_metrics_csv
 from .model import GPTModel, seed_state_dict
 from .runtime import (
@@ -77,6 +81,11 @@ CPU_DEFAULTS = dict(lr=5e-3, batch_size=16, warmup_steps=50, eval_interval=250, 
 # fine-tuning rate (config/finetune_shakespeare.py).
 FINETUNE_DEFAULTS = dict(SEED_DEFAULTS, lr=3e-5, tokenizer="gpt2")
 SAMPLE_PROMPT = "Once upon a time"
+# The lock a run holds on its --out-dir from set-up to exit: one run per folder, or their files would interleave.
+OUT_DIR_LOCK = ".minigpt.lock"
+# What a run writes into its --out-dir besides checkpoint.pt (and TensorBoard's event files in tb/)
+RUN_FILES = ("model.pth", "metrics.csv", "loss.pdf", "loss.png")
+TB_EVENTS = "events.out.tfevents.*"  # the names TensorBoard's SummaryWriter gives its files
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigpt.train", description="Train a GPT from scratch.",
@@ -138,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint; auto = OUT_DIR/checkpoint.pt if it exists, else start fresh")
     g.add_argument("--overwrite", action="store_true",
-                   help="start a fresh run in an --out-dir that holds a checkpoint (replaced at the first evaluation)")
+                   help="start a fresh run in an --out-dir that holds another run's checkpoint or model.pth (that "
+                        "run's files are removed at this run's first save)")
     g.add_argument("--log", default=None, choices=["tensorboard"], help="also log to TensorBoard (OUT_DIR/tb)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per evaluation)")
     return p
@@ -219,6 +229,31 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
         raise ConfigError(f"--out-dir {out_dir}: no permission to create it in {parent} — choose another --out-dir")
 
 
+def attention_backend_name(kernels: str, device: torch.device) -> str:
+    """Which backend ("torch" or "triton") will run the model's ops on ``device`` for ``--kernels``."""
+    from kernels import get_backend
+
+    backend = get_backend(kernels)
+    resolved = getattr(backend, "resolved_name", None)
+    return resolved(device) if resolved is not None else backend.name
+
+
+def check_head_dim(cfg: GPTConfig, kernels: str, device: torch.device) -> None:
+    """The triton attention kernel holds one head's (BLOCK, head_dim) tiles on chip, up to its MAX_HEAD_DIM: refuse a
+    wider head before tokenizing, not at the first forward."""
+    if attention_backend_name(kernels, device) != "triton":
+        return
+    from kernels.attention import MAX_HEAD_DIM
+
+    if cfg.head_dim <= MAX_HEAD_DIM:
+        return
+    heads = next(n for n in range(cfg.n_heads, cfg.emb_dim + 1)
+                 if cfg.emb_dim % n == 0 and cfg.emb_dim // n <= MAX_HEAD_DIM)
+    raise ConfigError(f"head dim {cfg.head_dim} (emb_dim {cfg.emb_dim} / {cfg.n_heads} heads) is above the triton "
+                      f"attention kernel's limit of {MAX_HEAD_DIM} — use --kernels torch, or for a new model "
+                      f"--n-heads {heads} (or another number of heads that divides {cfg.emb_dim})")
+
+
 def checkpoint_step(path: Path) -> str:
     """The step a checkpoint was saved at, for messages ("?" when it cannot be read)."""
     try:  # mmap: reads the header, not the gigabytes of a large model's weights and optimizer state
@@ -231,6 +266,24 @@ def checkpoint_step(path: Path) -> str:
 # Model flags a resumed run cannot change (the weights have the checkpoint's shapes), as field -> flag.
 SHAPE_FLAGS = {"emb_dim": "--emb-dim", "n_layers": "--n-layers", "n_heads": "--n-heads",
                "context_length": "--context-length", "qkv_bias": "--qkv-bias"}
+
+
+# What a training checkpoint holds (as save() writes it), and the fields of its "state"
+CHECKPOINT_FIELDS = {"config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "state": dict, "args": dict,
+                     "tokenizer": str}
+STATE_FIELDS = ("step", "epoch", "epoch_windows", "tokens_seen")
+
+
+def check_checkpoint_fields(ckpt: dict, path: Path) -> None:
+    """Refuse a checkpoint that lacks a field resuming reads (one written by hand, or by another program), naming
+    it, instead of a KeyError halfway through set-up."""
+    fix = "pass a checkpoint.pt written by minigpt.train, or start a fresh run"
+    for field, kind in CHECKPOINT_FIELDS.items():
+        if not isinstance(ckpt.get(field), kind):
+            raise CheckpointError(f"{path} has no valid '{field}' entry — {fix}")
+    for field in STATE_FIELDS:
+        if not isinstance(ckpt["state"].get(field), int):
+            raise CheckpointError(f"{path} has no valid 'state.{field}' entry — {fix}")
 
 
 def check_resume_flags(args, ckpt: dict, path: Path) -> None:
@@ -379,7 +432,12 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Trainer:
-    """One training run. ``fit()`` does the work; ``on_step(trainer)`` (optional) is called after every step."""
+    """One training run. ``fit()`` does the work; ``on_step(trainer)`` (optional) is called after every step.
+
+    ``with trainer:`` around ``setup()`` and ``fit()`` is the run's life: from set-up until the block ends, rank 0
+    holds a lock on --out-dir, so that a second run into the same folder stops at once instead of interleaving
+    its files with this one's (``train()`` and the command line do this). A bare ``setup()`` takes no lock: it
+    serves to inspect a set-up."""
 
     def __init__(self, args, on_step=None):
         self.args, self.on_step = args, on_step
@@ -388,6 +446,16 @@ class Trainer:
         self.stop_signal: int | None = None  # the signal that stopped the run (the exit status is 128 + it)
         self.pretrained_model: GPTModel | None = None  # --init-from: GPT-2's weights, loaded in setup()
         self.init_from: str | None = None  # and where they came from (recorded in every checkpoint)
+        self.out_dir: Path | None = None  # set (and locked) by setup()
+        self.resume_from: Path | None = None
+        self.resumed_step: int | None = None
+        self.locking = False  # set by `with trainer:`
+        self.held = contextlib.ExitStack()  # the --out-dir lock, held until the `with` block ends
+        self.earlier_run_files: list[Path] = []  # --overwrite: the replaced run's files, removed at the first save
+        # What a Ctrl-C or a failed save leaves on disk depends on how far saving got (kept_note)
+        self.saves_started = 0
+        self.saving = False
+        self.saved_step: int | None = None  # the step of this run's checkpoint.pt on disk (rank 0)
 
     # -- set-up --------------------------------------------------------------------------------------------------
 
@@ -397,12 +465,14 @@ class Trainer:
 
         args = self.args
         check_float_flags(args)  # the flags alone, before a device, a process group or a checkpoint is opened
+        check_prompt(args.sample_prompt, "--sample-prompt")
         self.dist, device_name = init_distributed(args.device)
         self.device = device = resolve_device(device_name)
         self.dtype = resolve_dtype(args.dtype, device)
         check_compile(args, device)
         check_out_dir(args.out_dir)
         self.out_dir = Path(args.out_dir)
+        self._open_out_dir()  # before any file of it is read: another run may be writing there
         self.resume_from = self._resume_path()
         self._refuse_to_overwrite()
         ckpt = load_torch(self.resume_from) if self.resume_from else None
@@ -410,6 +480,7 @@ class Trainer:
             raise CheckpointError(f"{self.resume_from} is not a training checkpoint (a plain model.pth cannot resume: "
                                   "it has no optimizer state) — pass the run's checkpoint.pt")
         if ckpt is not None:  # flags not given again continue the checkpoint's run
+            check_checkpoint_fields(ckpt, self.resume_from)
             check_resume_flags(args, ckpt, self.resume_from)
             for name in RESUMED_FLAGS:
                 if getattr(args, name) in (None, self.parser_defaults.get(name)):
@@ -442,6 +513,9 @@ class Trainer:
                 n_heads=args.n_heads, context_length=args.context_length, drop_rate=args.drop_rate,
                 qkv_bias=args.qkv_bias)
         self.preset = preset
+        check_head_dim(self.cfg, args.kernels, device)
+        # empty: start from end-of-text, as minigpt.generate does (a model needs at least one token to continue)
+        self.sample_ids = self.tokenizer.encode(args.sample_prompt) or [self.tokenizer.eot_token]
         # Rank 0 tokenizes into the cache while the others wait, then they all read the same files.
         barrier = torch.distributed.barrier if self.dist.enabled else (lambda: None)
         if not self.dist.is_main:
@@ -512,16 +586,66 @@ class Trainer:
         self.init_from = pretrained.source_name(args.init_from)
         return preset
 
+    def _open_out_dir(self) -> None:
+        """Rank 0 creates --out-dir, checks that it can be written and locks it (inside `with trainer:`; the ranks
+        share the folder); every rank learns whether that worked, so that none waits for a rank 0 that gave up."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self._lock_out_dir()
+            except (CheckpointError, ConfigError) as e:  # Busy is a CheckpointError
+                error = e
+        if self._all_ranks_ok(error is None):
+            return
+        raise error or ConfigError(f"rank 0 could not open --out-dir {self.out_dir} (its error says why) — fix "
+                                   "that and start the run again")
+
+    def _lock_out_dir(self) -> None:
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            check_writable(self.out_dir)  # a read-only folder or filesystem: now, not at the first save
+        except OSError as e:
+            raise ConfigError(f"--out-dir {self.out_dir} cannot be written ({e.strerror or e}) — choose another "
+                              "--out-dir, or make this one writable") from None
+        if self.locking:
+            self.held.enter_context(exclusive_lock(
+                self.out_dir / OUT_DIR_LOCK, f"--out-dir {self.out_dir}",
+                "another run is writing there: wait for it to end, or choose another --out-dir"))
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        if not self.dist.enabled:
+            return ok
+        import torch.distributed as dist
+
+        failed = torch.tensor([0 if ok else 1], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        return failed.item() == 0
+
+    def __enter__(self) -> Trainer:
+        self.locking = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.held.close()  # the run is over, however it ended: release --out-dir
+
     def _refuse_to_overwrite(self) -> None:
-        """A fresh run (or one resumed from elsewhere) would replace OUT_DIR/checkpoint.pt at its first evaluation:
-        refuse unless --overwrite says so."""
+        """A run that does not continue OUT_DIR/checkpoint.pt (a fresh one, or one resumed from elsewhere) would
+        replace the files of the run there: refuse unless --overwrite says so. With it, that run's files are
+        removed at this run's first save (see save()), not now: a run that fails before it has saved anything
+        (bad data, no memory) must not have cost the user the earlier run."""
         existing = self.out_dir / "checkpoint.pt"
-        if self.args.overwrite or not existing.exists():
+        if self.resume_from is not None and existing.exists() and self.resume_from.resolve() == existing.resolve():
             return
-        if self.resume_from is not None and self.resume_from.resolve() == existing.resolve():
+        if self.args.overwrite:
+            self.earlier_run_files = [p for p in (self.out_dir / n for n in RUN_FILES) if p.exists()]
+            self.earlier_run_files += sorted((self.out_dir / "tb").glob(TB_EVENTS))
             return
-        raise ConfigError(f"{self.out_dir} already holds a checkpoint at step {checkpoint_step(existing)}: "
-                          "--resume auto to continue it, or another --out-dir / --overwrite to start over")
+        if existing.exists():
+            raise ConfigError(f"{self.out_dir} already holds a checkpoint at step {checkpoint_step(existing)}: "
+                              "--resume auto to continue it, or another --out-dir / --overwrite to start over")
+        if (self.out_dir / "model.pth").exists():
+            raise ConfigError(f"{self.out_dir} already holds the model.pth of an earlier run: another --out-dir, or "
+                              "--overwrite to replace it")
 
     def _resume_path(self) -> Path | None:
         r = self.args.resume
@@ -580,21 +704,39 @@ class Trainer:
                 f"train tokens, this run has {self.data_info['train_tokens']:,} — pass the same --data, --max-docs "
                 "and --tokenizer as the run that wrote it")
         load_model_state(self.raw_model, ckpt["model"], str(self.resume_from))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_optimizer_state(ckpt)
         # AdamW's moments in their parameter's memory order (a checkpoint may have saved another; the fused
         # CUDA optimizer walks a parameter and its moments as flat arrays, so the orders must agree)
         for param, state in self.optimizer.state.items():
             for name, value in state.items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                     state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
         self.state = dict(ckpt["state"])
+        self.resumed_step = self.state["step"]
         self.rows = list(ckpt.get("metrics", []))
         ranks = ckpt.get("rng", [])
         if self.dist.rank < len(ranks):
             set_rng_state(ranks[self.dist.rank], self.device)
+
+    def _load_optimizer_state(self, ckpt: dict) -> None:
+        """The optimizer, LR schedule and loss scaler of ``ckpt``, refused in one line when they do not fit the
+        model (load_state_dict checks the groups' sizes, not the moments' shapes: those would fail at the first
+        step)."""
+        fix = "pass the checkpoint.pt this run wrote, or start a fresh run"
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            detail = (str(e).splitlines() or [""])[0]
+            raise CheckpointError(f"{self.resume_from}: the optimizer state does not fit the model "
+                                  f"({type(e).__name__}: {detail}) — {fix}") from None
+        for param, state in self.optimizer.state.items():
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    raise CheckpointError(f"{self.resume_from}: the optimizer's {name} has shape {tuple(value.shape)} "
+                                          f"for a parameter of shape {tuple(param.shape)} — {fix}")
 
     def _tensorboard(self):
         try:
@@ -619,6 +761,7 @@ class Trainer:
 
             rng = [None] * self.dist.world_size
             dist.all_gather_object(rng, rng_state(self.device))
+        self.saves_started += 1
         if not self.dist.is_main:
             return
         ckpt = {
@@ -631,16 +774,44 @@ class Trainer:
             "data": {k: v for k, v in self.data_info.items() if isinstance(v, (int, float, str))},
             "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))},
         }
+        self.saving = True
+        self._remove_earlier_run()
         save_torch(ckpt, self.out_dir / "checkpoint.pt")
+        self.saved_step = self.state["step"]
         if final:
             save_torch(seed_state_dict(self.raw_model), self.out_dir / "model.pth")
         if self.rows:
             write_metrics_csv(self.out_dir / "metrics.csv", self.rows)
             save_loss_plot(self.out_dir, self.rows)
+        self.saving = False
+
+    def kept_note(self) -> str:
+        """What a run that stops now (a failed save, Ctrl-C) leaves behind."""
+        if self.saved_step is not None:
+            return (f"the last good checkpoint is kept: {self.out_dir / 'checkpoint.pt'} at step {self.saved_step} "
+                    "(continue with --resume auto)")
+        if getattr(self, "dist", None) is not None and not self.dist.is_main and self.saves_started:
+            return f"rank 0 writes {self.out_dir}: its message says what is kept"
+        if self.resume_from is not None:
+            at = f" (step {self.resumed_step})" if self.resumed_step is not None else ""
+            return f"{self.resume_from} is kept as it was{at}"
+        return "no checkpoint of this run was written"
+
+    def interrupted_note(self) -> str:
+        """The line for a run stopped at once (Ctrl-C): during set-up, while saving, or between saves."""
+        if self.saves_started == 0:
+            return "interrupted before training started: nothing was written"
+        return f"interrupted{' while saving' if self.saving else ''}: {self.kept_note()}"
+
+    def _remove_earlier_run(self) -> None:
+        """--overwrite, at the first save: remove the replaced run's model.pth, metrics, plots and TensorBoard
+        events before this run's checkpoint.pt replaces theirs (in one rename, last). Whenever this stops, the
+        folder holds one run's files: the earlier run's (a subset), or this run's."""
+        while self.earlier_run_files:
+            self.earlier_run_files[0].unlink(missing_ok=True)
+            self.earlier_run_files.pop(0)
 
     def evaluate(self, grad_norm: float | None, tokens_per_s: float | None) -> None:
-        from .generate import sample_text
-
         self.eval_model.eval()
         with self._autocast():
             losses = []
@@ -675,8 +846,21 @@ class Trainer:
             self.tb.flush()
         if self.dist.is_main:
             with self._autocast():
-                self.log(f"sample: {sample_text(self.raw_model, self.tokenizer, self.device, self.args.sample_prompt)}")
+                self.log(f"sample: {self.sample()}")
         self.save()
+
+    def sample(self, max_new_tokens: int = 50) -> str:
+        """The greedy continuation of --sample-prompt (the seed's sample after each evaluation), on one line."""
+        from .generate import generate
+
+        model = self.raw_model
+        was_training = model.training
+        model.eval()
+        idx = torch.tensor([self.sample_ids], dtype=torch.long, device=self.device)  # (1, T)
+        out = generate(model, idx, max_new_tokens, self.cfg.context_length, eos_id=self.tokenizer.eot_token)
+        model.train(was_training)
+        new_text = self.tokenizer.decode(out[0, idx.shape[1]:].tolist())
+        return (self.args.sample_prompt + new_text).replace("\n", " ")
 
     def _mfu(self, tokens_per_s: float | None) -> float | None:
         if not tokens_per_s or self.peak is None:
@@ -759,24 +943,28 @@ class Trainer:
                         self.on_step(self)
                     if st["step"] % args.eval_interval == 0 or st["step"] == self.total_steps:
                         self.evaluate(grad_norm, tokens_per_s)
+                    self._agree_to_stop()
                 if epoch_done:
                     st["epoch"] += 1
                     st["epoch_windows"] = 0
-        except KeyboardInterrupt:  # a second Ctrl-C: stop now, in the middle of a step
-            self.stop_requested = True
-            self.stop_signal = self.stop_signal or signal.SIGINT
-            self.log("interrupted: the checkpoint of the last evaluation is kept")
-            self.bar.close()
-            return self._summary(interrupted=True, saved=False)
+            if self.stop_requested:
+                self.log(f"stopped at step {st['step']} ({signal.Signals(self.stop_signal).name}): saving "
+                         f"{self.out_dir / 'checkpoint.pt'} (continue with --resume auto)")
+            self.save(final=True)
+            # the other ranks wait here while rank 0 writes, still under the handlers: a second signal to any rank
+            # now is "stop at once" too, not a wait in train()'s barrier for a rank that has gone
+            finish_distributed()
+        except KeyboardInterrupt:  # a second signal: stop now, in the middle of a step
+            return self._stop_at_once()
+        except RuntimeError as e:
+            if not self._lost_a_stopping_rank(e):
+                raise
+            return self._stop_at_once(lost=e)
         finally:
             self.bar.close()
             self._restore_signal_handlers(old_handlers)
             if self.tb is not None:
                 self.tb.close()
-        if self.stop_requested:
-            self.log(f"stopped at step {st['step']}: saving {self.out_dir / 'checkpoint.pt'} "
-                     f"(continue with --resume auto)")
-        self.save(final=True)
         if self.dist.is_main:
             self.log(f"done: {st['step']} steps, {st['tokens_seen']:,} tokens in {time.time() - self.t0:.0f}s; wrote "
                      f"{self.out_dir}/checkpoint.pt, model.pth, metrics.csv, loss.pdf, loss.png")
@@ -787,15 +975,48 @@ class Trainer:
                 "out_dir": str(self.out_dir), "interrupted": interrupted, "saved": saved, "preset": self.preset,
                 "config": self.cfg, "signal": self.stop_signal if interrupted else None}
 
+    def _agree_to_stop(self) -> None:
+        """After every step, on every rank: stop if any rank has received a signal (see agreed_stop_signal)."""
+        agreed = agreed_stop_signal(self.signal_received or 0, self.dist, self.device)
+        if agreed:
+            self.stop_requested, self.stop_signal = True, agreed
+
+    def _stop_at_once(self, lost: RuntimeError | None = None) -> dict:
+        """A second signal, or another rank that stopped at once (``lost``): no save, and no collective either —
+        the other ranks may be in the middle of a step and never reach it."""
+        abandon_distributed()
+        self.stop_requested = True
+        self.stop_signal = self.stop_signal or self.signal_received or signal.SIGINT
+        # gloo's message: "[file:line] Connection closed by peer [address]. This is typically caused by ..."
+        why = "" if lost is None else f"another process left the run ({str(lost).strip().split('. ')[0]}); "
+        self.log(why + self.interrupted_note())
+        return self._summary(interrupted=True, saved=False)
+
+    def _lost_a_stopping_rank(self, e: RuntimeError) -> bool:
+        """Whether a failed collective most likely means another rank stopped at once: only a rank that was asked
+        to stop itself (a signal came, to it or to another rank) reads it so; any other error is raised."""
+        if isinstance(e, (NonFiniteLoss, torch.cuda.OutOfMemoryError)):
+            return False
+        return self.dist.enabled and (self.signal_received or self.stop_signal) is not None
+
     def _install_signal_handlers(self):
-        """First Ctrl-C (or SIGTERM from a scheduler): finish the step, save, exit. A second one: stop at once."""
+        """First Ctrl-C (or SIGTERM from a scheduler): finish the step, save, exit. A second one: stop at once.
+
+        A signal only marks this process; the ranks of a multi-process run stop together, after the first step
+        that ends with any of them marked (_agree_to_stop), so one signal to one rank stops them all."""
+        # a repeat this soon is the same request delivered twice, not a second one: a terminal sends Ctrl-C to
+        # every process of the job and torchrun forwards the signal it got to its workers as well
+        same_request_s = 1.0
+        self.signal_received: int | None = None
+        first_at = 0.0
 
         def handler(signum, frame):
-            if self.stop_requested:
+            nonlocal first_at
+            if self.signal_received is None:
+                self.signal_received, first_at = signum, time.monotonic()
+                self.log("stopping after this step (Ctrl-C again to stop at once)")
+            elif time.monotonic() - first_at > same_request_s:
                 raise KeyboardInterrupt
-            self.stop_requested = True
-            self.stop_signal = signum
-            self.log("stopping after this step (Ctrl-C again to stop at once)")
 
         old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -805,19 +1026,30 @@ class Trainer:
                 pass
         return old
 
-    @staticmethod
-    def _restore_signal_handlers(old) -> None:
+    def _restore_signal_handlers(self, old) -> None:
         for sig, h in old.items():
             signal.signal(sig, h)
+        if self.dist.enabled and self.stop_requested and signal.SIGTERM in old:
+            # torchrun sends SIGTERM to the other workers as soon as one exits with an error status, as each does
+            # here (128 + the signal): a worker that has stopped and is leaving too must not die of it on its way
+            # out. SIG_IGN, not a Python handler: the interpreter puts back SIG_DFL for those when it shuts down,
+            # and shutting torch down takes long enough for the SIGTERM to land then.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train(args, on_step=None) -> dict:
     """Run training as ``args`` (from ``build_parser()``) say; returns a summary dict."""
-    trainer = Trainer(args, on_step)
+    return run_trainer(Trainer(args, on_step))
+
+
+def run_trainer(trainer: Trainer) -> dict:
+    """Set up and fit ``trainer``; the --out-dir lock is held from set-up until this returns or raises."""
+    args = trainer.args
     try:
-        trainer.setup()
-        summary = trainer.fit()
-        finish_distributed()  # every rank done before any tears the process group down
+        with trainer:
+            trainer.setup()
+            summary = trainer.fit()
+            finish_distributed()  # every rank done before any tears the process group down
         return summary
     except NonFiniteLoss as e:
         out = Path(args.out_dir) / "checkpoint.pt"
@@ -831,24 +1063,37 @@ def train(args, on_step=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from kernels.cli import run_cli
+
     args = build_parser().parse_args(argv)
+    trainer = Trainer(args)
+    # run_cli turns an OSError (a full disk, a file-size limit) into one line that says what is kept on disk, and a
+    # closed stdout into a quiet exit; the project's errors and Ctrl-C are handled in _run, which knows the phase.
+    status = run_cli(lambda: _run(trainer), kept=trainer.kept_note)
+    if status:
+        sys.exit(status)
+
+
+def _run(trainer: Trainer) -> int:
+    """The work of ``main``; returns the exit status. The project's errors leave as ``SystemExit("error: ...")``,
+    which carries the one line to callers of ``main()`` as well as to the shell."""
     from kernels import BackendUnavailable
 
     from .data import DataError, TokenizingInterrupted
     from .tokenizer import TokenizerError
 
     try:
-        summary = train(args)
+        summary = run_trainer(trainer)
     except TokenizingInterrupted as e:
         print(e, file=sys.stderr)
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:  # Ctrl-C while setting up (loading, building the model): nothing was written yet
-        print("interrupted before training started: nothing was written", file=sys.stderr)
-        sys.exit(130)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop's own handling (set-up): say what is on disk
+        print(trainer.interrupted_note(), file=sys.stderr)
+        return 130
     except (ConfigError, CheckpointError, BackendUnavailable, DataError, TokenizerError) as e:
         raise SystemExit(f"error: {e}") from None
-    if summary["interrupted"]:  # saved or not, an interrupted program exits 128 + the signal, as the shell expects
-        sys.exit(128 + summary["signal"])
+    # saved or not, an interrupted program exits 128 + the signal, as the shell expects
+    return 128 + summary["signal"] if summary["interrupted"] else 0
 
 
 if __name__ == "__main__":

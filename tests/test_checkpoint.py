@@ -61,3 +61,47 @@ def test_a_stale_temporary_file_of_ours_is_removed_and_a_live_one_kept(tmp_path)
     assert sorted(remove_stale_temps(tmp_path)) == sorted([name, older_form.name])
     assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", young.name])
     assert target.read_bytes() == b"being written"
+
+
+def _hold_lock_in_child(lock_path):
+    """A second process that takes the lock and keeps it until its stdin closes; returns it once it holds it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom minigpt.checkpoint import exclusive_lock\n"
+            f"with exclusive_lock({str(lock_path)!r}, 'x', 'y'):\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_lock_held_by_another_process_is_refused_naming_its_pid(tmp_path):
+    from minigpt.checkpoint import Busy, exclusive_lock
+
+    lock = tmp_path / ".minigpt.lock"
+    child = _hold_lock_in_child(lock)
+    try:
+        with pytest.raises(Busy) as e:
+            with exclusive_lock(lock, f"the out-dir {tmp_path}", "wait for it or pass another --out-dir"):
+                pytest.fail("two processes held the same lock")
+        assert e.value.pid == child.pid
+        assert str(e.value) == (f"the out-dir {tmp_path} is in use by process {child.pid} — wait for it or pass "
+                                "another --out-dir")
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    with exclusive_lock(lock, "x", "y"):  # its holder gone, the lock is free again (the file itself stays)
+        assert lock.read_text().strip() == str(os.getpid())
+
+
+def test_a_lock_whose_holder_was_killed_is_free(tmp_path):
+    import signal
+
+    from minigpt.checkpoint import exclusive_lock
+
+    lock = tmp_path / ".minigpt.lock"
+    child = _hold_lock_in_child(lock)
+    child.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel drops the lock with the process
+    child.wait(timeout=30)
+    with exclusive_lock(lock, "x", "y"):
+        pass
