@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import logging
 import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -20,6 +23,8 @@ from .checkpoint import (
 )
 from .config import PRESETS, ConfigError, GPTConfig, get_preset
 from .model import GPTModel, KVCache
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -130,18 +135,26 @@ def generate_and_print_sample(model, tokenizer, device, start_context: str, max_
 
 def load_for_inference(checkpoint: str, preset: str | None = None, kernels: str = "auto", device: str = "cpu",
                        tokenizer: str | None = None, n_heads: int | None = None):
-    """(model, tokenizer) from our ``checkpoint.pt`` or a seed ``model.pth`` (a plain state dict: its number of
-    heads comes from ``n_heads``, else from ``preset``, else from the preset whose shape it has)."""
+    """(model, tokenizer) from our ``checkpoint.pt`` or a plain ``model.pth`` (a state dict, as the seed and
+    ``minigpt.train`` save it). A state dict's shapes give every field of its config but the number of heads; those
+    come from the run's own ``checkpoint.pt`` beside it, else from ``n_heads`` or ``preset``, else from the preset
+    whose shape it has, with a note (see ``_config_for_state_dict``). CheckpointError, one line, for a file that
+    cannot be loaded."""
     from .tokenizer import get_tokenizer, tokenizer_from_name
 
     obj = load_torch(checkpoint)
     if is_minigpt_checkpoint(obj):
-        cfg = GPTConfig.from_any(obj["config"])
+        cfg = _recorded_config(obj, checkpoint)
         _check_flags_fit_checkpoint(cfg, obj.get("preset"), preset, n_heads, checkpoint)
-        state, tok_name = obj["model"], tokenizer or obj["tokenizer"]
+        state, tok_name = obj.get("model"), tokenizer or obj.get("tokenizer")
+        if not isinstance(state, dict) or not isinstance(tok_name, str):
+            missing = "model" if not isinstance(state, dict) else "tokenizer"
+            raise CheckpointError(f"{checkpoint} has no {missing!r} entry — the file is damaged: use an earlier "
+                                  "checkpoint, or the model.pth the run wrote beside it")
     elif isinstance(obj, dict) and "tok_emb.weight" in obj:  # a plain state dict, as the seed saves model.pth
-        cfg = _config_for_state_dict(obj, preset, n_heads, checkpoint)
-        state, tok_name = obj, tokenizer or ("gpt2" if cfg.vocab_size == 50257 else "bytes")
+        cfg, recorded_tok = _config_for_state_dict(obj, preset, n_heads, checkpoint)
+        state = obj
+        tok_name = tokenizer or recorded_tok or ("gpt2" if cfg.vocab_size == 50257 else "bytes")
     else:
         raise CheckpointError(f"{checkpoint} is neither a minigpt checkpoint nor a GPT state dict")
     tok = tokenizer_from_name(tok_name) if tok_name != "auto" else get_tokenizer("auto")
@@ -151,8 +164,49 @@ def load_for_inference(checkpoint: str, preset: str | None = None, kernels: str 
             "pass the --tokenizer the model was trained with"
         )
     model = GPTModel(cfg, kernels=kernels)
+    _check_state_fits(state, model, checkpoint)
     load_model_state(model, state, checkpoint)
     return model.to(device).eval(), tok
+
+
+def _recorded_config(ckpt: dict, path) -> GPTConfig:
+    """The config a checkpoint records (CheckpointError when it is missing or cannot build a model)."""
+    if "config" not in ckpt:
+        raise CheckpointError(f"{path} has no 'config' entry — the file is damaged: use an earlier checkpoint")
+    try:
+        return GPTConfig.from_any(ckpt["config"])
+    except (ConfigError, TypeError) as e:
+        reason = str(e).split(" — ")[0]  # its fix names flags; the file, not a flag, is what is wrong
+        raise CheckpointError(f"{path} records a config no model can have ({reason}) — the file is damaged: use "
+                              "an earlier checkpoint") from None
+
+
+def _check_state_fits(state: dict, model: torch.nn.Module, path) -> None:
+    """Every tensor of ``model`` is in ``state`` with its shape and finite values, and nothing else is (the seed's
+    causal-mask buffers aside). The config came from the same file, so a mismatch is the file's fault, not a
+    flag's: the message names the tensor."""
+    expected = model.state_dict()
+    masks = {k.removesuffix("out_proj.bias") + "mask" for k in expected if k.endswith(".att.out_proj.bias")}
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} has no {missing[0]} ({len(missing)} tensors missing) — the file is damaged "
+                              "or incomplete: use another checkpoint, or train again")
+    unknown = [k for k in state if k not in expected and k not in masks]
+    if unknown:
+        raise CheckpointError(f"{path} holds {unknown[0]}, which this model does not have ({len(unknown)} "
+                              "unexpected entries) — is it a GPT state dict? use the model.pth or checkpoint.pt "
+                              "a run wrote")
+    for key, ref in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.shape != ref.shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(f"{key} in {path} has shape {got}, but the file's other tensors imply "
+                                  f"{tuple(ref.shape)} — the file is damaged: use another checkpoint, or train again")
+        # A NaN or an infinity in one weight makes every logit NaN (and sampling fail): refused while the tensor
+        # and the file can still be named. One pass over each tensor, cheaper than reading it from disk.
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{key} in {path} holds NaN or infinite values — the weights are damaged (a "
+                                  "diverged run?): use an earlier checkpoint")
 
 
 def load_pretrained_for_inference(args, device):
@@ -184,24 +238,71 @@ def _presets_with(shape: dict) -> list[str]:
 
 
 def _check_flags_fit_checkpoint(cfg: GPTConfig, recorded: str | None, preset: str | None, n_heads: int | None,
-                                path: str) -> None:
-    """A checkpoint.pt records its config: --preset / --n-heads may only repeat it."""
+                                path: str, record: str = "a checkpoint records its config") -> None:
+    """A checkpoint.pt records its config: --preset / --n-heads may only repeat it. ``record`` ends the message."""
     if preset is not None:
         p = get_preset(preset)
         if preset != recorded and any(getattr(p, f) != getattr(cfg, f) for f in (*SHAPE, "n_heads")):
             raise CheckpointError(f"--preset {preset} does not fit {path}, a {recorded or 'custom'} model "
-                                  f"({_describe(cfg.to_dict())}, {cfg.n_heads} heads) — drop --preset: a checkpoint "
-                                  "records its config")
+                                  f"({_describe(cfg.to_dict())}, {cfg.n_heads} heads) — drop --preset: {record}")
     if n_heads is not None and n_heads != cfg.n_heads:
         raise CheckpointError(f"--n-heads {n_heads} does not fit {path}, which has {cfg.n_heads} heads — drop "
-                              "--n-heads: a checkpoint records its config")
+                              f"--n-heads: {record}")
 
 
-def _config_for_state_dict(sd: dict, preset: str | None, n_heads: int | None, path: str) -> GPTConfig:
-    """A seed state dict does not store its config: its shapes give every field but the number of heads."""
-    vocab_size, emb_dim = sd["tok_emb.weight"].shape
-    shape = dict(emb_dim=emb_dim, context_length=sd["pos_emb.weight"].shape[0],
-                 n_layers=len({k.split(".")[1] for k in sd if k.startswith("trf_blocks.")}))
+def _shape_of_state_dict(sd: dict, path) -> dict:
+    """What a state dict's tensors say of its config: every field but ``n_heads`` (and the dropout rate)."""
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path} holds entries that are not named tensors — it is not a GPT state dict: use "
+                              "the model.pth or checkpoint.pt a run wrote")
+    tok_emb, pos_emb = sd["tok_emb.weight"], sd.get("pos_emb.weight")
+    n_layers = len({k.split(".")[1] for k in sd if k.startswith("trf_blocks.")})
+    if pos_emb is None:
+        what = "has no pos_emb.weight"
+    elif tok_emb.dim() != 2 or pos_emb.dim() != 2 or pos_emb.shape[1] != tok_emb.shape[1] or 0 in tok_emb.shape:
+        what = (f"has tok_emb.weight {tuple(tok_emb.shape)} and pos_emb.weight {tuple(pos_emb.shape)}, not "
+                "(vocab, width) and (context, width)")
+    elif n_layers == 0 or pos_emb.shape[0] == 0:
+        what = "has no transformer blocks" if n_layers == 0 else "has an empty pos_emb.weight"
+    else:
+        return dict(vocab_size=tok_emb.shape[0], emb_dim=tok_emb.shape[1], context_length=pos_emb.shape[0],
+                    n_layers=n_layers, qkv_bias="trf_blocks.0.att.W_query.bias" in sd)
+    raise CheckpointError(f"{path} {what} — the file is damaged or not a GPT state dict: use another checkpoint, "
+                          "or train again")
+
+
+def _run_record_beside(path, shape: dict):
+    """(config, preset, tokenizer, its path) recorded in the ``checkpoint.pt`` beside a ``model.pth`` when its
+    model has the state dict's ``shape`` (the run that wrote both); None when there is none, it is unreadable or
+    it is another model's. Only the small "config" entry is read: ``mmap`` maps the file's tensors without
+    reading them."""
+    record_path = Path(path).parent / "checkpoint.pt"
+    if Path(path).name == "checkpoint.pt" or not record_path.is_file():
+        return None
+    try:
+        ckpt = torch.load(record_path, map_location="cpu", weights_only=True, mmap=True)
+        cfg = GPTConfig.from_any(ckpt["config"]) if is_minigpt_checkpoint(ckpt) else None
+    except Exception:  # damaged, another format, a config of another version: not this file's record
+        return None
+    if cfg is None or any(getattr(cfg, f) != v for f, v in shape.items()):
+        return None
+    tok_name = ckpt.get("tokenizer")
+    return cfg, ckpt.get("preset"), tok_name if isinstance(tok_name, str) else None, record_path
+
+
+def _config_for_state_dict(sd: dict, preset: str | None, n_heads: int | None, path) -> tuple[GPTConfig, str | None]:
+    """(config, tokenizer name or None) of a plain state dict, which stores no config: its shapes give every field
+    but the number of heads, and any divisor of the width would fit those shapes. The heads come, in this order,
+    from the run's own ``checkpoint.pt`` beside it (which flags may only repeat), ``n_heads``, ``preset``, or the
+    one preset with its shape; that last is a guess (a run may override a preset's heads), so it is made only
+    where a file of the seed's kind must keep loading, and said in a note. Otherwise: CheckpointError."""
+    shape = _shape_of_state_dict(sd, path)
+    record = _run_record_beside(path, shape)
+    if record is not None:
+        cfg, recorded_preset, tok_name, record_path = record
+        _check_flags_fit_checkpoint(cfg, recorded_preset, preset, n_heads, path,
+                                    f"the run's {record_path} beside it records its config")
+        return cfg, tok_name
     fitting = _presets_with(shape)
     if preset is not None:
         p = get_preset(preset)
@@ -211,15 +312,17 @@ def _config_for_state_dict(sd: dict, preset: str | None, n_heads: int | None, pa
             raise CheckpointError(f"--preset {preset} ({_describe(p.to_dict())}) does not fit {path} "
                                   f"({_describe(shape)}) — {fix}")
     elif n_heads is None:
-        # the heads of a preset with the same width and depth (the context may have been overridden)
-        near = fitting or [n for n, p in PRESETS.items() if (p.emb_dim, p.n_layers) == (emb_dim, shape["n_layers"])]
-        if not near:
-            raise CheckpointError(f"{path} is a plain state dict ({_describe(shape)}) and no preset has that "
-                                  "shape — pass --n-heads (the number of heads it was trained with)")
-        preset = near[0]
+        heads = {PRESETS[n].n_heads for n in fitting}
+        if len(heads) != 1:
+            raise CheckpointError(f"{path} is a plain state dict ({_describe(shape)}) that does not record its "
+                                  "number of heads, with no checkpoint.pt of its run beside it, and no preset has "
+                                  "that shape — pass --n-heads (the number of heads it was trained with)")
+        # The seed notebook's model.pth (gpt2-124m's shape) loads this way, as the README promises.
+        preset = fitting[0]
+        log.warning("note: %s does not record its number of heads: assuming %d, as the %s preset of its shape "
+                    "has — pass --n-heads if it was trained with another number", path, heads.pop(), preset)
     heads = n_heads if n_heads is not None else get_preset(preset).n_heads
-    return GPTConfig(vocab_size=vocab_size, n_heads=heads, qkv_bias="trf_blocks.0.att.W_query.bias" in sd,
-                     drop_rate=0.0, **shape)
+    return GPTConfig(n_heads=heads, drop_rate=0.0, **shape), None
 
 
 DEFAULT_TOP_K = 50  # sampling among GPT-2's 50 most likely tokens, as GPT-2's own samples did
@@ -245,6 +348,20 @@ def check_float_flag(flag: str, value: float, low: float, high: float = math.inf
     raise ConfigError(f"{flag} must be {allowed}{also}, got {value}")
 
 
+def check_prompt(prompt: str, flag: str = "--prompt") -> None:
+    """Refuse a prompt that is no text: bytes that are not UTF-8 reach ``sys.argv`` as lone surrogates
+    (U+DC80..U+DCFF, Python's "surrogateescape"), which no tokenizer can encode and no terminal can print. An empty
+    prompt is text: generation then starts from end-of-text."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(prompt[e.start])
+        what = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
+        raise ConfigError(f"{flag} is not valid UTF-8 ({what} at character {e.start + 1}) — pass it as UTF-8 text "
+                          "(is the terminal or the file it came from in another encoding?), or '' to start from "
+                          "end-of-text") from None
+
+
 def check_sampling_args(args) -> list[str]:
     """Refuse impossible sampling flags (ConfigError); return notes on flags that will have no effect. Sets
     ``args.top_k`` to the number of tokens to keep (None = all)."""
@@ -263,6 +380,7 @@ def check_sampling_args(args) -> list[str]:
     if args.n_heads is not None and args.n_heads < 1:
         raise ConfigError(f"--n-heads must be >= 1, got {args.n_heads}")
     check_seed(args.seed)
+    check_prompt(args.prompt)
     notes = []
     if args.temperature == 0:
         ignored = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None]
@@ -283,9 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPT-2's own weights instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                         "(Hugging Face hub, or its cache offline) or a folder in that format")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help="config of a plain model.pth (n_heads is not stored in it); inferred when unambiguous")
+                   help="config of a plain model.pth (n_heads is not stored in it) with no checkpoint.pt of its run "
+                        "beside it; default: the preset of its shape, with a note")
     p.add_argument("--n-heads", type=int, default=None,
-                   help="number of heads of a plain model.pth whose shape is no preset's")
+                   help="number of heads of a plain model.pth with no checkpoint.pt of its run beside it")
     p.add_argument("--tokenizer", default=None, choices=["gpt2", "bytes"],
                    help="override the tokenizer recorded in the checkpoint")
     p.add_argument("--prompt", default="Once upon a time", help="text to continue")
@@ -305,22 +424,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line. Exits with ``kernels.cli.run_cli``'s status when it is not 0: 1 after an error (one line on
+    stderr), 130 on Ctrl-C, 141 when the output was closed early (``| head``)."""
     from kernels import BackendUnavailable
+    from kernels.cli import run_cli
 
-    from .runtime import resolve_device
     from .tokenizer import TokenizerError
 
     args = build_parser().parse_args(argv)
-    try:
-        notes = check_sampling_args(args)
-        device = resolve_device(args.device)
-        if args.pretrained is not None:
-            model, tok = load_pretrained_for_inference(args, device)
-        else:
-            model, tok = load_for_inference(args.checkpoint or "out/checkpoint.pt", args.preset, args.kernels,
-                                            device, args.tokenizer, args.n_heads)
-    except (CheckpointError, ConfigError, TokenizerError, BackendUnavailable) as e:
-        raise SystemExit(f"error: {e}") from None
+    status = run_cli(lambda: _generate_from_args(args),
+                     errors=(CheckpointError, ConfigError, TokenizerError, BackendUnavailable))
+    if status:
+        sys.exit(status)
+
+
+def _generate_from_args(args) -> None:
+    from .runtime import resolve_device
+
+    notes = check_sampling_args(args)
+    device = resolve_device(args.device)
+    if args.pretrained is not None:
+        model, tok = load_pretrained_for_inference(args, device)
+    else:
+        model, tok = load_for_inference(args.checkpoint or "out/checkpoint.pt", args.preset, args.kernels,
+                                        device, args.tokenizer, args.n_heads)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     ids = tok.encode(args.prompt)
@@ -330,11 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(ids) > context:
         print(f"note: the prompt is {len(ids)} tokens, longer than the model's context of {context}: it sees only "
               f"the last {context}", file=sys.stderr)
-    try:
-        _print_samples(args, model, tok, ids, device)
-    except KeyboardInterrupt:  # Ctrl-C stops generating, without a traceback
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    _print_samples(args, model, tok, ids, device)  # a closed or full stdout is run_cli's to report
 
 
 def _print_samples(args, model, tok, ids: list[int], device) -> None:
@@ -356,22 +479,37 @@ def stream_text(token_ids, tok):
     """Yield the text of a stream of token ids piece by piece, as soon as it is whole, up to end-of-text.
 
     A character may span several tokens (a byte tokenizer spends 2 to 4 on any non-ASCII letter, GPT-2's BPE
-    sometimes 2): while the text decoded so far ends in half a character (U+FFFD), nothing is shown, and the
-    next token completes it.
+    sometimes 2). Each token's bytes go into one incremental UTF-8 decoder, which keeps the first bytes of a
+    character until a later token completes it, or shows that it never will: bytes that form no character come out
+    as U+FFFD at once, as ``tok.decode`` makes them (``errors="replace"``). So the pieces joined are exactly
+    ``tok.decode`` of all the ids before end-of-text, and each token is decoded once: the work grows linearly with
+    the tokens (decoding all the text so far at every step would grow with their square).
     """
-    new: list[int] = []
-    shown = ""  # the part of the decoded text already yielded
+    token_bytes = _token_bytes(tok)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in token_ids:
         if token == tok.eot_token:
             break
-        new.append(token)
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):
-            yield text[len(shown):]
-            shown = text
-    rest = tok.decode(new)[len(shown):]
+        piece = decoder.decode(token_bytes(token))
+        if piece:
+            yield piece
+    rest = decoder.decode(b"", final=True)  # a character cut off at the end: U+FFFD, as tok.decode gives
     if rest:
         yield rest
+
+
+def _token_bytes(tok):
+    """The function from a token id to the bytes it stands for, for minigpt's two kinds of tokenizer (both decode a
+    list of ids as the UTF-8 text of their bytes joined). A tokenizer of another kind has its ids decoded one at a
+    time, which is exact when each of its tokens is whole characters."""
+    from .tokenizer import ByteTokenizer, TiktokenTokenizer
+
+    if isinstance(tok, TiktokenTokenizer):
+        return tok.encoding.decode_single_token_bytes
+    if isinstance(tok, ByteTokenizer):
+        # an id outside the 256 bytes (end-of-text stops before) gets decode's error, which names it
+        return lambda token: bytes((token,)) if 0 <= token < 256 else tok.decode([token]).encode("utf-8")
+    return lambda token: tok.decode([token]).encode("utf-8")
 
 
 if __name__ == "__main__":

@@ -143,8 +143,20 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
     if not isinstance(hf, dict):
         raise PretrainedError(f"{path} is not a model config (a JSON object expected) — restore the file")
     for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
-        if not isinstance(hf.get(key), int):
+        if not isinstance(hf.get(key), int) or isinstance(hf[key], bool):
             raise PretrainedError(f"{path} has no integer {key!r} — is it a GPT-2 config.json?")
+        if hf[key] < 1:
+            raise PretrainedError(f"{path} has {key} {hf[key]}, but a model needs at least 1 — the file is damaged: "
+                                  "restore it")
+    # Checked here, where the file can be named: GPTConfig's own message for this would suggest a --n-heads flag,
+    # which neither --pretrained nor --init-from takes (the heads are the weights' and only this file knows them).
+    if hf["n_embd"] % hf["n_head"] != 0:
+        raise PretrainedError(f"{path} has n_embd {hf['n_embd']} and n_head {hf['n_head']}, but the width must split "
+                              "evenly into the heads — the file is damaged or another model's: restore it")
+    drop = hf.get("resid_pdrop", DEFAULT_DROP_RATE)
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
+        raise PretrainedError(f"{path} has resid_pdrop {drop!r}, not a dropout rate in [0, 1) — the file is damaged: "
+                              "restore it")
     for key, allowed in SUPPORTED.items():
         if key in hf and hf[key] not in allowed:
             raise PretrainedError(f"{path} has {key} {hf[key]!r}; minigpt's blocks compute "

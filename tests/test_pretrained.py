@@ -230,6 +230,36 @@ def test_config_json_of_a_model_minigpt_does_not_compute(small, tmp_path, change
     one_line(e, *parts)
 
 
+@pytest.mark.parametrize("changes, parts", [
+    (dict(n_head=5), ["has n_embd 64 and n_head 5, but the width must split evenly into the heads", "restore it"]),
+    (dict(n_layer=0), ["has n_layer 0, but a model needs at least 1", "restore it"]),
+    (dict(n_head=True), ["has no integer 'n_head'"]),
+    (dict(resid_pdrop=1.5), ["has resid_pdrop 1.5, not a dropout rate in [0, 1)"]),
+    (dict(resid_pdrop="0.1"), ["has resid_pdrop '0.1', not a dropout rate"]),
+])
+def test_a_config_json_no_model_can_have_names_the_file_not_a_flag(small, tmp_path, changes, parts):
+    folder = copy_folder(small[1], tmp_path / "m")
+    edit_config(folder, **changes)
+    with pytest.raises(PretrainedError) as e:  # GPTConfig's own message suggested --n-heads, which no loader takes
+        GPTModel.from_pretrained(folder, kernels="torch")
+    one_line(e, str(folder / "config.json"), *parts)
+    assert "--n-heads" not in str(e.value)
+
+
+def test_config_json_heads_that_do_not_divide_the_width_from_the_command_lines(small, corpus, tmp_path,
+                                                                                 bpe_as_gpt2, capsys):
+    from tests.test_generate import cli_error
+
+    folder = copy_folder(small[1], tmp_path / "m")
+    edit_config(folder, n_head=5)
+    msg = cli_error(["--pretrained", str(folder), "--device", "cpu", "--kernels", "torch"], capsys)
+    assert msg.startswith(f"error: {folder / 'config.json'} has n_embd 64 and n_head 5") and "--n-heads" not in msg
+    with pytest.raises(SystemExit) as e:
+        main(finetune_args(corpus, folder, tmp_path / "out"))
+    one_line(e, f"error: {folder / 'config.json'} has n_embd 64 and n_head 5")
+    assert "--n-heads" not in str(e.value)
+
+
 def test_damaged_files(small, tmp_path):
     folder = copy_folder(small[1], tmp_path / "m")
     (folder / "model.safetensors").write_bytes(b"not safetensors at all")
@@ -451,19 +481,17 @@ def test_generate_cli_with_pretrained_weights_prints_transformers_greedy_text(sm
     (["--checkpoint", "x.pt"], "--checkpoint and --pretrained both name a model"),
     (["--tokenizer", "bytes"], "GPT-2's weights need GPT-2's tokenizer"),
 ])
-def test_generate_cli_pretrained_bad_input(small, bpe_as_gpt2, flags, match):
-    from minigpt.generate import main as generate_main
+def test_generate_cli_pretrained_bad_input(small, bpe_as_gpt2, flags, match, capsys):
+    from tests.test_generate import cli_error
 
-    with pytest.raises(SystemExit, match=match) as e:
-        generate_main(["--pretrained", str(small[1]), "--device", "cpu", *flags])
-    assert "\n" not in str(e.value)
+    assert match in cli_error(["--pretrained", str(small[1]), "--device", "cpu", *flags], capsys)
 
 
-def test_generate_cli_pretrained_needs_gpt2s_vocabulary(gpt2_vocab, bpe_as_gpt2):
-    from minigpt.generate import main as generate_main
+def test_generate_cli_pretrained_needs_gpt2s_vocabulary(gpt2_vocab, bpe_as_gpt2, capsys):
+    from tests.test_generate import cli_error
 
-    with pytest.raises(SystemExit, match="has vocab_size 50257, GPT-2's tokenizer 265 tokens"):
-        generate_main(["--pretrained", str(gpt2_vocab[1]), "--device", "cpu"])
+    assert "has vocab_size 50257, GPT-2's tokenizer 265 tokens" in cli_error(
+        ["--pretrained", str(gpt2_vocab[1]), "--device", "cpu"], capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
