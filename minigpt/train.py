@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import pretrained
@@ -87,9 +89,40 @@ OUT_DIR_LOCK = ".minigpt.lock"
 RUN_FILES = ("model.pth", "metrics.csv", "loss.pdf", "loss.png")
 TB_EVENTS = "events.out.tfevents.*"  # the names TensorBoard's SummaryWriter gives its files
 
+class _Unset:
+    """Marks a flag the command line did not give, while ``GivenFlagsParser`` parses (and only then)."""
+
+
+class GivenFlagsParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``parse_args`` also records which flags were given, as ``args.given_flags``.
+
+    A resumed run continues its checkpoint's settings unless a flag is given again, and only the command line can
+    tell ``--grad-clip 1.0`` (given, with the default's value) from no ``--grad-clip`` at all: the values alone
+    cannot. Parsing starts from a namespace where every flag is unset; what the actions set was given, the rest
+    gets its default."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        dests = [a.dest for a in self._actions if a.dest != argparse.SUPPRESS]
+        probe = argparse.Namespace(**{d: _Unset for d in dests})
+        ns, rest = super().parse_known_args(args, probe)
+        given = set()
+        for action in self._actions:
+            if action.dest == argparse.SUPPRESS:
+                continue
+            if getattr(ns, action.dest) is _Unset:
+                setattr(ns, action.dest, action.default)
+            else:
+                given.add(action.dest)
+        if namespace is not None:  # parse into the caller's namespace, as ArgumentParser does
+            vars(namespace).update(vars(ns))
+            ns = namespace
+        ns.given_flags = frozenset(given)
+        return ns, rest
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minigpt.train", description="Train a GPT from scratch.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = GivenFlagsParser(prog="python -m minigpt.train", description="Train a GPT from scratch.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=None, choices=list(PRESETS),
                    help=f"model size; default: gpt2-124m on a GPU, {CPU_PRESET} on a CPU")
@@ -441,7 +474,6 @@ class Trainer:
 
     def __init__(self, args, on_step=None):
         self.args, self.on_step = args, on_step
-        self.parser_defaults = vars(build_parser().parse_args([]))
         self.stop_requested = False
         self.stop_signal: int | None = None  # the signal that stopped the run (the exit status is 128 + it)
         self.pretrained_model: GPTModel | None = None  # --init-from: GPT-2's weights, loaded in setup()
@@ -468,7 +500,7 @@ class Trainer:
         check_prompt(args.sample_prompt, "--sample-prompt")
         self.dist, device_name = init_distributed(args.device)
         self.device = device = resolve_device(device_name)
-        self.dtype = resolve_dtype(args.dtype, device)
+        resolve_dtype(args.dtype, device)  # refused now if impossible; resolved once --dtype has its final value
         check_compile(args, device)
         check_out_dir(args.out_dir)
         self.out_dir = Path(args.out_dir)
@@ -482,9 +514,13 @@ class Trainer:
         if ckpt is not None:  # flags not given again continue the checkpoint's run
             check_checkpoint_fields(ckpt, self.resume_from)
             check_resume_flags(args, ckpt, self.resume_from)
+            given = getattr(args, "given_flags", None)
             for name in RESUMED_FLAGS:
-                if getattr(args, name) in (None, self.parser_defaults.get(name)):
-                    setattr(args, name, ckpt["args"].get(name, getattr(args, name)))
+                # a flag given again wins, even when its value is the default's; a Namespace built without
+                # build_parser() has no record of what was given: there, unset (None) means "not given"
+                not_given = name not in given if given is not None else getattr(args, name) is None
+                if not_given and name in ckpt["args"]:
+                    setattr(args, name, ckpt["args"][name])
             args.preset = ckpt.get("preset") or args.preset
         elif args.resume == "auto":
             self.log(f"--resume auto: no checkpoint in {self.out_dir}, starting a fresh run")
@@ -492,6 +528,7 @@ class Trainer:
             args.data = "tinystories"
         preset, note = resolve_run_settings(args, device, resuming=ckpt is not None)
         check_args(args)
+        self.dtype = resolve_dtype(args.dtype, device)  # after the merge: a resumed run keeps its --dtype
         if note:
             self.log(f"note: {note}")
 
@@ -541,8 +578,8 @@ class Trainer:
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = configure_optimizer(self.raw_model, args.lr, args.weight_decay, device)
         min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(args.warmup_steps, self.total_steps, min_lr / args.lr))
+        self.lr_factor = lr_lambda(args.warmup_steps, self.total_steps, min_lr / args.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.state = {"step": 0, "epoch": 0, "epoch_windows": 0, "tokens_seen": 0}
         self.rows: list[dict] = []
@@ -698,13 +735,19 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         info = ckpt.get("data", {})
-        if info and info.get("train_tokens") != self.data_info["train_tokens"]:
+        same_size = info.get("train_tokens") == self.data_info["train_tokens"]
+        # a checkpoint of an older version records only the sizes; one that records the tokens' fingerprint is
+        # compared by content: other text of the same length is other data too
+        same_tokens = "fingerprint" not in info or info["fingerprint"] == self.data_fingerprint()
+        if info and not (same_size and same_tokens):
+            differs = (f"{info.get('train_tokens'):,} train tokens, this run has {self.data_info['train_tokens']:,}"
+                       if not same_size else "other tokens (the same number, other text)")
             raise CheckpointError(
-                f"--resume: the checkpoint was trained on {info.get('source')} with {info.get('train_tokens'):,} "
-                f"train tokens, this run has {self.data_info['train_tokens']:,} — pass the same --data, --max-docs "
-                "and --tokenizer as the run that wrote it")
+                f"--resume: the checkpoint was trained on {info.get('source')} with {differs} — pass the same "
+                "--data, --max-docs and --tokenizer as the run that wrote it, or start a fresh run")
         load_model_state(self.raw_model, ckpt["model"], str(self.resume_from))
         self._load_optimizer_state(ckpt)
+        self._apply_this_runs_hyperparameters()
         # AdamW's moments in their parameter's memory order (a checkpoint may have saved another; the fused
         # CUDA optimizer walks a parameter and its moments as flat arrays, so the orders must agree)
         for param, state in self.optimizer.state.items():
@@ -717,6 +760,31 @@ class Trainer:
         ranks = ckpt.get("rng", [])
         if self.dist.rank < len(ranks):
             set_rng_state(ranks[self.dist.rank], self.device)
+
+    def data_fingerprint(self) -> str:
+        """A hash of this run's train and validation token ids, which a resumed run must match. Computed once per
+        run: one sequential read of the token cache (about a second per GB)."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.blake2b(digest_size=16)
+            for tokens in (self.train_tokens, self.val_tokens):
+                h.update(f"{tokens.dtype.str}:{len(tokens)};".encode())
+                for start in range(0, len(tokens), 1 << 24):  # 16M ids at a time: bounded memory
+                    h.update(np.ascontiguousarray(tokens[start:start + (1 << 24)]).tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def _apply_this_runs_hyperparameters(self) -> None:
+        """After a restore: this run's --lr, --min-lr, --warmup-steps and --weight-decay (the checkpoint's, unless
+        given again). The optimizer's and the scheduler's state dicts carry the values they were saved with
+        (each group's lr and weight decay, the scheduler's base lr) and would silently keep them; the schedule's
+        shape (warm-up, cosine, floor) is this run's already, being a function the state dict does not hold."""
+        lr, step = self.args.lr, self.scheduler.last_epoch
+        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+        for group, decay in zip(self.optimizer.param_groups, (self.args.weight_decay, 0.0)):
+            group["initial_lr"] = lr
+            group["lr"] = lr * self.lr_factor(step)  # the rate of the next step, as the scheduler would have set it
+            group["weight_decay"] = decay  # configure_optimizer's groups: weight matrices, then the rest
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _load_optimizer_state(self, ckpt: dict) -> None:
         """The optimizer, LR schedule and loss scaler of ``ckpt``, refused in one line when they do not fit the
@@ -771,7 +839,8 @@ class Trainer:
             "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.name, "preset": self.preset,
             "init_from": self.init_from,  # where the weights came from (None: trained from scratch)
             "step": self.state["step"], "state": dict(self.state), "metrics": self.rows, "rng": rng,
-            "data": {k: v for k, v in self.data_info.items() if isinstance(v, (int, float, str))},
+            "data": {**{k: v for k, v in self.data_info.items() if isinstance(v, (int, float, str))},
+                     "fingerprint": self.data_fingerprint()},
             "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))},
         }
         self.saving = True
