@@ -92,7 +92,8 @@ GELU_SHAPES = [(7,), (1, 1, 1023), (3, 7, 256)]
 
 
 def check_gelu_backward(module: ModuleType, device: str) -> None:
-    from kernels.reference import TorchBackend, gelu_math
+    from kernels.definitions import gelu_math
+    from kernels.torch_backend import TorchBackend
 
     torch_backend = TorchBackend()
     for dtype in (torch.float32, torch.float16):
@@ -114,7 +115,8 @@ LAYER_NORM_SHAPES = [(3, 7), (37, 48), (1, 1, 1023)]
 
 
 def check_layer_norm_dx(module: ModuleType, device: str) -> None:
-    from kernels.reference import EPS, TorchBackend, layer_norm_math
+    from kernels.definitions import EPS, layer_norm_math
+    from kernels.torch_backend import TorchBackend
 
     torch_backend = TorchBackend()
     for dtype in (torch.float32, torch.float16):
@@ -148,7 +150,7 @@ def _attention_inputs(B, H, Tq, Tk, D, dtype, device, seed):
 
 def _attention_scores(q, k):
     """scale * q k^T with the future masked (-inf), in q's dtype: (B, H, Tq, Tk)."""
-    from kernels.reference import future_mask
+    from kernels.definitions import future_mask
 
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
     return scores.masked_fill(future_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
@@ -159,7 +161,8 @@ def _attention_floor(ref: torch.Tensor) -> float:
 
 
 def check_attention_forward_inner(module: ModuleType, device: str) -> None:
-    from kernels.reference import TorchBackend, causal_attention_math
+    from kernels.definitions import causal_attention_math
+    from kernels.torch_backend import TorchBackend
 
     torch_backend = TorchBackend()
     for dtype in (torch.float32, torch.float16):

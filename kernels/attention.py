@@ -6,14 +6,11 @@ The op.  For one (batch, head) pair, with q, k, v of shape (T, D) and a scale (d
     P = softmax(S) row by row            (T, T) attention weights
     O = dropout(P) v                     (T, D) with dropout(P) = P * M / (1 - p), M_ij ~ Bernoulli(1 - p)
 
-More generally q holds only the last Tq of the Tk positions of k and v (Tq <= Tk), as when a model extends a
-cached sequence: query row i sits at position a_i = (Tk - Tq) + i and sees the keys 0 .. a_i, so S is (Tq, Tk)
-with entries j > a_i masked (the diagonal shifted right by the offset Tk - Tq). Tq = Tk is the case above;
-Tq = 1 is one decoding step, whose query sees every key. Below, T means Tq = Tk unless said otherwise.
+More generally q holds the last Tq of the Tk positions (a model extending a cached sequence; Tq = 1 decodes one
+token): query row i sits at position a_i = (Tk - Tq) + i and sees keys 0 .. a_i. Below, T means Tq = Tk.
 
-Written like that it stores the (T, T) matrices in memory, and memory traffic, not arithmetic, is then the cost.
-The kernel never materializes them: each program owns BLOCK_M query rows, keeps them in registers and streams
-the keys and values past them BLOCK_N rows at a time.
+Written so, it stores (T, T) matrices, and memory traffic becomes the cost. The kernel never materializes them:
+each program keeps BLOCK_M query rows in registers and streams the keys and values past them BLOCK_N at a time.
 
 Online softmax (forward).  A row's softmax needs the max and the sum over all its keys, but they arrive one tile
 at a time. Keep a running max m, a running sum l and an unnormalized output acc, and rescale them whenever the
@@ -26,22 +23,20 @@ max grows. For each key tile j, with the tile's scores S_j:
     acc   = alpha * acc + P~_j v_j
     m     = m_new
 
-and at the end O = acc / l and LSE = m + log(l), the row's log-sum-exp. The statistics m and l, the scores and the
-accumulator are float32 whatever the input dtype, and every matmul accumulates in float32; but a matmul's operands
-are in the input dtype, so with 16-bit inputs P~_j is rounded to that dtype before P~_j v_j (the tensor cores take
-16-bit operands), as is dS in the backward before dS k and dS^T q. That rounding (8 significant bits in
-bf16, under 3 decimal digits) is the kernels' main difference from float32 math, and what the tests' per-dtype tolerances allow for. exp is computed as exp2, the GPU's native instruction: exp(x) = 2^(x log2 e), and the
-factor log2(e) is folded into the scale once (qk_scale = scale * log2 e), so m lives in base 2, and so does the
-saved LSE (LSE * log2 e): converting it back and forth would only add rounding to the backward's P.
+and at the end O = acc / l and LSE = m + log(l), the row's log-sum-exp. m, l, the scores and the accumulator are
+float32 and every matmul accumulates in float32, but the tensor cores take 16-bit operands: P~_j (and dS in the
+backward) is rounded to the input dtype before its matmul. That rounding (8 significant bits in bf16) is the
+kernels' main difference from float32 math, and what the tests' per-dtype tolerances allow for. exp is computed
+as exp2, the GPU's native instruction: the factor log2(e) is folded into the scale once (qk_scale = scale *
+log2 e), so m and the saved LSE live in base 2: converting back and forth would only add rounding to the backward.
 
 Causality in tiles.  A query tile [r, r + BLOCK_M) needs the keys [0, r + BLOCK_M). Key tiles above the diagonal
 are skipped by the loop bounds (half of the work disappears); key tiles wholly before r need no mask at all; only
 the diagonal band [r, r + BLOCK_M) compares positions. The loop is split in two so the unmasked tiles, nearly all
 of them for long sequences, carry no mask arithmetic. With Tq < Tk the tile's rows sit at positions
-[a, a + BLOCK_M), a = (Tk - Tq) + r, and everything moves with them: the unmasked keys are [0, a) and the band
-[a, a + BLOCK_M), with a rounded down to a whole key tile so that the loop steps stay aligned (with Tq = Tk and
-BLOCK_N dividing BLOCK_M, as in every GPU tile, a = r is already one; otherwise the band just starts earlier). The offset enters only the loop bounds and the positions the
-band compares, computed once per program: the inner loops are the same code for every offset.
+[a, a + BLOCK_M), a = (Tk - Tq) + r, and the unmasked keys [0, a) and the band move with them (a rounded down to
+a whole key tile). The offset enters only the loop bounds and the positions the band compares: the inner loops are
+the same code for every offset.
 
 Backward.  With dO = dL/dO, and Pd = P * M / (1 - p) the dropped-out weights:
 
@@ -52,81 +47,50 @@ Backward.  With dO = dL/dO, and Pd = P * M / (1 - p) the dropped-out weights:
 
 The identity that makes delta cheap: sum_j P_ij dP_ij = sum_j Pd_ij (dO_i . v_j) = dO_i . (sum_j Pd_ij v_j)
 = dO_i . O_i, so delta = rowsum(dO * O) is one small pass over (T, D) tensors, with or without dropout.
-P itself is not stored by the forward: it would cost T^2 memory per head, the very thing we avoid. It is
-recomputed from q, k and the saved LSE as P = exp(S - LSE), exact and without any running max: the LSE is T
-floats per head. Recomputing costs one extra matmul per tile, cheaper than reading a (T, T) matrix back.
+P is not stored by the forward (T^2 memory per head, the very thing we avoid): it is recomputed from q, k and the
+saved LSE (T floats per head) as P = exp(S - LSE), one extra matmul per tile, cheaper than reading (T, T) back.
 
 The backward runs as three kernels: the delta pass; a dK/dV kernel where each program owns a key tile and walks the
 query tiles from the diagonal down; a dQ kernel where each program owns a query tile and walks the key tiles up to
-the diagonal. With Tq < Tk the diagonal moves as in the forward: key j is seen by the query rows from j - (Tk - Tq)
-on, so a key tile [n, n + BLOCK_N) walks a masked band of rows from n - (Tk - Tq), then the unmasked rows from
-n + BLOCK_N - 1 - (Tk - Tq) (each bound rounded to whole query tiles, and at least row 0). Each gradient row is
-owned by one program, so there are no atomic adds and the result is deterministic, at the price of computing S and
-dP twice.
+the diagonal (with Tq < Tk the diagonal moves as in the forward). Each gradient row is owned by one program, so
+there are no atomic adds and the result is deterministic, at the price of computing S and dP twice.
 
 Dropout.  The keep mask is drawn inside the kernels with Philox, a counter-based generator: tl.randint4x(key,
-counter) is a pure function, so the backward regenerates the forward's mask exactly and nothing is stored. A
-Philox-4x32 call is ten rounds of 32-bit multiplies and xors: drawn once per (query, key) entry it made up most of
-the forward kernel's instructions (benchmarks/NOTES.md counts them in the compiled code: 5072 instructions against
-1400 without dropout), so one call, which returns four 32-bit words, serves 8 keys with 16 bits each (2552). Entry
-(i, j) of head bh uses the Philox key seed + bh * 2^32 (64 bits: the seed in the low word, the (batch, head) index
-in the high word) and the counter a * Tk + 8 * (j // 8), with a the query's position (a = i when Tq = Tk). Of the
-words w0, w1, w2, w3 it returns, the keys 8g + 0 .. 8g + 7 of a group take, in order,
+counter) is a pure function, so the backward regenerates the forward's mask exactly and nothing is stored. A call
+(ten rounds of 32-bit multiplies) costs more than the rest of an entry's work, so its four 32-bit words serve 8 keys
+with 16 bits each. Entry (i, j) of head bh uses the Philox
+key seed + bh * 2^32 (64 bits: the seed in the low word, the (batch, head) index in the high word) and the counter
+a * Tk + 8 * (j // 8), with a the query's position (a = i when Tq = Tk). Of the words w0, w1, w2, w3 it returns,
+the keys 8g + 0 .. 8g + 7 of a group take, in order,
 
     w0 low, w2 low, w1 low, w3 low, w0 high, w2 high, w1 high, w3 high       (low / high: the 16-bit halves)
 
 an order that falls out of how _keep_mask stacks the halves with tl.join; ``kernels/tiled.py`` rebuilds the mask
-from this sentence in NumPy and its test checks it against the kernel bit for bit. Positions, not row numbers: the rows of a chunk (Tq < Tk) draw
-exactly the mask the same rows draw in the whole (Tk, Tk) problem with the same seed. Counters are unique within
-a head while the largest, (Tk - 1) * Tk + 8 * ((Tk - 1) // 8), stays below 2^31 (the counter is a 32-bit integer):
-Tk <= 46340 = MAX_DROPOUT_T, so distinct (bh, a, j) never share a draw.
+from this sentence in NumPy and its test checks it against the kernel bit for bit. Positions, not row numbers: a
+chunk's rows (Tq < Tk) draw the mask the same rows draw in the whole problem. Counters are unique within a head
+while the largest, (Tk - 1) * Tk + 8 * ((Tk - 1) // 8), fits an int32: Tk <= 46340 = MAX_DROPOUT_T.
 An entry is kept when its draw is >= round(p * 2^16), so dropped with probability p to within 2^-17; kept
 entries are scaled by 1 / (1 - p); l and the LSE use the undropped P, exactly as nn.Dropout applied to the softmax
 output. The seed comes from torch's default CPU generator, so torch.manual_seed reproduces a run.
 
-Cost.  Each (query, key) pair takes two D-long dot products (S = q k^T and P v), 2 FLOPs per multiply-add; the
-causal mask halves the pairs: forward FLOPs = 2 * 2 * B * H * T * T * D / 2. The backward has five such
-matmuls (S, dV, dP, dQ, dK) to the forward's two: 2.5x the forward (our dQ kernel recomputes S and dP again;
-the convention, used by the benchmarks, counts the algorithm's five).
-
-Decoding.  Generating text runs the forward with Tq = 1 against the Tk cached keys and values of each head. Every
-key is read once and meets the query in two D-long dot products:
-
-    bytes = B * H * Tk * D * 2 * elem_size          (K and V; q and o add only 2 * D values per head)
-    FLOPs = 4 * B * H * Tk * D                      (q k^T and P v, 2 FLOPs per multiply-add)
-
-2 / elem_size FLOPs per byte, 1 in 16-bit, where a GPU can do a few hundred per byte of memory bandwidth: the step
-is bound by memory bandwidth, at best bytes / bandwidth, never by arithmetic. A 128-row query tile would be 127 rows
-of padding, so few queries get 16-row tiles (tl.dot's smallest; kernels/attention_tiles.py): the padding then costs
-registers and idle tensor-core lanes, not memory traffic. The grid is one program per (batch, head), B * H of them,
-each streaming its head's Tk * D * 2 * elem_size bytes alone. A program only keeps so many loads in flight: about
-num_stages K and V tiles, say 100 KiB, which at a memory latency near 1 us is some 100 GB/s, so
-
-    time ~ Tk * D * 2 * elem_size / min(bandwidth of one program, bandwidth / (B * H))
-
-and at batch 1 with 12 heads the GPU's bandwidth (3+ TB/s on an H100) is far from used: occupancy, not the
-kernel, is the limit. Flash-decoding splits each head's keys over S programs, each leaving a partial (m, l, acc)
-that a second small kernel merges with the online-softmax rescaling, which divides that time by up to S. It is
-not done here: at the contexts this model generates with (Tk <= 1024 for GPT-2: 256 KiB per head in 16-bit, a
-couple of microseconds per layer at the rate above) a decoding step's attention costs about as much as launching
-a kernel, and less than reading the same layer's weights, so a second kernel and launch would gain next to
-nothing. It pays from contexts of several thousand keys at small batch.
+Cost.  Forward FLOPs = 2 * 2 * B * H * T * T * D / 2 (two D-long dot products per pair the mask keeps); the
+backward's five such matmuls (S, dV, dP, dQ, dK) make 2.5x that. A decoding step (Tq = 1) reads every cached key
+and value once for 2 FLOPs per element: bound by memory bandwidth, and run with 16-row query tiles instead of 127
+rows of padding. ``kernels/costs.py`` has the counts; benchmarks/NOTES.md why decoding keeps one program a head.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .attention_tiles import MIN_BLOCK_D, PREPROCESS_TILES, SMALL_Q_MAX, Tiles, choose_tiles, tiles_for, tuning_report
-from .launch import check_tensor, kernel_dtype, triton_next_power_of_2
-from .reference import check_attention_inputs
+from .attention_tiles import PREPROCESS_TILES, Tiles, block_d, choose_tiles, dot_precision, tuning_report
+from .checks import check_attention_inputs
+from .launch import check_tensor, kernel_dtype
 
-__all__ = ["attention_bwd", "attention_fwd", "causal_attention", "causal_attention_flops", "compile_targets",
-           "MAX_HEAD_DIM", "Tiles", "tuning_report"]
+__all__ = ["attention_bwd", "attention_fwd", "causal_attention", "MAX_HEAD_DIM", "Tiles", "tuning_report"]
 
 MAX_HEAD_DIM = 128  # one (BLOCK, 128) tile of q, k, v and the accumulators must fit in registers / shared memory
 MAX_DROPOUT_T = 46340  # the Philox counter a * Tk + 8 * (j // 8) is an int32: below 2^31 for every a, j < Tk
@@ -166,8 +130,8 @@ def _keep_mask(rng_key, rows, first_key, T, dropout_p, BLOCK_R: tl.constexpr, BL
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo, hi, Tk, qk_scale, dropout_p,
-               rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ON_DIAGONAL: tl.constexpr,
-               DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, ON_DIAGONAL: tl.constexpr):
     """Fold the key tiles [lo, hi) into the running (acc, l, m) of one query tile (the online softmax above).
     ``q_pos``: the tile's query positions among the Tk keys."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -239,12 +203,12 @@ def _attention_fwd(
     first = (Tk - Tq) + start_m * BLOCK_M  # the tile's first query position
     lo = first // BLOCK_N * BLOCK_N  # rounded down to a key tile (first itself when Tq == Tk and BLOCK_N | BLOCK_M)
     # keys [0, lo): in the past of every row of this tile, no mask
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, 0, lo, Tk,
-                               qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N, False, DROPOUT, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, 0, lo, Tk, qk_scale,
+                               dropout_p, rng_key, BLOCK_M, BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=False)
     # keys [lo, first + BLOCK_M): the diagonal band, masked; every row sees key lo, so no row is all -inf
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo,
                                tl.minimum(first + BLOCK_M, Tk), Tk, qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N,
-                               True, DROPOUT, DOT_PRECISION)
+                               DROPOUT, DOT_PRECISION, ON_DIAGONAL=True)
 
     out_scale = 1.0 / l_i
     if DROPOUT:
@@ -286,8 +250,8 @@ def _attention_bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, mask_key, offs_d, d_ok, lo,
                     hi, Tq, Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    ON_DIAGONAL: tl.constexpr):
     """Add the query rows [lo, hi) to one key tile's dK and dV. Tiles are kept transposed: (keys, queries).
     ``key_rows``: the first query row that sees each key of the tile; ``mask_key``: the tile's first key plus
     (Tk - Tq) * Tk, for _keep_mask on rows counted from the first query."""
@@ -376,11 +340,11 @@ def _attention_bwd_dkdv(
     # queries [lo, mid): the diagonal band, masked
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, mask_key, offs_d, d_ok,
                              lo, tl.minimum(mid, Tq), Tq, Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M,
-                             BLOCK_N, True, DROPOUT, DOT_PRECISION)
+                             BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=True)
     # queries [mid, Tq): all in the future of this key tile, no mask
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, mask_key, offs_d, d_ok,
                              mid, Tq, Tq, Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M, BLOCK_N,
-                             False, DROPOUT, DOT_PRECISION)
+                             DROPOUT, DOT_PRECISION, ON_DIAGONAL=False)
     tl.store(DK + offs_n[:, None] * stride_gt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + offs_n[:, None] * stride_gt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -388,7 +352,7 @@ def _attention_bwd_dkdv(
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo, hi, Tk, qk_scale,
                   dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  ON_DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ON_DIAGONAL: tl.constexpr):
     """Add the key tiles [lo, hi) to one query tile's dQ (``q_pos``: its query positions among the keys)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -464,46 +428,27 @@ def _attention_bwd_dq(
     lo = first // BLOCK_N * BLOCK_N  # as in the forward
     # keys [0, lo): no mask
     dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, 0, lo, Tk, qk_scale,
-                       dropout_p, dropout_scale, rng_key, BLOCK_M, BLOCK_N, False, DROPOUT, DOT_PRECISION)
+                       dropout_p, dropout_scale, rng_key, BLOCK_M, BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=False)
     # keys [lo, first + BLOCK_M): the diagonal band, masked
     dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo,
                        tl.minimum(first + BLOCK_M, Tk), Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M,
-                       BLOCK_N, True, DROPOUT, DOT_PRECISION)
+                       BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=True)
     tl.store(DQ + offs_m[:, None] * stride_gt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Launch parameters (the tile sizes are in kernels/attention_tiles.py)
-
-
-def _block_d(head_dim: int) -> int:
-    return max(MIN_BLOCK_D, triton_next_power_of_2(head_dim))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # Default tl.dot on float32 is tf32 (10-bit mantissa), worse than torch's float32 attention; "ieee" multiplies
-    # at full float32 precision (not exactly: float32 products still round). For 16-bit inputs it is ignored.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The PyTorch op: the launchers, registered as custom operators
 #
-# Each launcher is a custom op (torch.library.custom_op): torch.compile then sees it as one opaque node whose output
-# shapes come from its register_fake function, instead of tracing into Triton's launch machinery (which would
-# break the graph), and register_autograd wires autograd to the backward op. The forward op returns the LSE as an
-# extra output so that it can be saved for the backward op.
+# Each launcher is a custom op (torch.library.custom_op): torch.compile sees one opaque node whose output shapes
+# come from register_fake, instead of tracing into Triton's launch machinery (which would break the graph), and
+# register_autograd wires autograd to the backward op. The forward op also returns the LSE, for the backward.
 #
 # The dropout seed goes to both ops, so the backward regenerates the forward's mask. A Python int drawn at trace
-# time would be frozen into a compiled graph, so the seed is a one-element int64 tensor, drawn on every call from
-# torch's default CPU generator (no GPU synchronization) and read with .item() inside the ops, where the compiler
-# does not look; torch.manual_seed reproduces a run. The draw is a custom op too, attention_seed: torch.randint in
-# the graph would be lowered by inductor to a C++ kernel of its own (a C++ compiler needed on the machine, and
-# inductor's generator drawn from, not torch's), while an opaque op runs as it is, so a compiled call draws the
-# very seed eager mode draws. Its tag says that it draws random numbers, as torch's random ops are tagged. It takes
-# the attention's inputs, unread, because the compiler merges calls of one op on equal inputs (sparing only torch's
-# own random ops): calls on different tensors are different draws, while two identical calls in one compiled graph
-# may share one. Without dropout there is no draw and the seed is None.
+# time would be frozen into a compiled graph, so the seed is a one-element int64 CPU tensor from torch's default
+# generator (no GPU sync), read with .item() inside the ops, where the compiler does not look. The draw is a custom
+# op too, attention_seed: inductor would lower torch.randint to a C++ kernel with its own generator, while an opaque
+# op runs as it is, so a compiled call draws the very seed eager mode draws. It takes the attention's inputs, unread,
+# because the compiler merges calls of one op on equal inputs: calls on different tensors are different draws.
 
 
 def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
@@ -550,8 +495,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
         _attention_fwd[(triton.cdiv(Tq, tiles.BLOCK_M), B * H)](
             q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, Tq, Tk, scale * LOG2E,
             dropout_p,
-            _seed_value(seed), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
-            DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps,
+            _seed_value(seed), HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
+            DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype), num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
         )
 
@@ -579,12 +524,12 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta = torch.empty_like(lse)
     pre = PREPROCESS_TILES
     _attention_bwd_preprocess[(triton.cdiv(Tq, pre.BLOCK_M), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, Tq, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=pre.BLOCK_M,
+        o, do, delta, *_strides(o), *_strides(do), H, Tq, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=pre.BLOCK_M,
         num_warps=pre.num_warps, num_stages=pre.num_stages,
     )
     dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     dk, dv = (torch.empty((B, H, Tk, D), dtype=q.dtype, device=q.device) for _ in range(2))
-    common = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype))
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype))
     inputs = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     rest = (H, Tq, Tk, scale, scale * LOG2E, dropout_p, _seed_value(seed))
 
@@ -641,101 +586,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         check_tensor("causal_attention", t)
     Tk, D = k.shape[-2], q.shape[-1]
     if D > MAX_HEAD_DIM:
-        raise ValueError(
-            f"causal_attention: head dim D={D} exceeds the triton kernel's limit of {MAX_HEAD_DIM} — use more heads "
-            f"with D <= {MAX_HEAD_DIM}, or the torch backend"
-        )
+        raise ValueError(f"causal_attention: head dim D={D} exceeds the triton kernel's limit of {MAX_HEAD_DIM} — "
+                         f"use more heads with D <= {MAX_HEAD_DIM}, or the torch backend")
     if dropout_p > 0.0 and Tk > MAX_DROPOUT_T:
-        raise ValueError(
-            f"causal_attention: dropout in the triton kernel supports Tk <= {MAX_DROPOUT_T} keys (its random-number "
-            f"counter a * Tk + 8 * (j // 8) is a 32-bit integer), got Tk={Tk} — use dropout_p=0 or the torch backend"
-        )
+        raise ValueError(f"causal_attention: dropout in the triton kernel supports Tk <= {MAX_DROPOUT_T} keys (its "
+                         f"random-number counter a * Tk + 8 * (j // 8) is a 32-bit integer), got Tk={Tk} — use "
+                         "dropout_p=0 or the torch backend")
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     # a new seed from torch's default CPU generator (see "The PyTorch op" above); no draw without dropout
     seed = attention_seed(q, k, v) if dropout_p > 0.0 else None
     out, _lse = attention_fwd(q, k, v, float(dropout_p), float(scale), seed)
     return out
-
-
-def causal_attention_flops(B: int, H: int, T: int, D: int) -> tuple[float, float]:
-    """(forward, backward) FLOPs of causal attention over T = Tq = Tk positions, the convention the benchmarks
-    report (a decoding step's count, 4 * B * H * Tk * D, is under "Decoding" in this module's docstring).
-
-    Forward: two matmuls (q k^T and P v) over the (query, key) pairs the mask keeps, 2 FLOPs per multiply-add,
-    with the pairs counted as T * T / 2 (exactly T (T + 1) / 2: the convention leaves out the T / 2 diagonal pairs'
-    share, under 0.1% at T = 1024): 2 * 2 * B * H * T * T * D / 2. Backward: five such matmuls (S recomputed, dP,
-    dV, dQ, dK), 2.5 times the forward. ``benchmarks/kernels.py`` keeps its own copy (``attention_flops``);
-    tests/test_formulas.py checks that the two agree.
-    """
-    fwd = 2.0 * 2.0 * B * H * T * T * D / 2.0
-    return fwd, 2.5 * fwd
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Compile targets for `python -m kernels.compile_check` (builds a list, launches nothing)
-
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_COMPILE_HEAD_DIMS = (16, 32, 64, 128, 80)  # the power-of-two tiles and one padded (80 -> 128)
-
-
-def _signature(fn, ty: str) -> dict:
-    """Triton types of ``fn``'s arguments for ``ty`` inputs (pointers are the capitalized names), and the integer
-    arguments a launch on ordinary tensors sees as multiples of 16 (the strides), which lets Triton vectorize and
-    pipeline the loads."""
-    sig = {}
-    for name, param in inspect.signature(fn.fn).parameters.items():
-        if "constexpr" in str(param.annotation):
-            sig[name] = "constexpr"
-        elif name in ("LSE", "DELTA"):
-            sig[name] = "*fp32"
-        elif name.isupper() and name != "H":
-            sig[name] = f"*{ty}"
-        elif name in ("qk_scale", "sm_scale", "dropout_p"):
-            sig[name] = "fp32"
-        else:  # strides, H, Tq, Tk, seed
-            sig[name] = "i32"
-    return dict(signature=sig, aligned=[name for name in sig if name.startswith("stride_")])
-
-
-def compile_targets() -> list[dict]:
-    """One dict per (kernel, configuration) launched on a GPU: name, fn, signature, constexprs, num_warps,
-    num_stages, aligned (see ``kernels/compile_check.py``)."""
-    targets = []
-    for dtype, ty in _TRITON_DTYPE.items():
-        for head_dim in _COMPILE_HEAD_DIMS:
-            sizes = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim))
-            pre = PREPROCESS_TILES
-            targets.append(dict(
-                name=f"attention_bwd_preprocess_{ty}_d{head_dim}", fn=_attention_bwd_preprocess,
-                **_signature(_attention_bwd_preprocess, ty), constexprs=dict(sizes, BLOCK_M=pre.BLOCK_M),
-                num_warps=pre.num_warps, num_stages=pre.num_stages,
-            ))
-            many_q = tiles_for(dtype, head_dim, SMALL_Q_MAX + 1, SMALL_Q_MAX + 1, interpreting=False)
-            few_q = tiles_for(dtype, head_dim, 1, 1, interpreting=False)
-            for kernel, fn in (("fwd", _attention_fwd), ("dkdv", _attention_bwd_dkdv), ("dq", _attention_bwd_dq)):
-                # the training tiles; then the few-query tiles where they differ ("_smallq")
-                for label, tiles in (("", many_q[kernel]), ("_smallq", few_q[kernel])):
-                    if label and tiles == many_q[kernel]:
-                        continue
-                    for i, t in enumerate(tiles):  # the default, then the tuner's alternatives
-                        for dropout in (False, True):
-                            targets.append(dict(
-                                name=f"attention_{kernel}_{ty}_d{head_dim}{label}{'_dropout' if dropout else ''}"
-                                     f"{f'_alt{i}' if i else ''}",
-                                fn=fn, **_signature(fn, ty), num_warps=t.num_warps, num_stages=t.num_stages,
-                                constexprs=dict(sizes, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=dropout,
-                                                DOT_PRECISION=_dot_precision(dtype)),
-                                spills_allowed=i > 0,  # an alternative that spills is only slower: it loses the tuning
-                            ))
-            # A decoding step, Tq = 1: a launch specializes an integer argument equal to 1 into a constant, so this
-            # is a kernel of its own (the forward, what generation runs, with its default tiles).
-            t, signature = few_q["fwd"][0], _signature(_attention_fwd, ty)
-            signature["signature"]["Tq"] = "constexpr"
-            targets.append(dict(
-                name=f"attention_fwd_{ty}_d{head_dim}_decode", fn=_attention_fwd, **signature,
-                num_warps=t.num_warps, num_stages=t.num_stages,
-                constexprs=dict(sizes, Tq=1, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=False,
-                                DOT_PRECISION=_dot_precision(dtype)),
-            ))
-    return targets

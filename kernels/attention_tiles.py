@@ -22,6 +22,18 @@ from .launch import TileTuner, is_interpreting, triton_next_power_of_2
 MIN_BLOCK_D = 16  # tl.dot needs every tile dimension >= 16; smaller head dims are padded (masked) up to 16
 
 
+def block_d(head_dim: int) -> int:
+    """The head dim as the kernels tile it: padded to a power of two, at least MIN_BLOCK_D."""
+    return max(MIN_BLOCK_D, triton_next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for inputs of ``dtype``."""
+    # Default tl.dot on float32 is tf32 (10-bit mantissa), worse than torch's float32 attention; "ieee" multiplies
+    # at full float32 precision (not exactly: float32 products still round). For 16-bit inputs it is ignored.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 class Tiles(NamedTuple):
     BLOCK_M: int  # query rows per tile
     BLOCK_N: int  # key rows per tile

@@ -9,8 +9,8 @@ something slow: registers spilled to local memory, or more shared memory than th
 
 How
 ---
-Each kernel module exposes ``compile_targets()``: one dict per (kernel, configuration) the project launches on a
-GPU, with the keys
+``kernels/compile_targets.py`` lists, per kernel file, one dict per (kernel, configuration) the project launches
+on a GPU, with the keys
 
     name          str, e.g. "layer_norm_fwd"
     fn            the @triton.jit function
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import importlib
 import importlib.util
 import multiprocessing
 import os
@@ -58,7 +57,6 @@ from dataclasses import dataclass
 
 from .cli import run_cli
 
-MODULES = ("kernels.attention", "kernels.layer_norm", "kernels.gelu", "kernels.linear_cross_entropy")
 DEFAULT_ARCHS = (80, 90)
 # What --arch takes: two or three digits, major then minor (sm_80, sm_120). Outside this, ptxas knows no such GPU;
 # the range is wide on purpose, so a new GPU needs no change here (ptxas itself then says whether it knows it).
@@ -94,25 +92,20 @@ class Result:
 # Collecting targets
 
 
-def collect_targets(modules=MODULES, only: list[str] | None = None) -> list[dict]:
-    """``compile_targets()`` of each module, filtered to names containing one of ``only``.
+def collect_targets(only: list[str] | None = None, kernels: tuple[str, ...] | None = None) -> list[dict]:
+    """The targets of ``kernels/compile_targets.py`` (of the kernel files named in ``kernels``, default all), filtered
+    to names containing one of ``only``. Importing the kernel files compiles nothing; one that fails to import is an
+    error (it would fail on the GPU too)."""
+    from .compile_targets import TARGETS  # imports Triton: after check_args has said whether it is there
 
-    A module that does not exist or has no ``compile_targets`` is skipped with a warning line; a module that
-    exists but fails to import is an error (it would fail on the GPU too).
-    """
+    unknown = sorted(set(kernels or ()) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"no compile targets for {', '.join(unknown)} — choose among {', '.join(TARGETS)}")
     targets = []
-    for module_name in modules:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            print(f"warning: skipping {module_name}: module not found", flush=True)
+    for name, make_targets in TARGETS.items():
+        if kernels is not None and name not in kernels:
             continue
-        if not hasattr(module, "compile_targets"):
-            print(f"warning: skipping {module_name}: it has no compile_targets()", flush=True)
-            continue
-        for target in module.compile_targets():
+        for target in make_targets():
             if only and not any(pattern in target["name"] for pattern in only):
                 continue
             targets.append(target)
@@ -188,7 +181,7 @@ def compile_target(target: dict, arch: int) -> Result:
     options = {"num_warps": target["num_warps"], "num_stages": target["num_stages"]}
     try:
         with warnings.catch_warnings():
-            # triton 3.9 announces a future change of its fp-fusion default on every compile; not about our code
+            # Triton may announce a future change of its fp-fusion default on every compile; not about our code
             warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)

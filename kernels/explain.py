@@ -20,7 +20,7 @@ import torch
 
 from . import tiled
 from .cli import run_cli
-from .reference import causal_attention_math, layer_norm_math
+from .definitions import causal_attention_math, layer_norm_math
 
 MAX_T = 256  # more than this and the grids no longer fit a terminal
 MAX_ROWS = 64
@@ -75,7 +75,7 @@ def explain_attention(T: int, Tq: int, block_m: int, block_n: int, D: int, seed:
         rows = _span(start_m * block_m, min((start_m + 1) * block_m, Tq))
         print(f"  start_m={start_m} (rows {rows}): no mask: key tiles {_tiles(0, lo, block_n)}; "
               f"masked: key tiles {_tiles(lo, hi, block_n)}   (lo={lo}, hi={hi})")
-    _print_grid(tiled.attention_tile_grid("forward", Tq, Tk, block_m, block_n), block_m, block_n, Tq, Tk)
+    _print_grid(tiled.attention_tile_grid("fwd", Tq, Tk, block_m, block_n), block_m, block_n, Tq, Tk)
 
     print("\ndK/dV (_attention_bwd_dkdv): one program per key tile; it walks the query rows [lo, mid) with the mask,")
     print("then [mid, Tq) without (dkdv_query_bounds)")

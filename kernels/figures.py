@@ -66,14 +66,13 @@ TILE_COLORS = {SKIPPED: "#eeeeee", UNMASKED: "#4c78a8", MASKED: "#f58518"}
 TILE_LABELS = {SKIPPED: "skipped by the loop bounds", UNMASKED: "visited, no mask",
                MASKED: "visited with the causal mask (diagonal band)"}
 KERNEL_TITLES = {
-    "forward": "forward\none program per query tile (a row)",
+    "fwd": "forward\none program per query tile (a row)",
     "dkdv": "backward dK / dV\none program per key tile (a column)",
     "dq": "backward dQ\none program per query tile (a row)",
 }
 # The attention figures: (file name, Tq, Tk). The tiles are the GPU's defaults for 16-bit inputs with D <= 64.
 ATTENTION_FIGURES = (("attention_tile_grid.png", 512, 512), ("attention_tile_grid_chunk.png", 200, 512))
 ATTENTION_DTYPE, ATTENTION_HEAD_DIM = torch.float16, 64
-_TILE_TABLE_NAME = {"forward": "fwd", "dkdv": "dkdv", "dq": "dq"}  # tiled's kernel names -> attention_tiles'
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,10 +80,10 @@ _TILE_TABLE_NAME = {"forward": "fwd", "dkdv": "dkdv", "dq": "dq"}  # tiled's ker
 
 
 def attention_tiles(Tq: int, Tk: int) -> dict[str, tuple[int, int]]:
-    """kernel ("forward", "dkdv", "dq") -> (BLOCK_M, BLOCK_N): the default GPU tiles for Tq queries against Tk keys
+    """kernel ("fwd", "dkdv", "dq") -> (BLOCK_M, BLOCK_N): the default GPU tiles for Tq queries against Tk keys
     (the first candidate of each list in kernels/attention_tiles.py), for 16-bit inputs with D <= 64."""
     table = tiles_for(ATTENTION_DTYPE, ATTENTION_HEAD_DIM, Tq, Tk, interpreting=False)
-    return {kernel: tuple(table[name][0][:2]) for kernel, name in _TILE_TABLE_NAME.items()}
+    return {kernel: tuple(table[kernel][0][:2]) for kernel in tiled.ATTENTION_KERNELS}
 
 
 class LayerNormLayout(NamedTuple):

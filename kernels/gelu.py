@@ -39,8 +39,7 @@ storage dtype. GELU does a handful of flops per element, so it is bound by memor
     forward:   reads n*b (x),          writes n*b (y)    -> 2 n b bytes
     backward:  reads 2 n b (x and dy), writes n*b (dx)   -> 3 n b bytes
 
-``gelu_bytes`` below computes these; the benchmark (its own copy in ``benchmarks/kernels.py``, checked equal by
-tests/test_formulas.py) divides them by the measured time to get GB/s.
+``gelu_bytes`` in ``kernels/costs.py`` computes these; the benchmark divides them by the measured time to get GB/s.
 """
 from __future__ import annotations
 
@@ -52,11 +51,11 @@ import triton.language as tl
 
 from . import launch
 from .launch import check_tensor, is_interpreting, to_kernel, triton_next_power_of_2
-from .reference import check_gelu_approximate
+from .checks import check_gelu_approximate
 
 # Constants of the formulas, as tl.constexpr so the kernels can read them (Triton only lets a kernel see globals
-# marked constexpr). Inside the kernels they stand to the right of a tensor (``x * C``, not ``C * x``): triton 3.9's
-# interpreter fails on a global constexpr times a tensor, the other way round works everywhere.
+# marked constexpr). Inside the kernels they stand to the right of a tensor (``x * C``, not ``C * x``): Triton's
+# interpreter has failed on a global constexpr times a tensor, and the other way round works everywhere.
 SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))  # the tanh approximation's scale (GPT-2)
 GELU_CUBIC = tl.constexpr(0.044715)  # the tanh approximation's cubic coefficient (GPT-2)
 NEG_LOG2E = tl.constexpr(-math.log2(math.e))  # exp(-z) = exp2(-log2(e) z)
@@ -157,25 +156,6 @@ def _gelu_backward(x: torch.Tensor, dy: torch.Tensor, tanh: bool) -> torch.Tenso
     return dx
 
 
-def gelu_bytes(numel: int, elem_bytes: int, backward: bool = False) -> int:
-    """Bytes one pass moves to and from memory: forward reads x and writes y; backward reads x, dy, writes dx."""
-    return (3 if backward else 2) * numel * elem_bytes
-
-
-def compile_targets() -> list[dict]:
-    """Every (kernel, configuration) this module launches on a GPU, for ``python -m kernels.compile_check``."""
-    targets = []
-    for tanh in (True, False):
-        for dtype in ("fp32", "fp16", "bf16"):
-            common = dict(constexprs={"TANH": tanh, "BLOCK": BLOCK}, num_warps=NUM_WARPS, num_stages=1,
-                          aligned=["n"], config=f"{'tanh' if tanh else 'erf'} {dtype} BLOCK={BLOCK} w{NUM_WARPS}")
-            sig = {"X": f"*{dtype}", "Y": f"*{dtype}", "n": "i32"}
-            targets.append(dict(name="gelu_fwd", fn=_gelu_fwd, signature=sig, **common))
-            sig = {"X": f"*{dtype}", "DY": f"*{dtype}", "DX": f"*{dtype}", "n": "i32"}
-            targets.append(dict(name="gelu_bwd", fn=_gelu_bwd, signature=sig, **common))
-    return targets
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The PyTorch op
 #
@@ -238,4 +218,4 @@ def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     return gelu_fwd(x, approximate)
 
 
-__all__ = ["compile_targets", "gelu", "gelu_bwd", "gelu_bytes", "gelu_fwd"]
+__all__ = ["gelu", "gelu_bwd", "gelu_fwd"]

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-# Triton's CPU interpreter (TRITON_INTERPRET=1) has two known bfloat16 traps (measured with triton 3.9):
+# Triton's CPU interpreter (TRITON_INTERPRET=1) has two known bfloat16 traps (benchmarks/NOTES.md):
 #   * tl.dot on bfloat16 operands returns garbage;
 #   * an in-kernel float32 -> bfloat16 cast does not round to nearest-even like torch does.
 # So under the interpreter a bfloat16 input is run through the kernel as float32 and the result is rounded to

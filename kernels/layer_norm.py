@@ -22,8 +22,8 @@ mean is large against its spread (a row of values near 1000 with spread 1: E[x^2
 the second reduction costs no memory traffic, only a few register operations. (tests/test_formulas.py shows the
 difference in float32.)
 
-Narrow rows share a program (on a GPU, 768-wide rows
-go four to a program, which also shares the loads of w and b), a wide row gets a program of its own. The two
+Narrow rows share a program (on a GPU, 768-wide rows go four to a program, which also shares the loads of w and b),
+a wide row gets a program of its own. The two
 statistics are computed in float32 whatever the storage dtype, and saved (one mean and one rstd per row, 8 bytes)
 so the backward does not recompute them.
 
@@ -58,11 +58,11 @@ on the arrival order). So the rows are cut into G groups of consecutive rows:
 G is at most twice the number of multiprocessors, and at most M; each group then gets the same number of
 consecutive rows, rounded up to whole BLOCK_M steps, so G ends up cdiv(M, rows per group) — fewer when the rounding
 leaves the last groups nothing to do (6 rows asked into 4 groups: 2 rows each, 3 groups). Twice the
-multiprocessors: every one busy with two programs, which is as many as fit at once (at 768 wide a program of 8
-warps holds about 110 registers per thread, so two take most of the register file); more groups would only add a second wave and more partials. The partials cost 16 bytes per
-(group, column), written and read back: against the 6 * M bytes per column the pass must move in bf16, 16 * G /
-(6 * M), about 9% at M = 8192 rows on a 132-multiprocessor H100 (it was 17% with four groups per
-multiprocessor). The result is deterministic: the same additions happen in the same order on every run.
+multiprocessors: every one busy with two programs, about as many as fit at once at GPT-2's widths (benchmarks/
+NOTES.md has the register counts); more groups would only add a second wave and more partials. The partials cost
+16 bytes per (group, column), written and read back: against the 6 * M bytes per column the pass must move in bf16,
+16 * G / (6 * M), about 9% at M = 8192 rows on a 132-multiprocessor H100. The result is deterministic: the same
+additions happen in the same order on every run.
 
 Memory traffic
 --------------
@@ -72,9 +72,8 @@ For M rows of width C, x in dtype of ``xb`` bytes, weight and bias of ``wb`` byt
     backward:  reads  2*M*C*xb (x, dy) + C*wb (w) + 8*M        writes M*C*xb (dx) + 8*G*C (partials)
                stage 2 reads the 8*G*C partials back           writes 2*C*wb (dw, db)
 
-``layer_norm_bytes`` below computes these. The benchmark (``benchmarks/kernels.py``, which keeps its own copy so
-that it runs without Triton) divides the same counts, less our partial sums — an implementation's choice, not the
-op's — by the measured time to get GB/s; tests/test_formulas.py checks that the two copies agree.
+``layer_norm_bytes`` in ``kernels/costs.py`` computes these. The benchmark divides the same counts, less our
+partial sums — an implementation's choice, not the op's — by the measured time to get GB/s.
 """
 from __future__ import annotations
 
@@ -94,7 +93,8 @@ from .launch import (
     to_kernel,
     triton_next_power_of_2,
 )
-from .reference import EPS, check_layer_norm_inputs
+from .checks import check_layer_norm_inputs
+from .definitions import EPS
 
 # One row lives in registers, so the width is bounded. Up to 8192 nothing spills (``python -m kernels.compile_check``
 # checks it); past that the backward spills registers to local memory — still correct, slower — and at 65536
@@ -248,9 +248,9 @@ def row_tile(width: int, elem_bytes: int, rows: int, interpreting: bool | None =
 def backward_tile(tile: RowTile) -> RowTile:
     """The backward's stage-1 tile: the forward's, with at most 8 warps when a program holds several rows.
 
-    Measured with ``python -m kernels.compile_check``: at 768 wide (4 rows a program) the 16 warps the forward uses
-    left triton 3.6's sm_90 build spilling registers; 8 warps spill nowhere (the backward keeps x, dy and the two
-    partial-sum tiles live, the forward only x).
+    The backward keeps x, dy and the two partial-sum tiles live, the forward only x: with several rows a program,
+    the forward's 16 warps can spill registers where 8 do not (``python -m kernels.compile_check`` checks it;
+    benchmarks/NOTES.md has the counts).
     """
     return tile._replace(num_warps=min(tile.num_warps, 8)) if tile.BLOCK_M > 1 else tile
 
@@ -314,61 +314,6 @@ def _layer_norm_backward(dy2d, x2d, weight, mean, rstd, weight_dtype, bias_dtype
         BLOCK_G=REDUCE_BLOCK_G, BLOCK_C=REDUCE_BLOCK_C, num_warps=REDUCE_NUM_WARPS,
     )
     return dx, dw, db
-
-
-def layer_norm_bytes(rows: int, width: int, x_bytes: int, w_bytes: int, backward: bool = False,
-                     groups: int = 0) -> int:
-    """Bytes one pass moves to and from memory (the table in the docstring at the top of this file).
-
-    ``groups`` is the backward's number of row groups G (its partial sums add 16*G*C bytes: written, read back).
-    """
-    rows_bytes = rows * width * x_bytes
-    if not backward:
-        return 2 * rows_bytes + 2 * width * w_bytes + 8 * rows
-    return 3 * rows_bytes + width * w_bytes + 8 * rows + 16 * groups * width + 2 * width * w_bytes
-
-
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def compile_targets() -> list[dict]:
-    """Every (kernel, configuration) this module launches on a GPU, for ``python -m kernels.compile_check``.
-
-    Widths: 128 (a small model's, 32 rows per program), GPT-2 small's 768 (4 rows per program), an awkward 1000 (its
-    rows are not 16-element aligned), 4096 and the 8192 ceiling we promise to run well (one row per program).
-    Dtypes: all three, plus 16-bit activations with float32 parameters (autocast).
-    """
-    dtype_pairs = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
-                   (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
-    targets = []
-    for width in (128, 768, 1000, 4096, 8192):
-        aligned = ["stride", "width"] if width % 16 == 0 else []
-        for x_dtype, w_dtype in dtype_pairs:
-            xt, wt = _DTYPE_NAMES[x_dtype], _DTYPE_NAMES[w_dtype]
-            tile = row_tile(width, x_dtype.itemsize, rows=1 << 20, interpreting=False)
-
-            def common(tile):
-                return dict(constexprs={"BLOCK_M": tile.BLOCK_M, "BLOCK_C": tile.BLOCK_C}, num_warps=tile.num_warps,
-                            num_stages=1, aligned=aligned,
-                            config=f"x={xt} w={wt} C={width} BLOCK={tile.BLOCK_M}x{tile.BLOCK_C} w{tile.num_warps}")
-
-            sig = {"X": f"*{xt}", "WEIGHT": f"*{wt}", "BIAS": f"*{wt}", "Y": f"*{xt}", "MEAN": "*fp32",
-                   "RSTD": "*fp32", "stride": "i32", "n_rows": "i32", "width": "i32", "eps": "fp32"}
-            targets.append(dict(name="layer_norm_fwd", fn=_layer_norm_fwd, signature=sig, **common(tile)))
-            sig = {"X": f"*{xt}", "DY": f"*{xt}", "DX": f"*{xt}", "WEIGHT": f"*{wt}", "MEAN": "*fp32",
-                   "RSTD": "*fp32", "PARTIAL_DW": "*fp32", "PARTIAL_DB": "*fp32", "stride": "i32", "n_rows": "i32",
-                   "width": "i32", "rows_per_group": "i32"}
-            targets.append(dict(name="layer_norm_bwd_dx", fn=_layer_norm_bwd_dx, signature=sig,
-                                **common(backward_tile(tile))))
-    for wt in ("fp32", "fp16", "bf16"):
-        sig = {"PARTIAL_DW": "*fp32", "PARTIAL_DB": "*fp32", "DW": f"*{wt}", "DB": f"*{wt}", "n_groups": "i32",
-               "width": "i32"}
-        targets.append(dict(
-            name="layer_norm_bwd_dwdb", fn=_layer_norm_bwd_dwdb, signature=sig,
-            constexprs={"BLOCK_G": REDUCE_BLOCK_G, "BLOCK_C": REDUCE_BLOCK_C}, num_warps=REDUCE_NUM_WARPS,
-            num_stages=1, aligned=["width"], config=f"w={wt} BLOCK_G={REDUCE_BLOCK_G} BLOCK_C={REDUCE_BLOCK_C}",
-        ))
-    return targets
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,5 +403,5 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return y
 
 
-__all__ = ["MAX_WIDTH", "compile_targets", "layer_norm", "layer_norm_bwd", "layer_norm_bytes", "layer_norm_fwd",
+__all__ = ["MAX_WIDTH", "layer_norm", "layer_norm_bwd", "layer_norm_fwd",
            "row_tile"]

@@ -23,7 +23,7 @@ Why not ``F.cross_entropy(x @ W.T, t)``
 The logits are big. GPT-2 small at 16 x 1024 tokens a batch and V = 50,257 has (N, V) logits of 3.3 GB in
 float32, and autograd keeps more of that size alive (log_softmax's output for the backward, then the gradient dZ),
 against 154 MB for W itself. So the rows go through in chunks of n (the chunk loop,
-``reference.linear_cross_entropy_chunks``, shared with the torch backend); for each chunk it
+``chunked_loss.loss_and_grads_in_chunks``, shared with the torch backend); for each chunk it
 
     1. computes the chunk's float32 logits, Z_c = X_c W^T           (n, V), a matmul (cuBLAS on a GPU)
     2. calls ``rows_step`` on them: each row's loss, and Z_c overwritten IN PLACE by dZ_c
@@ -46,7 +46,7 @@ kernel doing everything?
   by the tensor cores as part of the matmul.
 * The memory saving comes from the chunking, not from the kernel: with n rows a chunk, the peak is n V floats
   whatever computes the softmax.
-* What the kernel removes are the passes between the matmuls. The plain step (``reference.cross_entropy_rows_step``)
+* What the kernel removes are the passes between the matmuls. The plain step (``chunked_loss.cross_entropy_rows_step``)
   makes about 12 passes over each chunk, through one more (n, V) temporary: logsumexp reads the chunk for its max,
   writes and reads the shifted exponentials, reads them for the sum; the gradient is three in-place read-and-write
   passes (subtract lse, exp, multiply by g). The kernel makes 3 (below).
@@ -73,15 +73,13 @@ loop hands over float32 logits whatever the model's dtype.
 One row per program, not a block of rows. In attention a block of query rows shares every key tile it loads; here
 rows share nothing (each logit belongs to one row), so a block of rows would only take more registers per program,
 not save any traffic. A row is long enough to keep a program busy: at V = 50,257, 49 tiles of BLOCK_V = 1024 per
-sweep, 8 float32 per thread over 4 warps (two 16-byte loads per thread). Small programs also fill the GPU evenly: at
-40-48 registers per thread (``python -m kernels.compile_check``) about ten fit on a multiprocessor, 1,320 at once on
-a 132-multiprocessor H100, so a 640-row chunk runs as a single wave with 4 or 5 rows on every multiprocessor. With 8
-warps and 16 floats a thread (BLOCK_V = 4096) it took 76-118 registers: two or three programs a multiprocessor
-(264-396), and the chunk would run in two or three waves, the last one mostly idle. Each sweep runs over the whole
-tiles without a mask, then over one masked last tile (the same split as the attention kernel's unmasked tiles and
-masked diagonal band), so that the whole tiles' loads are vectorized when the buffer's rows start 16-element
-aligned. (BLOCK_V and the warps are chosen from registers, not yet from timings on a GPU.) Under Triton's
-interpreter a program is a Python call, so there BLOCK_V grows to cover a whole row in one step (``_block_v``).
+sweep, 8 float32 per thread over 4 warps (two 16-byte loads per thread). Small programs also fill the GPU evenly:
+few registers a program let many programs share a multiprocessor, so a whole chunk runs in one wave, where larger
+tiles would need two or three, the last one mostly idle (benchmarks/NOTES.md has the register counts). Each sweep
+runs over the whole tiles without a mask, then over one masked last tile (the same split as the attention kernel's
+unmasked tiles and masked diagonal band), so that the whole tiles' loads are vectorized when the buffer's rows
+start 16-element aligned. Under Triton's interpreter a program is a Python call, so there BLOCK_V grows to cover a
+whole row in one step (``_block_v``).
 
 Ignored and out-of-range targets. A row whose target is ``ignore_index`` gets loss 0 and a gradient row of exact
 zeros (set, not multiplied: with every row ignored, "mean" passes g = 1/0 = inf). Its statistics are computed all
@@ -91,7 +89,7 @@ raises wherever looking costs no GPU sync. The kernel cannot raise and never rea
 logit is a masked load, which gives NaN there, so such a row's loss is NaN (and so is the "mean" or "sum" it goes
 into), and its gradient row is NaN too, so the mistake shows in the loss and in every gradient it reaches rather
 than training on silently. That is the behaviour of every backend (the shared contract,
-``reference.cross_entropy_rows_step``).
+``chunked_loss.cross_entropy_rows_step``).
 
 Memory traffic
 --------------
@@ -100,10 +98,10 @@ For one row of V float32 logits (int64 targets, one float32 g a row):
     statistics:  reads 4 V (the row) + 4 (the target's logit) + 8 (the target)     writes 4 (the loss)
     gradient:    reads 4 V (the row again) + 4 (g)                                 writes 4 V (dz, in place)
 
-so 12 V + 20 bytes a row with the gradient (603 KB at V = 50,257) and 4 V + 16 without (evaluation).
-``rows_step_bytes`` computes it. The second read would come from L2 if the row were still there, but at V = 50,257
-a row is 201 KB and a thousand rows are in flight, several times what an H100's 50 MB L2 holds: expect the full
-count from memory.
+so 12 V + 20 bytes a row with the gradient (603 KB at V = 50,257) and 4 V + 16 without (evaluation);
+``rows_step_bytes`` in ``kernels/costs.py`` computes it. The second read would come from L2 if the row were still
+there, but at V = 50,257 a row is 201 KB and a thousand rows are in flight, several times what an H100's 50 MB L2
+holds: expect the full count from memory.
 """
 from __future__ import annotations
 
@@ -115,16 +113,18 @@ import triton.language as tl
 
 from . import launch
 from .launch import check_tensor, is_interpreting, triton_next_power_of_2
-from .reference import IGNORE_INDEX, autocast_inputs, check_linear_cross_entropy_inputs, linear_cross_entropy_chunks
+from .checks import check_linear_cross_entropy_inputs
+from .chunked_loss import autocast_inputs, loss_and_grads_in_chunks
+from .definitions import IGNORE_INDEX
 
-__all__ = ["compile_targets", "cross_entropy_rows", "linear_cross_entropy", "linear_cross_entropy_bwd",
-           "linear_cross_entropy_fwd", "linear_cross_entropy_loss", "rows_step_bytes"]
+__all__ = ["cross_entropy_rows", "linear_cross_entropy", "linear_cross_entropy_bwd",
+           "linear_cross_entropy_fwd", "linear_cross_entropy_loss"]
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(z) = exp2(z * log2 e)
 LN2 = tl.constexpr(math.log(2.0))  # log(y) = log2(y) * ln 2
 
-# On a GPU: 1024 float32 logits a tile over 4 warps, 8 a thread (see "One row per program" above for the register
-# counts behind this choice).
+# On a GPU: 1024 float32 logits a tile over 4 warps, 8 a thread (see "One row per program" above: few registers a
+# program, so a chunk's rows run in one wave).
 BLOCK_V = 1024
 NUM_WARPS = 4
 
@@ -218,7 +218,7 @@ def _block_v(n_vocab: int) -> int:
 
 def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                        grad_scale: torch.Tensor | None) -> torch.Tensor:
-    """The chunk loop's ``rows_step`` (contract: ``reference.cross_entropy_rows_step``), as one Triton kernel.
+    """The chunk loop's ``rows_step`` (contract: ``chunked_loss.cross_entropy_rows_step``), as one Triton kernel.
 
     logits: (n, V) float32 with contiguous rows (any row stride); targets: (n,) int64; grad_scale: None or (n,),
     one factor a row. Returns the (n,) float32 loss rows ``logsumexp(logits_i) - logits_i[targets_i]``: 0 where the
@@ -248,35 +248,6 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index
         num_warps=NUM_WARPS,
     )
     return loss
-
-
-def rows_step_bytes(rows: int, vocab: int, grad: bool = True) -> int:
-    """Bytes the rows kernel moves for ``rows`` rows of ``vocab`` float32 logits (the table at the top): 12 V + 20
-    a row with the gradient sweep, 4 V + 16 without."""
-    return rows * (12 * vocab + 20 if grad else 4 * vocab + 16)
-
-
-def compile_targets() -> list[dict]:
-    """Every (kernel, configuration) this module launches on a GPU, for ``python -m kernels.compile_check``.
-
-    The logits are float32 whatever the model's dtype, so the configurations are: with and without the gradient
-    sweep, times a row stride that is a multiple of 16 (a padded vocabulary such as 50,304, or a chunk buffer with
-    padded rows: Triton then knows every row starts 64-byte aligned and vectorizes the whole tiles' loads) or not
-    (GPT-2's 50,257 in a contiguous buffer: 4-byte loads, still coalesced across a warp).
-    """
-    targets = []
-    for has_grad in (True, False):
-        for aligned in (True, False):
-            sig = {"LOGITS": "*fp32", "TARGETS": "*i64", "LOSS": "*fp32", "GRAD_SCALE": "*fp32", "stride_row": "i32",
-                   "n_vocab": "i32", "ignore_index": "i32"}
-            targets.append(dict(
-                name="linear_cross_entropy_rows", fn=_cross_entropy_rows, signature=sig,
-                constexprs={"HAS_GRAD": has_grad, "BLOCK_V": BLOCK_V}, num_warps=NUM_WARPS, num_stages=1,
-                aligned=["stride_row"] if aligned else [],
-                config=f"{'loss+grad' if has_grad else 'loss'} row stride {'%16 == 0' if aligned else 'unaligned'} "
-                       f"BLOCK_V={BLOCK_V} w{NUM_WARPS}",
-            ))
-    return targets
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,8 +281,8 @@ def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, targets: tor
         raise ValueError("linear_cross_entropy_fwd: reduction 'none' has no gradients in the forward — use "
                          "linear_cross_entropy_loss")
     with torch.autocast(x.device.type, enabled=False):
-        return linear_cross_entropy_chunks(x, weight, targets, ignore_index, reduction, cross_entropy_rows,
-                                           need_grads=True)
+        return loss_and_grads_in_chunks(x, weight, targets, ignore_index, reduction, cross_entropy_rows,
+                                        need_grads=True)
 
 
 @linear_cross_entropy_fwd.register_fake
@@ -319,20 +290,20 @@ def _(x, weight, targets, ignore_index, reduction):
     return _loss_like(x, reduction), x.new_empty(x.shape), torch.empty_like(weight)
 
 
-def _fwd_setup_context(ctx, inputs, output):
+def _save_grads_setup_context(ctx, inputs, output):
     _loss, grad_x, grad_weight = output
     ctx.save_for_backward(grad_x, grad_weight)
     ctx.mark_non_differentiable(grad_x, grad_weight)
 
 
-def _fwd_backward(ctx, grad_loss, _grad_grad_x, _grad_grad_weight):
+def _scale_saved_grads_backward(ctx, grad_loss, _grad_grad_x, _grad_grad_weight):
     grad_x, grad_weight = ctx.saved_tensors
     needs = ctx.needs_input_grad
     return (grad_x * grad_loss if needs[0] else None, grad_weight * grad_loss if needs[1] else None,
             None, None, None)
 
 
-linear_cross_entropy_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+linear_cross_entropy_fwd.register_autograd(_scale_saved_grads_backward, setup_context=_save_grads_setup_context)
 
 
 @torch.library.custom_op("minigpt::linear_cross_entropy_loss", mutates_args=())
@@ -340,8 +311,8 @@ def linear_cross_entropy_loss(x: torch.Tensor, weight: torch.Tensor, targets: to
                               reduction: str) -> torch.Tensor:
     """The loss alone: float32, (N,) for reduction "none", a scalar for "mean" and "sum"."""
     with torch.autocast(x.device.type, enabled=False):
-        loss, _, _ = linear_cross_entropy_chunks(x, weight, targets, ignore_index, reduction, cross_entropy_rows,
-                                                 need_grads=False)
+        loss, _, _ = loss_and_grads_in_chunks(x, weight, targets, ignore_index, reduction, cross_entropy_rows,
+                                              need_grads=False)
     return loss
 
 
@@ -357,12 +328,12 @@ def linear_cross_entropy_bwd(grad_loss: torch.Tensor, x: torch.Tensor, weight: t
     again chunk by chunk: grad_x (N, C) in x's dtype, grad_weight (V, C) in weight's dtype and strides."""
     with torch.autocast(x.device.type, enabled=False):
         if reduction == "none":
-            _, grad_x, grad_weight = linear_cross_entropy_chunks(
+            _, grad_x, grad_weight = loss_and_grads_in_chunks(
                 x, weight, targets, ignore_index, reduction, cross_entropy_rows, need_grads=True,
                 grad_output=grad_loss)
             return grad_x, grad_weight
-        _, grad_x, grad_weight = linear_cross_entropy_chunks(x, weight, targets, ignore_index, reduction,
-                                                             cross_entropy_rows, need_grads=True)
+        _, grad_x, grad_weight = loss_and_grads_in_chunks(x, weight, targets, ignore_index, reduction,
+                                                          cross_entropy_rows, need_grads=True)
     return grad_x.mul_(grad_loss), grad_weight.mul_(grad_loss)
 
 

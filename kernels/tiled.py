@@ -1,6 +1,6 @@
 r"""The kernels' algorithms as plain PyTorch loops over tiles: the course's bridge.
 
-Read this file beside the kernel it mirrors. ``kernels/reference.py`` says *what* each op computes, in whole-tensor
+Read this file beside the kernel it mirrors. ``kernels/definitions.py`` says *what* each op computes, in whole-tensor
 PyTorch; the Triton files say *how* a GPU computes it, one program per tile, in a language that is new to most
 readers. This file sits in between: every kernel written again as ordinary Python loops over the same tiles, with
 the kernel's variable names (``start_m``, ``lo``, ``m_i``, ``l_i``, ``acc``, ``alpha``, ``qk_scale``, ...) and the
@@ -31,6 +31,8 @@ import math
 import numpy as np
 import torch
 
+from .definitions import EPS
+
 __all__ = [
     "ATTENTION_KERNELS", "PHILOX_KEY_LAYOUT", "attention_backward", "attention_forward", "attention_tile_grid",
     "dkdv_query_bounds", "dropout_keep_mask", "dropout_threshold", "forward_key_bounds", "gelu_backward",
@@ -38,9 +40,8 @@ __all__ = [
 ]
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E), as in kernels/attention.py
-EPS = 1e-5  # GPT-2's LayerNorm epsilon (kernels/reference.py)
 LAYER_NORM_GROUPS = 4  # INTERPRETER_GROUPS of kernels/layer_norm.py (on a GPU: 2 per multiprocessor)
-ATTENTION_KERNELS = ("forward", "dkdv", "dq")  # the three tiled attention kernels (the delta pass has no tiles)
+ATTENTION_KERNELS = ("fwd", "dkdv", "dq")  # the three tiled attention kernels (the delta pass has no tiles)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Philox-4x32-10, as triton/language/random.py computes it
@@ -163,7 +164,7 @@ def dkdv_query_bounds(start_n: int, Tq: int, Tk: int, block_m: int, block_n: int
 
 
 def attention_tile_grid(kernel: str, Tq: int, Tk: int, block_m: int, block_n: int) -> np.ndarray:
-    """Which (query tile, key tile) pairs ``kernel`` ("forward", "dkdv" or "dq") computes: an int array
+    """Which (query tile, key tile) pairs ``kernel`` ("fwd", "dkdv" or "dq") computes: an int array
     (cdiv(Tq, block_m), cdiv(Tk, block_n)), 0 = skipped, 1 = visited without mask, 2 = visited with the causal
     mask (the diagonal band). Rows are always query tiles of block_m rows and columns key tiles of block_n keys
     (in dK/dV a program owns a column, in the others a row)."""

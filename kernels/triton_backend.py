@@ -5,7 +5,7 @@ from .attention import causal_attention
 from .gelu import gelu
 from .layer_norm import layer_norm
 from .linear_cross_entropy import linear_cross_entropy
-from .reference import EPS, IGNORE_INDEX
+from .definitions import EPS, IGNORE_INDEX
 
 
 class TritonBackend:

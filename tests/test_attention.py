@@ -26,11 +26,12 @@ from kernels.attention import (  # noqa: E402
     Tiles,
     attention_fwd,
     causal_attention,
-    compile_targets,
 )
 from kernels.attention_tiles import tiles_for  # noqa: E402
+from kernels.compile_targets import attention_targets  # noqa: E402
+from kernels.definitions import causal_attention_math  # noqa: E402
 from kernels.launch import is_interpreting  # noqa: E402
-from kernels.reference import TorchBackend, causal_attention_math  # noqa: E402
+from kernels.torch_backend import TorchBackend  # noqa: E402
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not is_interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")),
@@ -449,7 +450,7 @@ def test_bad_inputs_raise_clear_errors(device):
 
 
 def test_compile_targets_cover_every_launch_configuration():
-    targets = compile_targets()
+    targets = attention_targets()
     names = [t["name"] for t in targets]
     assert len(names) == len(set(names))
     for t in targets:

@@ -57,7 +57,7 @@ sys.path.insert(0, {root!r})
 import triton
 import triton.language as tl
 from kernels.compile_check import check_targets
-from kernels.layer_norm import compile_targets as layer_norm_targets
+from kernels.compile_targets import layer_norm_targets
 
 
 @triton.jit
@@ -101,7 +101,7 @@ SPILL_EXIT_SCRIPT = '''
 import json, sys
 sys.path.insert(0, {root!r})
 from kernels import compile_check
-from kernels.layer_norm import compile_targets as layer_norm_targets
+from kernels.compile_targets import layer_norm_targets
 
 # the LayerNorm backward with a 16384-wide row spills (see the test above), as a default and as an alternative
 wide = next(t for t in layer_norm_targets() if t["name"] == "layer_norm_bwd_dx" and "x=fp32" in t["config"])
@@ -140,17 +140,22 @@ Resource usage:
         parse_resource_usage("garbage")
 
 
-def test_missing_modules_are_skipped_with_a_warning(capsys):
-    assert collect_targets(modules=("kernels.no_such_module", "kernels.reference")) == []
-    out = capsys.readouterr().out
-    assert "warning: skipping kernels.no_such_module: module not found" in out
-    assert "warning: skipping kernels.reference: it has no compile_targets()" in out
+def test_unknown_kernel_files_are_refused():
+    with pytest.raises(ValueError, match="no compile targets for no_such_kernel"):
+        collect_targets(kernels=("no_such_kernel",))
 
 
-@pytest.mark.parametrize("module", ["kernels.layer_norm", "kernels.gelu", "kernels.linear_cross_entropy"])
-def test_targets_are_well_formed(module):
+def test_targets_cover_every_kernel_file_in_order():
+    names = [t["name"] for t in collect_targets()]
+    firsts = [next(i for i, n in enumerate(names) if n.startswith(stem))
+              for stem in ("attention", "layer_norm", "gelu", "linear_cross_entropy")]
+    assert firsts == sorted(firsts)
+
+
+@pytest.mark.parametrize("kernel", ["layer_norm", "gelu", "linear_cross_entropy"])
+def test_targets_are_well_formed(kernel):
     """Every target names real arguments of its kernel, so a renamed argument fails here, not in CI's compile."""
-    targets = collect_targets(modules=(module,))
+    targets = collect_targets(kernels=(kernel,))
     assert targets
     for t in targets:
         assert {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"} <= t.keys()

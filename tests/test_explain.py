@@ -45,9 +45,9 @@ def _expected(kernel, Tq, Tk, block_m, block_n) -> list[str]:
 
 def _check_attention_printout(out: str, Tq: int, Tk: int, block_m: int, block_n: int) -> None:
     assert "tiles" in out and "m_i" in out and "l_i" in out
-    assert _grids(out) == [_expected(kernel, Tq, Tk, block_m, block_n) for kernel in ("forward", "dkdv", "dq")]
+    assert _grids(out) == [_expected(kernel, Tq, Tk, block_m, block_n) for kernel in ("fwd", "dkdv", "dq")]
     # one line of running statistics per forward loop step
-    steps = int((tiled.attention_tile_grid("forward", Tq, Tk, block_m, block_n) > 0).sum())
+    steps = int((tiled.attention_tile_grid("fwd", Tq, Tk, block_m, block_n) > 0).sum())
     assert len(re.findall(r"^\s+keys .* m_i = ", out, flags=re.M)) == steps
     error = float(re.search(r"computed whole\| = (\S+)", out).group(1))
     assert error < 1e-12

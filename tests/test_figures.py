@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 import kernels.layer_norm as layer_norm  # noqa: E402
 from kernels import figures, tiled  # noqa: E402
-from kernels.reference import future_mask  # noqa: E402
+from kernels.definitions import future_mask  # noqa: E402
 
 REGENERATE = "python -m kernels.figures"
 MAX_BYTES = 100 * 1024

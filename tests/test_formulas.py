@@ -29,12 +29,13 @@ pytest.importorskip("triton")
 
 import kernels.attention as attention  # noqa: E402
 import kernels.gelu as gelu_module  # noqa: E402
-from kernels.attention import LOG2E, MAX_DROPOUT_T, causal_attention, causal_attention_flops  # noqa: E402
+from kernels.attention import LOG2E, MAX_DROPOUT_T, causal_attention  # noqa: E402
 from kernels.attention_tiles import GPU_TILES, MIN_BLOCK_D  # noqa: E402
-from kernels.gelu import gelu_bytes  # noqa: E402
+from kernels.costs import (attention_decode_bytes, attention_decode_flops, causal_attention_flops,  # noqa: E402
+                           gelu_bytes, layer_norm_bytes)
+from kernels.definitions import EPS, causal_attention_math, future_mask  # noqa: E402
 from kernels.launch import is_interpreting  # noqa: E402
-from kernels.layer_norm import GROUPS_PER_SM, layer_norm_bytes  # noqa: E402
-from kernels.reference import EPS, causal_attention_math, future_mask  # noqa: E402
+from kernels.layer_norm import GROUPS_PER_SM  # noqa: E402
 
 F64 = torch.float64
 
@@ -454,7 +455,8 @@ def test_causal_attention_flops_against_flop_counter(B, H, T, D):
 
 
 def test_decoding_cost_formulas():
-    """The "Decoding" section: one query (Tq = 1) against Tk keys, nothing masked.
+    """A decoding step's cost (attention.py's "Cost", kernels/costs.py; the numbers from benchmarks/NOTES.md): one
+    query (Tq = 1) against Tk keys, nothing masked.
 
         FLOPs = 4 * B * H * Tk * D   (flop_counter on the math version: its count is exact here, no mask)
         bytes = B * H * Tk * D * 2 * elem_size   (K and V, each read once)
@@ -466,30 +468,16 @@ def test_decoding_cost_formulas():
     q = _randn(B, H, 1, D, seed=40)
     k, v = _randn(B, H, Tk, D, seed=41), _randn(B, H, Tk, D, seed=42)
     assert _counted_flops(lambda: causal_attention_math(q, k, v)) == 4 * B * H * Tk * D
+    assert attention_decode_flops(B, H, Tk, D) == 4 * B * H * Tk * D
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         kv_bytes = sum(t.to(dtype).numel() * t.to(dtype).element_size() for t in (k, v))
         elem = torch.finfo(dtype).bits // 8
         assert kv_bytes == B * H * Tk * D * 2 * elem
+        assert attention_decode_bytes(B, H, Tk, D, elem) == kv_bytes
         assert 4 * B * H * Tk * D / kv_bytes == 2 / elem
     assert 1024 * 64 * 2 * 2 == 256 * 1024
     assert round(100 * 1024 / 1e-6 / 1e9) == 102  # bytes per second, in GB/s
 
-
-def test_benchmarks_count_with_the_kernels_formulas():
-    """The docstrings say the benchmark divides these counts by its times: benchmarks/kernels.py has its own
-    copies, which must agree — attention's FLOPs and GELU's bytes exactly; LayerNorm's bytes without the backward's
-    partial sums (``groups=0``: the benchmark counts the fewest bytes the op must move, the partials are our
-    kernel's own choice)."""
-    bench = pytest.importorskip("benchmarks.kernels")
-    B, H, T, D = 8, 12, 1024, 64
-    fwd, bwd = causal_attention_flops(B, H, T, D)
-    assert (bench.attention_flops(B, H, T, D, "fwd"), bench.attention_flops(B, H, T, D, "bwd")) == (fwd, bwd)
-    for elem in (2, 4):
-        assert bench.gelu_bytes(1000, elem, "fwd") == gelu_bytes(1000, elem)
-        assert bench.gelu_bytes(1000, elem, "bwd") == gelu_bytes(1000, elem, backward=True)
-        assert bench.layer_norm_bytes(8192, 768, elem, "fwd") == layer_norm_bytes(8192, 768, elem, elem)
-        assert bench.layer_norm_bytes(8192, 768, elem, "bwd") == layer_norm_bytes(8192, 768, elem, elem,
-                                                                                  backward=True, groups=0)
 
 
 # ================================================================================================================

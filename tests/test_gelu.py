@@ -1,6 +1,6 @@
 """Triton GELU (kernels/gelu.py): output and gradient vs float64 math and the torch backend, both approximations.
 
-The measure: the kernel's error against the float64 formula (``reference.gelu_math`` on the very same rounded
+The measure: the kernel's error against the float64 formula (``definitions.gelu_math`` on the very same rounded
 inputs) may be at most twice the torch backend's error in the same dtype, plus one unit in the last place of the
 largest value; and it must stay under a per-dtype bound. Without a GPU the kernels run in Triton's interpreter,
 where one program takes up to ``kernels.launch.INTERPRETER_TILE`` elements; ``test_small_interpreter_tiles``
@@ -19,7 +19,7 @@ import kernels.launch  # noqa: E402
 from kernels import get_backend  # noqa: E402
 from kernels.gelu import BLOCK, gelu  # noqa: E402
 from kernels.launch import is_interpreting  # noqa: E402
-from kernels.reference import gelu_math  # noqa: E402
+from kernels.definitions import gelu_math  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,6 +1,6 @@
 """Triton LayerNorm (kernels/layer_norm.py): output and every gradient vs float64 math and the torch backend.
 
-The measure: the kernel's error against the float64 formula (``reference.layer_norm_math``, evaluated on the very
+The measure: the kernel's error against the float64 formula (``definitions.layer_norm_math``, evaluated on the very
 same rounded inputs) may be at most twice the torch backend's error in the same dtype, plus one unit in the last
 place of the largest value; and it must stay under a per-dtype bound, so a broken torch could not hide a broken
 kernel. Without a GPU the kernels run in Triton's interpreter, so the shapes on "cpu" are small; there one program
@@ -18,7 +18,7 @@ import kernels.launch  # noqa: E402
 from kernels import get_backend  # noqa: E402
 from kernels.launch import is_interpreting  # noqa: E402
 from kernels.layer_norm import MAX_WIDTH, layer_norm, row_tile  # noqa: E402
-from kernels.reference import EPS, layer_norm_math  # noqa: E402
+from kernels.definitions import EPS, layer_norm_math  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,4 +1,4 @@
-"""The loss op of the torch backend (kernels/reference.py): the formula, the chunked path, and their autograd.
+"""The loss op of the torch backend (kernels/chunked_loss.py): the formula, the chunked path, and their autograd.
 
 The measure: ``linear_cross_entropy_math`` is checked against F.cross_entropy in float64; the chunked path against
 the math in float64 (loss and both gradients, every reduction, ignored rows, chunk sizes that do and do not divide
@@ -14,14 +14,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
-import kernels.reference as reference
-from kernels.reference import (
-    REDUCTIONS,
-    cross_entropy_rows_step,
-    default_chunk_rows,
-    linear_cross_entropy_chunked,
-    linear_cross_entropy_math,
-)
+import kernels.chunked_loss as chunked_loss
+from kernels.chunked_loss import chunked_linear_cross_entropy, cross_entropy_rows_step, default_chunk_rows
+from kernels.definitions import REDUCTIONS, linear_cross_entropy_math
 
 torch_ops = kernels.get_backend("torch")
 
@@ -78,7 +73,7 @@ def test_chunks_equal_the_math_in_float64(reduction, ignored, chunk_rows, V):
     x, w, t = make_inputs(V=V, ignored=ignored)
 
     def chunked(x, w, t, reduction):
-        return linear_cross_entropy_chunked(x, w, t, reduction=reduction, chunk_rows=chunk_rows)
+        return chunked_linear_cross_entropy(x, w, t, reduction=reduction, chunk_rows=chunk_rows)
 
     for a, b in zip(loss_and_grads(chunked, x, w, t, reduction),
                     loss_and_grads(linear_cross_entropy_math, x, w, t, reduction)):
@@ -138,7 +133,7 @@ class LiveBytes(TorchDispatchMode):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_one_chunk_of_logits_at_a_time(reduction, monkeypatch):
     N, C, V, rows = 256, 8, 1003, 16  # C < rows: the (V, C) weight gradient is smaller than one chunk's logits
-    monkeypatch.setattr(reference, "LOGITS_CHUNK_BYTES", rows * V * 4)  # the default rule, at a small budget
+    monkeypatch.setattr(chunked_loss, "LOGITS_CHUNK_BYTES", rows * V * 4)  # the default rule, at a small budget
     assert default_chunk_rows(N, V) == rows
     x, w, t = make_inputs(N=N, C=C, V=V, dtype=torch.float32)
     upstream = torch.rand(N) if reduction == "none" else torch.tensor(1.0)
@@ -180,7 +175,7 @@ def test_the_matmul_work_is_the_plain_formulas(reduction, matmuls):
     N, C, V = 64, 16, 257
     x, w, t = make_inputs(N=N, C=C, V=V, dtype=torch.float32)
     with MatmulFlops() as counter:
-        loss_and_grads(lambda *a, **k: linear_cross_entropy_chunked(*a, **k, chunk_rows=10), x, w, t, reduction)
+        loss_and_grads(lambda *a, **k: chunked_linear_cross_entropy(*a, **k, chunk_rows=10), x, w, t, reduction)
     assert counter.flops == matmuls * 2 * N * V * C
 
 
@@ -193,7 +188,7 @@ def test_half_precision_inputs_against_float64(dtype, tol, reduction):
     # the reference gets the very same rounded inputs: what is measured is the op's own error
     ref = loss_and_grads(linear_cross_entropy_math, x.detach().double().requires_grad_(),
                          w.detach().double().requires_grad_(), t, reduction)
-    ours = loss_and_grads(lambda *a, **k: linear_cross_entropy_chunked(*a, **k, chunk_rows=7), x, w, t, reduction)
+    ours = loss_and_grads(lambda *a, **k: chunked_linear_cross_entropy(*a, **k, chunk_rows=7), x, w, t, reduction)
     assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype and ours[2].dtype == dtype
     for a, b in zip(ours, ref):
         scale = b.abs().max().item()

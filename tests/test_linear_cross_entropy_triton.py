@@ -1,7 +1,7 @@
 """Triton linear cross-entropy (kernels/linear_cross_entropy.py): the rows kernel alone, then the whole op.
 
 The rows kernel (the chunk loop's ``rows_step``) is checked against the plain PyTorch step,
-``reference.cross_entropy_rows_step``, evaluated in float64 on the same float32 logits: the loss rows, and the
+``chunked_loss.cross_entropy_rows_step``, evaluated in float64 on the same float32 logits: the loss rows, and the
 gradient it writes over the logits in place. The op, ``linear_cross_entropy``, is checked as tests/test_layer_norm.py
 checks LayerNorm: its loss and both gradients against float64 ``F.cross_entropy(x @ w.T)`` on the very same
 rounded inputs, with an error at most twice the torch backend's (the same chunk loop and matmuls, the plain step),
@@ -23,16 +23,14 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before the k
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+import kernels.chunked_loss  # noqa: E402
 import kernels.launch  # noqa: E402
-import kernels.reference  # noqa: E402
+from kernels.chunked_loss import cross_entropy_rows_step  # noqa: E402
+from kernels.compile_targets import linear_cross_entropy_targets  # noqa: E402
+from kernels.costs import rows_step_bytes  # noqa: E402
 from kernels.launch import is_interpreting  # noqa: E402
-from kernels.linear_cross_entropy import (  # noqa: E402
-    compile_targets,
-    cross_entropy_rows,
-    linear_cross_entropy,
-    rows_step_bytes,
-)
-from kernels.reference import TorchBackend, cross_entropy_rows_step  # noqa: E402
+from kernels.linear_cross_entropy import cross_entropy_rows, linear_cross_entropy  # noqa: E402
+from kernels.torch_backend import TorchBackend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = torch.ops.minigpt
@@ -202,8 +200,8 @@ def test_matches_float64(device, N, V, C, reduction, dtype):
 def test_several_chunks(device, monkeypatch, reduction):
     """33 rows in chunks of 10 (the last of 3): dW is summed over the chunks, dX and the loss rows are per chunk."""
     N, V, C = 33, 257, 16
-    monkeypatch.setattr(kernels.reference, "LOGITS_CHUNK_BYTES", 10 * 4 * V)
-    assert kernels.reference.default_chunk_rows(N, V) == 10
+    monkeypatch.setattr(kernels.chunked_loss, "LOGITS_CHUNK_BYTES", 10 * 4 * V)
+    assert kernels.chunked_loss.default_chunk_rows(N, V) == 10
     x, w, targets = _op_inputs(N, V, C, torch.float32, device, seed=4, ignored=(0, 10, 32))
     _assert_close_to_reference(x, w, targets, reduction, seed=5)
 
@@ -298,7 +296,7 @@ def test_bad_inputs():
 
 def test_compile_targets_are_well_formed():
     """Every target names exactly the kernel's arguments, so a renamed argument fails here."""
-    targets = compile_targets()
+    targets = linear_cross_entropy_targets()
     assert {(t["constexprs"]["HAS_GRAD"], bool(t["aligned"])) for t in targets} == {
         (True, True), (True, False), (False, True), (False, False)}
     for t in targets:

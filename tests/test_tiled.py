@@ -1,7 +1,7 @@
 """The tiled mirrors (kernels/tiled.py) against float64 math and autograd, and their dropout against the kernel.
 
 Two kinds of check. The loops must compute the op: each is compared with the whole-tensor formula of
-``kernels/reference.py`` in float64 (values) and with torch autograd (gradients), on shapes and tiles chosen so that
+``kernels/definitions.py`` in float64 (values) and with torch autograd (gradients), on shapes and tiles chosen so that
 sequences end mid-tile and Tq < Tk shifts the diagonal across tiles. The loops must also be the kernels' loops:
 the NumPy Philox and the keep mask are compared bit for bit with what Triton's interpreter draws, and the tile
 grid (which tiles each program visits, which are masked) with the causal mask, tile by tile. Triton launches are
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kernels import tiled
-from kernels.reference import causal_attention_math, future_mask, gelu_math, layer_norm_math
+from kernels.definitions import causal_attention_math, future_mask, gelu_math, layer_norm_math
 
 # (B, H, Tq, Tk, D, block_m, block_n): several tiles with partial tails, Tq < Tk with the diagonal across tiles,
 # block_m larger and smaller than block_n, one-element tiles, a single decoding query.
@@ -99,7 +99,7 @@ def test_bad_tiles_raise():
     with pytest.raises(ValueError, match="Tq <= Tk"):
         tiled.attention_forward(k, q[:, :, :2], v, 4, 4)
     with pytest.raises(ValueError, match="one of"):
-        tiled.attention_tile_grid("fwd", 4, 4, 2, 2)
+        tiled.attention_tile_grid("forward", 4, 4, 2, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,14 +147,14 @@ def test_tile_grid_covers_the_causal_mask_exactly(kernel, Tq, Tk, block_m, block
 
 def test_tile_grid_by_hand():
     # Tq = Tk = 10, 4-row query tiles, 2-key tiles: query tile 1 (rows 4-7) needs keys 0-7, masked from 4 on
-    assert tiled.attention_tile_grid("forward", 10, 10, 4, 2).tolist() == [
+    assert tiled.attention_tile_grid("fwd", 10, 10, 4, 2).tolist() == [
         [2, 2, 0, 0, 0],
         [1, 1, 2, 2, 0],
         [1, 1, 1, 1, 2],
     ]
     # 3 queries at positions 7-9 of 10 keys, 2-row tiles, 4-key tiles: the band of query tile 0 starts at key 7,
     # rounded down to key tile 1 (keys 4-7), which row 7 sees whole: masked all the same
-    assert tiled.attention_tile_grid("forward", 3, 10, 2, 4).tolist() == [[1, 2, 2], [1, 1, 2]]
+    assert tiled.attention_tile_grid("fwd", 3, 10, 2, 4).tolist() == [[1, 2, 2], [1, 1, 2]]
     assert tiled.attention_tile_grid("dq", 3, 10, 2, 4).tolist() == [[1, 2, 2], [1, 1, 2]]
     # dK/dV rounds in query tiles instead: key tiles 0 and 1 (keys 0-7) are in the past of every query, no mask;
     # key tile 2 (keys 8-9) is seen from row 1 on (position 8), so both query tiles need the mask

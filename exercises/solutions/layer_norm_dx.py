@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-5  # GPT-2's LayerNorm epsilon, as in kernels/reference.py
+EPS = 1e-5  # GPT-2's LayerNorm epsilon, as in kernels/definitions.py
 # Rows per program: few, so that the checker's inputs span several programs and end in a partial tile (the real
 # kernel fills a program with about 4096 elements on a GPU).
 BLOCK_M = 4
