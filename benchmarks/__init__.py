@@ -8,7 +8,8 @@
     python -m benchmarks.profile    a training step's time by op group (matmuls, attention, ..., the optimizer)
     bash benchmarks/run_all.sh OUT  the tests, the four benchmarks and a summary, in one command for a GPU machine
 
-``benchmarks/common.py`` holds what they share: the device's measured ceilings, the timer and the output writers;
-``benchmarks/memory.py`` measures peak memory on either device. See ``benchmarks/README.md`` for what every column
-means.
+What they share: ``benchmarks/common.py`` (options, checks, device, the row loop), ``benchmarks/timing.py`` (the
+timer and the device's measured ceilings), ``benchmarks/results.py`` (the output files, tables and figures),
+``benchmarks/memory.py`` (peak memory on either device). The kernels benchmark is one harness over one module per op
+(``benchmarks/ops/``). See ``benchmarks/README.md`` for what every column means.
 """

@@ -1,74 +1,57 @@
-"""What both benchmarks share: the device, its measured ceilings, the timer, time limits and the output files.
+"""What every benchmark shares before and around its rows: the command line's common options and their checks, the
+device, and the loop that runs rows one by one so that one failure, a time limit or a signal never loses the rest.
 
-Ceilings.  A throughput means little without the most this device can do, so every run starts by measuring two
-numbers on the same device, in the same process, just before its own rows (datasheet figures are not used):
+Where the rest lives: ``benchmarks/timing.py`` (the timer, the device's ceilings, the time budget),
+``benchmarks/results.py`` (the files a run writes, its tables and figures), ``benchmarks/memory.py`` (peak memory).
 
-    bandwidth  a large device-to-device copy, dst.copy_(src): bytes read + bytes written = 2 * nbytes per copy
-    FLOP/s     a large square matmul a @ b in the dtype asked for (bf16 by default): 2 * N^3 FLOPs per product
-
-Inputs are random, never zeros (a matmul on zeros can run faster than on real data).
-
-Timing.  On CUDA ``triton.testing.do_bench`` reports the median of many runs timed with CUDA events, after a
-warm-up and with the L2 cache flushed before each run; without it (or with an unknown signature) the same is done
-with CUDA events directly. On the CPU the host clock (``time.perf_counter``) gives the median over a few runs.
-Warm-up (and with it Triton's JIT compilation and torch.compile) never enters the numbers.
+Errors.  A user's mistake is a ``BenchmarkError`` (or minigpt's ``ConfigError``, from the device's resolution), raised
+like any exception; each benchmark's ``main`` runs its work through ``kernels.cli.run_cli(work, errors=ERRORS)``,
+which prints it as ``error: <what> — <how to fix>`` and exits 1.
 
 torch is imported inside functions so that importing this module does no work.
 """
 from __future__ import annotations
 
-import contextlib
-import csv
-import datetime
-import inspect
-import io
-import itertools
-import json
 import math
 import os
-import platform
 import re
 import signal
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from minigpt.checkpoint import atomic_open
-from minigpt.metrics import csv_cell
+from minigpt.config import ConfigError
 
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # minigpt.runtime.DTYPES' names: argparse's choices without importing torch
 # The recorded results, committed with the code: written only when --out names them, and never by a --quick run.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = Path("benchmark-results")  # in the current folder: a run with no --out replaces no recorded result
 SEEDS = range(-2**63, 2**64)  # what torch.manual_seed takes; beyond it, a traceback after the ceilings
 
-# Sizes of the ceiling measurements: large enough to reach the device's steady state (1 GiB moves far past any
-# cache; an 8192^3 matmul keeps every multiprocessor busy), small enough to take a second. Quick mode and the CPU
-# use smaller ones.
-COPY_BYTES = {"cuda": 1 << 30, "cuda-quick": 1 << 28, "cpu": 1 << 26, "cpu-quick": 1 << 24}
-MATMUL_N = {"cuda": 8192, "cuda-quick": 4096, "cpu": 1024, "cpu-quick": 256}
+
+class BenchmarkError(ValueError):
+    """An option or a file the user must change; the message says what and how."""
+
+
+ERRORS = (BenchmarkError, ConfigError)  # what a benchmark's run_cli prints as one line
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Device
 
 
-def resolve_device(name: str):
-    """``auto`` -> cuda when there is a GPU, else cpu; ``cuda`` without a GPU is a clear error."""
+def benchmark_device(name: str):
+    """minigpt's ``resolve_device`` (``auto`` -> cuda when there is a GPU; ``cuda`` without one is a clear error),
+    held to the devices the timers know: ``auto`` on a Mac's GPU is the CPU, ``--device mps`` is refused."""
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: unknown device {name!r} — use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA GPU is visible — use --device cpu (or auto)")
+    from minigpt.runtime import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "mps" and name == "auto":
+        return torch.device("cpu")
     if device.type not in ("cuda", "cpu"):
-        raise SystemExit(f"error: unsupported device {name!r} — use auto, cpu or cuda")
+        raise BenchmarkError(f"unsupported device {name!r} — the benchmarks time on cuda or cpu: use auto, cpu or "
+                             "cuda")
     return device
 
 
@@ -91,10 +74,11 @@ def set_threads(device, threads: int | None, quick: bool) -> None:
         torch.set_num_threads(threads)
 
 
-def torch_dtype(name: str):
-    import torch
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+def torch_dtype(name: str):
+    from minigpt.runtime import DTYPES
+
+    return DTYPES[name]
 
 
 def device_name(device) -> str:
@@ -121,16 +105,16 @@ def check_out_dir(out: Path, names: list[str], flag: str = "--out") -> None:
             continue
         if not above.is_dir():
             what = "is a file, not a folder" if above == out else f"cannot be made: {above} is a file"
-            raise SystemExit(f"error: {flag} {out} {what} — pass a folder (it is created if missing)")
+            raise BenchmarkError(f"{flag} {out} {what} — pass a folder (it is created if missing)")
         try:
             tempfile.TemporaryFile(dir=above).close()
         except OSError as e:
-            raise SystemExit(f"error: cannot write in {flag} {out}: {e.strerror} (in {above}) — pass a folder you "
-                             "can write") from None
+            raise BenchmarkError(f"cannot write in {flag} {out}: {e.strerror} (in {above}) — pass a folder you "
+                                 "can write") from None
         break
     for name in names:
         if (out / name).is_dir():
-            raise SystemExit(f"error: {out / name} is a folder, not a file — move it away, or pass another {flag}")
+            raise BenchmarkError(f"{out / name} is a folder, not a file — move it away, or pass another {flag}")
 
 
 def results_names(stem: str) -> list[str]:
@@ -141,15 +125,15 @@ def results_names(stem: str) -> list[str]:
 def check_run_args(args) -> None:
     """Refuse, before any work, values of the options every benchmark takes that would fail late or be ignored."""
     if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"error: --threads must be at least 1, got {args.threads} — or leave it out")
+        raise BenchmarkError(f"--threads must be at least 1, got {args.threads} — or leave it out")
     if args.budget_s is not None and not args.budget_s >= 0:  # `not >=`: NaN too, which would never expire
-        raise SystemExit(f"error: --budget-s must be 0 or more seconds, got {args.budget_s} — e.g. --budget-s 600")
+        raise BenchmarkError(f"--budget-s must be 0 or more seconds, got {args.budget_s} — e.g. --budget-s 600")
     if args.seed not in SEEDS:
-        raise SystemExit(f"error: --seed {args.seed} does not fit in 64 bits — use a seed from -2**63 to 2**64 - 1")
+        raise BenchmarkError(f"--seed {args.seed} does not fit in 64 bits — use a seed from -2**63 to 2**64 - 1")
     name = args.name
     if not name or name in (".", "..") or any(sep and sep in name for sep in (os.sep, os.altsep)):
-        raise SystemExit(f"error: --name {name!r} is not a plain file name — give a name without folders (e.g. "
-                         "--name kernels-quick); the folder goes in --out")
+        raise BenchmarkError(f"--name {name!r} is not a plain file name — give a name without folders (e.g. "
+                             "--name kernels-quick); the folder goes in --out")
 
 
 def check_positive(args, names: tuple[str, ...], allow_zero: tuple[str, ...] = ()) -> None:
@@ -161,44 +145,18 @@ def check_positive(args, names: tuple[str, ...], allow_zero: tuple[str, ...] = (
         for v in value if isinstance(value, list) else [] if value is None else [value]:
             if not (math.isfinite(v) and (v >= 0 if zero_ok else v > 0)):
                 flag = "--" + name.replace("_", "-")
-                raise SystemExit(f"error: {flag} must be {'0 or more' if zero_ok else 'positive'}, got {v} — give a "
-                                 f"finite number {'>= 0' if zero_ok else 'above 0'}, or leave it out for the default")
+                raise BenchmarkError(f"{flag} must be {'0 or more' if zero_ok else 'positive'}, got {v} — give a "
+                                     f"finite number {'>= 0' if zero_ok else 'above 0'}, or leave it out for the "
+                                     "default")
 
 
 def check_out(args) -> None:
     """Refuse a --quick run whose --out is in the recorded results (``benchmarks/results/``): its tiny sizes would
     replace a full run's numbers."""
     if args.quick and args.out is not None and args.out.resolve().is_relative_to(RESULTS_DIR):
-        raise SystemExit(f"error: --quick would replace the recorded results in {args.out} — pass another --out "
-                         f"(or drop --out: {DEFAULT_OUT}/<device-name>/)")
+        raise BenchmarkError(f"--quick would replace the recorded results in {args.out} — pass another --out "
+                             f"(or drop --out: {DEFAULT_OUT}/<device-name>/)")
 
-
-def environment(device) -> dict:
-    """Versions, device and date: what a results table must state next to its numbers."""
-    import torch
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, multiprocessors=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1), l2_bytes=l2_cache_bytes(device))
-    else:
-        info.update(cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads(),
-                    load_average_1m=round(os.getloadavg()[0], 2))  # other work on the machine slows the timings
-    return info
 
 
 def l2_cache_bytes(device) -> int:
@@ -270,188 +228,64 @@ def free_memory(device, collect: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Timing
+# The command line: the options every benchmark takes, and its opening
 
 
-def time_ms(fn, device, warmup_ms: float = 25.0, rep_ms: float = 100.0, grad_to_none=None) -> float:
-    """Median milliseconds of one call of ``fn`` on ``device`` (warm-up excluded).
+def add_run_args(p, what: str) -> None:
+    """The options both benchmarks take (``what``: the file stem, for --summarize's help)."""
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions: CI and the CPU")
+    p.add_argument("--device", default="auto", help="auto (default), cuda or cpu")
+    p.add_argument("--budget-s", type=float, help="start no new row after this many seconds (default: no limit)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 with --quick on the CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and weights (default 0)")
+    p.add_argument("--out", type=Path, help=f"output folder (default ./{DEFAULT_OUT}/<device-name>/; the recorded "
+                   "results in benchmarks/results/ are written only when named here, and never with --quick)")
+    p.add_argument("--name", default=what, help=f"the results files' name: NAME.json, .csv, .png (default {what})")
+    p.add_argument("--summarize", type=Path, metavar="JSON",
+                   help=f"print the summary of a {what}.json written earlier and exit (runs nothing)")
 
-    ``grad_to_none``: tensors whose ``.grad`` is reset before every run, so a timed backward never pays for
-    accumulating into an old gradient.
-    """
-    if device.type == "cuda":
-        bench = _triton_do_bench()
-        if bench is not None:
-            return bench(fn, warmup_ms, rep_ms, grad_to_none)
-        return _cuda_events_median(fn, warmup_ms, rep_ms, grad_to_none)
-    return _host_clock_median(fn, warmup_ms, rep_ms, grad_to_none)
+
+def fill_defaults(args, quick: dict, full: dict) -> None:
+    """Set every option left unset (None) to its --quick or full-run default."""
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
 
 
-def _triton_do_bench():
-    """``do_bench`` asked for the median, whatever spelling this Triton has (``return_mode`` in 3.x, with
-    ``quantiles`` as the older way); None when Triton is missing or its signature is unknown."""
-    try:
-        from triton.testing import do_bench
-    except ImportError:
+
+def start_run(args, summarize, quick: dict, full: dict, positive: tuple[str, ...] = (),
+              allow_zero: tuple[str, ...] = (), check=None):
+    """What every benchmark does before its rows, in this order: ``--summarize JSON`` (print ``summarize`` of it, and
+    nothing more to do: returns None); every option left unset to its --quick or full default (``quick``, ``full``);
+    the number options ``positive`` above 0 (or 0 and above: ``allow_zero``); the benchmark's own ``check(args)``;
+    then ``setup``: the common options, the device, --out. Returns the device."""
+    if args.summarize:
+        from benchmarks.results import read_results
+
+        print(summarize(read_results(args.summarize)))
         return None
-    params = inspect.signature(do_bench).parameters
-    if not {"warmup", "rep", "grad_to_none"} <= params.keys():
-        return None
-    if "return_mode" in params:
-        def bench(fn, warmup_ms, rep_ms, grad_to_none):
-            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"))
-    elif "quantiles" in params:
-        def bench(fn, warmup_ms, rep_ms, grad_to_none):
-            result = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5])
-            return float(result[0] if isinstance(result, (list, tuple)) else result)
-    else:
-        return None
-    return bench
+    fill_defaults(args, quick, full)
+    check_positive(args, positive, allow_zero)
+    if check is not None:
+        check(args)
+    return setup(args)
 
 
-def _reset_grads(tensors) -> None:
-    for t in tensors or ():
-        t.grad = None
-
-
-def _cuda_events_median(fn, warmup_ms, rep_ms, grad_to_none) -> float:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate = max(start.elapsed_time(end) / 5, 1e-3)
-    for _ in range(max(1, int(warmup_ms / estimate))):
-        fn()
-    n = max(5, int(rep_ms / estimate))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for i in range(n):
-        _reset_grads(grad_to_none)
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
-def _host_clock_median(fn, warmup_ms, rep_ms, grad_to_none) -> float:
-    _reset_grads(grad_to_none)
-    fn()  # the first call: allocations, lazy initialisation
-    t0 = time.perf_counter()
-    _reset_grads(grad_to_none)
-    fn()
-    estimate = max((time.perf_counter() - t0) * 1e3, 1e-3)
-    for _ in range(min(10, int(warmup_ms / estimate))):
-        _reset_grads(grad_to_none)
-        fn()
-    times = []
-    for _ in range(max(3, min(100, int(rep_ms / estimate)))):
-        _reset_grads(grad_to_none)
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def time_pass(fn, sets, pass_: str, device, warmup_ms: float, rep_ms: float) -> float:
-    """Median ms of one pass of ``fn`` over input sets (``.tensors``: leaves requiring grad, ``.dy``: the upstream
-    gradient), cycling through them so that rotated copies keep the inputs out of the cache. ``fwd`` times the
-    forward as training runs it (saving what backward needs); ``bwd`` times out.backward(dy) alone (the forwards run
-    once, outside the timed region, and the graph is kept); ``fwd+bwd`` both. Gradients are reset before every run."""
-    run, leaves = pass_runner(fn, sets, pass_)
-    return time_ms(run, device, warmup_ms, rep_ms, grad_to_none=leaves)
-
-
-def time_interleaved(runners: dict, rounds: int) -> dict:
-    """The ms of every run of each of several ``pass_runner``s on the CPU, taking turns: after one warm-up call each,
-    every round runs each once. On a machine shared with other work, whose load changes during a measurement,
-    contenders timed one after another can meet different conditions; taking turns gives each the same ones, on
-    average. Returns name -> [ms of round 1, round 2, ...]."""
-    for run, leaves in runners.values():
-        _reset_grads(leaves)
-        run()  # the first call: allocations, lazy initialisation
-    samples = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, (run, leaves) in runners.items():
-            _reset_grads(leaves)
-            t0 = time.perf_counter()
-            run()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-    return samples
-
-
-def pass_runner(fn, sets, pass_: str):
-    """(a function running one pass of ``fn``, the tensors whose gradients to reset before each run): see
-    ``time_pass``."""
-    leaves = [t for s in sets for t in s.tensors]
-    order = itertools.cycle(range(len(sets)))
-    if pass_ == "fwd":
-        def run():
-            fn(*sets[next(order)].tensors)
-    elif pass_ == "bwd":
-        outs = [fn(*s.tensors) for s in sets]  # the forwards, outside the timed region
-
-        def run():
-            i = next(order)
-            outs[i].backward(sets[i].dy, retain_graph=True)
-    else:
-        def run():
-            s = sets[next(order)]
-            fn(*s.tensors).backward(s.dy)
-    return run, leaves
-
-
-def measure_ceilings(device, matmul_dtypes=("bf16",), quick: bool = False) -> dict:
-    """This device's bandwidth (GB/s, from a copy) and matmul rate (TFLOP/s per dtype), measured now."""
-    key = device.type + ("-quick" if quick else "")
-    rep_ms = 50 if quick else 200
-    n = MATMUL_N[key]
-    ceilings = {"copy_bytes": COPY_BYTES[key], "matmul_n": n,
-                "bandwidth_gbps": 2 * COPY_BYTES[key] / (_copy_ms(COPY_BYTES[key], device, rep_ms) * 1e-3) / 1e9,
-                "matmul_tflops": {name: 2 * n**3 / (_matmul_ms(n, name, device, rep_ms) * 1e-3) / 1e12
-                                  for name in dict.fromkeys(matmul_dtypes)}}  # bytes read + written; 2 FLOPs/FMA
-    free_memory(device)
-    return ceilings
-
-
-def _copy_ms(nbytes: int, device, rep_ms: float) -> float:
-    import torch
-
-    src = torch.randn(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    return time_ms(lambda: dst.copy_(src), device, warmup_ms=10, rep_ms=rep_ms)
-
-
-def _matmul_ms(n: int, dtype: str, device, rep_ms: float) -> float:
-    import torch
-
-    a, b = (torch.randn(n, n, device=device, dtype=torch_dtype(dtype)) for _ in range(2))
-    c = torch.empty_like(a)
-    return time_ms(lambda: torch.matmul(a, b, out=c), device, warmup_ms=10, rep_ms=rep_ms)
+def setup(args):
+    """The common options' checks, device, --out's check, interpreter switch, threads and the SIGTERM handler: what
+    every benchmark does before its rows."""
+    check_out(args)
+    check_run_args(args)
+    device = benchmark_device(args.device)
+    check_out_dir(args.out or default_out_dir(device), results_names(args.name))
+    stop_on_sigterm()
+    prepare_interpreter(device)
+    set_threads(device, args.threads, args.quick)
+    return device
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Time limits: a part that runs out of time still writes what it measured
-
-
-class Budget:
-    """Seconds a run may spend (None: unlimited); rows after the limit are recorded as skipped, not run."""
-
-    def __init__(self, seconds: float | None):
-        self.seconds = seconds
-        self.start = time.monotonic()
-
-    def spent(self) -> float:
-        return time.monotonic() - self.start
-
-    def expired(self) -> bool:
-        return self.seconds is not None and self.spent() > self.seconds
+# Running rows: a part that fails, runs out of time or is stopped still keeps what it measured
 
 
 class Terminated(KeyboardInterrupt):
@@ -496,163 +330,3 @@ def run_rows(planned: list, run_one, describe, cleanup, save=None) -> tuple[list
         interrupted = one_line(exc)
         print(f"interrupted ({interrupted}): writing the {len(rows)} rows measured so far", flush=True)
     return rows, interrupted
-
-
-def report(out_dir: Path, stem: str, rows: list[dict], meta: dict, plot, summarize) -> None:
-    """Write the results (``finish``), print their summary and the files written."""
-    rows, paths = finish(out_dir, stem, rows, meta, plot)
-    print("\n" + summarize({"rows": rows, "meta": meta}))
-    print("wrote " + ", ".join(str(p) for p in paths))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Output
-
-
-def read_results(path: Path) -> dict:
-    """A results JSON written by a benchmark (for --summarize); a one-line error when it cannot be read."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read results from {path}: {one_line(e)} — pass the kernels.json or "
-                         "train.json a benchmark run wrote") from None
-    if not isinstance(data, dict) or "rows" not in data or "meta" not in data:
-        raise SystemExit(f"error: {path} is not a benchmark results file (no 'rows' and 'meta') — pass the "
-                         "kernels.json or train.json a benchmark run wrote")
-    return data
-
-
-def add_run_args(p, what: str) -> None:
-    """The options both benchmarks take (``what``: the file stem, for --summarize's help)."""
-    p.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions: CI and the CPU")
-    p.add_argument("--device", default="auto", help="auto (default), cuda or cpu")
-    p.add_argument("--budget-s", type=float, help="start no new row after this many seconds (default: no limit)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 with --quick on the CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and weights (default 0)")
-    p.add_argument("--out", type=Path, help=f"output folder (default ./{DEFAULT_OUT}/<device-name>/; the recorded "
-                   "results in benchmarks/results/ are written only when named here, and never with --quick)")
-    p.add_argument("--name", default=what, help=f"the results files' name: NAME.json, .csv, .png (default {what})")
-    p.add_argument("--summarize", type=Path, metavar="JSON",
-                   help=f"print the summary of a {what}.json written earlier and exit (runs nothing)")
-
-
-def fill_defaults(args, quick: dict, full: dict) -> None:
-    """Set every option left unset (None) to its --quick or full-run default."""
-    for name, value in (quick if args.quick else full).items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-
-
-def setup(args):
-    """The common options' checks, device, --out's check, interpreter switch, threads and the SIGTERM handler: what
-    every benchmark does before its rows."""
-    check_out(args)
-    check_run_args(args)
-    device = resolve_device(args.device)
-    check_out_dir(args.out or default_out_dir(device), results_names(args.name))
-    stop_on_sigterm()
-    prepare_interpreter(device)
-    set_threads(device, args.threads, args.quick)
-    return device
-
-
-def run_meta(device, ceilings: dict, args, budget: Budget, interrupted: str | None, counting: str) -> dict:
-    """What the JSON file records besides its rows."""
-    return dict(environment=environment(device), ceilings=ceilings, counting=counting, interrupted=interrupted,
-                seconds=round(budget.spent(), 1),
-                args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
-
-
-def finish(out_dir: Path, stem: str, rows: list[dict], meta: dict, plot) -> tuple[list[dict], list[Path]]:
-    """Give every row every column, write ``<stem>.json``, ``.csv`` and (``plot(rows, path)``) ``.png``."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    rows = [{k: r.get(k) for k in keys} for r in rows]
-    paths = write_results(out_dir, stem, rows, meta)
-    try:
-        png = plot(rows, out_dir / f"{stem}.png") if rows else None
-    except Exception as exc:  # a figure is a convenience: the numbers are already written
-        print(f"warning: no {stem}.png ({one_line(exc)})", file=sys.stderr)
-        png = None
-    return rows, paths + ([png] if png else [])
-
-
-def write_results(out_dir: Path, stem: str, rows: list[dict], meta: dict) -> list[Path]:
-    """``<stem>.json`` ({"meta": ..., "rows": [...]}) and ``<stem>.csv`` (one line per row) under ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    with _naming(json_path), atomic_open(json_path) as f:  # a run killed mid-write leaves the previous file
-        f.write((json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable) + "\n").encode())
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: csv_cell(row.get(k)) for k in columns})
-    with _naming(csv_path), atomic_open(csv_path) as f:
-        f.write(text.getvalue().encode())
-    return [json_path, csv_path]
-
-
-@contextlib.contextmanager
-def _naming(path: Path):
-    """Give an OSError raised while writing ``path`` that file's name: a failed write (a full disk) names none, and
-    the one-line error at the command line should say which file it was."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
-
-
-def partial_writer(out_dir: Path, stem: str, meta):
-    """``save(rows)`` for ``run_rows``: the results so far, with ``meta()`` marked partial (the final write
-    replaces them)."""
-    return lambda rows: write_results(out_dir, stem, rows, dict(meta(), partial=True))
-
-
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
-
-
-def format_table(headers: list[str], lines: list[list], right: set[int] | None = None) -> str:
-    """A plain fixed-width table; ``right`` holds the indices of right-aligned (numeric) columns."""
-    right = right or set()
-    cells = [[("" if c is None else str(c)) for c in line] for line in lines]
-    widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headers)]
-
-    def fmt(line):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(headers), rule] + [fmt(line) for line in cells])
-
-
-def fmt_num(value, digits: int = 3) -> str:
-    """A number in a table cell: 3 significant digits, '-' for missing."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
-
-
-def save_figure(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
-
-
-def pyplot():
-    """matplotlib's pyplot with a file-only backend (no display needed), or None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt

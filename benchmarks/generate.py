@@ -27,7 +27,7 @@ The floor of a decoding step.  At batch 1 a step multiplies one position's activ
 about 2 x parameters FLOPs, but every one of those weights must be READ once, and a GPU reads far slower than it
 multiplies. So a step cannot take less than the bytes it must read / memory bandwidth (``floor_bytes_per_token``:
 the matmuls' weights, the LayerNorms', one row of each embedding table, and the KV cache at the step's length);
-the bandwidth is the copy rate measured at the start of the run (``benchmarks/common.py``). The rows at batch 1
+the bandwidth is the copy rate measured at the start of the run (``benchmarks/timing.py``). The rows at batch 1
 report that floor and floor_ratio = measured ms per token / floor ms (1.0 would be perfect; kernel launches, the
 prefill's extra work and everything a step does besides reading are what is above it). On the CPU the same ratio
 is reported for completeness.
@@ -42,11 +42,10 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, results, timing
 from kernels.cli import run_cli
 
 CONTENDERS = ("cache", "no cache", "transformers")
@@ -54,8 +53,8 @@ COUNTING = ("tokens/s = batch * new tokens / seconds of the whole generation (pr
             "= floor_bytes_per_token / measured copy bandwidth: the matmuls' weights (the output head once) and the "
             "LayerNorms' + one token and one position embedding row + the KV cache at the step's length (all "
             "layers, K and V), averaged over the new tokens")
-FULL = dict(batches=[1, 8], prompt_len=32, new_tokens=256, context=512, emb_dim=768, n_layers=12, n_heads=12)
-QUICK = dict(batches=[1, 2], prompt_len=8, new_tokens=24, context=64, emb_dim=128, n_layers=2, n_heads=4)
+FULL = dict(batches=[1, 8], prompt_len=32, new_tokens=256, context_length=512, emb_dim=768, n_layers=12, n_heads=12)
+QUICK = dict(batches=[1, 2], prompt_len=8, new_tokens=24, context_length=64, emb_dim=128, n_layers=2, n_heads=4)
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def build_models(args, device, dtype):
             theirs, why = transformers.GPT2LMHeadModel.from_pretrained(args.pretrained), None
     elif transformers is not None:
         # GPT-2's layout with random weights: built by transformers, saved in its format and loaded by ours
-        config = transformers.GPT2Config(n_positions=args.context, n_embd=args.emb_dim, n_layer=args.n_layers,
+        config = transformers.GPT2Config(n_positions=args.context_length, n_embd=args.emb_dim, n_layer=args.n_layers,
                                          n_head=args.n_heads, vocab_size=args.vocab_size)
         torch.manual_seed(args.seed)
         theirs, why = transformers.GPT2LMHeadModel(config), None
@@ -91,7 +90,7 @@ def build_models(args, device, dtype):
     else:
         from minigpt.config import GPTConfig
 
-        cfg = GPTConfig(vocab_size=args.vocab_size, context_length=args.context, emb_dim=args.emb_dim,
+        cfg = GPTConfig(vocab_size=args.vocab_size, context_length=args.context_length, emb_dim=args.emb_dim,
                         n_heads=args.n_heads, n_layers=args.n_layers, drop_rate=0.0, qkv_bias=True)
         torch.manual_seed(args.seed)
         ours, theirs, why = GPTModel(cfg, kernels=args.kernels), None, "transformers is not installed " \
@@ -127,16 +126,11 @@ def timed(fn, prompt, new_tokens: int, device, repeats: int) -> tuple[float, "ob
     import torch
 
     fn(prompt, new_tokens)  # the warm-up
-    times = []
+    watch = timing.Stopwatch(device)
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        out = fn(prompt, new_tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        with watch.region():
+            out = fn(prompt, new_tokens)
+    return statistics.median(watch.ms()) / 1e3, out
 
 
 def floor_bytes_per_token(model, prompt_len: int, new_tokens: int) -> float:
@@ -182,7 +176,7 @@ def first_difference(a, b) -> int | None:
     return None if len(differs) == 0 else int(differs[0])
 
 
-def run_row(row: Row, args, device, ours, theirs, why_not, reference: dict, budget: common.Budget) -> dict:
+def run_row(row: Row, args, device, ours, theirs, why_not, reference: dict, budget: timing.Budget) -> dict:
     import torch
 
     result = dict(asdict(row), prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=args.dtype,
@@ -240,11 +234,11 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         same = "-" if r.get("same_tokens") is None else ("same" if r["same_tokens"] else
                                                         f"differ at {r['first_difference']}")
-        lines.append([r["batch"], r["contender"], common.fmt_num(r.get("seconds")), common.fmt_num(r.get("tokens_per_s")),
-                      common.fmt_num(r.get("ms_per_token")), common.fmt_num(r.get("floor_ms")),
-                      common.fmt_num(r.get("floor_ratio")), common.fmt_num(r.get("speedup_vs_no_cache")),
-                      common.fmt_num(r.get("speedup_vs_transformers")), same, shorten(r["status"])])
-    return common.format_table(headers, lines, right={0, 2, 3, 4, 5, 6, 7, 8})
+        lines.append([r["batch"], r["contender"], results.fmt_num(r.get("seconds")), results.fmt_num(r.get("tokens_per_s")),
+                      results.fmt_num(r.get("ms_per_token")), results.fmt_num(r.get("floor_ms")),
+                      results.fmt_num(r.get("floor_ratio")), results.fmt_num(r.get("speedup_vs_no_cache")),
+                      results.fmt_num(r.get("speedup_vs_transformers")), same, shorten(r["status"])])
+    return results.format_table(headers, lines, right={0, 2, 3, 4, 5, 6, 7, 8})
 
 
 def shorten(status: str) -> str:
@@ -254,7 +248,7 @@ def shorten(status: str) -> str:
 
 def plot(rows: list[dict], path: Path) -> Path | None:
     """New tokens per second per contender, grouped by batch."""
-    plt = common.pyplot()
+    plt = results.pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -270,16 +264,17 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     ax.legend()
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    return common.save_figure(fig, path)
+    return results.save_figure(fig, path)
 
 
 def summarize(data: dict) -> str:
     env, meta = data["meta"]["environment"], data["meta"]
     a = meta["args"]
     head = (f"greedy generation on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}): "
-            f"{a['n_layers']} layers x {a['emb_dim']} wide, context {a['context']}, prompt {a['prompt_len']}, "
+            f"{a['n_layers']} layers x {a['emb_dim']} wide, context {a.get('context_length', a.get('context'))}, "
+            f"prompt {a['prompt_len']}, "
             f"{a['new_tokens']} new tokens, {a['dtype']}; copy bandwidth "
-            f"{common.fmt_num(meta['ceilings']['bandwidth_gbps'])} GB/s")
+            f"{results.fmt_num(meta['ceilings']['bandwidth_gbps'])} GB/s")
     return head + "\n\n" + table(data["rows"])
 
 
@@ -293,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8; 1 2 with --quick)")
     p.add_argument("--prompt-len", type=int, help="prompt tokens (default 32; 8 with --quick)")
     p.add_argument("--new-tokens", type=int, help="tokens to generate (default 256; 24 with --quick)")
-    p.add_argument("--context", type=int, help="the model's context length (default 512; 64 with --quick)")
+    p.add_argument("--context-length", type=int, help="the model's context length (default 512; 64 with --quick)")
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--pretrained", help="GPT-2's weights (gpt2, gpt2-medium, ... or a local folder) instead of "
                                         "random ones")
@@ -309,35 +304,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Check every option, then run; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(args), errors=common.ERRORS)
+
+
+def check_args(args) -> None:
+    if args.prompt_len >= args.context_length:
+        raise common.BenchmarkError(f"--prompt-len ({args.prompt_len}) must be shorter than --context-length "
+                                    f"({args.context_length})")
 
 
 def run(args) -> int:
-    if args.summarize:
-        print(summarize(common.read_results(args.summarize)))
+    device = common.start_run(args, summarize, QUICK, FULL, check=check_args,
+                              positive=("batches", "prompt_len", "new_tokens", "context_length", "repeats",
+                                        "vocab_size"))
+    if device is None:  # --summarize
         return 0
-    common.fill_defaults(args, QUICK, FULL)
-    for name in ("prompt_len", "new_tokens", "context", "repeats", "vocab_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
-    if any(b < 1 for b in args.batches):
-        raise SystemExit(f"error: --batches must be >= 1, got {args.batches}")
-    if args.prompt_len >= args.context:
-        raise SystemExit(f"error: --prompt-len ({args.prompt_len}) must be shorter than --context ({args.context})")
-    device = common.setup(args)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     args.repeats = args.repeats or (3 if device.type == "cuda" else 1)
-    ceilings = common.measure_ceilings(device, [args.dtype], quick=args.quick)
+    ceilings = timing.measure_ceilings(device, [args.dtype], quick=args.quick)
     args.bandwidth_gbps = ceilings["bandwidth_gbps"]
     print(f"benchmarks.generate on {common.device_name(device)}; copy {ceilings['bandwidth_gbps']:.0f} GB/s",
           flush=True)
-    budget = common.Budget(args.budget_s)
+    budget = timing.Budget(args.budget_s)
     try:
         ours, theirs, why_not = build_models(args, device, common.torch_dtype(args.dtype))
     except Exception as exc:  # a pretrained name that cannot be loaded, say: one line, not a traceback
-        raise SystemExit(f"error: cannot build the models: {common.one_line(exc, 300)}") from None
-    args.context = ours.cfg.context_length
+        raise common.BenchmarkError(f"cannot build the models: {common.one_line(exc, 300)}") from None
+    args.context_length = ours.cfg.context_length
     reference = {}
     # the uncached loop first at each batch: it is the reference the other rows' tokens are compared with
     order = sorted(args.contenders, key=lambda c: c != "no cache")
@@ -345,14 +338,15 @@ def run(args) -> int:
     out = args.out or common.default_out_dir(device)
 
     def meta(interrupted=None):
-        return common.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
+        return results.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
 
     rows, interrupted = common.run_rows(
         planned, lambda row: run_row(row, args, device, ours, theirs, why_not, reference, budget),
-        lambda row, r: f"batch {row.batch} {row.contender}: {common.fmt_num(r.get('tokens_per_s'))} tokens/s, "
-                       f"{r['status']}", lambda: common.free_memory(device), save=common.partial_writer(out, args.name, meta))
+        lambda row, r: f"batch {row.batch} {row.contender}: {results.fmt_num(r.get('tokens_per_s'))} tokens/s, "
+                       f"{r['status']}", lambda: common.free_memory(device),
+        save=results.partial_writer(out, args.name, meta))
     add_speedups(rows)
-    common.report(out, args.name, rows, meta(interrupted), plot, summarize)
+    results.report(out, args.name, rows, meta(interrupted), plot, summarize)
     return 0
 
 

@@ -3,12 +3,16 @@ r"""``python -m benchmarks.kernels``: each op, each pass, against the best PyTor
 How fast are our Triton kernels (``kernels/gelu.py``, ``layer_norm.py``, ``attention.py``,
 ``linear_cross_entropy.py``) at the sizes a GPT uses, against what a user could write or call instead, and how close
 do they come to what this device can do at all? For the loss, which exists to save memory, also: how much memory
-does each pass need (``benchmarks/loss_rows.py``, ``benchmarks/memory.py``)?
+does each pass need (``benchmarks/memory.py``)?
+
+This module is the harness; each op's setup and contenders are its module in ``benchmarks/ops/`` (what
+they write: ``benchmarks/ops/interface.py``). The harness builds the cases, checks, times, counts, writes and plots
+for all of them.
 
 Contenders, run in the same process on the same inputs:
 
     triton        our kernel                                kernels.get_backend("triton")
-    math          our readable PyTorch formula              kernels.reference.*_math
+    math          our readable PyTorch formula              kernels.definitions.*_math
     math_compile  the same formula under torch.compile      dynamic=True: one compile serves every size
     pytorch       the best PyTorch ships                    F.gelu, F.layer_norm, F.scaled_dot_product_attention
                                                             with the flash backend (default dispatch where flash
@@ -26,7 +30,7 @@ fwd = 4*B*H*T*T*D / 2, bwd = 2.5 * fwd (five matmuls instead of two: S recompute
 second S and dP are not counted),
 fwd+bwd = 3.5 * fwd — the same count for every contender, even those that compute the masked half. The loss:
 TFLOP/s of its three matmuls, 2*N*C*V each (logits forward; dX and dW backward). Both are also given as a percentage
-of this device's ceilings, measured at the start of the run (``benchmarks/common.py``). The loss rows also report
+of this device's ceilings, measured at the start of the run (``benchmarks/timing.py``). The loss rows also report
 ``peak_mem_mib``: the most memory the pass needed beyond its inputs.
 
 Checked before timed.  Each contender first runs forward and backward once on the benchmark's own inputs; its output
@@ -40,41 +44,32 @@ fit in memory are skipped, and say so.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import statistics
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
 
-from benchmarks import common, loss_rows, memory
+from benchmarks import common, memory, results, timing
 from benchmarks.kernels_report import CONTENDERS, contenders, plot, progress, summarize, table
+from benchmarks.ops import MODULES, OPS
+from benchmarks.ops.interface import InputSet, forward_backward
 from kernels.cli import run_cli
 
-OPS = ("attention", "linear_cross_entropy", "layer_norm", "gelu")  # run in this order, the headline first: when a
-#                                                                   time budget runs out, the tail is what is lost
-LOSS = loss_rows.OP
 PASSES = ("fwd", "bwd", "fwd+bwd")
-EPS = 1e-5  # GPT-2's LayerNorm epsilon, as the model uses
 TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}  # relative error vs float64 that a correct 16-bit formula
 #                                                        keeps well under, even evaluated step by step in that dtype
 DROPOUT_BAND = 3.0  # a dropout deviation within [ref / 3, ref * 3] of float64 dropout's passes: two draws at T=64
 #                     differ by up to ~1.6x; dropout left out (or applied one way only) is off by 10x and more
-REF_ELEMENTS = 1 << 22  # GELU's float64 reference is evaluated on about this many elements (rows sampled evenly)
 ROTATE_SETS_MAX = 8  # at most this many copies of the inputs when rotating them past the L2 cache
-
-# The sweeps. Rows of 8192 tokens = batch 8 x context 1024; widths from GPT-2 small (768) to 8192, GELU at 4x the
-# width (the MLP's hidden layer); attention B=8 with GPT-2 small's heads (12 x 64) and a wider model's (16 x 128).
-SWEEP = dict(rows=8192, widths=(768, 1024, 1600, 2048, 4096, 8192), batch=8, heads=((12, 64), (16, 128)),
-             seq_lens=(256, 512, 1024, 2048, 4096, 8192))
-QUICK_SWEEP = dict(rows=64, widths=(128, 320), batch=1, heads=((2, 32),), seq_lens=(64, 128))
 INTERPRETER_MAX_ELEMENTS = 1 << 18  # larger inputs take minutes in Triton's interpreter: not checked there
 RATES = ("gbps", "tflops", "pct_bandwidth", "pct_matmul_peak", "triton_speedup")  # columns add_rates() fills
 COUNTING = ("GB/s: fewest bytes of the pass / median time; TFLOP/s: causal attention, fwd = 4*B*H*T*T*D/2, "
             "bwd = 2.5*fwd; linear_cross_entropy, 2*N*C*V per matmul: fwd 1, bwd 2, fwd+bwd 3 matmuls; pct_*: of the "
             "ceilings measured at the start; triton_speedup = contender ms / triton ms; peak_mem_mib: peak memory of "
             "the pass beyond what was in use before it (the inputs)")
+QUICK = dict(warmup_ms=5.0, rep_ms=20.0)
+FULL = dict(warmup_ms=25.0, rep_ms=100.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,23 +78,22 @@ COUNTING = ("GB/s: fewest bytes of the pass / median time; TFLOP/s: causal atten
 
 @dataclass(frozen=True)
 class Case:
-    op: str
+    op: str  # a name in benchmarks.ops.MODULES
     shape: tuple  # (M, C) for gelu and layer_norm, (B, H, T, D) for attention, (N, C, V) for the loss
     dtype: str
     dropout: float = 0.0
 
     @property
+    def spec(self):  # the op's module: its setup and contenders
+        return MODULES[self.op]
+
+    @property
     def size(self) -> int:  # the plots' x axis: the width C, or the sequence length T
-        return self.shape[1] if self.op != "attention" else self.shape[2]
+        return self.spec.size(self.shape)
 
     @property
     def family(self) -> str:  # a plot line per contender: the op with everything but the swept size fixed
-        if self.op == "attention":
-            B, H, _T, D = self.shape
-            return f"attention B{B} H{H} D{D}" + (f" p={self.dropout:g}" if self.dropout else "") + f" {self.dtype}"
-        if self.op == LOSS:
-            return f"{self.op} N={self.shape[0]} V={self.shape[2]} {self.dtype}"
-        return f"{self.op} rows={self.shape[0]} {self.dtype}"
+        return self.spec.family(self.shape, self.dtype, self.dropout)
 
     @property
     def label(self) -> str:
@@ -110,123 +104,50 @@ class Case:
         return 4 if self.dtype == "fp32" else 2
 
     @property
-    def set_bytes(self) -> int:
-        """Bytes of one input set: q, k, v, dy for attention; x, W, targets for the loss; x, dy (and the small
-        weight, bias) otherwise."""
-        if self.op == LOSS:
-            return loss_rows.set_bytes(*self.shape, self.elem)
-        return (4 if self.op == "attention" else 2) * math.prod(self.shape) * self.elem
+    def set_bytes(self) -> int:  # bytes of one input set
+        return self.spec.set_bytes(self.shape, self.elem)
 
     @property
     def interpreter_elements(self) -> int:  # what the Triton interpreter's time grows with
-        return loss_rows.interpreter_elements(self.shape[0], self.shape[2]) if self.op == LOSS else math.prod(
-            self.shape)
+        return self.spec.interpreter_elements(self.shape)
+
+    def counted_work(self, pass_: str) -> tuple[int | None, float | None]:
+        """(bytes, FLOPs) of one pass: bytes for the memory-bound ops, FLOPs for attention and the loss."""
+        return self.spec.work(self.shape, self.elem, pass_)
+
+    def planned_bytes(self, contender: str, copies: int) -> int:
+        """Rough peak memory of one contender's row."""
+        return self.spec.planned_bytes(self.shape, self.elem, contender, copies)
 
 
-def layer_norm_bytes(rows: int, width: int, elem: int, pass_: str) -> int:
-    """Fewest bytes a LayerNorm pass moves; x, y, dy, dx, weight and bias of ``elem`` bytes, mean and rstd fp32.
-
-        forward:   reads x (M*C) + weight, bias (2*C)           writes y (M*C) + mean, rstd (2*M, 4 bytes each)
-        backward:  reads x, dy (2*M*C) + weight (C) + mean, rstd (2*M, 4 bytes)   writes dx (M*C) + dw, db (2*C)
-
-    Partial sums of dw/db that an implementation writes and reads back (ours: two fp32 (G, C) arrays) are its own
-    choice, not the op's, and are not counted.
-    """
-    fwd = (2 * rows * width + 2 * width) * elem + 2 * rows * 4
-    bwd = (3 * rows * width + 3 * width) * elem + 2 * rows * 4
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
-
-
-def gelu_bytes(numel: int, elem: int, pass_: str) -> int:
-    """Fewest bytes a GELU pass moves: forward reads x, writes y (2 n); backward reads x and dy, writes dx (3 n)."""
-    return {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[pass_] * numel * elem
-
-
-def attention_flops(B: int, H: int, T: int, D: int, pass_: str) -> float:
-    """Causal attention FLOPs: fwd = 4*B*H*T*T*D/2 (q k^T and p v, half the pairs masked), bwd = 2.5 * fwd."""
-    fwd = 4.0 * B * H * T * T * D / 2
-    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[pass_]
-
-
-def work(case: Case, pass_: str) -> tuple[int | None, float | None]:
-    """(bytes, FLOPs) of one pass: bytes for the memory-bound ops, FLOPs for attention and the loss."""
-    if case.op == "attention":
-        return None, attention_flops(*case.shape, pass_)
-    if case.op == LOSS:
-        return None, loss_rows.flops(*case.shape, pass_)
-    rows, width = case.shape
-    if case.op == "layer_norm":
-        return layer_norm_bytes(rows, width, case.elem, pass_), None
-    return gelu_bytes(rows * width, case.elem, pass_), None
-
-
-def planned_bytes(case: Case, contender: str, copies: int) -> int:
-    """Rough peak memory of one contender's row: inputs, output and gradients (about 3 input sets), and for attention
-    the (T, T) planes the formula materializes — scores, masked scores, weights, dropped weights and the gradient of
-    each: ~6 for the plain formula, ~3 once torch.compile fuses the elementwise steps; flash keeps none. The loss:
-    ``loss_rows.planned_bytes``."""
-    if case.op == LOSS:
-        return loss_rows.planned_bytes(*case.shape, case.elem, contender, copies)
-    total = 3 * case.set_bytes * copies
-    if case.op == "attention":
-        B, H, T, _D = case.shape
-        total += {"math": 6, "math_compile": 3}.get(contender, 0) * B * H * T * T * case.elem * copies
-    return total
-
-
-def build_cases(ops, dtypes, dropout: float, quick: bool, widths=None, seq_lens=None, loss_rows_n=None,
-                vocab=None) -> list[Case]:
+def build_cases(ops, dtypes, dropout: float, quick: bool, widths=None, seq_lens=None, rows=None,
+                vocab_size=None) -> list[Case]:
     """The sweep in run order: per dtype, the ops in ``OPS``'s order (attention, the loss, LayerNorm, GELU), the
     dropout row set (GPT-2 small's heads) right after attention's — when a time budget runs out, what is lost is
-    the tail. ``widths`` replaces the widths of LayerNorm, GELU (4x) and the loss; ``loss_rows_n`` and ``vocab``
+    the tail. ``widths`` replaces the widths of LayerNorm, GELU (4x) and the loss; ``rows`` and ``vocab_size``
     the loss's N and V."""
-    sweep = QUICK_SWEEP if quick else SWEEP
-    loss = loss_rows.QUICK_SWEEP if quick else loss_rows.SWEEP
-    loss_shape = (loss_rows_n or loss["rows"], vocab or loss["vocab"])
-    seq_lens, B = seq_lens or sweep["seq_lens"], sweep["batch"]
-    H0, D0 = sweep["heads"][0]
-    cases_of = {
-        "attention": lambda dtype: [Case("attention", (B, H, T, D), dtype) for H, D in sweep["heads"] for T in seq_lens]
-        + [Case("attention", (B, H0, T, D0), dtype, dropout) for T in seq_lens if dropout > 0],
-        LOSS: lambda dtype: [Case(LOSS, (loss_shape[0], c, loss_shape[1]), dtype) for c in widths or loss["widths"]],
-        "layer_norm": lambda dtype: [Case("layer_norm", (sweep["rows"], c), dtype) for c in widths or sweep["widths"]],
-        "gelu": lambda dtype: [Case("gelu", (sweep["rows"], 4 * c), dtype) for c in widths or sweep["widths"]],
-    }
-    return [case for dtype in dtypes for op in OPS if op in ops for case in cases_of[op](dtype)]
+    options = dict(dropout=dropout, widths=widths, seq_lens=seq_lens, rows=rows, vocab_size=vocab_size)
+    return [Case(op, shape, dtype, case_dropout) for dtype in dtypes for op in OPS if op in ops
+            for shape, case_dropout in MODULES[op].cases(quick, options)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inputs, contenders and the correctness check
-
-
-class InputSet(NamedTuple):
-    tensors: list  # the tensors the op takes: leaves that require grad (and the loss's integer targets)
-    dy: object  # the upstream gradient a backward pass uses (None for the loss: a scalar, gradient 1)
+# Inputs and the correctness check
 
 
 def make_inputs(case: Case, device, copies: int) -> list[InputSet]:
-    """Fresh random inputs (never zeros): N(0, 1) activations, LayerNorm parameters near (1, 0), a shifted mean;
-    the loss's in ``loss_rows.make_inputs``."""
-    import torch
+    """Fresh random inputs (never zeros), ``copies`` sets of them."""
+    return case.spec.make_inputs(case.shape, common.torch_dtype(case.dtype), device, copies)
 
-    dt = common.torch_dtype(case.dtype)
-    if case.op == LOSS:
-        return [InputSet(*s) for s in loss_rows.make_inputs(case.shape, dt, device, copies)]
 
-    def randn(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, device=device) * scale + shift).to(dt).requires_grad_()
+def selector(case: Case, device):
+    """The part of an output or gradient the float64 reference covers (the op's ``selector``)."""
+    return case.spec.selector(case.shape, device)
 
-    sets = []
-    for _ in range(copies):
-        if case.op == "attention":
-            tensors = [randn(*case.shape) for _ in range(3)]
-        elif case.op == "layer_norm":
-            C = case.shape[1]
-            tensors = [randn(*case.shape, shift=0.5), randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)]
-        else:
-            tensors = [randn(*case.shape)]
-        sets.append(InputSet(tensors, torch.randn(*case.shape, device=device).to(dt)))
-    return sets
+
+def reference(case: Case, inputs: InputSet, select, dropout: float = 0.0):
+    """The formula in float64 on the selected part: (output, gradients)."""
+    return case.spec.reference(inputs, select, dropout)
 
 
 def rotation_copies(case: Case, device) -> int:
@@ -236,94 +157,6 @@ def rotation_copies(case: Case, device) -> int:
     if l2 == 0 or case.set_bytes >= 2 * l2:
         return 1
     return min(ROTATE_SETS_MAX, math.ceil(2 * l2 / case.set_bytes))
-
-
-def contender_fns(op: str, dropout: float, triton_backend, compiled: dict) -> tuple[dict, dict]:
-    """(name -> function of the input tensors, name -> the status of a contender that cannot run here).
-    ``compiled`` keeps the torch.compile'd formulas across cases."""
-    import torch
-    import torch.nn.functional as F
-
-    from kernels import reference
-
-    if op == LOSS:
-        return loss_rows.contender_fns(triton_backend, compiled)
-
-    def flash(q, k, v):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-
-    math_fn, args, pytorch = {
-        "gelu": (reference.gelu_math, ("tanh",), lambda x: F.gelu(x, approximate="tanh")),
-        "layer_norm": (reference.layer_norm_math, (EPS,), lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, EPS)),
-        "attention": (reference.causal_attention_math, (dropout,), flash),
-    }[op]
-    key = (op, args)
-
-    def math_compile(*t):
-        if key not in compiled:  # on first use: creating it imports the compiler stack, seconds on a CPU
-            compiled[key] = torch.compile(math_fn, dynamic=True)
-        return compiled[key](*t, *args)
-
-    fns = {"math": lambda *t: math_fn(*t, *args), "math_compile": math_compile, "pytorch": pytorch}
-    if triton_backend is not None:
-        triton_fn = getattr(triton_backend, "causal_attention" if op == "attention" else op)
-        fns["triton"] = lambda *t: triton_fn(*t, *args)
-    return fns, {}
-
-
-def selector(case: Case, device):
-    """The part of an output or gradient the float64 reference covers: all of LayerNorm (dw and db sum over every
-    row), GELU's rows sampled evenly, attention's first and last (batch, head) pairs."""
-    import torch
-
-    if case.op == "attention":
-        B, H = case.shape[:2]
-        pairs = sorted({(0, 0), (B - 1, H - 1)})
-        return lambda t: torch.stack([t[b, h] for b, h in pairs])[None]  # (1, P, T, D)
-    if case.op == "gelu":
-        rows = case.shape[0]
-        step = max(1, math.prod(case.shape) // REF_ELEMENTS)
-        index = torch.arange(0, rows, step, device=device)
-        return lambda t: t[index]
-    return lambda t: t
-
-
-def forward_backward(fn, inputs: InputSet):
-    """One forward and backward; returns the output and the gradients of the inputs that require them (detached)."""
-    leaves = [t for t in inputs.tensors if t.requires_grad]
-    for t in leaves:
-        t.grad = None
-    out = fn(*inputs.tensors)
-    out.backward(inputs.dy)
-    return out.detach(), [t.grad for t in leaves]
-
-
-def reference(case: Case, inputs: InputSet, select, dropout: float = 0.0):
-    """The formula in float64 on the selected part: (output, gradients). Attention is evaluated one head at a time
-    (the (T, T) planes of float64 are large), the loss in chunks of rows."""
-    import torch
-
-    from kernels import reference as ref
-
-    if case.op == LOSS:
-        return loss_rows.reference(inputs)
-
-    leaves = [select(t.detach()).double() for t in inputs.tensors]
-    dy = select(inputs.dy).double()
-    if case.op != "attention":
-        math_fn = ref.gelu_math if case.op == "gelu" else ref.layer_norm_math
-        extra = ("tanh",) if case.op == "gelu" else (EPS,)
-        return forward_backward(lambda *t: math_fn(*t, *extra), InputSet([t.requires_grad_() for t in leaves], dy))
-    outs, grads = [], []
-    for p in range(leaves[0].shape[1]):
-        head = InputSet([t[:, p:p + 1].clone().requires_grad_() for t in leaves], dy[:, p:p + 1])
-        out, g = forward_backward(lambda q, k, v: ref.causal_attention_math(q, k, v, dropout), head)
-        outs.append(out)
-        grads.append(g)
-    return torch.cat(outs, dim=1), [torch.cat(gs, dim=1) for gs in zip(*grads)]
 
 
 def check(case: Case, fn, inputs: InputSet, select, ref) -> tuple[bool, float, str]:
@@ -352,16 +185,18 @@ def poison_allocator(nbytes: int, device) -> None:
         torch.full((nbytes // 4 + 1,), float("nan"), device=device)
 
 
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Running a case: every contender, checked, then timed pass by pass
 
 
-class Run:
+class Harness:
     """What every case needs: the device, its ceilings, the settings, the triton backend and the compile cache."""
 
     def __init__(self, args, device, ceilings):
         self.args, self.device, self.ceilings = args, device, ceilings
-        self.budget = common.Budget(args.budget_s)
+        self.budget = timing.Budget(args.budget_s)
         self.compiled: dict = {}
         self.interpreting = device.type == "cpu"
         self.memory_note = memory.prepare(device)  # None: peak memory can be measured here
@@ -386,65 +221,65 @@ class Run:
             return "skipped: torch.compile on the CPU is too slow for --quick"
         if name == "triton" and self.interpreting and case.interpreter_elements > INTERPRETER_MAX_ELEMENTS:
             return "not timed (interpreter); not checked: too large for the interpreter"
-        need = planned_bytes(case, name, copies)
+        need = case.planned_bytes(name, copies)
         have = common.memory_budget(self.device)
         if need > have:
             return f"skipped: needs ~{need / 2**30:.1f} GiB, over the memory budget ({have / 2**30:.1f} GiB)"
         return None
 
 
-def run_case(case: Case, run: Run) -> list[dict]:
+def run_case(case: Case, harness: Harness) -> list[dict]:
     """Rows (one per contender and pass) for one case: every contender checked, then timed pass by pass."""
     import torch
 
-    torch.manual_seed(run.args.seed)
-    copies = rotation_copies(case, run.device)
-    sets = make_inputs(case, run.device, copies)
-    select = selector(case, run.device)
+    torch.manual_seed(harness.args.seed)
+    copies = rotation_copies(case, harness.device)
+    sets = make_inputs(case, harness.device, copies)
+    select = selector(case, harness.device)
     out64, grads64 = reference(case, sets[0], select)
     ref = {"out": out64, "grads": grads64}
     if case.dropout:
         drop_out, drop_grads = reference(case, sets[0], select, case.dropout)
         ref["dropout_dev"] = [common.rel_err(a, b) for a, b in zip([drop_out] + drop_grads, [out64] + grads64)]
-    fns, missing = contender_fns(case.op, case.dropout, run.triton, run.compiled)
+    fns, missing = case.spec.contender_fns(case.dropout, harness.triton, harness.compiled)
     rows, ready = [], {}  # ready: the contenders checked correct and to be timed
     for name in contenders(case.op):
         verdict = dict(checked=None, check_error=None, check=None, note=None, copies=copies)
-        status = run.skip_reason(case, name, copies) or missing.get(name)
+        status = harness.skip_reason(case, name, copies) or missing.get(name)
         fn = fns.get(name)
         if status is None:
-            status, fn = check_contender(case, name, fn, sets[0], select, ref, verdict, run)
+            status, fn = check_contender(case, name, fn, sets[0], select, ref, verdict, harness)
         if status is None:
             ready[name] = fn
-        for pass_ in run.args.passes:
-            row = dict(blank_row(case, name, pass_, status or "ok"), **verdict)
-            if status is None and (name, pass_) in loss_rows.PASS_STATUS and case.op == LOSS:
-                row["status"] = loss_rows.PASS_STATUS[name, pass_]
+        for pass_ in harness.args.passes:
+            row = dict(unmeasured_row(case, name, pass_, status or "ok"), **verdict)
+            if status is None and (name, pass_) in case.spec.PASS_STATUS:
+                row["status"] = case.spec.PASS_STATUS[name, pass_]
             rows.append(row)
-    for pass_ in run.args.passes:
+    for pass_ in harness.args.passes:
         todo = {r["contender"]: r for r in rows
                 if r["pass"] == pass_ and r["status"] == "ok" and r["contender"] in ready}
-        time_rows(todo, ready, sets, pass_, run)
+        time_rows(todo, ready, sets, pass_, harness)
         for name, row in todo.items():
-            if case.op == LOSS and row["ms"]:
-                measure_memory(row, ready[name], sets[0], pass_, run)
-    add_rates(rows, run.ceilings, case.dtype)
+            if hasattr(case.spec, "pass_peak_bytes") and row["ms"]:
+                measure_memory(row, ready[name], sets[0], pass_, harness, case)
+    add_rates(rows, harness.ceilings, case.dtype)
     return rows
 
 
-def time_rows(todo: dict, fns: dict, sets: list[InputSet], pass_: str, run: "Run") -> None:
+def time_rows(todo: dict, fns: dict, sets: list[InputSet], pass_: str, harness: Harness) -> None:
     """Fill ``ms`` of each row in ``todo`` (contender -> row): contender after contender, or with --interleave taking
-    turns (``common.time_interleaved``)."""
+    turns (``timing.time_interleaved``)."""
     for row in todo.values():
-        if run.budget.expired():
-            row["status"] = f"skipped: time budget ({run.args.budget_s:g} s) spent"
+        if harness.budget.expired():
+            row["status"] = f"skipped: time budget ({harness.args.budget_s:g} s) spent"
     todo = {name: row for name, row in todo.items() if row["status"] == "ok"}
-    if run.args.interleave:
+    if harness.args.interleave:
         try:
-            times = common.time_interleaved({name: common.pass_runner(fns[name], sets, pass_) for name in todo},
-                                            run.args.rounds)
+            times = timing.time_interleaved({name: timing.pass_runner(fns[name], sets, pass_) for name in todo},
+                                            harness.args.rounds)
         except Exception as exc:
-            status = error_status(exc, run.device)
+            status = error_status(exc, harness.device)
             for row in todo.values():
                 row["status"] = status
             return
@@ -453,46 +288,47 @@ def time_rows(todo: dict, fns: dict, sets: list[InputSet], pass_: str, run: "Run
         return
     for name, row in todo.items():
         try:
-            row["ms"] = common.time_pass(fns[name], sets, pass_, run.device, run.args.warmup_ms, run.args.rep_ms)
+            row["ms"] = timing.time_pass(fns[name], sets, pass_, harness.device, harness.args.warmup_ms,
+                                         harness.args.rep_ms)
         except Exception as exc:
-            row["status"] = error_status(exc, run.device)
+            row["status"] = error_status(exc, harness.device)
 
 
-def measure_memory(row: dict, fn, inputs: InputSet, pass_: str, run: "Run") -> None:
-    """The loss row's peak memory beyond its inputs (``loss_rows.pass_peak_bytes``), after its timed runs: warm."""
-    if run.memory_note:
-        row["note"] = "; ".join(filter(None, [row["note"], f"memory {run.memory_note}"]))
+def measure_memory(row: dict, fn, inputs: InputSet, pass_: str, harness: Harness, case: Case) -> None:
+    """A row's peak memory beyond its inputs (the op's ``pass_peak_bytes``), after its timed runs: warm."""
+    if harness.memory_note:
+        row["note"] = "; ".join(filter(None, [row["note"], f"memory {harness.memory_note}"]))
         return
     try:
-        row["peak_mem_mib"] = loss_rows.pass_peak_bytes(fn, loss_rows.LossInputs(*inputs), pass_, run.device) / 2**20
+        row["peak_mem_mib"] = case.spec.pass_peak_bytes(fn, inputs, pass_, harness.device) / 2**20
     except Exception as exc:  # the time stands; the memory says why it is missing
-        row["note"] = "; ".join(filter(None, [row["note"], f"memory {error_status(exc, run.device)}"]))
+        row["note"] = "; ".join(filter(None, [row["note"], f"memory {error_status(exc, harness.device)}"]))
 
 
-def check_contender(case, name, fn, inputs, select, ref, verdict: dict, run: Run):
-    """Check one contender (recording the result in ``verdict``) -> (status, or None to time it; function to time)."""
-    import torch.nn.functional as F
-
-    poison_allocator(case.set_bytes, run.device)
+def check_contender(case, name, fn, inputs, select, ref, verdict: dict, harness: Harness):
+    """Check one contender (recording the result in ``verdict``) -> (status, or None to time it; function to time).
+    A contender that cannot run as asked may have the op's ``fallback`` checked (and timed) instead."""
+    poison_allocator(case.set_bytes, harness.device)
     try:
         try:
             with warnings.catch_warnings(record=True) as caught:  # flash explains at length why it cannot run;
                 warnings.simplefilter("always", UserWarning)        # the row says it
                 ok, err, note = check(case, fn, inputs, select, ref)
-            if case.op == LOSS and caught:  # e.g. PyTorch's chunked path falling back to the plain formula
+            if getattr(case.spec, "NOTE_WARNINGS", False) and caught:
                 verdict["note"] = "warned: " + common.one_line(caught[0].message)
-        except RuntimeError as exc:  # flash cannot run this case (fp32, or dropout on the CPU)
-            if name != "pytorch" or common.is_oom(exc) or "no available kernel" not in str(exc).lower():
+        except Exception as exc:
+            fallback = getattr(case.spec, "fallback", None)
+            instead = None if common.is_oom(exc) or fallback is None else fallback(name, exc, case.dropout)
+            if instead is None:
                 raise
-            fn = functools.partial(F.scaled_dot_product_attention, dropout_p=case.dropout, is_causal=True)
-            verdict["note"] = "flash backend unavailable here: default SDPA dispatch"
+            fn, verdict["note"] = instead
             ok, err, note = check(case, fn, inputs, select, ref)
     except Exception as exc:
-        return error_status(exc, run.device), fn
+        return error_status(exc, harness.device), fn
     verdict.update(checked=ok, check_error=err, check=note)
     if not ok:
         return "wrong: " + note, fn
-    if name == "triton" and run.interpreting:
+    if name == "triton" and harness.interpreting:
         return "not timed (interpreter)", fn
     return None, fn
 
@@ -504,9 +340,9 @@ def error_status(exc: Exception, device) -> str:
     return "skipped: out of memory" if common.is_oom(exc) else f"failed: {common.error_text(exc)}"
 
 
-def blank_row(case: Case, contender: str, pass_: str, status: str) -> dict:
+def unmeasured_row(case: Case, contender: str, pass_: str, status: str) -> dict:
     """A row with every column, nothing measured yet."""
-    nbytes, flops = work(case, pass_)
+    nbytes, flops = case.counted_work(pass_)
     return dict(op=case.op, family=case.family, shape=case.label, size=case.size, dtype=case.dtype,
                 dropout=case.dropout, contender=contender, **{"pass": pass_}, status=status, ms=None,
                 **dict.fromkeys(RATES), bytes=nbytes, flops=flops, peak_mem_mib=None, round_ms=None, checked=None,
@@ -558,8 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU: time the contenders taking turns, --rounds runs each, instead of one after another "
                         "(on a machine shared with other work, every contender then meets the same load on average)")
     p.add_argument("--rounds", type=int, default=5, help="runs of each contender with --interleave (default 5)")
-    p.add_argument("--warmup-ms", type=float, help="warm-up per timing, ms (default 25; 5 with --quick)")
-    p.add_argument("--rep-ms", type=float, help="timed runs per timing, ms (default 100; 20 with --quick)")
+    p.add_argument("--warmup-ms", type=float, help=f"warm-up per timing, ms (default {FULL['warmup_ms']:g}; "
+                                                   f"{QUICK['warmup_ms']:g} with --quick)")
+    p.add_argument("--rep-ms", type=float, help=f"timed runs per timing, ms (default {FULL['rep_ms']:g}; "
+                                                f"{QUICK['rep_ms']:g} with --quick)")
     common.add_run_args(p, "kernels")
     return p
 
@@ -567,23 +405,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Check every option, then run; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(args), errors=common.ERRORS)
+
+
+def check_args(args) -> None:
+    if not 0.0 <= args.dropout < 1.0:
+        raise common.BenchmarkError(f"--dropout must be in [0, 1), got {args.dropout} — e.g. --dropout 0.1")
 
 
 def run(args) -> int:
-    if args.summarize:
-        print(summarize(common.read_results(args.summarize)))
+    device = common.start_run(args, summarize, QUICK, FULL, check=check_args, allow_zero=("warmup_ms",),
+                              positive=("rows", "vocab_size", "rounds", "warmup_ms", "rep_ms", "widths", "seq_lens"))
+    if device is None:  # --summarize
         return 0
-    if not 0.0 <= args.dropout < 1.0:
-        raise SystemExit(f"error: --dropout must be in [0, 1), got {args.dropout}")
-    args.warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.quick else 25.0)
-    args.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.quick else 100.0)
-    common.check_positive(args, ("rows", "vocab_size", "rounds", "warmup_ms", "rep_ms", "widths", "seq_lens"),
-                          allow_zero=("warmup_ms",))
-    device = common.setup(args)
     if args.interleave and device.type == "cuda":
-        raise SystemExit("error: --interleave is for a CPU shared with other work; a GPU's timer (do_bench) times "
-                         "each contender alone — leave it out")
+        raise common.BenchmarkError("--interleave is for a CPU shared with other work; a GPU's timer (do_bench) "
+                                    "times each contender alone — leave it out")
     memory.prepare(device)  # before the big allocations: see benchmarks/memory.py
     import torch._functorch.config as functorch_config
 
@@ -596,37 +433,38 @@ def run(args) -> int:
                         args.vocab_size)
     print(f"benchmarks.kernels: {len(cases)} cases x up to {len(CONTENDERS)} contenders x {len(args.passes)} "
           f"passes on {common.device_name(device)}", flush=True)
-    ceilings = common.measure_ceilings(device, ["bf16"] + list(args.dtype), quick=args.quick)
+    ceilings = timing.measure_ceilings(device, ["bf16"] + list(args.dtype), quick=args.quick)
     print(f"ceilings: copy {ceilings['bandwidth_gbps']:.0f} GB/s, matmul "
           + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in ceilings["matmul_tflops"].items()), flush=True)
-    run = Run(args, device, ceilings)
+    harness = Harness(args, device, ceilings)
     out = args.out or common.default_out_dir(device)
 
     def meta(interrupted=None):
-        m = common.run_meta(device, ceilings, args, run.budget, interrupted, COUNTING)
-        return dict(m, attention_tiles=tuned_attention_tiles(), memory_method=run.memory_note or memory.METHOD[device.type])
+        m = results.run_meta(device, ceilings, args, harness.budget, interrupted, COUNTING)
+        return dict(m, attention_tiles=tuned_attention_tiles(),
+                    memory_method=harness.memory_note or memory.METHOD[device.type])
 
-    save = common.partial_writer(out, args.name, meta)
+    save = results.partial_writer(out, args.name, meta)
     rows, interrupted = [], None
     try:
         for i, case in enumerate(cases, 1):
             try:
-                if run.budget.expired():  # no inputs, no reference: straight to the rows that say so
+                if harness.budget.expired():  # no inputs, no reference: straight to the rows that say so
                     raise TimeoutError(f"time budget ({args.budget_s:g} s) spent")
-                case_rows = run_case(case, run)
+                case_rows = run_case(case, harness)
             except Exception as exc:  # the inputs or the reference did not fit: every contender's rows say so
                 status = f"skipped: {exc}" if isinstance(exc, TimeoutError) else error_status(exc, device)
-                case_rows = [blank_row(case, c, p, status) for c in contenders(case.op) for p in args.passes]
+                case_rows = [unmeasured_row(case, c, p, status) for c in contenders(case.op) for p in args.passes]
             common.free_memory(device)
             rows += case_rows
             save(rows)  # after every case: a run stopped outright keeps what it measured
-            print(f"[{i}/{len(cases)}] {case.family} {case.label} ({run.budget.spent():.0f} s): {progress(case_rows)}",
-                  flush=True)
+            print(f"[{i}/{len(cases)}] {case.family} {case.label} ({harness.budget.spent():.0f} s): "
+                  f"{progress(case_rows)}", flush=True)
     except KeyboardInterrupt as exc:  # Ctrl-C, or the SIGTERM of an outer `timeout`: keep what was measured
         interrupted = common.one_line(exc)
         print(f"interrupted ({interrupted}): writing the {len(rows)} rows measured so far", flush=True)
     final = meta(interrupted)
-    rows, paths = common.finish(out, args.name, rows, final, lambda rows, path: plot(rows, ceilings, path))
+    rows, paths = results.finish(out, args.name, rows, final, lambda rows, path: plot(rows, ceilings, path))
     print("\n" + table(rows) + "\n\n" + summarize({"rows": rows, "meta": final}))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

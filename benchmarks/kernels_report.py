@@ -1,8 +1,9 @@
 """What ``python -m benchmarks.kernels`` prints and draws from its rows: the terminal table, the memory table of the
 loss rows, the figure and the summary (also ``--summarize JSON`` and ``run_all.sh``'s summary.md).
 
-Each op has its own contenders (``CONTENDERS_BY_OP``): a table column or a plot line exists for a contender only where
-it ran. Rows are plain dicts, as written to the JSON file, so a saved run is summarized by the same code.
+Each op has its own contenders (its module's ``CONTENDERS``, ``benchmarks/ops/``): a table column or a plot line
+exists for a contender only where it ran. Rows are plain dicts, as written to the JSON file, so a saved run is
+summarized by the same code.
 """
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ import itertools
 import math
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import results
+from benchmarks.ops import MODULES
 
 CONTENDERS = ("triton", "math", "math_compile", "pytorch", "chunked")  # every contender, in column order
-CONTENDERS_BY_OP = {"gelu": CONTENDERS[:4], "layer_norm": CONTENDERS[:4], "attention": CONTENDERS[:4],
-                    "linear_cross_entropy": CONTENDERS}
 
 
 def contenders(op: str) -> tuple[str, ...]:
-    """The contenders of ``op``'s rows, triton first."""
-    return CONTENDERS_BY_OP[op]
+    """The contenders of ``op``'s rows, triton first (its module's ``CONTENDERS``)."""
+    return MODULES[op].CONTENDERS
 
 
 def _present(rows: list[dict]) -> list[str]:
@@ -36,17 +36,17 @@ def _cell(row: dict | None, speedup: bool = True) -> str:
         word = row["status"].split(":")[0]
         return word.upper() if word in ("wrong", "failed") else "not timed" if word.startswith("not timed") else word
     ratio = f" ({row['triton_speedup']:.2f}x)" if speedup and row["triton_speedup"] else ""
-    return f"{common.fmt_num(row['ms'])} ms{ratio}"
+    return f"{results.fmt_num(row['ms'])} ms{ratio}"
 
 
 def _mib(row: dict | None) -> str:
-    return "-" if not row or row.get("peak_mem_mib") is None else common.fmt_num(row["peak_mem_mib"])
+    return "-" if not row or row.get("peak_mem_mib") is None else results.fmt_num(row["peak_mem_mib"])
 
 
 def progress(rows: list[dict]) -> str:
     """One case on one line: each contender's times (passes joined by '/') or why it has none."""
     by = {name: [r for r in rows if r["contender"] == name] for name in _present(rows)}
-    return "; ".join(f"{name} " + ("/".join(common.fmt_num(r["ms"]) for r in rs) + " ms" if all(r["ms"] for r in rs)
+    return "; ".join(f"{name} " + ("/".join(results.fmt_num(r["ms"]) for r in rs) + " ms" if all(r["ms"] for r in rs)
                                    else _cell(next(r for r in rs if not r["ms"]), False)) for name, rs in by.items())
 
 
@@ -55,7 +55,7 @@ def _rate(row: dict | None) -> tuple[str, str]:
     if not row or not row.get("ms"):
         return "-", "-"
     if row["tflops"]:
-        return f"{common.fmt_num(row['tflops'])} TF/s", f"{common.fmt_num(row['pct_matmul_peak'])}%"
+        return f"{results.fmt_num(row['tflops'])} TF/s", f"{results.fmt_num(row['pct_matmul_peak'])}%"
     return f"{row['gbps']:.0f} GB/s", f"{row['pct_bandwidth']:.0f}%"
 
 
@@ -72,7 +72,7 @@ def table(rows: list[dict]) -> str:
     others = [c for c in _present(rows) if c != "triton"]
     lines = [[family, pass_, shape, _cell(by.get("triton"), False), *_rate(by.get("triton"))]
              + [_cell(by.get(c)) for c in others] for (family, shape, pass_), by in _by_case(rows).items()]
-    return common.format_table(["case", "pass", "shape", "triton", "rate", "% ceil", *others], lines,
+    return results.format_table(["case", "pass", "shape", "triton", "rate", "% ceil", *others], lines,
                                right=set(range(3, 6 + len(others))))
 
 
@@ -95,7 +95,7 @@ def memory_table(rows: list[dict]) -> str:
         cells = [f"{_cell(by.get(c), False)}, {_mib(by.get(c))} MiB" if by.get(c) and by[c]["ms"] else
                  _cell(by.get(c), False) for c in names]
         lines.append([family, pass_, shape] + cells + ratios)
-    return common.format_table(["case", "pass", "shape"] + names
+    return results.format_table(["case", "pass", "shape"] + names
                                + ["chunked/math ms", "chunked/math MiB", "triton/math ms", "triton/math MiB"], lines,
                                right=set(range(3, 7 + len(names))))
 
@@ -103,7 +103,7 @@ def memory_table(rows: list[dict]) -> str:
 def plot(rows: list[dict], ceilings: dict, path: Path) -> Path | None:
     """One figure: a subplot per family (rows) and pass (columns), throughput vs size, a line per contender, the
     device's ceiling dashed; for the loss also a row of peak memory. A family measured at one size only gets bars."""
-    plt = common.pyplot()
+    plt = results.pyplot()
     if plt is None:
         return None
     panels = []  # (family, what): what is "rate" or "memory"
@@ -120,7 +120,7 @@ def plot(rows: list[dict], ceilings: dict, path: Path) -> Path | None:
             _panel(ax, sel, what, ceilings)
         ax.set_title(f"{family} — {pass_}" + (" — peak memory" if what == "memory" else ""), fontsize=9)
     fig.tight_layout()
-    return common.save_figure(fig, path)
+    return results.save_figure(fig, path)
 
 
 def _panel(ax, sel: list[dict], what: str, ceilings: dict) -> None:
@@ -132,7 +132,7 @@ def _panel(ax, sel: list[dict], what: str, ceilings: dict) -> None:
         values = [next((r[key] for r in sel if r["contender"] == c and r.get(key)), 0) or 0 for c in names]
         bars = ax.bar(names, values, color=[f"C{CONTENDERS.index(c)}" for c in names])
         for bar, name, value in zip(bars, names, values):
-            text = common.fmt_num(value) if value else _cell(next(r for r in sel if r["contender"] == name), False)
+            text = results.fmt_num(value) if value else _cell(next(r for r in sel if r["contender"] == name), False)
             ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
@@ -180,9 +180,9 @@ def summarize(data: dict) -> str:
     memory = memory_table(rows)
     return "\n".join([
         f"kernels on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}); ceilings: copy "
-        f"{ceil['bandwidth_gbps']:.0f} GB/s, matmul " + ", ".join(f"{k} {common.fmt_num(v)} TFLOP/s"
+        f"{ceil['bandwidth_gbps']:.0f} GB/s, matmul " + ", ".join(f"{k} {results.fmt_num(v)} TFLOP/s"
                                                                 for k, v in ceil["matmul_tflops"].items()), "",
-        common.format_table(["family", "pass", "largest", "triton", "rate", "% ceil"]
+        results.format_table(["family", "pass", "largest", "triton", "rate", "% ceil"]
                             + [f"vs {c} (geo-mean)" for c in others], lines), ""]
         + ([f"time and peak memory beyond the inputs ({meta.get('memory_method', 'see benchmarks/memory.py')}):",
              memory, ""]

@@ -40,10 +40,9 @@ import argparse
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, results, timing
 from kernels.cli import run_cli
 
 GROUPS = ("matmuls", "attention", "LayerNorm", "GELU", "loss", "optimizer", "rest")
@@ -52,8 +51,8 @@ LOSSES = ("plain", "fused")
 BACKEND_OPS = ("layer_norm", "gelu", "causal_attention", "linear_cross_entropy")
 TOKENS_PER_STEP = 16384  # as benchmarks.train: a GPU step is 16 x 1024 tokens by default
 TOP_OPS = 5  # ops listed per group (the JSON and CSV), so a reader can see what a group holds
-QUICK = dict(preset="tiny", context=64, batch_size=2, warmup_steps=1, steps=2)
-FULL = dict(preset="gpt2-124m", context=1024, batch_size=None, warmup_steps=2, steps=3)
+QUICK = dict(preset="tiny", context_length=64, batch_size=2, warmup_steps=1, steps=2)
+FULL = dict(preset="gpt2-124m", context_length=1024, batch_size=None, warmup_steps=2, steps=3)
 
 # Patterns on lower-case op names (see the top). Backward nodes read "autograd::engine::evaluate_function:
 # AddmmBackward0" and also appear as "AddmmBackward0".
@@ -156,16 +155,17 @@ def profile_loss(loss: str, args, device) -> list[dict]:
     from benchmarks.train import LR, WEIGHT_DECAY, make_step
 
     on_gpu = device.type == "cuda"
-    cfg = get_preset(args.preset).with_overrides(context_length=args.context, vocab_size=args.vocab_size)
+    cfg = get_preset(args.preset).with_overrides(context_length=args.context_length, vocab_size=args.vocab_size)
     torch.manual_seed(args.seed)
-    model = GPTModel(cfg, kernels=LabelledBackend(kernels.get_backend(args.backend))).to(device)
+    model = GPTModel(cfg, kernels=LabelledBackend(kernels.get_backend(args.kernels))).to(device)
     optimizer = configure_optimizer(model, LR, WEIGHT_DECAY, device)
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
 
     step = make_step(model, optimizer, loss, autocast)
-    batch = tuple(torch.randint(0, cfg.vocab_size, (args.batch_size, args.context), device=device) for _ in range(2))
+    batch = tuple(torch.randint(0, cfg.vocab_size, (args.batch_size, args.context_length), device=device)
+                  for _ in range(2))
     for _ in range(args.warmup_steps):  # allocations, optimizer state, Triton's JIT and tile tuning
         step(*batch)
     unprofiled_ms = statistics.median(_timed_steps(step, batch, 1, device) for _ in range(args.steps))
@@ -199,20 +199,11 @@ def profile_loss(loss: str, args, device) -> list[dict]:
 
 def _timed_steps(step, batch, n: int, device) -> float:
     """Milliseconds per step over ``n`` steps: the GPU's time (CUDA events) on a GPU, wall time on the CPU."""
-    import torch
-
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    watch = timing.Stopwatch(device)
+    with watch.region():
         for _ in range(n):
             step(*batch)
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / n
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step(*batch)
-    return (time.perf_counter() - t0) * 1e3 / n
+    return watch.ms()[0] / n
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,15 +219,15 @@ def table(rows: list[dict]) -> str:
         line = [group]
         for loss in losses:
             r = by.get((loss, group))
-            line += [common.fmt_num(r["ms_per_step"]) if r else "-", f"{r['pct_of_step']:.1f}%" if r else "-"]
+            line += [results.fmt_num(r["ms_per_step"]) if r else "-", f"{r['pct_of_step']:.1f}%" if r else "-"]
         lines.append(line)
     headers = ["group"] + [h for loss in losses for h in (f"{loss} ms", f"{loss} %")]
-    return common.format_table(headers, lines, right=set(range(1, len(headers))))
+    return results.format_table(headers, lines, right=set(range(1, len(headers))))
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
     """Milliseconds per step by group, a bar per loss."""
-    plt = common.pyplot()
+    plt = results.pyplot()
     if plt is None:
         return None
     losses = list(dict.fromkeys(r["loss"] for r in rows))
@@ -247,16 +238,16 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     for i, loss in enumerate(losses):
         xs = [g + (i - (len(losses) - 1) / 2) * width for g in range(len(groups))]
         values = [max(0.0, by.get((loss, group), 0.0)) for group in groups]
-        bars = ax.bar(xs, values, width, label=f"{loss} loss: step {common.fmt_num(by.get((loss, 'step')))} ms")
+        bars = ax.bar(xs, values, width, label=f"{loss} loss: step {results.fmt_num(by.get((loss, 'step')))} ms")
         for bar, value in zip(bars, values):
-            ax.annotate(common.fmt_num(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+            ax.annotate(results.fmt_num(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                         va="bottom", fontsize=7)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("ms per step")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return common.save_figure(fig, path)
+    return results.save_figure(fig, path)
 
 
 def summarize(data: dict) -> str:
@@ -277,10 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="model preset (default gpt2-124m; tiny with --quick)")
-    p.add_argument("--context", type=int, help="context length (default 1024; 64 with --quick)")
+    p.add_argument("--context-length", type=int, help="context length (default 1024; 64 with --quick)")
     p.add_argument("--batch-size", type=int, help=f"sequences per step (default {TOKENS_PER_STEP} tokens / context "
                                                   "on a GPU, 1 on the CPU; 2 with --quick)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
                    help="kernels backend (default auto: triton on a GPU, torch on the CPU)")
     p.add_argument("--loss", nargs="+", choices=LOSSES, default=list(LOSSES), help="losses to profile (default both)")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary (default: the preset's)")
@@ -293,42 +284,40 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Check every option, then run; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(args), errors=common.ERRORS)
 
 
-def run(args) -> int:
-    if args.summarize:
-        print(summarize(common.read_results(args.summarize)))
-        return 0
-    common.fill_defaults(args, QUICK, FULL)
-    for name in ("context", "batch_size", "steps", "warmup_steps", "vocab_size"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup_steps" else 1):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {value}")
+def check_args(args) -> None:
     from minigpt import PRESETS
 
     if args.preset not in PRESETS:
-        raise SystemExit(f"error: unknown preset {args.preset!r} — choose from {', '.join(PRESETS)}")
-    device = common.setup(args)
+        raise common.BenchmarkError(f"unknown preset {args.preset!r} — choose from {', '.join(PRESETS)}")
+
+
+def run(args) -> int:
+    device = common.start_run(args, summarize, QUICK, FULL, check=check_args, allow_zero=("warmup_steps",),
+                              positive=("context_length", "batch_size", "steps", "warmup_steps", "vocab_size"))
+    if device is None:  # --summarize
+        return 0
     on_gpu = device.type == "cuda"
-    if args.backend == "auto":
-        args.backend = "triton" if on_gpu else "torch"
-    if args.backend == "triton" and not on_gpu:
-        raise SystemExit("error: without a GPU the triton backend runs in Triton's interpreter, whose time says "
-                         "nothing about the kernels — use --backend torch")
+    if args.kernels == "auto":
+        args.kernels = "triton" if on_gpu else "torch"
+    if args.kernels == "triton" and not on_gpu:
+        raise common.BenchmarkError("without a GPU the triton backend runs in Triton's interpreter, whose time says "
+                                    "nothing about the kernels — use --kernels torch")
     if args.batch_size is None:
-        args.batch_size = max(1, TOKENS_PER_STEP // args.context) if on_gpu else 1
-    budget = common.Budget(args.budget_s)
+        args.batch_size = max(1, TOKENS_PER_STEP // args.context_length) if on_gpu else 1
+    budget = timing.Budget(args.budget_s)
     print(f"benchmarks.profile on {common.device_name(device)}: {args.preset}, batch {args.batch_size} x context "
-          f"{args.context}, {args.backend} backend, losses {' '.join(args.loss)}", flush=True)
+          f"{args.context_length}, {args.kernels} backend, losses {' '.join(args.loss)}", flush=True)
     counting = ("ms per step of each group: the self time of its ops (CPU) or of the GPU kernels they launched (GPU), "
                 "summed over the profiled steps / steps")
     errors = {}  # loss -> the whole message of a profile that failed: the other loss's profile still runs
 
     def meta(interrupted=None):
-        return dict(common.run_meta(device, {}, args, budget, interrupted, counting), errors=errors,
-                    run=dict(preset=args.preset, context=args.context, batch_size=args.batch_size,
-                             backend=args.backend, dtype="bf16 autocast" if on_gpu else "fp32", steps=args.steps,
+        return dict(results.run_meta(device, {}, args, budget, interrupted, counting), errors=errors,
+                    run=dict(preset=args.preset, context=args.context_length, batch_size=args.batch_size,
+                             backend=args.kernels, dtype="bf16 autocast" if on_gpu else "fp32", steps=args.steps,
                              warmup_steps=args.warmup_steps))
 
     out = args.out or common.default_out_dir(device)
@@ -339,21 +328,21 @@ def run(args) -> int:
                 print(f"{loss}: skipped, time budget ({args.budget_s:g} s) spent", flush=True)
                 continue
             try:
-                loss_rows = profile_loss(loss, args, device)
+                profiled = profile_loss(loss, args, device)
             except Exception as exc:
                 errors[loss] = common.error_text(exc)
                 print(f"{loss}: failed: {common.one_line(exc)}", flush=True)
                 continue
             finally:
                 common.free_memory(device, collect=True)
-            rows += loss_rows
-            common.write_results(out, args.name, rows, dict(meta(), partial=True))  # kept if the run is killed
-            print(f"{loss}: step {common.fmt_num(loss_rows[-1]['ms_per_step'])} ms ({budget.spent():.0f} s)",
+            rows += profiled
+            results.write_results(out, args.name, rows, dict(meta(), partial=True))  # kept if the run is killed
+            print(f"{loss}: step {results.fmt_num(profiled[-1]['ms_per_step'])} ms ({budget.spent():.0f} s)",
                   flush=True)
     except KeyboardInterrupt as exc:  # Ctrl-C, or the SIGTERM of an outer `timeout`: keep what was measured
         interrupted = common.one_line(exc)
         print(f"interrupted ({interrupted}): writing what was profiled", flush=True)
-    common.report(out, args.name, rows, meta(interrupted), plot, summarize)
+    results.report(out, args.name, rows, meta(interrupted), plot, summarize)
     return 0
 
 

@@ -126,8 +126,8 @@ def plan(mode: str, py: str, out: Path) -> list[Part]:
                                    "--rep-ms", "40", "--budget-s", "14"]),
             # compiled rows first, the triton backend first, the fused loss first: GPT-2 small at context 1024;
             # no largest-batch search (a memory question, answered at other sizes by benchmarks.train alone)
-            ("train", 65, bench + ["benchmarks.train", "--presets", "gpt2-124m", "--contexts", "1024",
-                                   "--compile", "blocks", "no", "--backends", "triton", "torch",
+            ("train", 65, bench + ["benchmarks.train", "--presets", "gpt2-124m", "--context-lengths", "1024",
+                                   "--compile", "blocks", "no", "--kernels", "triton", "torch",
                                    "--loss", "fused", "plain", "--no-max-batch", "--budget-s", "40"]),
             ("generate", 30, bench + ["benchmarks.generate", "--repeats", "3", "--budget-s", "18"]),
             ("profile", 25, bench + ["benchmarks.profile", "--budget-s", "12"]),
@@ -318,16 +318,16 @@ def _benchmark_summary(part: Part, out: Path) -> str:
         return f"no {path.name} was written"
     module = "kernels" if part.results.startswith("kernels") else part.results
     try:
-        from benchmarks import common
+        from benchmarks import results
 
         summarize = importlib.import_module(f"benchmarks.{module}").summarize
-        return summarize(common.read_results(path))
-    except (Exception, SystemExit) as e:  # a summary is a convenience: the results and the log are there
+        return summarize(results.read_results(path))
+    except Exception as e:  # a summary is a convenience: the results and the log are there
         return f"{path.name} could not be summarized: {type(e).__name__}: {e}"
 
 
 def write_atomic(path: Path, text: str) -> None:
-    from minigpt.checkpoint import atomic_open  # the project's one writer: temp file, fsync, rename
+    from minigpt.files import atomic_open  # the project's one writer: temp file, fsync, rename
 
     with atomic_open(path) as f:
         f.write(text.encode())
@@ -335,7 +335,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def archive(out: Path, dest: Path) -> None:
     """``dest``: a .tar.gz of everything in ``out``, replaced atomically (a reader never sees half of one)."""
-    from minigpt.checkpoint import atomic_open
+    from minigpt.files import atomic_open
 
     with atomic_open(dest) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
         # temp files (ours: *.tmp) and an archive written inside OUT (its earlier self) stay out
@@ -386,6 +386,7 @@ def run(parts: list[Part], out: Path, mode: str, py: str, archive_to: Path | Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check the options, then run every part; returns the exit status (see kernels/cli.py)."""
     p = argparse.ArgumentParser(prog="bash benchmarks/run_all.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="the folder for env.txt, summary.md, logs/ and every results file")
     p.add_argument("--dry-run", action="store_true",
@@ -393,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archive", type=Path, metavar="FILE",
                    help="also keep FILE (a .tar.gz of OUT) and summary.md beside it current after every part")
     args = p.parse_args(argv)
+    from benchmarks import common
+    from kernels.cli import run_cli
+
+    return run_cli(lambda: run_plan(args), errors=common.ERRORS)
+
+
+def run_plan(args) -> int:
     from benchmarks import common
 
     # A file where a folder should be is refused now, not as a traceback when the first file is removed or written.

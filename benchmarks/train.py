@@ -35,11 +35,10 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks import common, memory
+from benchmarks import common, memory, results, timing
 from kernels.cli import run_cli
 
 BACKENDS = ("torch", "triton")
@@ -53,8 +52,8 @@ CHECK_BATCH = 2  # sequences in the logits check
 COMPILE_RESERVE_S = {"model": 45.0, "blocks": 20.0}
 COUNTING = ("MFU = model.flops_per_token(T) * tokens/s / measured matmul FLOP/s; flops_per_token = 6N (N: parameters "
             "without the embeddings) + 6 * n_layers * T * emb_dim (causal attention, forward and backward)")
-QUICK = dict(presets=["tiny"], contexts=[64], batch_size=1, warmup_steps=1, steps=3)
-FULL = dict(presets=["gpt2-124m"], contexts=[256, 1024], batch_size=None, warmup_steps=3, steps=10)
+QUICK = dict(presets=["tiny"], context_lengths=[64], batch_size=1, warmup_steps=1, steps=3)
+FULL = dict(presets=["gpt2-124m"], context_lengths=[256, 1024], batch_size=None, warmup_steps=3, steps=10)
 GPU_BUDGET_FRACTION = 0.9  # default memory budget on a GPU: this share of its memory (the rest: the CUDA context,
 #                            the allocator's cache and fragmentation, which max_memory_allocated does not count)
 CPU_BUDGET_GIB = 2.0  # default memory budget on the CPU: small, so that the steps at the largest batch stay short
@@ -65,21 +64,21 @@ FIT_TRIES = 12  # steps the largest-batch search may take after its first two: a
 @dataclass(frozen=True)
 class Row:
     preset: str
-    context: int
-    backend: str
+    context: int  # the context length (the results' column name)
+    backend: str  # the kernels backend: torch or triton
     compile: str  # "no", "model" (torch.compile(model), what minigpt.train --compile does) or "blocks"
     loss: str = "plain"  # "plain" (logits, then F.cross_entropy) or "fused" (model(idx, targets=...))
 
 
-def plan(presets, contexts, backends, compile_modes, losses=("plain",)) -> list[Row]:
+def plan(presets, context_lengths, backends, compile_modes, losses=("plain",)) -> list[Row]:
     """Rows in the order the options give the compile modes, backends and losses (the default puts the uncompiled
     rows, which take seconds, before the compiled ones, which take tens), longest context first: if the time
     budget runs out, what is lost is the tail — so name first what matters most."""
     rows = []
     for mode in compile_modes:
         for preset in presets:
-            for context in sorted(contexts, reverse=True):
-                rows += [Row(preset, context, backend, mode, loss) for backend in backends for loss in losses]
+            for context_length in sorted(context_lengths, reverse=True):
+                rows += [Row(preset, context_length, backend, mode, loss) for backend in backends for loss in losses]
     return rows
 
 
@@ -152,7 +151,7 @@ def check_outputs(model, loss: str, batch, targets, ref: dict, autocast, tol: fl
     return err <= tol, err, f"{described} vs float32 torch backend (tol {tol:.2g})"
 
 
-def run_row(row: Row, args, device, ceilings, budget: common.Budget, refs: dict) -> dict:
+def run_row(row: Row, args, device, ceilings, budget: timing.Budget, refs: dict) -> dict:
     import contextlib
 
     import torch
@@ -221,32 +220,23 @@ def run_row(row: Row, args, device, ceilings, budget: common.Budget, refs: dict)
     step = make_step(step_model, optimizer, row.loss, autocast)
     batches = [random_batch(batch_size, row.context, vocab, device) for _ in range(2)]
 
-    t0 = time.perf_counter()
-    losses = [step(*batches[i % 2]) for i in range(1 if interpreting else args.warmup_steps)]
-    result["first_loss"] = losses[0].item()  # synchronizes: the warm-up is over
-    result["warmup_s"] = round(time.perf_counter() - t0, 2)
+    warmup = timing.Stopwatch()  # wall time: compiling happens on the host
+    with warmup.region():
+        losses = [step(*batches[i % 2]) for i in range(1 if interpreting else args.warmup_steps)]
+        result["first_loss"] = losses[0].item()  # synchronizes: the warm-up is over
+    result["warmup_s"] = round(warmup.ms()[0] / 1e3, 2)
     if not math.isfinite(result["first_loss"]):
         return dict(result, status=f"failed: loss is {result['first_loss']} in the first step")
     if interpreting:
         return dict(result, status="not timed (interpreter)")
-    times, peaks = [], []
+    watch, peaks = timing.Stopwatch(device), []
     for i in range(args.steps):
         memory.reset_peak(device)  # the allocator counts on the host: no synchronization, the steps stay queued
-        if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        with watch.region():
             loss = step(*batches[i % 2])
-            end.record()
-            times.append((start, end))
-        else:
-            t = time.perf_counter()
-            loss = step(*batches[i % 2])
-            times.append(time.perf_counter() - t)
         peaks.append(memory.peak_bytes(device) - baseline)
     result["last_loss"] = loss.item()
-    if on_gpu:
-        torch.cuda.synchronize(device)
-    ms_step = statistics.median([s.elapsed_time(e) for s, e in times] if on_gpu else [t * 1e3 for t in times])
+    ms_step = statistics.median(watch.ms())
     tokens_per_s = batch_size * row.context / (ms_step * 1e-3)
     peak = ceilings["matmul_tflops"][ceilings["train_dtype"]] * 1e12
     result.update(ms_per_step=ms_step, tokens_per_s=tokens_per_s, mfu=result["flops_per_token"] * tokens_per_s / peak,
@@ -353,11 +343,11 @@ def table(rows: list[dict]) -> str:
     headers = ["preset", "context", "batch", "backend", "compile", "loss", "ms/step", "tokens/s", "MFU", "peak GiB",
                "max batch", "MiB/seq", "warm-up s", "check", "status"]
     lines = [[r["preset"], r["context"], r["batch"], r["backend"], r["compile"], r.get("loss", "plain"),
-              common.fmt_num(r["ms_per_step"]), common.fmt_num(r["tokens_per_s"]),
-              f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-", common.fmt_num(r["peak_mem_gib"]),
-              _max_batch_cell(r), common.fmt_num(r.get("mem_per_seq_mib")), common.fmt_num(r["warmup_s"]),
+              results.fmt_num(r["ms_per_step"]), results.fmt_num(r["tokens_per_s"]),
+              f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-", results.fmt_num(r["peak_mem_gib"]),
+              _max_batch_cell(r), results.fmt_num(r.get("mem_per_seq_mib")), results.fmt_num(r["warmup_s"]),
               "-" if r["checked"] is None else ("ok" if r["checked"] else "WRONG"), r["status"].splitlines()[0][:70]] for r in rows]
-    return common.format_table(headers, lines, right={1, 2, 6, 7, 8, 9, 10, 11, 12})
+    return results.format_table(headers, lines, right={1, 2, 6, 7, 8, 9, 10, 11, 12})
 
 
 def _max_batch_cell(r: dict) -> str:
@@ -368,7 +358,7 @@ def _max_batch_cell(r: dict) -> str:
 
 def plot(rows: list[dict], path: Path) -> Path | None:
     """Tokens/s, MFU and peak memory per step (with the largest batch in the budget on top) per row."""
-    plt = common.pyplot()
+    plt = results.pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
@@ -392,19 +382,19 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         ax.set_title(title, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    return common.save_figure(fig, path)
+    return results.save_figure(fig, path)
 
 
 def summarize(data: dict) -> str:
     meta = data["meta"]
     env, ceil = meta["environment"], meta["ceilings"]
-    peak = common.fmt_num(ceil["matmul_tflops"][ceil["train_dtype"]])
+    peak = results.fmt_num(ceil["matmul_tflops"][ceil["train_dtype"]])
     head = (f"training step on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date']}); MFU vs "
             f"measured {ceil['train_dtype']} matmul {peak} TFLOP/s")
     budget = meta.get("args", {}).get("memory_budget_gib")
     tail = (f"peak GiB: a step's peak memory above what was in use before the row built its model "
             f"({meta.get('memory_method', 'see benchmarks/memory.py')}); max batch: the largest batch whose step peak "
-            f"stays within {common.fmt_num(budget)} GiB (+: at least); MiB/seq: the memory one more sequence costs"
+            f"stays within {results.fmt_num(budget)} GiB (+: at least); MiB/seq: the memory one more sequence costs"
             if budget else "")
     return head + "\n\n" + table(data["rows"]) + ("\n\n" + tail if tail else "")
 
@@ -417,8 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", help="model presets (default gpt2-124m; tiny with --quick)")
-    p.add_argument("--contexts", type=int, nargs="+", help="context lengths (default 256 1024; 64 with --quick)")
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    p.add_argument("--context-lengths", type=int, nargs="+",
+                   help="context lengths (default 256 1024; 64 with --quick)")
+    p.add_argument("--kernels", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                   help="kernels backends (default torch triton)")
     p.add_argument("--compile", nargs="+", choices=("no", "model", "blocks"), default=["no", "model"],
                    help="compile settings to run: no, model (torch.compile(model), as minigpt.train --compile), "
                         "blocks (each transformer block compiled: one graph reused n_layers times, far quicker to "
@@ -443,23 +435,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Check every option, then run; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(args), errors=common.ERRORS)
 
 
-def run(args) -> int:
-    if args.summarize:
-        print(summarize(common.read_results(args.summarize)))
-        return 0
-    common.fill_defaults(args, QUICK, FULL)
-    common.check_positive(args, ("batch_size", "warmup_steps", "steps", "contexts", "vocab_size", "memory_budget_gib"),
-                          allow_zero=("warmup_steps",))
-    args.warmup_steps = max(1, args.warmup_steps)  # the first step is always untimed: it allocates and compiles
+def check_args(args) -> None:
     from minigpt import PRESETS
 
     unknown = [p for p in args.presets if p not in PRESETS]
     if unknown:
-        raise SystemExit(f"error: unknown preset(s) {unknown} — choose from {', '.join(PRESETS)}")
-    device = common.setup(args)
+        raise common.BenchmarkError(f"unknown preset(s) {unknown} — choose from {', '.join(PRESETS)}")
+
+
+def run(args) -> int:
+    device = common.start_run(args, summarize, QUICK, FULL, check=check_args, allow_zero=("warmup_steps",),
+                              positive=("batch_size", "warmup_steps", "steps", "context_lengths", "vocab_size",
+                                        "memory_budget_gib"))
+    if device is None:  # --summarize
+        return 0
+    args.warmup_steps = max(1, args.warmup_steps)  # the first step is always untimed: it allocates and compiles
     args.memory_note = memory.prepare(device)  # before the big allocations: see benchmarks/memory.py
     import torch
 
@@ -469,20 +462,21 @@ def run(args) -> int:
     available = common.memory_budget(device, fraction=0.8) / 2**30
     if device.type == "cpu" and args.max_batch and args.memory_budget_gib > available:
         # a GPU says "out of memory" and the search steps back; a CPU's system ends the whole process instead
-        raise SystemExit(f"error: --memory-budget-gib {args.memory_budget_gib:g} is over 80% of the memory this "
-                         f"machine has available ({available:.1f} GiB) — use a smaller budget, or --no-max-batch")
+        raise common.BenchmarkError(f"--memory-budget-gib {args.memory_budget_gib:g} is over 80% of the memory this "
+                                    f"machine has available ({available:.1f} GiB) — use a smaller budget, or "
+                                    "--no-max-batch")
 
     train_dtype = "bf16" if device.type == "cuda" else "fp32"  # a CPU trains in float32
-    ceilings = dict(common.measure_ceilings(device, [train_dtype], quick=args.quick), train_dtype=train_dtype)
+    ceilings = dict(timing.measure_ceilings(device, [train_dtype], quick=args.quick), train_dtype=train_dtype)
     print(f"benchmarks.train on {common.device_name(device)}; ceilings: copy {ceilings['bandwidth_gbps']:.0f} GB/s, "
           f"{train_dtype} matmul {ceilings['matmul_tflops'][train_dtype]:.1f} TFLOP/s", flush=True)
-    budget = common.Budget(args.budget_s)
+    budget = timing.Budget(args.budget_s)
     refs = {}
-    planned = plan(args.presets, args.contexts, args.backends, args.compile, args.loss)
+    planned = plan(args.presets, args.context_lengths, args.kernels, args.compile, args.loss)
     out = args.out or common.default_out_dir(device)
 
     def meta(interrupted=None):
-        m = common.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
+        m = results.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
         return dict(m, memory_method=args.memory_note or memory.METHOD[device.type])
 
     def cleanup():
@@ -492,11 +486,13 @@ def run(args) -> int:
     rows, interrupted = common.run_rows(
         planned, lambda row: run_row(row, args, device, ceilings, budget, refs),
         lambda row, r: f"{row.preset} T={row.context} {row.backend} compile={row.compile} loss={row.loss}: "
-                       f"{common.fmt_num(r.get('ms_per_step'))} ms/step, peak {common.fmt_num(r.get('peak_mem_gib'))} "
+                       f"{results.fmt_num(r.get('ms_per_step'))} ms/step, "
+                       f"peak {results.fmt_num(r.get('peak_mem_gib'))} "
                        f"GiB, max batch {_max_batch_cell(r)}, {r['status']}", cleanup,
-        save=common.partial_writer(out, args.name, meta))
-    common.report(out, args.name, rows, meta(interrupted), plot, summarize)
+        save=results.partial_writer(out, args.name, meta))
+    results.report(out, args.name, rows, meta(interrupted), plot, summarize)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,10 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common, loss_rows
+from benchmarks import common, results, timing
 from benchmarks import kernels as kernel_bench
 from benchmarks import profile as profile_bench
 from benchmarks import train as train_bench
+from benchmarks.ops import attention as attention_op
+from benchmarks.ops import gelu as gelu_op
+from benchmarks.ops import layer_norm as layer_norm_op
+from benchmarks.ops import linear_cross_entropy as loss_op
+from kernels.definitions import EPS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -67,22 +72,22 @@ def test_kernels_quick_checks_every_contender_and_times_the_ones_it_may(device, 
         present = {(r["contender"], r["pass"]) for r in rows if (r["family"], r["shape"]) == (family, shape)}
         assert present == {(c, p) for c in kernel_bench.contenders(op) for p in kernel_bench.PASSES}, (family, shape)
 
-    has_pytorch_loss = loss_rows.pytorch_loss() is not None  # F.linear_cross_entropy: only in newer torch
+    has_pytorch_loss = loss_op.pytorch_loss() is not None  # F.linear_cross_entropy: only in newer torch
     for r in rows:
         where = f"{r['family']} {r['shape']} {r['contender']} {r['pass']}: {r['status']}"
         if r["contender"] == "math_compile":
             assert r["status"].startswith("skipped") and r["ms"] is None, where
             continue
         if r["op"] == "linear_cross_entropy" and r["contender"] == "pytorch" and not has_pytorch_loss:
-            assert r["status"] == loss_rows.PYTORCH_MISSING.format(version=torch.__version__), where
+            assert r["status"] == loss_op.PYTORCH_MISSING.format(version=torch.__version__), where
             assert r["ms"] is None and r["checked"] is not True, where
             continue
         assert r["checked"] is True, where  # compared with float64 before any timing
         if r["contender"] == "triton" and device == "cpu":
             assert r["status"] == "not timed (interpreter)" and r["ms"] is None, where
             continue
-        if (r["contender"], r["pass"]) in loss_rows.PASS_STATUS and r["op"] == "linear_cross_entropy":
-            assert r["status"] == loss_rows.PASS_STATUS[r["contender"], r["pass"]], where
+        if (r["contender"], r["pass"]) in loss_op.PASS_STATUS and r["op"] == "linear_cross_entropy":
+            assert r["status"] == loss_op.PASS_STATUS[r["contender"], r["pass"]], where
             continue
         assert r["status"] == "ok" and r["ms"] > 0, where
         rate = r["gbps"] if r["op"] in ("gelu", "layer_norm") else r["tflops"]
@@ -296,7 +301,7 @@ def test_the_check_passes_pytorch_and_catches_wrong_or_nan_results(dtype):
 
     case = kernel_bench.Case("layer_norm", (37, 96), dtype)
     inputs, select, ref = _inputs(case)
-    right = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, kernel_bench.EPS)  # noqa: E731
+    right = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, EPS)  # noqa: E731
     assert kernel_bench.check(case, right, inputs, select, ref)[0]
 
     off_by_a_bit = lambda x, w, b: right(x, w, b) * 1.1  # noqa: E731 (output and every gradient 10% off)
@@ -320,7 +325,7 @@ def test_the_check_passes_pytorch_and_catches_wrong_or_nan_results(dtype):
 def test_the_dropout_check_tells_dropout_from_none():
     case = kernel_bench.Case("attention", (1, 2, 64, 16), "fp32", dropout=0.1)
     inputs, select, ref = _inputs(case, seed=1)
-    from kernels.reference import causal_attention_math
+    from kernels.definitions import causal_attention_math
 
     with_dropout = lambda q, k, v: causal_attention_math(q, k, v, 0.1)  # noqa: E731 (a fresh mask: same law)
     without = lambda q, k, v: causal_attention_math(q, k, v, 0.0)  # noqa: E731
@@ -335,22 +340,22 @@ def test_the_dropout_check_tells_dropout_from_none():
 def test_the_byte_and_flop_counts_follow_their_definitions():
     # LayerNorm, 2 rows of width 3 in bf16: forward reads x (12 B), w and b (12 B), writes y (12 B) and the fp32
     # mean and rstd (16 B); backward reads x, dy (24 B), w (6 B), mean and rstd (16 B), writes dx (12 B), dw, db (12 B)
-    assert kernel_bench.layer_norm_bytes(2, 3, 2, "fwd") == 52
-    assert kernel_bench.layer_norm_bytes(2, 3, 2, "bwd") == 70
-    assert kernel_bench.layer_norm_bytes(2, 3, 2, "fwd+bwd") == 122
+    assert layer_norm_op.layer_norm_bytes(2, 3, 2, "fwd") == 52
+    assert layer_norm_op.layer_norm_bytes(2, 3, 2, "bwd") == 70
+    assert layer_norm_op.layer_norm_bytes(2, 3, 2, "fwd+bwd") == 122
     # GELU on 10 fp32 elements: forward one read and one write, backward two reads and one write
-    assert kernel_bench.gelu_bytes(10, 4, "fwd") == 80
-    assert kernel_bench.gelu_bytes(10, 4, "bwd") == 120
+    assert gelu_op.gelu_bytes(10, 4, "fwd") == 80
+    assert gelu_op.gelu_bytes(10, 4, "bwd") == 120
     # causal attention, B=1, H=2, T=4, D=8: 16 (query, key) pairs per head, 8 of them unmasked (the causal count);
     # two 8-long dot products per pair at 2 FLOPs per multiply-add: 2 * 8 * 2 * 2 * 8 = 512
-    assert kernel_bench.attention_flops(1, 2, 4, 8, "fwd") == 512
-    assert kernel_bench.attention_flops(1, 2, 4, 8, "bwd") == 2.5 * 512
-    assert kernel_bench.attention_flops(1, 2, 4, 8, "fwd+bwd") == 3.5 * 512
+    assert attention_op.attention_flops(1, 2, 4, 8, "fwd") == 512
+    assert attention_op.attention_flops(1, 2, 4, 8, "bwd") == 2.5 * 512
+    assert attention_op.attention_flops(1, 2, 4, 8, "fwd+bwd") == 3.5 * 512
     # the loss, N=2 rows, C=3, V=5: logits are 2 x 5 dot products of length 3 (2 * 3 * 5 multiply-adds, 60 FLOPs);
     # the backward's dX and dW are two more products of that size
-    assert loss_rows.flops(2, 3, 5, "fwd") == 60
-    assert loss_rows.flops(2, 3, 5, "bwd") == 120
-    assert loss_rows.flops(2, 3, 5, "fwd+bwd") == 180
+    assert loss_op.flops(2, 3, 5, "fwd") == 60
+    assert loss_op.flops(2, 3, 5, "bwd") == 120
+    assert loss_op.flops(2, 3, 5, "fwd+bwd") == 180
 
 
 def test_the_sweep_and_the_command_lines():
@@ -374,13 +379,13 @@ def test_the_sweep_and_the_command_lines():
 
 
 def test_summarize_reports_an_unreadable_results_file_in_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="cannot read results from .*missing.json.*pass the kernels.json"):
-        common.read_results(tmp_path / "missing.json")
+    with pytest.raises(common.BenchmarkError, match="cannot read results from .*missing.json.*pass the kernels.json"):
+        results.read_results(tmp_path / "missing.json")
     (tmp_path / "list.json").write_text("[1, 2]")
-    with pytest.raises(SystemExit, match="not a benchmark results file"):
-        common.read_results(tmp_path / "list.json")
+    with pytest.raises(common.BenchmarkError, match="not a benchmark results file"):
+        results.read_results(tmp_path / "list.json")
     (tmp_path / "ok.json").write_text('{"meta": {}, "rows": []}')
-    assert common.read_results(tmp_path / "ok.json") == {"meta": {}, "rows": []}
+    assert results.read_results(tmp_path / "ok.json") == {"meta": {}, "rows": []}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,15 +410,14 @@ def test_a_run_without_out_writes_in_the_current_folder_and_leaves_the_recorded_
 
 
 @pytest.mark.parametrize("inside", ["cpu", ".", "cpu/../new-device"])
-def test_a_quick_run_into_the_recorded_results_is_refused_in_one_line(inside, monkeypatch):
+def test_a_quick_run_into_the_recorded_results_is_refused_in_one_line(inside, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     out = Path("benchmarks", "results", inside)  # relative to the repository, as a user in it would type it
-    with pytest.raises(SystemExit) as e:
-        kernel_bench.main(["--quick", "--device", "cpu", "--op", "gelu", "--budget-s", "0", "--out", str(out),
-                           "--name", "refused"])
-    msg = str(e.value)
+    assert kernel_bench.main(["--quick", "--device", "cpu", "--op", "gelu", "--budget-s", "0", "--out", str(out),
+                              "--name", "refused"]) == 1
+    msg = capsys.readouterr().err
     assert msg.startswith("error: --quick would replace the recorded results") and "--out" in msg
-    assert "\n" not in msg and not list(common.RESULTS_DIR.rglob("refused.*"))
+    assert msg.count("\n") == 1 and not list(common.RESULTS_DIR.rglob("refused.*"))
 
 
 def test_the_recorded_results_are_written_when_out_names_them_without_quick(tmp_path):
@@ -440,39 +444,43 @@ def no_work(monkeypatch):
     def started(*args, **kwargs):
         raise WorkStarted
 
-    monkeypatch.setattr(common, "measure_ceilings", started)
+    monkeypatch.setattr(timing, "measure_ceilings", started)
     monkeypatch.setattr(profile_bench, "profile_loss", started)  # the profile measures no ceilings
 
 
-def _refusal(module, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        module.main(["--quick", "--device", "cpu", *args])
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+@pytest.fixture
+def refusal(capsys):
+    def refused(module, args: list[str]) -> str:
+        """The one line a benchmark's main prints when it refuses ``args`` (exit status 1)."""
+        assert module.main(["--quick", "--device", "cpu", *args]) == 1
+        message = capsys.readouterr().err
+        assert message.startswith("error: ") and message.count("\n") == 1
+        return message.rstrip("\n")
+
+    return refused
 
 
 @pytest.mark.parametrize("module", [kernel_bench, train_bench, profile_bench], ids=["kernels", "train", "profile"])
-def test_an_out_that_is_a_file_is_refused_before_any_work(module, tmp_path, no_work):
+def test_an_out_that_is_a_file_is_refused_before_any_work(module, tmp_path, no_work, refusal):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
-    assert _refusal(module, ["--out", str(a_file)]).startswith(f"error: --out {a_file} is a file, not a folder — ")
-    assert _refusal(module, ["--out", str(a_file / "sub")]).startswith(
+    assert refusal(module, ["--out", str(a_file)]).startswith(f"error: --out {a_file} is a file, not a folder — ")
+    assert refusal(module, ["--out", str(a_file / "sub")]).startswith(
         f"error: --out {a_file / 'sub'} cannot be made: {a_file} is a file — ")
 
 
-def test_a_results_name_taken_by_a_folder_is_refused_before_any_work(tmp_path, no_work):
+def test_a_results_name_taken_by_a_folder_is_refused_before_any_work(tmp_path, no_work, refusal):
     (tmp_path / "gelu.csv").mkdir()
-    message = _refusal(kernel_bench, ["--op", "gelu", "--out", str(tmp_path), "--name", "gelu"])
+    message = refusal(kernel_bench, ["--op", "gelu", "--out", str(tmp_path), "--name", "gelu"])
     assert message.startswith(f"error: {tmp_path / 'gelu.csv'} is a folder, not a file — ")
 
 
-def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, no_work, monkeypatch):
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, no_work, monkeypatch, refusal):
     def read_only(dir):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(common.tempfile, "TemporaryFile", read_only)
-    message = _refusal(kernel_bench, ["--out", str(tmp_path / "new")])
+    message = refusal(kernel_bench, ["--out", str(tmp_path / "new")])
     assert message == (f"error: cannot write in --out {tmp_path / 'new'}: Read-only file system (in {tmp_path}) — "
                        "pass a folder you can write")
     assert not (tmp_path / "new").exists()
@@ -489,13 +497,13 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, no_w
     (kernel_bench, ["--warmup-ms", "-1"], "--warmup-ms must be 0 or more, got -1.0"),
     (kernel_bench, ["--widths", "64", "0"], "--widths must be positive, got 0"),
     (kernel_bench, ["--seq-lens", "0"], "--seq-lens must be positive, got 0"),
-    (train_bench, ["--contexts", "0"], "--contexts must be positive, got 0"),
+    (train_bench, ["--context-lengths", "0"], "--context-lengths must be positive, got 0"),
     (train_bench, ["--memory-budget-gib", "nan"], "--memory-budget-gib must be positive, got nan"),
     (train_bench, ["--vocab-size", "0"], "--vocab-size must be positive, got 0"),
     (profile_bench, ["--threads", "-2"], "--threads must be at least 1, got -2"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_bad_option_values_are_refused_before_any_work(module, args, message, tmp_path, no_work):
-    assert _refusal(module, [*args, "--out", str(tmp_path)]).startswith(f"error: {message}")
+def test_bad_option_values_are_refused_before_any_work(module, args, message, tmp_path, no_work, refusal):
+    assert refusal(module, [*args, "--out", str(tmp_path)]).startswith(f"error: {message}")
 
 
 def test_good_option_values_get_to_the_work(tmp_path, no_work):
@@ -514,8 +522,8 @@ def test_a_failed_write_names_its_file_in_one_line(tmp_path, monkeypatch, capsys
         def write(self, b):
             raise OSError(28, "No space left on device")  # as a file object raises it: no file name
 
-    monkeypatch.setattr(common, "atomic_open", lambda path: contextlib.nullcontext(Full()))
-    assert run_cli(lambda: common.write_results(tmp_path, "kernels", [{"a": 1}], {})) == 1
+    monkeypatch.setattr(results, "atomic_open", lambda path: contextlib.nullcontext(Full()))
+    assert run_cli(lambda: results.write_results(tmp_path, "kernels", [{"a": 1}], {})) == 1
     json_path = tmp_path / "kernels.json"
     assert capsys.readouterr().err == (f"error: No space left on device: {json_path} — free some disk space or write "
                                        "somewhere else\n")
@@ -525,7 +533,7 @@ def test_sigterm_before_the_rows_exits_143_in_one_line(tmp_path, monkeypatch, ca
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` sends it while the ceilings are measured
 
-    monkeypatch.setattr(common, "measure_ceilings", terminated)
+    monkeypatch.setattr(timing, "measure_ceilings", terminated)
     old = signal.getsignal(signal.SIGTERM)
     try:
         assert kernel_bench.main(["--quick", "--device", "cpu", "--op", "gelu", "--out", str(tmp_path)]) == 143
@@ -534,15 +542,13 @@ def test_sigterm_before_the_rows_exits_143_in_one_line(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
-def test_run_all_refuses_an_out_that_is_a_file_before_removing_anything(tmp_path):
+def test_run_all_refuses_an_out_that_is_a_file_before_removing_anything(tmp_path, capsys):
     from benchmarks import run_all
 
     a_file = tmp_path / "a-file"
     a_file.write_text("kept")
-    with pytest.raises(SystemExit) as e:
-        run_all.main([str(a_file)])
-    assert str(e.value.code).startswith(f"error: OUT {a_file} is a file, not a folder — ")
-    with pytest.raises(SystemExit) as e:
-        run_all.main([str(tmp_path / "out"), "--archive", str(a_file / "results.tar.gz")])
-    assert str(e.value.code).startswith(f"error: --archive's folder {a_file} is a file, not a folder — ")
+    assert run_all.main([str(a_file)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: OUT {a_file} is a file, not a folder — ")
+    assert run_all.main([str(tmp_path / "out"), "--archive", str(a_file / "results.tar.gz")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --archive's folder {a_file} is a file, not a folder — ")
     assert a_file.read_text() == "kept" and not (tmp_path / "out").exists()

@@ -101,32 +101,31 @@ def test_a_long_status_is_whole_in_the_json_and_cut_only_in_the_table(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from benchmarks import common
+    from benchmarks import results, timing
 
     why = "transformers is not installed " + "(a reason far longer than a table cell) " * 5
     args = SimpleNamespace(prompt_len=3, new_tokens=4, dtype="fp32")
     row = generate_bench.run_row(Row(1, "transformers"), args, torch.device("cpu"), None, None, why, {},
-                                 common.Budget(None))
-    common.write_results(tmp_path, "generate", [row], meta={})
+                                 timing.Budget(None))
+    results.write_results(tmp_path, "generate", [row], meta={})
     stored = json.loads((tmp_path / "generate.json").read_text())["rows"][0]["status"]
     assert stored == "skipped: " + why
     shown = generate_bench.table([row]).splitlines()[-1]
     assert stored[:generate_bench.STATUS_WIDTH - 3] + "..." in shown and stored not in shown
 
 
-def test_an_out_that_is_a_file_is_refused_before_the_benchmark_runs(tmp_path, monkeypatch):
+def test_an_out_that_is_a_file_is_refused_before_the_benchmark_runs(tmp_path, monkeypatch, capsys):
     """Before, `--out FILE` failed only when the first results were written, after the ceilings and a row."""
-    from benchmarks import common
+    from benchmarks import timing
 
     def started(*args, **kwargs):
         raise AssertionError("the benchmark started although --out had to be refused first")
 
-    monkeypatch.setattr(common, "measure_ceilings", started)
+    monkeypatch.setattr(timing, "measure_ceilings", started)
     monkeypatch.setattr(generate_bench, "build_models", started)
     a_file = tmp_path / "results"
     a_file.write_text("")
     for args in (["--out", str(a_file)], ["--out", str(tmp_path), "--vocab-size", "0"]):
-        with pytest.raises(SystemExit) as e:
-            generate_bench.main(["--quick", "--device", "cpu", *args])
-        assert str(e.value.code).startswith(("error: --out", "error: --vocab-size must be >= 1"))
+        assert generate_bench.main(["--quick", "--device", "cpu", *args]) == 1
+        assert capsys.readouterr().err.startswith(("error: --out", "error: --vocab-size must be positive"))
     assert a_file.read_text() == ""

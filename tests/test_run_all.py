@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, run_all
+from benchmarks import common, results, run_all
 
 PY = sys.executable
 
@@ -111,7 +111,7 @@ def test_the_gpu_plan_fits_seven_minutes_and_puts_what_matters_first(tmp_path):
     train = parts[4].lanes["train"]
     modes = train[train.index("--compile") + 1: train.index("--compile") + 3]
     assert modes == ["blocks", "no"]  # the compiled rows before the uncompiled ones
-    assert train[train.index("--backends") + 1] == "triton"
+    assert train[train.index("--kernels") + 1] == "triton"
     generate = parts[5].lanes["generate"]
     assert int(generate[generate.index("--repeats") + 1]) >= 3
 
@@ -164,7 +164,7 @@ def test_run_rows_keeps_each_row_as_it_finishes_and_the_whole_error(tmp_path):
         return {"n": row.n, "status": "ok"}
 
     def save(rows):
-        common.partial_writer(tmp_path, "rows", lambda: {"k": 1})(rows)
+        results.partial_writer(tmp_path, "rows", lambda: {"k": 1})(rows)
         seen.append(len(json.loads((tmp_path / "rows.json").read_text())["rows"]))
 
     rows, interrupted = common.run_rows([Row(0), Row(1), Row(2)], run_one, lambda row, r: r["status"][:20],
