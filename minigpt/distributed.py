@@ -1,4 +1,5 @@
-"""Several processes, one model: DistributedDataParallel through ``torchrun``, and the sampler that shards data.
+"""Several processes, one model: DistributedDataParallel through ``torchrun`` (the data's sharding:
+``WindowSampler`` in minigpt/token_windows.py).
 
     torchrun --nproc_per_node=4 -m minigpt.train --preset gpt2-124m
 
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
 
 @dataclass
@@ -95,50 +95,3 @@ def all_reduce_mean(values: list[float], counts: list[float], info: DistInfo, de
         dist.all_reduce(t)
     n = len(values)
     return [(t[i] / t[n + i]).item() if t[n + i] > 0 else float("nan") for i in range(n)]
-
-
-class WindowSampler(Sampler[int]):
-    """Indices of training windows for one rank, epoch by epoch, resumable mid-epoch.
-
-    The epoch's order is a permutation seeded by (seed, epoch), the same on every rank. It is cut into global
-    batches of ``batch_size * world_size`` windows; rank r takes the r-th slice of ``batch_size`` from each.
-    With gradient accumulation (``accum`` micro-batches per optimizer step) an epoch keeps only whole steps.
-    ``set_epoch(epoch, start)`` skips the first ``start`` windows of the epoch's order (already trained on), which
-    is how a resumed run continues with exactly the batches an uninterrupted run would have seen.
-    """
-
-    def __init__(self, num_windows: int, batch_size: int, world_size: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = True, accum: int = 1):
-        self.num_windows, self.batch_size, self.accum = num_windows, batch_size, accum
-        self.world_size, self.rank = world_size, rank
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def _order(self) -> torch.Tensor:
-        if self.shuffle:
-            # modulo 2**64, the range of a generator's seed (a no-op for every seed below 1.8e14)
-            g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64)
-            order = torch.randperm(self.num_windows, generator=g)
-        else:
-            order = torch.arange(self.num_windows)
-        return order[self.start:]
-
-    def __iter__(self):
-        order = self._order()
-        g = self.batch_size * self.world_size
-        # drop_last: only whole optimizer steps (accum global batches); else every window once
-        n_global = len(order) // (g * self.accum) * self.accum if self.drop_last else -(-len(order) // g)
-        for i in range(n_global):
-            chunk = order[i * g:(i + 1) * g]
-            yield from chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
-
-    def __len__(self) -> int:
-        remaining = max(self.num_windows - self.start, 0)
-        g = self.batch_size * self.world_size
-        if self.drop_last:
-            return remaining // (g * self.accum) * self.accum * self.batch_size
-        full, rest = divmod(remaining, g)
-        return full * self.batch_size + min(max(rest - self.rank * self.batch_size, 0), self.batch_size)

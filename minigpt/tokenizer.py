@@ -16,21 +16,21 @@ and end-of-text), which needs no files at all; ``get_tokenizer("gpt2")`` raises 
 
 tiktoken downloads with ``requests.get`` and no timeout, so on a network that silently drops packets it could
 wait for minutes. Before asking it for GPT-2 we therefore look for its cached files ourselves, and when they are
-not there we try a short connection to the download host (``can_reach``) and give up at once if that fails.
+not there we try a short connection to the download host (``files.can_reach``) and give up at once if that fails.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import socket
 import tempfile
-import threading
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlparse
 
-__all__ = ["TOKENIZER_CHOICES", "ByteTokenizer", "TiktokenTokenizer", "TokenizerError", "can_reach",
-           "get_tokenizer", "tokenizer_from_name"]
+from .files import can_reach
+
+__all__ = ["TOKENIZER_CHOICES", "ByteTokenizer", "TiktokenTokenizer", "TokenizerError", "get_tokenizer",
+           "tokenizer_from_name"]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,6 @@ GPT2_URLS = (
     "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
     "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
 )
-PROBE_TIMEOUT_S = 3.0  # how long the quick reachability check waits before declaring a host unreachable
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 _GPT2_FIX = ("put tiktoken's GPT-2 files (vocab.bpe, encoder.json) in a folder and set TIKTOKEN_CACHE_DIR to it, "
              "or run once with internet access, or use --tokenizer bytes")
@@ -122,31 +120,6 @@ class TiktokenTokenizer:
 
     def __repr__(self) -> str:
         return f"TiktokenTokenizer(name={self.name!r}, n_vocab={self.n_vocab})"
-
-
-def can_reach(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds (name lookup included).
-
-    The connection is tried on a daemon thread because a name lookup cannot be given a timeout; when a proxy is
-    configured (HTTPS_PROXY, ALL_PROXY) the direct connection says nothing, so the answer is True.
-    """
-    if any(os.environ.get(v) for v in _PROXY_VARS):
-        return True
-    parsed = urlparse(url)
-    host, port = parsed.hostname, parsed.port or (80 if parsed.scheme == "http" else 443)
-    result = [False]
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result[0] = True
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return result[0]
 
 
 def _tiktoken_cache_dir() -> str:

@@ -1,15 +1,11 @@
-"""Where a run writes: the --out-dir it is given, and the temporary files its atomic writes leave behind."""
+"""Checkpoints: saved whole or not at all, loaded back as saved, and every load failure is one line with its fix."""
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
+import torch
 
-from minigpt.checkpoint import STALE_AFTER_S, atomic_open, is_our_temp_name, remove_stale_temps
+from minigpt.checkpoint import CheckpointError, load_model_state, load_torch, save_torch
 from minigpt.train import main
-
-fcntl = pytest.importorskip("fcntl", reason="the cleanup needs file locks (it removes nothing without them)")
 
 TINY = ["--data", "stories", "--max-docs", "20", "--tokenizer", "bytes", "--preset", "tiny", "--max-steps", "1",
         "--no-progress", "--device", "cpu", "--kernels", "torch"]
@@ -25,83 +21,26 @@ def test_an_empty_out_dir_is_refused_in_one_line(tmp_path, monkeypatch, out_dir)
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
-def _age(path, seconds=3600.0):
-    then = time.time() - seconds
-    os.utime(path, (then, then))
+def test_saved_and_loaded_back(tmp_path):
+    path = tmp_path / "run" / "checkpoint.pt"  # the folder is created
+    save_torch({"step": 3, "w": torch.arange(4.0)}, path)
+    loaded = load_torch(path)
+    assert loaded["step"] == 3 and torch.equal(loaded["w"], torch.arange(4.0))
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no temporary file left
 
 
-def test_the_cleanup_keeps_a_users_own_tmp_files(tmp_path):
-    theirs = [".notes.tmp", ".notes.txt.abcd1234.tmp", ".checkpoint.pt.tmp", "notes.tmp", ".x.minigpt-0123.tmp"]
-    for name in theirs:
-        (tmp_path / name).write_text("a user's file")
-        _age(tmp_path / name)
-    assert remove_stale_temps(tmp_path) == []
-    assert sorted(os.listdir(tmp_path)) == sorted(theirs)
+def test_each_load_failure_is_one_line_with_its_fix(tmp_path):
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"PK\x03\x04 half a zip")
+    for path, says in ((tmp_path / "missing.pt", "no checkpoint at"), (tmp_path, "is a folder — pass the checkpoint"),
+                       (damaged, "is not a readable checkpoint")):
+        with pytest.raises(CheckpointError, match=says) as e:
+            load_torch(path)
+        assert "\n" not in str(e.value) and " — " in str(e.value)
 
 
-def test_a_stale_temporary_file_of_ours_is_removed_and_a_live_one_kept(tmp_path):
-    target = tmp_path / "checkpoint.pt"
-    with atomic_open(target) as f:
-        f.write(b"being written")
-        (name,) = os.listdir(tmp_path)  # the writer's own name for its temporary file, locked while it writes
-        assert is_our_temp_name(name)
-        _age(tmp_path / name)
-        assert remove_stale_temps(tmp_path) == [] and (tmp_path / name).exists()
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]
-
-    # the same name left behind by a writer that died: nobody holds its lock
-    (tmp_path / name).write_bytes(b"half a checkpoint")
-    young = tmp_path / ".model.pth.minigpt-00000000beef.tmp"
-    young.write_bytes(b"its writer may be about to lock it")
-    _age(young, STALE_AFTER_S / 2)
-    older_form = tmp_path / ".metrics.csv.a1b2_c3d.tmp"  # tempfile.mkstemp's random part
-    older_form.write_bytes(b"")
-    _age(tmp_path / name)
-    _age(older_form)
-    assert sorted(remove_stale_temps(tmp_path)) == sorted([name, older_form.name])
-    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", young.name])
-    assert target.read_bytes() == b"being written"
-
-
-def _hold_lock_in_child(lock_path):
-    """A second process that takes the lock and keeps it until its stdin closes; returns it once it holds it."""
-    import subprocess
-    import sys
-
-    code = ("import sys\nfrom minigpt.checkpoint import exclusive_lock\n"
-            f"with exclusive_lock({str(lock_path)!r}, 'x', 'y'):\n    print('held', flush=True)\n    sys.stdin.read()\n")
-    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "held"
-    return child
-
-
-def test_a_lock_held_by_another_process_is_refused_naming_its_pid(tmp_path):
-    from minigpt.checkpoint import Busy, exclusive_lock
-
-    lock = tmp_path / ".minigpt.lock"
-    child = _hold_lock_in_child(lock)
-    try:
-        with pytest.raises(Busy) as e:
-            with exclusive_lock(lock, f"the out-dir {tmp_path}", "wait for it or pass another --out-dir"):
-                pytest.fail("two processes held the same lock")
-        assert e.value.pid == child.pid
-        assert str(e.value) == (f"the out-dir {tmp_path} is in use by process {child.pid} — wait for it or pass "
-                                "another --out-dir")
-    finally:
-        child.stdin.close()
-        child.wait(timeout=30)
-    with exclusive_lock(lock, "x", "y"):  # its holder gone, the lock is free again (the file itself stays)
-        assert lock.read_text().strip() == str(os.getpid())
-
-
-def test_a_lock_whose_holder_was_killed_is_free(tmp_path):
-    import signal
-
-    from minigpt.checkpoint import exclusive_lock
-
-    lock = tmp_path / ".minigpt.lock"
-    child = _hold_lock_in_child(lock)
-    child.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel drops the lock with the process
-    child.wait(timeout=30)
-    with exclusive_lock(lock, "x", "y"):
-        pass
+def test_a_state_dict_of_another_shape_names_the_flags(tmp_path):
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(CheckpointError, match="does not match the model configuration.*--preset") as e:
+        load_model_state(model, torch.nn.Linear(4, 3).state_dict(), "checkpoint.pt")
+    assert "\n" not in str(e.value)

@@ -1,0 +1,162 @@
+"""Windows of a token array and the loaders that batch them: what a training step reads.
+
+Window ``i`` (the seed's ``GPTDatasetV1``) is ``tokens[i*stride : i*stride + max_length]``, and its target is the
+same window shifted by one token. ``make_loader`` batches them for evaluation and for the notebook;
+``WindowSampler`` picks the training windows of one rank, epoch by epoch, so that several processes
+(minigpt/distributed.py) each read their own slice of every global batch and a resumed run continues where it
+stopped.
+"""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .data_sources import DataError
+from .tokenizer import EOT_TEXT, get_tokenizer
+
+__all__ = ["TokenWindows", "WindowSampler", "create_dataloader", "create_dataloader_v1", "make_loader"]
+
+
+class TokenWindows(Dataset):
+    """Sliding windows over a 1-D token array, as the seed's ``GPTDatasetV1``.
+
+    Item ``i`` is ``(input, target)``: ``input = tokens[i*stride : i*stride + max_length]`` and ``target`` the
+    same window shifted one token to the right, both LongTensors of shape (max_length,). The windows start at
+    ``range(0, len(tokens) - max_length, stride)``, exactly the seed's loop. Ids are converted from the cache's
+    uint16 per item, so a memory-mapped corpus is never copied whole.
+    """
+
+    def __init__(self, tokens, max_length: int, stride: int):
+        for name, value in (("max_length", max_length), ("stride", stride)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DataError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.cpu().numpy()
+        elif not isinstance(tokens, np.ndarray):
+            tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 1:
+            raise DataError(f"tokens must be a 1-D array of ids, got shape {tuple(tokens.shape)}")
+        self.tokens, self.max_length, self.stride = tokens, max_length, stride
+        self.n_windows = len(range(0, len(tokens) - max_length, stride))
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i < 0:
+            i += self.n_windows
+        if not 0 <= i < self.n_windows:
+            raise IndexError(f"window {i} out of range for {self.n_windows} windows")
+        start = i * self.stride
+        ids = torch.from_numpy(np.asarray(self.tokens[start:start + self.max_length + 1], dtype=np.int64))
+        return ids[:-1], ids[1:]  # (max_length,), (max_length,)
+
+    # A DataLoader worker started with "spawn" (macOS, Windows) receives the dataset pickled: reopen the token
+    # file there instead of copying the whole corpus through the pickle.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        t = self.tokens
+        if isinstance(t, np.memmap) and isinstance(t.base, mmap.mmap) and t.filename:
+            state["tokens"] = ("memmap", t.filename, t.dtype.str, t.offset, len(t))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        t = state["tokens"]
+        if isinstance(t, tuple) and t[0] == "memmap":
+            _, filename, dtype, offset, n = t
+            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=(n,))
+        self.__dict__.update(state)
+
+
+def make_loader(tokens, batch_size: int, max_length: int, stride: int, shuffle: bool, drop_last: bool,
+                seed: int = 0, num_workers: int = 0) -> DataLoader:
+    """A DataLoader of ``(input, target)`` batches, each (batch_size, max_length) int64.
+
+    Shuffling draws from a ``torch.Generator`` seeded with ``seed``, so two runs see the same order. Raises
+    DataError when the tokens do not fill one batch.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    windows = TokenWindows(tokens, max_length, stride)
+    need_windows = batch_size if drop_last else 1
+    if len(windows) < need_windows:
+        # n windows need len(tokens) - max_length > (n - 1) * stride, i.e. (n-1)*stride + max_length + 1 tokens.
+        needed = (need_windows - 1) * stride + max_length + 1
+        what = f"{batch_size} windows" if drop_last else "one window"
+        raise DataError(f"too few tokens: {len(windows.tokens)} tokens, but {what} of {max_length} (stride "
+                        f"{stride}) need {needed} — give more data, or lower --context-length / --batch-size")
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(windows, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, generator=generator)
+
+
+def create_dataloader(txt: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,
+                      shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
+                      tokenizer=None) -> DataLoader:
+    """The seed notebook's ``create_dataloader_v1``: windows over one text, for readers coming from it.
+
+    As the seed (which encoded with ``allowed_special={"<|endoftext|>"}``), "<|endoftext|>" in ``txt`` becomes
+    the end-of-text id. ``tokenizer`` defaults to ``get_tokenizer("auto")``; shuffling is seeded (seed 0).
+    """
+    tokenizer = tokenizer if tokenizer is not None else get_tokenizer("auto")
+    ids: list[int] = []
+    for k, part in enumerate(txt.split(EOT_TEXT)):
+        if k:
+            ids.append(tokenizer.eot_token)
+        ids.extend(tokenizer.encode(part))
+    return make_loader(np.asarray(ids, dtype=np.int64), batch_size, max_length, stride, shuffle, drop_last,
+                       num_workers=num_workers)
+
+
+create_dataloader_v1 = create_dataloader  # the seed's name
+
+
+class WindowSampler(Sampler[int]):
+    """Indices of training windows for one rank, epoch by epoch, resumable mid-epoch.
+
+    The epoch's order is a permutation seeded by (seed, epoch), the same on every rank. It is cut into global
+    batches of ``batch_size * world_size`` windows; rank r takes the r-th slice of ``batch_size`` from each.
+    With gradient accumulation (``accum`` micro-batches per optimizer step) an epoch keeps only whole steps.
+    ``set_epoch(epoch, start)`` skips the first ``start`` windows of the epoch's order (already trained on), which
+    is how a resumed run continues with exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, num_windows: int, batch_size: int, world_size: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = True, accum: int = 1):
+        self.num_windows, self.batch_size, self.accum = num_windows, batch_size, accum
+        self.world_size, self.rank = world_size, rank
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _order(self) -> torch.Tensor:
+        if self.shuffle:
+            # modulo 2**64, the range of a generator's seed (a no-op for every seed below 1.8e14)
+            g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64)
+            order = torch.randperm(self.num_windows, generator=g)
+        else:
+            order = torch.arange(self.num_windows)
+        return order[self.start:]
+
+    def __iter__(self):
+        order = self._order()
+        g = self.batch_size * self.world_size
+        # drop_last: only whole optimizer steps (accum global batches); else every window once
+        n_global = len(order) // (g * self.accum) * self.accum if self.drop_last else -(-len(order) // g)
+        for i in range(n_global):
+            chunk = order[i * g:(i + 1) * g]
+            yield from chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        remaining = max(self.num_windows - self.start, 0)
+        g = self.batch_size * self.world_size
+        if self.drop_last:
+            return remaining // (g * self.accum) * self.accum * self.batch_size
+        full, rest = divmod(remaining, g)
+        return full * self.batch_size + min(max(rest - self.rank * self.batch_size, 0), self.batch_size)
