@@ -1,4 +1,5 @@
-"""Text generation: the sampling loop, and ``python -m minigpt.generate``.
+"""Text generation: the two steps of cached generation (``prefill``, then ``decode_one`` per token), the sampling
+loop around them, and ``python -m minigpt.generate``.
 
     python -m minigpt.generate --checkpoint out/checkpoint.pt --prompt "Once upon a time"
     python -m minigpt.generate --checkpoint model.pth --preset gpt2-124m      # a seed notebook's model.pth
@@ -11,6 +12,7 @@ import codecs
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,10 +61,10 @@ def generate_tokens(model, idx, max_new_tokens, context_size, temperature=0.0, t
                     generator=None, use_cache=True):
     """``generate``, one token at a time: yields each new (B, 1) column of ids as soon as it is chosen.
 
-    With the cache (``model.KVCache``), the first step runs the prompt through the model (the prefill) and every
-    later step runs only the newest token, whose query attends to the cached keys and values: a step costs one
-    position's worth of matmuls (about 2 x parameters FLOPs per token) plus reading the cache, instead of a
-    forward over the whole window.
+    With the cache (``model.KVCache``), the first step runs the prompt through the model (``prefill``) and every
+    later step runs only the newest token (``decode_one``), whose query attends to the cached keys and values: a
+    step costs one position's worth of matmuls (about 2 x parameters FLOPs per token) plus reading the cache,
+    instead of a forward over the whole window.
 
     Past ``context_size`` tokens the window slides: the model has learned ABSOLUTE positions, so once the oldest
     token drops out every remaining token moves down one position and every cached key and value (computed at the
@@ -70,23 +72,41 @@ def generate_tokens(model, idx, max_new_tokens, context_size, temperature=0.0, t
     which is exactly what the uncached loop computes. So the cache saves the work of the first
     ``context_size - prompt length`` tokens; from then on each token costs a full-window forward, as without it.
     """
-    # a model without our forward(..., kv_cache=) (the seed's own GPTModel, say) gets the uncached loop
+    # a model without our forward(..., kv_cache=, input_pos=) (the seed's own GPTModel, say) gets the uncached loop
     use_cache = use_cache and isinstance(getattr(model, "cfg", None), GPTConfig)
-    kv_cache = KVCache(model.cfg, batch_size=idx.shape[0], max_len=context_size) if use_cache else None
+    cache = KVCache(model.cfg, batch_size=idx.shape[0], max_len=context_size) if use_cache else None
+    pos = 0  # tokens in the cache: the position the next decoded token is written at
     for step in range(max_new_tokens):
-        if kv_cache is None:  # the seed's loop: the whole window, every step
-            logits = model(idx[:, -context_size:])
-        elif step == 0 or kv_cache.length == context_size:  # the prefill, or a re-prefill once the window slides
-            kv_cache.reset()
-            # last_only: the head runs on the last position alone, (B, 1, V), the only logits sampling reads
-            logits = model(idx[:, -context_size:], kv_cache=kv_cache, last_only=True)
-        else:  # one decoding step: only the newest token goes through the model
-            logits = model(idx[:, -1:], kv_cache=kv_cache)  # (B, 1, V)
-        idx_next = choose_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
+        if cache is None:  # the seed's loop: the whole window, every step
+            logits = model(idx[:, -context_size:])[:, -1, :]  # (B, V)
+        elif step == 0 or pos == context_size:  # the prefill, or a re-prefill once the window slides
+            window = idx[:, -context_size:]
+            logits = prefill(model, window, cache)
+            pos = window.shape[1]
+        else:  # the token chosen last step goes in at position pos
+            logits = decode_one(model, idx[:, -1:], cache, pos)
+            pos += 1
+        idx_next = choose_next_token(logits.float(), temperature, top_k, top_p, generator)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)
         yield idx_next
         if eos_id is not None and bool((idx_next == eos_id).all()):
             return
+
+
+@torch.no_grad()
+def prefill(model: GPTModel, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """The first step of cached generation: the prompt ``idx`` (B, T) at positions 0 .. T - 1, its keys and values
+    written into ``cache`` -> the logits (B, V) of its last position, the next token's. The output head runs on
+    that position alone: the only logits sampling reads."""
+    return model(idx, kv_cache=cache, input_pos=0, last_only=True)[:, -1, :]
+
+
+@torch.no_grad()
+def decode_one(model: GPTModel, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    """Every later step: one token (B, 1) at position ``pos`` (the number of tokens already in ``cache``), its key
+    and value written there, its query attending to positions 0 .. pos -> the logits (B, V) of the token after it.
+    The caller counts the positions; the cache only writes where it is told."""
+    return model(token, kv_cache=cache, input_pos=pos)[:, -1, :]
 
 
 def choose_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -209,19 +229,21 @@ def _check_state_fits(state: dict, model: torch.nn.Module, path) -> None:
                                   "diverged run?): use an earlier checkpoint")
 
 
-def load_pretrained_for_inference(args, device):
-    """(model, GPT-2's tokenizer) for ``--pretrained``; flags that describe another model are refused."""
+def load_pretrained_for_inference(config: GenerateConfig, device):
+    """(model, GPT-2's tokenizer) for ``config.pretrained``; settings that describe another model are refused."""
     from .pretrained import gpt2_tokenizer
 
-    for flag, value in (("--checkpoint", args.checkpoint), ("--preset", args.preset), ("--n-heads", args.n_heads)):
+    for flag, value in (("--checkpoint", config.checkpoint), ("--preset", config.preset),
+                        ("--n-heads", config.n_heads)):
         if value is not None:
             raise ConfigError(f"{flag} and --pretrained both name a model — give one of them")
-    if args.tokenizer not in (None, "gpt2"):
-        raise ConfigError(f"--tokenizer {args.tokenizer}: GPT-2's weights need GPT-2's tokenizer — drop --tokenizer")
+    if config.tokenizer not in (None, "gpt2"):
+        raise ConfigError(f"--tokenizer {config.tokenizer}: GPT-2's weights need GPT-2's tokenizer — drop "
+                          "--tokenizer")
     tok = gpt2_tokenizer()  # first: without the BPE files the weights are of no use
-    model = GPTModel.from_pretrained(args.pretrained, kernels=args.kernels)
+    model = GPTModel.from_pretrained(config.pretrained, kernels=config.kernels)
     if model.cfg.vocab_size != tok.n_vocab:
-        raise CheckpointError(f"{args.pretrained} has vocab_size {model.cfg.vocab_size}, GPT-2's tokenizer "
+        raise CheckpointError(f"{config.pretrained} has vocab_size {model.cfg.vocab_size}, GPT-2's tokenizer "
                               f"{tok.n_vocab} tokens — --pretrained takes models with GPT-2's vocabulary")
     return model.to(device).eval(), tok
 
@@ -362,9 +384,46 @@ def check_prompt(prompt: str, flag: str = "--prompt") -> None:
                           "end-of-text") from None
 
 
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Every setting of ``python -m minigpt.generate``, built once from the command line (``resolve_config``);
+    the code below the CLI reads this, never the parsed flags."""
+
+    checkpoint: str | None = None  # our checkpoint.pt or a plain model.pth; None: out/checkpoint.pt
+    pretrained: str | None = None  # GPT-2's weights (a name or a folder) instead of a checkpoint
+    preset: str | None = None  # the config of a plain model.pth whose run did not record it
+    n_heads: int | None = None  # the heads of such a model.pth; None: its run's record, the preset's, or a guess
+    tokenizer: str | None = None  # None: the one the checkpoint records
+    prompt: str = "Once upon a time"
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0: greedy
+    top_k: int | None = DEFAULT_TOP_K  # sample among the k most likely tokens; None: among all of them
+    top_p: float | None = None  # nucleus sampling; None: off
+    num_samples: int = 1
+    seed: int = 123
+    use_cache: bool = True  # False runs the whole window through the model for every token, to compare
+    kernels: str = "auto"
+    device: str = "auto"  # resolved to the machine's when the model is loaded
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[GenerateConfig, list[str]]:
+    """The parsed command line -> (its GenerateConfig, notes on flags that will have no effect). ConfigError for
+    impossible flags. ``args`` is only read: ``--top-k`` not given becomes DEFAULT_TOP_K here, and 0 (every token)
+    becomes None, so nothing below needs to know which flags were given."""
+    notes = check_sampling_args(args)
+    config = GenerateConfig(
+        checkpoint=args.checkpoint, pretrained=args.pretrained, preset=args.preset, n_heads=args.n_heads,
+        tokenizer=args.tokenizer, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=DEFAULT_TOP_K if args.top_k is None else (args.top_k or None),
+        top_p=args.top_p, num_samples=args.num_samples, seed=args.seed, use_cache=not args.no_cache,
+        kernels=args.kernels, device=args.device,
+    )
+    return config, notes
+
+
 def check_sampling_args(args) -> list[str]:
-    """Refuse impossible sampling flags (ConfigError); return notes on flags that will have no effect. Sets
-    ``args.top_k`` to the number of tokens to keep (None = all)."""
+    """Refuse impossible sampling flags (ConfigError); return notes on flags that will have no effect. ``args`` is
+    only read."""
     from .runtime import check_seed
 
     if args.max_new_tokens < 1:
@@ -389,7 +448,6 @@ def check_sampling_args(args) -> list[str]:
                          f"{'have' if len(ignored) > 1 else 'has'} no effect (give a --temperature above 0 to sample)")
         if args.num_samples > 1:
             notes.append(f"--temperature 0 is greedy decoding: the {args.num_samples} samples will be the same text")
-    args.top_k = DEFAULT_TOP_K if args.top_k is None else (args.top_k or None)
     return notes
 
 
@@ -432,44 +490,43 @@ def main(argv: list[str] | None = None) -> None:
     from .tokenizer import TokenizerError
 
     args = build_parser().parse_args(argv)
-    status = run_cli(lambda: _generate_from_args(args),
+    status = run_cli(lambda: _generate(*resolve_config(args)),
                      errors=(CheckpointError, ConfigError, TokenizerError, BackendUnavailable))
     if status:
         sys.exit(status)
 
 
-def _generate_from_args(args) -> None:
+def _generate(config: GenerateConfig, notes: list[str]) -> None:
     from .runtime import resolve_device
 
-    notes = check_sampling_args(args)
-    device = resolve_device(args.device)
-    if args.pretrained is not None:
-        model, tok = load_pretrained_for_inference(args, device)
+    device = resolve_device(config.device)
+    if config.pretrained is not None:
+        model, tok = load_pretrained_for_inference(config, device)
     else:
-        model, tok = load_for_inference(args.checkpoint or "out/checkpoint.pt", args.preset, args.kernels,
-                                        device, args.tokenizer, args.n_heads)
+        model, tok = load_for_inference(config.checkpoint or "out/checkpoint.pt", config.preset, config.kernels,
+                                        device, config.tokenizer, config.n_heads)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    ids = tok.encode(args.prompt)
+    ids = tok.encode(config.prompt)
     if not ids:
         ids = [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
     context = model.cfg.context_length
     if len(ids) > context:
         print(f"note: the prompt is {len(ids)} tokens, longer than the model's context of {context}: it sees only "
               f"the last {context}", file=sys.stderr)
-    _print_samples(args, model, tok, ids, device)  # a closed or full stdout is run_cli's to report
+    _print_samples(config, model, tok, ids, device)  # a closed or full stdout is run_cli's to report
 
 
-def _print_samples(args, model, tok, ids: list[int], device) -> None:
-    gen = torch.Generator().manual_seed(args.seed)
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
+def _print_samples(config: GenerateConfig, model, tok, ids: list[int], device) -> None:
+    gen = torch.Generator().manual_seed(config.seed)
+    for i in range(config.num_samples):
+        if config.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(args.prompt, end="", flush=True)
+        print(config.prompt, end="", flush=True)
         idx = torch.tensor([ids], dtype=torch.long, device=device)
-        tokens = generate_tokens(model, idx, args.max_new_tokens, model.cfg.context_length, args.temperature,
-                                 args.top_k, args.top_p, eos_id=tok.eot_token, generator=gen,
-                                 use_cache=not args.no_cache)
+        tokens = generate_tokens(model, idx, config.max_new_tokens, model.cfg.context_length, config.temperature,
+                                 config.top_k, config.top_p, eos_id=tok.eot_token, generator=gen,
+                                 use_cache=config.use_cache)
         for piece in stream_text((t.item() for t in tokens), tok):
             print(piece, end="", flush=True)
         print(flush=True)

@@ -10,7 +10,9 @@ Training asks the model for its loss, ``model(idx, targets=targets)``, not for l
 at GPT-2's vocabulary are the largest activation of the whole model.
 
 Generation reuses work through a KV cache (``KVCache`` below): the keys and values of the tokens already seen are
-kept, so each new token runs the model over ONE position instead of the whole context.
+kept, so each new token runs the model over ONE position instead of the whole context. The caller says at which
+position new tokens go (``input_pos``); the cache writes there and nothing advances behind the caller's back.
+minigpt/generate.py's ``prefill`` and ``decode_one`` are the two steps that use it.
 
 Shapes: B = batch, T = tokens, C = emb_dim, H = n_heads, D = head_dim = C / H, V = vocab_size.
 """
@@ -67,46 +69,47 @@ class KVCache:
     to the cached keys: attention with fewer queries than keys, which both kernels backends support.
 
     The buffers are allocated once, (B, H, max_len, D) per layer, and filled in place as tokens arrive — no
-    growing ``torch.cat``, which would copy the whole cache at every step. ``length`` counts the positions filled;
-    the model reads it to give new tokens the position embeddings of THEIR positions, then advances it.
+    growing ``torch.cat``, which would copy the whole cache at every step. The cache never chooses a position:
+    every call says where its tokens go (``input_pos``), as gpt-fast's ``KVCache.update(input_pos, k, v)`` does.
 
         cache = KVCache(model.cfg, batch_size=1)
-        logits = model(prompt_ids, kv_cache=cache)        # prefill: the prompt's keys/values go in, length = T
-        logits = model(next_id, kv_cache=cache)           # one decode step: position T, length = T + 1
+        logits = model(prompt_ids, kv_cache=cache, input_pos=0)   # prefill: positions 0 .. T - 1
+        logits = model(next_id, kv_cache=cache, input_pos=T)      # one decode step: position T
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None):
         self.shape = (batch_size, cfg.n_heads, max_len or cfg.context_length, cfg.emb_dim // cfg.n_heads)
         self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers  # (B, H, max_len, D) each, once allocated
         self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
-        self.length = 0  # positions 0 .. length - 1 are filled
+        # Per layer, how many positions hold keys and values written since the last write at an earlier position.
+        # Not a cursor (the caller gives every position): it only lets update() refuse a write that would leave
+        # unwritten positions for a query to attend to.
+        self.filled = [0] * cfg.n_layers
 
     @property
     def max_len(self) -> int:
         return self.shape[2]
 
-    def update(self, layer: int, new_keys: torch.Tensor, new_values: torch.Tensor):
-        """Write the new tokens' keys and values (B, H, T_new, D) of ``layer`` at positions length ..
-        length + T_new - 1; return every key and value so far, (B, H, length + T_new, D) views of the buffers."""
-        start, end = self.length, self.length + new_keys.shape[2]
+    def update(self, layer: int, input_pos: int, new_keys: torch.Tensor, new_values: torch.Tensor):
+        """Write the new tokens' keys and values (B, H, T_new, D) of ``layer`` at positions input_pos ..
+        input_pos + T_new - 1; return the keys and values of positions 0 .. input_pos + T_new - 1, views
+        (B, H, input_pos + T_new, D) of the buffers. Positions after those are forgotten: writing at 0 starts over."""
+        end = input_pos + new_keys.shape[2]
+        if input_pos < 0 or input_pos > self.filled[layer]:
+            raise ValueError(f"input_pos {input_pos} is not a position the KV cache can write at: positions 0 .. "
+                             f"{self.filled[layer] - 1} are filled — pass the number of tokens already in it "
+                             "(0 to prefill)")
         if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions: {start} are filled and "
-                             f"{new_keys.shape[2]} more do not fit — reset() it and prefill again")
+            raise ValueError(f"the KV cache holds {self.max_len} positions: {new_keys.shape[2]} new at position "
+                             f"{input_pos} do not fit — prefill the last {self.max_len} tokens again at position 0")
         if self.keys[layer] is None or self.keys[layer].dtype != new_keys.dtype:
             # allocated at the first update, in the dtype the layer produces (the model's, or autocast's)
             self.keys[layer] = new_keys.new_zeros(self.shape)
             self.values[layer] = new_values.new_zeros(self.shape)
-        self.keys[layer][:, :, start:end] = new_keys
-        self.values[layer][:, :, start:end] = new_values
+        self.keys[layer][:, :, input_pos:end] = new_keys
+        self.values[layer][:, :, input_pos:end] = new_values
+        self.filled[layer] = end
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        """Count ``n`` more positions as filled (the model calls this after all its layers have updated)."""
-        self.length += n
-
-    def reset(self) -> None:
-        """Forget every position (the buffers stay allocated for the next prefill)."""
-        self.length = 0
 
 
 class MultiHeadAttention(nn.Module):
@@ -127,16 +130,16 @@ class MultiHeadAttention(nn.Module):
         # The seed registers a (context_length x context_length) causal-mask buffer here. We do not allocate it
         # (the kernels mask by position), and a seed checkpoint's copy is dropped on load (_load_from_state_dict).
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, input_pos: int = 0) -> torch.Tensor:
         b, num_tokens, d_out = x.shape  # (B, T, C)
         # (B, T, C) -> (B, T, H, D) -> (B, H, T, D)
         queries = self.W_query(x).view(b, num_tokens, self.n_heads, self.head_dim).transpose(1, 2)
         keys = self.W_key(x).view(b, num_tokens, self.n_heads, self.head_dim).transpose(1, 2)
         values = self.W_value(x).view(b, num_tokens, self.n_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
-            # the new tokens' keys and values join the cached ones: (B, H, T_past + T, D). The T queries are the
-            # last T positions of those, which is how causal_attention aligns them (bottom-right).
-            keys, values = kv_cache.update(self.layer, keys, values)
+            # the new tokens' keys and values join the cached ones: (B, H, input_pos + T, D). The T queries are
+            # the last T positions of those, which is how causal_attention aligns them (bottom-right).
+            keys, values = kv_cache.update(self.layer, input_pos, keys, values)
 
         dropout_p = self.dropout_p if self.training else 0.0
         context_vec = self.backend.causal_attention(queries, keys, values, dropout_p=dropout_p)  # (B, H, T, D)
@@ -161,10 +164,10 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim, backend)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, input_pos: int = 0) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        x = self.att(x, kv_cache)
+        x = self.att(x, kv_cache, input_pos)
         x = self.drop_shortcut(x)
         x = x + shortcut
 
@@ -228,29 +231,70 @@ class GPTModel(nn.Module):
         kv_cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         last_only: bool = False,
+        input_pos: int | None = None,
     ) -> torch.Tensor:
-        """in_idx: LongTensor (B, T) of token ids -> logits (B, T, V); with ``targets``, the loss instead.
+        """in_idx: LongTensor (B, T) of token ids. Four calls, three paths below (prefill and decode share one):
 
-        Without ``kv_cache`` the tokens are positions 0 .. T - 1 (T <= context_length). With one, they are the
-        positions after the ``kv_cache.length`` tokens already in it: their keys and values are added to the
-        cache, their queries attend to everything cached, and ``kv_cache.length`` grows by T.
+            model(idx, targets=targets)                   training: the mean cross-entropy, a scalar
+            model(idx)                                    logits (B, T, V) of positions 0 .. T - 1
+            model(idx, kv_cache=cache, input_pos=0)       prefill: the prompt's keys and values go into the cache
+            model(token, kv_cache=cache, input_pos=pos)   decode: one token at position ``pos``, its query
+                                                          attending to the cached positions 0 .. pos
 
         ``targets``: LongTensor (B, T) of the next token at each position -> the mean cross-entropy, a float32
         scalar (float64 for a float64 model), from the backend's ``linear_cross_entropy``: the logits are never
         materialized. Positions whose target is -100 are left out of the mean (F.cross_entropy's ``ignore_index``).
-        Not with ``kv_cache``: a loss is a training-time quantity, and a cache is for generation (it would also be
-        filled by the call).
+        Not with ``kv_cache``: a loss is a training-time quantity, and a cache is for generation.
+
+        ``kv_cache`` with ``input_pos``: the tokens are positions input_pos .. input_pos + T - 1; their keys and
+        values are written there and their queries attend to everything before. The cache writes where it is told
+        and never moves on by itself: the caller counts (minigpt/generate.py's ``prefill`` and ``decode_one``).
+        Prefill and decode run the same code; they differ only in the position and the number of tokens.
+
         ``last_only``: logits of the last position only, (B, 1, V): all that sampling the next token reads.
         """
-        batch_size, seq_len = in_idx.shape
         if targets is not None:
-            if kv_cache is not None or last_only:
-                raise ValueError("model(idx, targets=...) computes the training loss over every position — call it "
-                                 "without kv_cache and last_only (those are for generation)")
-            if targets.shape != in_idx.shape:
-                raise ValueError(f"targets must have in_idx's shape {tuple(in_idx.shape)} (the next token at each "
-                                 f"position), got {tuple(targets.shape)}")
-        start = 0 if kv_cache is None else kv_cache.length  # position of the first token of in_idx
+            return self._training_loss(in_idx, targets, generation_args=kv_cache is not None or last_only)
+        if kv_cache is not None:
+            if input_pos is None or input_pos < 0:
+                raise ValueError(f"model(idx, kv_cache=...) needs input_pos >= 0, the position of idx's first token "
+                                 f"(got {input_pos}): the cache writes where it is told — 0 to prefill, the number "
+                                 "of tokens already in it to decode")
+            return self._cached_logits(in_idx, kv_cache, input_pos, last_only)
+        if input_pos is not None:
+            raise ValueError("input_pos says where a KV cache writes — pass kv_cache too, or leave input_pos out "
+                             "(without a cache the tokens are positions 0 .. T - 1)")
+        return self._logits(in_idx, last_only)
+
+    # The paths of forward. Each runs the same trunk (embeddings -> blocks -> final norm) and reads it its own way.
+
+    def _training_loss(self, in_idx: torch.Tensor, targets: torch.Tensor, generation_args: bool) -> torch.Tensor:
+        """Training: the mean cross-entropy over every position, the logits never materialized."""
+        if generation_args:
+            raise ValueError("model(idx, targets=...) computes the training loss over every position — call it "
+                             "without kv_cache and last_only (those are for generation)")
+        if targets.shape != in_idx.shape:
+            raise ValueError(f"targets must have in_idx's shape {tuple(in_idx.shape)} (the next token at each "
+                             f"position), got {tuple(targets.shape)}")
+        x = self._trunk(in_idx, start=0)  # (B, T, C)
+        # (B, T, C) -> (B*T, C): the head's matmul and the cross-entropy in one op, chunk by chunk
+        return self._linear_cross_entropy(x.flatten(0, 1), self.out_head.weight, targets.flatten())
+
+    def _logits(self, in_idx: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """No cache: positions 0 .. T - 1 -> logits (B, T, V), or (B, 1, V) with ``last_only``."""
+        x = self._trunk(in_idx, start=0, last_only=last_only)
+        return self.out_head(x)
+
+    def _cached_logits(self, in_idx: torch.Tensor, kv_cache: KVCache, input_pos: int, last_only: bool):
+        """Prefill or decode: positions input_pos .. input_pos + T - 1, written into ``kv_cache`` -> logits."""
+        x = self._trunk(in_idx, start=input_pos, kv_cache=kv_cache, last_only=last_only)
+        return self.out_head(x)
+
+    def _trunk(self, in_idx: torch.Tensor, start: int, kv_cache: KVCache | None = None,
+               last_only: bool = False) -> torch.Tensor:
+        """Token ids (B, T) at positions start .. start + T - 1 -> the final norm's output (B, T, C), or (B, 1, C)
+        of the last position with ``last_only``."""
+        seq_len = in_idx.shape[1]
         if start + seq_len > self.cfg.context_length:
             cached = f" ({start} in the KV cache + {seq_len} new)" if start else ""
             raise ValueError(
@@ -262,17 +306,10 @@ class GPTModel(nn.Module):
         x = tok_embeds + pos_embeds
         x = self.drop_emb(x)
         for block in self.trf_blocks:
-            x = block(x, kv_cache)  # (B, T, C)
-        if kv_cache is not None:
-            kv_cache.advance(seq_len)
+            x = block(x, kv_cache, start)  # (B, T, C)
         if last_only:
-            x = x[:, -1:, :]  # (B, 1, C)
-        x = self.final_norm(x)
-        if targets is not None:
-            # (B, T, C) -> (B*T, C): the head's matmul and the cross-entropy in one op, chunk by chunk
-            return self._linear_cross_entropy(x.flatten(0, 1), self.out_head.weight, targets.flatten())
-        logits = self.out_head(x)  # (B, T, V)
-        return logits
+            x = x[:, -1:, :]  # (B, 1, C): the norm and the head then run on one position
+        return self.final_norm(x)
 
     def _linear_cross_entropy(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The backend's loss op, or the torch backend's when a user's backend object has only the other three."""

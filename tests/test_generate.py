@@ -218,6 +218,25 @@ def test_greedy_says_which_sampling_flags_do_nothing(model, tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+
+def test_the_command_line_becomes_one_frozen_config_and_the_flags_stay_as_parsed():
+    import dataclasses
+
+    from minigpt.generate import DEFAULT_TOP_K, GenerateConfig, build_parser, resolve_config
+
+    args = build_parser().parse_args(["--temperature", "0", "--top-p", "0.9", "--no-cache"])
+    before = vars(args).copy()
+    config, notes = resolve_config(args)
+    assert vars(args) == before  # read, not written
+    assert config == GenerateConfig(temperature=0.0, top_p=0.9, use_cache=False)
+    assert config.top_k == DEFAULT_TOP_K and notes == ["--temperature 0 is greedy decoding: --top-p has no effect "
+                                                       "(give a --temperature above 0 to sample)"]
+    assert resolve_config(build_parser().parse_args(["--top-k", "0"]))[0].top_k is None  # 0: every token
+    assert resolve_config(build_parser().parse_args([]))[0] == GenerateConfig()  # the flags' defaults are its own
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.top_k = 3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The KV cache
 
@@ -236,17 +255,57 @@ def test_cached_forward_in_chunks_equals_one_full_forward():
     cache = KVCache(model.cfg, batch_size=2)
     pieces, start = [], 0
     for size in (5, 1, 3, 1, 1, 2):  # a prefill, decode steps, a chunk: every way a cache is filled
-        pieces.append(model(idx[:, start:start + size], kv_cache=cache))
+        pieces.append(model(idx[:, start:start + size], kv_cache=cache, input_pos=start))
         start += size
-        assert cache.length == start
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-12, atol=1e-12)
     # preallocated once, (B, H, context_length, D) per layer, and filled in place
     assert all(k.shape == (2, 2, 16, 16) and k.dtype == torch.float64 for k in cache.keys)
     ptrs = [k.data_ptr() for k in cache.keys]
-    model(idx[:, :3], kv_cache=cache)  # positions 13..15: the cache is full
+    model(idx[:, :3], kv_cache=cache, input_pos=13)  # positions 13..15: the cache is full
     assert [k.data_ptr() for k in cache.keys] == ptrs
     with pytest.raises(ValueError, match="17 tokens .16 in the KV cache \\+ 1 new. is longer than context_length"):
+        model(idx[:, :1], kv_cache=cache, input_pos=16)
+
+
+def test_prefill_and_decode_one_are_the_full_forwards_last_positions():
+    from minigpt.generate import decode_one, prefill
+    from minigpt.model import KVCache
+
+    model = _model64()
+    idx = torch.randint(0, 257, (2, 9))
+    full = model(idx)  # (2, 9, V)
+    cache = KVCache(model.cfg, batch_size=2)
+    torch.testing.assert_close(prefill(model, idx[:, :5], cache), full[:, 4], rtol=1e-12, atol=1e-12)
+    for pos in range(5, 9):
+        torch.testing.assert_close(decode_one(model, idx[:, pos:pos + 1], cache, pos), full[:, pos],
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_the_cache_writes_where_it_is_told_and_advances_nothing():
+    from minigpt.generate import decode_one, prefill
+    from minigpt.model import KVCache
+
+    model = _model64()
+    idx = torch.randint(0, 257, (1, 6))
+    cache = KVCache(model.cfg, batch_size=1)
+    prefill(model, idx[:, :5], cache)
+    # the same token at the same position twice: the same logits, as no call moved the cache on
+    first, again = (decode_one(model, idx[:, 5:], cache, 5) for _ in range(2))
+    assert torch.equal(first, again)
+    # a new prefill at position 0 starts over in the same buffers, however much was written before
+    torch.testing.assert_close(prefill(model, idx[:, :2], cache), model(idx[:, :2])[:, -1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="input_pos 4 is not a position the KV cache can write at: positions "
+                                         "0 .. 1 are filled"):
+        decode_one(model, idx[:, 5:], cache, 4)  # positions 2 and 3 were never written (since the last prefill)
+    with pytest.raises(ValueError, match="needs input_pos >= 0"):
         model(idx[:, :1], kv_cache=cache)
+    with pytest.raises(ValueError, match="needs input_pos >= 0"):
+        model(idx[:, :1], kv_cache=cache, input_pos=-1)
+    with pytest.raises(ValueError, match="pass kv_cache too"):
+        model(idx, input_pos=0)
+    small = KVCache(model.cfg, batch_size=1, max_len=4)
+    with pytest.raises(ValueError, match="the KV cache holds 4 positions: 5 new at position 0 do not fit"):
+        prefill(model, idx[:, :5], small)
 
 
 @pytest.mark.parametrize("prompt_len, new", [(3, 6), (5, 30)])  # 5 + 30 > 16: the window slides past the context
@@ -634,7 +693,7 @@ def _bpe_tokenizers():
     import os
 
     from minigpt.tokenizer import TiktokenTokenizer, gpt2_cache_paths, tokenizer_from_name
-    from tests.test_data import small_bpe
+    from tests.data_helpers import small_bpe
 
     toks = [small_bpe(), TiktokenTokenizer(_split_char_encoding())]
     paths = gpt2_cache_paths()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.reference import causal_attention_math, gelu_math, layer_norm_math
+from kernels.definitions import causal_attention_math, gelu_math, layer_norm_math
 from minigpt import GPT_CONFIG_124M, GPTConfig, GPTModel, get_preset
 from minigpt.config import ConfigError
 from minigpt.model import seed_state_dict
@@ -222,11 +222,11 @@ def test_loss_from_targets_is_cross_entropy_of_the_logits_in_float64(name):
 
 
 def test_the_loss_never_makes_the_full_logits(monkeypatch):
-    import kernels.reference as reference
+    import kernels.chunked_loss as chunked_loss
     from tests.test_linear_cross_entropy import LiveBytes
 
     cfg = {**SMALL, "vocab_size": 1003}
-    monkeypatch.setattr(reference, "LOGITS_CHUNK_BYTES", 4 * 1003 * 4)  # 4 rows a chunk
+    monkeypatch.setattr(chunked_loss, "LOGITS_CHUNK_BYTES", 4 * 1003 * 4)  # 4 rows a chunk
     model = GPTModel(cfg, kernels="torch")
     idx, y = torch.randint(0, 1003, (4, 16)), torch.randint(0, 1003, (4, 16))
     logits_bytes = 4 * 16 * 1003 * 4  # (B*T, V) floats; the largest other tensor is a (V, C) weight's gradient

@@ -149,8 +149,8 @@ def test_kv_cache_decoding_on_the_kernels_matches_the_torch_backend(device):
         full = ref(idx)
         cache = KVCache(tri.cfg, batch_size=2)
         # a prefill of 9, a chunk of 5 (Tq < Tk with several queries), then single decoding steps (Tq = 1)
-        pieces = [tri(idx[:, :9], kv_cache=cache), tri(idx[:, 9:14], kv_cache=cache)]
-        pieces += [tri(idx[:, t:t + 1], kv_cache=cache) for t in range(14, 24)]
+        pieces = [tri(idx[:, :9], kv_cache=cache, input_pos=0), tri(idx[:, 9:14], kv_cache=cache, input_pos=9)]
+        pieces += [tri(idx[:, t:t + 1], kv_cache=cache, input_pos=t) for t in range(14, 24)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
     prompt = idx[:, :5]
     assert torch.equal(generate(tri, prompt, 30, 24), generate(ref, prompt, 30, 24, use_cache=False))
