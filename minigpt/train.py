@@ -29,17 +29,13 @@ from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     CheckpointError,
-    check_writable,
-    exclusive_lock,
     is_minigpt_checkpoint,
     load_model_state,
     load_torch,
-    remove_stale_temps,
     save_torch,
 )
 from .config import PRESETS, ConfigError, GPTConfig, get_preset
 from .distributed import (
-    WindowSampler,
     abandon_distributed,
     agreed_stop_signal,
     all_reduce_mean,
@@ -47,6 +43,7 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from .files import check_writable, exclusive_lock, remove_stale_temps
 from .generate import check_float_flag, check_prompt
 from .metrics import save_loss_plot, write_metrics_csv
 from .model import GPTModel, seed_state_dict
@@ -58,31 +55,18 @@ from .runtime import (
     rng_state,
     set_rng_state,
 )
+from .token_windows import WindowSampler
+from .train_config import (
+    CPU_DEFAULTS,
+    CPU_PRESET,
+    DTYPE_NAMES,
+    TrainConfig,
+    cpu_demo_note,
+    is_cpu_demo,
+    resolve_config,
+)
 
-# The seed's OTHER_SETTINGS
-DEFAULT_LR = 5e-4
-DEFAULT_EPOCHS = 20
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_WEIGHT_DECAY = 0.1
-
-# Defaults for flags left unset. With no GPU and no --preset the run is a CPU demo: the tiny preset with the byte
-# tokenizer (a 257-row output layer instead of GPT-2's 50257 makes each token ~16x cheaper), a higher learning rate
-# a model this small tolerates, on the first 2000 documents. On 2 cores it takes under 2 minutes and the loss
-# falls from 5.6 to about 0.4 on the generated stories (measured; see README), with readable samples.
-SEED_DEFAULTS = dict(lr=DEFAULT_LR, batch_size=DEFAULT_BATCH_SIZE, warmup_steps=0, eval_interval=100,
-                     tokenizer="auto", max_docs=None, max_steps=None)
-CPU_PRESET = "tiny"
-# What a resumed run takes from its checkpoint unless given again on the command line
-RESUMED_FLAGS = ("data", "max_docs", "text_field", "train_ratio", "tokenizer", "batch_size", "grad_accum", "lr",
-                 "min_lr", "warmup_steps", "weight_decay", "grad_clip", "dtype", "epochs", "max_steps",
-                 "eval_interval", "eval_iters", "seed", "kernels")
-CPU_DEFAULTS = dict(lr=5e-3, batch_size=16, warmup_steps=50, eval_interval=250, tokenizer="bytes", max_docs=2000,
-                    max_steps=1000)
-# Fine-tuning GPT-2 (--init-from): its weights already sit in a good minimum, and the from-scratch rate (close to
-# GPT-2's own pre-training peak, 6e-4) would throw much of that away in the first steps. 3e-5 is nanoGPT's
-# fine-tuning rate (config/finetune_shakespeare.py).
-FINETUNE_DEFAULTS = dict(SEED_DEFAULTS, lr=3e-5, tokenizer="gpt2")
-SAMPLE_PROMPT = "Once upon a time"
+DEFAULTS = TrainConfig()  # the seed notebook's settings (its OTHER_SETTINGS), the flags' defaults
 # The lock a run holds on its --out-dir from set-up to exit: one run per folder, or their files would interleave.
 OUT_DIR_LOCK = ".minigpt.lock"
 # What a run writes into its --out-dir besides checkpoint.pt (and TensorBoard's event files in tb/)
@@ -102,13 +86,11 @@ class GivenFlagsParser(argparse.ArgumentParser):
     gets its default."""
 
     def parse_known_args(self, args=None, namespace=None):
-        dests = [a.dest for a in self._actions if a.dest != argparse.SUPPRESS]
-        probe = argparse.Namespace(**{d: _Unset for d in dests})
+        flags = [a for a in self._actions if argparse.SUPPRESS not in (a.dest, a.default)]  # not --help
+        probe = argparse.Namespace(**{a.dest: _Unset for a in flags})
         ns, rest = super().parse_known_args(args, probe)
         given = set()
-        for action in self._actions:
-            if action.dest == argparse.SUPPRESS:
-                continue
+        for action in flags:
             if getattr(ns, action.dest) is _Unset:
                 setattr(ns, action.dest, action.default)
             else:
@@ -151,20 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=None, help="token cache (default $MINIGPT_CACHE or ~/.cache/minigpt)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=None,
-                   help=f"windows per micro-batch per GPU (default {DEFAULT_BATCH_SIZE}; CPU demo: "
+                   help=f"windows per micro-batch per GPU (default {DEFAULTS.batch_size}; CPU demo: "
                         f"{CPU_DEFAULTS['batch_size']})")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (default {DEFAULT_LR:g}; CPU demo: {CPU_DEFAULTS['lr']:g})")
+                   help=f"peak learning rate (default {DEFAULTS.lr:g}; CPU demo: {CPU_DEFAULTS['lr']:g})")
     g.add_argument("--min-lr", type=float, default=None, help="cosine decay ends here (default lr/10; = lr: constant)")
     g.add_argument("--warmup-steps", type=int, default=None,
                    help=f"linear warm-up steps before the cosine decay (default 0; CPU demo: "
                         f"{CPU_DEFAULTS['warmup_steps']})")
-    g.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY, help="AdamW decay of weight matrices")
+    g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW decay of weight matrices")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast precision: auto = bf16 on GPUs that have it, else fp32; fp16 uses a GradScaler")
-    g.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    g.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     g.add_argument("--max-steps", type=int, default=None,
                    help=f"total optimizer steps of the run, resumed parts included (default: epochs decide; "
                         f"CPU demo: {CPU_DEFAULTS['max_steps']})")
@@ -173,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"steps between evaluations and checkpoints (default 100; CPU demo: "
                         f"{CPU_DEFAULTS['eval_interval']})")
     g.add_argument("--eval-iters", type=int, default=20, help="batches per loss estimate")
-    g.add_argument("--sample-prompt", default=SAMPLE_PROMPT, help="prompt of the sample printed after each eval")
+    g.add_argument("--sample-prompt", default=DEFAULTS.sample_prompt, help="prompt of the sample printed after each eval")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     g.add_argument("--seed", type=int, default=123)
     g.add_argument("--out-dir", default="out")
@@ -189,25 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings that depend on the machine, and flags that contradict each other
-
-
-def resolve_run_settings(args, device: torch.device, resuming: bool = False) -> tuple[str, str | None]:
-    """Fill in the flags left unset (None); returns (preset name, a note saying why, or None). ``resuming``: a
-    checkpoint was found (``--resume auto`` with nothing to resume is a fresh run, CPU demo included)."""
-    fine_tune = args.init_from is not None and not resuming
-    cpu_demo = args.preset is None and not fine_tune and device.type != "cuda" and not resuming
-    defaults = CPU_DEFAULTS if cpu_demo else FINETUNE_DEFAULTS if fine_tune else SEED_DEFAULTS
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if fine_tune or resuming:  # the model is the weights' (or the checkpoint's): only a preset named for it
-        return args.preset, None
-    if not cpu_demo:
-        return args.preset or "gpt2-124m", None
-    note = (f"no GPU and no --preset: a CPU demo — preset '{CPU_PRESET}', {args.tokenizer} tokenizer, the first "
-            f"{args.max_docs} documents, {args.max_steps} steps at lr {args.lr:g} (minutes on 2 cores); pass "
-            "--preset gpt2-124m for the seed's run")
-    return CPU_PRESET, note
 
 
 # Every float flag and the values it may take: (low, high, low_open, high_open), as check_float_flag reads them.
@@ -472,8 +435,10 @@ class Trainer:
     its files with this one's (``train()`` and the command line do this). A bare ``setup()`` takes no lock: it
     serves to inspect a set-up."""
 
-    def __init__(self, args, on_step=None):
-        self.args, self.on_step = args, on_step
+    def __init__(self, config, on_step=None):
+        # the settings as given (a TrainConfig, or build_parser()'s Namespace); setup() resolves them
+        self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_namespace(config)
+        self.on_step = on_step
         self.stop_requested = False
         self.stop_signal: int | None = None  # the signal that stopped the run (the exit status is 128 + it)
         self.pretrained_model: GPTModel | None = None  # --init-from: GPT-2's weights, loaded in setup()
@@ -495,7 +460,7 @@ class Trainer:
         from .data import load_token_splits
         from .tokenizer import get_tokenizer, tokenizer_from_name
 
-        args = self.args
+        args = self.config
         check_float_flags(args)  # the flags alone, before a device, a process group or a checkpoint is opened
         check_prompt(args.sample_prompt, "--sample-prompt")
         self.dist, device_name = init_distributed(args.device)
@@ -511,26 +476,18 @@ class Trainer:
         if ckpt is not None and not is_minigpt_checkpoint(ckpt):
             raise CheckpointError(f"{self.resume_from} is not a training checkpoint (a plain model.pth cannot resume: "
                                   "it has no optimizer state) — pass the run's checkpoint.pt")
-        if ckpt is not None:  # flags not given again continue the checkpoint's run
+        if ckpt is not None:  # model flags may repeat the checkpoint's model, never change it
             check_checkpoint_fields(ckpt, self.resume_from)
             check_resume_flags(args, ckpt, self.resume_from)
-            given = getattr(args, "given_flags", None)
-            for name in RESUMED_FLAGS:
-                # a flag given again wins, even when its value is the default's; a Namespace built without
-                # build_parser() has no record of what was given: there, unset (None) means "not given"
-                not_given = name not in given if given is not None else getattr(args, name) is None
-                if not_given and name in ckpt["args"]:
-                    setattr(args, name, ckpt["args"][name])
-            args.preset = ckpt.get("preset") or args.preset
         elif args.resume == "auto":
             self.log(f"--resume auto: no checkpoint in {self.out_dir}, starting a fresh run")
-        if args.data is None:
-            args.data = "tinystories"
-        preset, note = resolve_run_settings(args, device, resuming=ckpt is not None)
+        fine_tune = args.init_from is not None and ckpt is None
+        if is_cpu_demo(args, device, resuming=ckpt is not None, fine_tune=fine_tune):
+            self.log(f"note: {cpu_demo_note(resolve_config(args, device))}")
+        self.config = args = resolve_config(args, device, ckpt, fine_tune)  # from here on, the run's settings
         check_args(args)
-        self.dtype = resolve_dtype(args.dtype, device)  # after the merge: a resumed run keeps its --dtype
-        if note:
-            self.log(f"note: {note}")
+        self.dtype = {name: dtype for dtype, name in DTYPE_NAMES.items()}[args.dtype]
+        preset = args.preset
 
         torch.manual_seed(args.seed + self.dist.rank)  # ranks draw different dropout masks
         random.seed(args.seed + self.dist.rank)
@@ -607,7 +564,7 @@ class Trainer:
     def _load_pretrained(self) -> str | None:
         """--init-from: check the flags against the weights' config.json, then load GPT-2's tokenizer and the
         weights (sets tokenizer, cfg, pretrained_model, init_from); returns the preset of the weights' shape."""
-        args = self.args
+        args = self.config
         weights = pretrained.config_from_hf(pretrained.read_hf_config(pretrained.find_folder(args.init_from)),
                                             args.init_from)
         preset = check_init_from_flags(args, weights)
@@ -673,7 +630,7 @@ class Trainer:
         existing = self.out_dir / "checkpoint.pt"
         if self.resume_from is not None and existing.exists() and self.resume_from.resolve() == existing.resolve():
             return
-        if self.args.overwrite:
+        if self.config.overwrite:
             self.earlier_run_files = [p for p in (self.out_dir / n for n in RUN_FILES) if p.exists()]
             self.earlier_run_files += sorted((self.out_dir / "tb").glob(TB_EVENTS))
             return
@@ -685,11 +642,11 @@ class Trainer:
                               "--overwrite to replace it")
 
     def _resume_path(self) -> Path | None:
-        r = self.args.resume
+        r = self.config.resume
         if r is None:
             return None
         if r == "auto":
-            path = Path(self.args.out_dir) / "checkpoint.pt"
+            path = Path(self.config.out_dir) / "checkpoint.pt"
             return path if path.exists() else None
         path = Path(r)
         if not path.exists():
@@ -701,7 +658,7 @@ class Trainer:
 
         from .data import DataError, TokenWindows
 
-        args, ctx, d = self.args, self.cfg.context_length, self.dist
+        args, ctx, d = self.config, self.cfg.context_length, self.dist
         # stride = context_length: windows do not overlap, as the seed's loaders
         train_windows = TokenWindows(self.train_tokens, ctx, ctx)
         val_windows = TokenWindows(self.val_tokens, ctx, ctx)
@@ -778,9 +735,9 @@ class Trainer:
         given again). The optimizer's and the scheduler's state dicts carry the values they were saved with
         (each group's lr and weight decay, the scheduler's base lr) and would silently keep them; the schedule's
         shape (warm-up, cosine, floor) is this run's already, being a function the state dict does not hold."""
-        lr, step = self.args.lr, self.scheduler.last_epoch
+        lr, step = self.config.lr, self.scheduler.last_epoch
         self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
-        for group, decay in zip(self.optimizer.param_groups, (self.args.weight_decay, 0.0)):
+        for group, decay in zip(self.optimizer.param_groups, (self.config.weight_decay, 0.0)):
             group["initial_lr"] = lr
             group["lr"] = lr * self.lr_factor(step)  # the rate of the next step, as the scheduler would have set it
             group["weight_decay"] = decay  # configure_optimizer's groups: weight matrices, then the rest
@@ -841,7 +798,7 @@ class Trainer:
             "step": self.state["step"], "state": dict(self.state), "metrics": self.rows, "rng": rng,
             "data": {**{k: v for k, v in self.data_info.items() if isinstance(v, (int, float, str))},
                      "fingerprint": self.data_fingerprint()},
-            "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+            "args": self.config.record(),  # the settings that ran, by flag name (resume reads them back)
         }
         self.saving = True
         self._remove_earlier_run()
@@ -890,7 +847,7 @@ class Trainer:
                     # eval_iters global batches, each rank its share; weighted by tokens, so that the estimate
                     # is the same for any split of the batch over ranks
                     for i, (x, y) in enumerate(loader):
-                        if i >= self.args.eval_iters * self.dist.world_size:
+                        if i >= self.config.eval_iters * self.dist.world_size:
                             break
                         if i % self.dist.world_size == self.dist.rank:
                             total += calc_loss_batch(x, y, self.eval_model, self.device).item() * y.numel()
@@ -929,7 +886,7 @@ class Trainer:
         out = generate(model, idx, max_new_tokens, self.cfg.context_length, eos_id=self.tokenizer.eot_token)
         model.train(was_training)
         new_text = self.tokenizer.decode(out[0, idx.shape[1]:].tolist())
-        return (self.args.sample_prompt + new_text).replace("\n", " ")
+        return (self.config.sample_prompt + new_text).replace("\n", " ")
 
     def _mfu(self, tokens_per_s: float | None) -> float | None:
         if not tokens_per_s or self.peak is None:
@@ -945,7 +902,7 @@ class Trainer:
 
     def train_step(self, micro_batches) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (loss, gradient norm before clipping)."""
-        args, model = self.args, self.model
+        args, model = self.config, self.model
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -971,7 +928,7 @@ class Trainer:
     def fit(self) -> dict:
         from tqdm.auto import tqdm
 
-        args, st = self.args, self.state
+        args, st = self.config, self.state
         if self.resume_from and (st["step"] >= self.total_steps or st["epoch"] >= args.epochs):
             self.log(f"nothing to do: {self.resume_from} is at step {st['step']} (epoch {st['epoch']}) and this run "
                      f"ends at step {self.total_steps} — raise --max-steps or --epochs to train further; "
@@ -1106,14 +1063,14 @@ class Trainer:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def train(args, on_step=None) -> dict:
-    """Run training as ``args`` (from ``build_parser()``) say; returns a summary dict."""
-    return run_trainer(Trainer(args, on_step))
+def train(config, on_step=None) -> dict:
+    """Run training with ``config``: a ``TrainConfig`` (e.g. ``TrainConfig.from_args(["--preset", "tiny"])``) or
+    ``build_parser()``'s Namespace, the settings as given; returns a summary dict."""
+    return run_trainer(Trainer(config, on_step))
 
 
 def run_trainer(trainer: Trainer) -> dict:
     """Set up and fit ``trainer``; the --out-dir lock is held from set-up until this returns or raises."""
-    args = trainer.args
     try:
         with trainer:
             trainer.setup()
@@ -1121,9 +1078,9 @@ def run_trainer(trainer: Trainer) -> dict:
             finish_distributed()  # every rank done before any tears the process group down
         return summary
     except NonFiniteLoss as e:
-        out = Path(args.out_dir) / "checkpoint.pt"
+        out = Path(trainer.config.out_dir) / "checkpoint.pt"  # the resolved settings: set-up has finished
         raise SystemExit(f"error: {e} — the run diverged; the last good checkpoint is kept in {out}; "
-                         f"{divergence_advice(args)}") from None
+                         f"{divergence_advice(trainer.config)}") from None
     except torch.cuda.OutOfMemoryError:
         raise SystemExit("error: the GPU ran out of memory — lower --batch-size (and raise --grad-accum to keep the "
                          "same batch), a smaller --context-length or preset, or --dtype bf16") from None

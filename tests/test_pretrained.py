@@ -18,7 +18,7 @@ from minigpt.generate import generate  # noqa: E402
 from minigpt.pretrained import PretrainedError, gpt2_tokenizer  # noqa: E402
 from minigpt.tokenizer import TokenizerError  # noqa: E402
 from minigpt.train import build_parser, main, train  # noqa: E402
-from tests.test_data import small_bpe  # noqa: E402
+from tests.data_helpers import small_bpe  # noqa: E402
 
 SHAPE = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
 SMALL_VOCAB = 265  # small_bpe(): 256 bytes + 8 merges + end-of-text
@@ -403,14 +403,16 @@ def test_init_from_folder_fine_tunes_records_its_source_and_resumes(small, corpu
 
 
 def test_default_fine_tuning_settings(small, corpus, tmp_path, bpe_as_gpt2):
-    from minigpt.train import FINETUNE_DEFAULTS, Trainer
+    from minigpt.train import Trainer
+    from minigpt.train_config import FINETUNE_DEFAULTS
 
     args = build_parser().parse_args(["--data", str(corpus), "--init-from", str(small[1]), "--device", "cpu",
                                       "--kernels", "torch", "--no-progress", "--out-dir", str(tmp_path / "o"),
                                       "--batch-size", "2"])
     trainer = Trainer(args)
     trainer.setup()  # no GPU and no --preset, but not the CPU demo: the model is the pretrained one
-    assert args.lr == FINETUNE_DEFAULTS["lr"] and args.max_steps is None and args.max_docs is None
+    config = trainer.config
+    assert config.lr == FINETUNE_DEFAULTS["lr"] and config.max_steps is None and config.max_docs is None
     assert trainer.cfg.context_length == 64 and trainer.cfg.drop_rate == 0.1 and trainer.preset is None
 
 
@@ -555,7 +557,7 @@ import torch
 
 import minigpt.tokenizer as T
 from minigpt.train import build_parser, train
-from tests.test_data import small_bpe
+from tests.data_helpers import small_bpe
 
 corpus, folder, out = sys.argv[1], sys.argv[2], sys.argv[3]
 assert "kernels.triton_backend" not in sys.modules, "the triton backend was imported before the run"

@@ -391,7 +391,8 @@ def test_resume_auto_with_nothing_to_resume_is_exactly_a_fresh_run(tmp_path):
                                           "--no-progress", "--out-dir", str(tmp_path / "fresh"), *extra])
         trainer = Trainer(args)
         trainer.setup()
-        settings.append((trainer.preset, trainer.cfg, {k: v for k, v in vars(args).items() if k != "resume"}))
+        settings.append((trainer.preset, trainer.cfg,
+                         {k: v for k, v in trainer.config.record().items() if k != "resume"}))
     assert settings[0] == settings[1]
     assert settings[0][0] == "tiny" and settings[0][2]["max_steps"] == 1000  # the CPU demo, not gpt2-124m
 

@@ -63,14 +63,14 @@ def _parsed(flag: str, text: str):
 def test_a_flag_given_again_with_its_default_value_wins_over_the_checkpoint(first_run, tmp_path, flag, first,
                                                                              default):
     trainer = _resumed(first_run, tmp_path, f"--{flag.replace('_', '-')}", default)
-    assert getattr(trainer.args, flag) == _parsed(flag, default) != _parsed(flag, first)
+    assert getattr(trainer.config, flag) == _parsed(flag, default) != _parsed(flag, first)
     assert _recorded(trainer, flag) == _parsed(flag, default)
 
 
 @pytest.mark.parametrize("flag, first, default", WITH_DEFAULTS, ids=[f for f, _, _ in WITH_DEFAULTS])
 def test_a_flag_not_given_continues_the_checkpoints_value(first_run, tmp_path, flag, first, default):
     trainer = _resumed(first_run, tmp_path)
-    assert getattr(trainer.args, flag) == _parsed(flag, first)
+    assert getattr(trainer.config, flag) == _parsed(flag, first)
     assert _recorded(trainer, flag) == _parsed(flag, first)
 
 

@@ -108,7 +108,7 @@ def test_a_second_run_into_the_same_out_dir_stops_at_once_naming_the_first(tmp_p
 
 @pytest.mark.slow
 def test_in_a_two_process_run_rank_0_holds_the_lock_and_both_ranks_stop(tmp_path):
-    from minigpt.checkpoint import exclusive_lock
+    from minigpt.files import exclusive_lock
 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -1,0 +1,160 @@
+"""A run's settings as one value: ``TrainConfig``, and ``resolve_config``, the one place they are decided.
+
+The command line records which flags were given (``python -m minigpt.train --lr 1e-3`` gives one). Everything
+else is filled in by ``resolve_config``, in this order, each rule a few lines below:
+
+1. the defaults (the seed notebook's settings);
+2. the CPU demo: no GPU, no ``--preset``, not fine-tuning, not resuming -> a tiny model that trains in minutes;
+3. fine-tuning (``--init-from``): GPT-2's tokenizer and a small learning rate;
+4. resuming: the checkpoint's settings, except the flags given again (they win, whatever their value);
+5. the machine: the device and the precision that will actually run.
+
+What comes out is frozen, holds no "unset" markers, and is what the checkpoint records.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .runtime import resolve_dtype
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; the names are the command line's flags (``--grad-clip`` -> ``grad_clip``)."""
+
+    # model (None: the preset's value; the model's shape is decided with its tokenizer, in Trainer.setup)
+    preset: str | None = None  # gpt2-124m on a GPU, tiny in the CPU demo; None: a shape no preset has
+    emb_dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    context_length: int | None = None
+    drop_rate: float | None = None
+    qkv_bias: bool | None = None
+    init_from: str | None = None  # fine-tune these GPT-2 weights (a hub name or a folder)
+    kernels: str = "auto"  # triton on CUDA when installed, else torch
+    compile: bool = False
+    # data
+    data: str = "tinystories"
+    text_field: str = "text"
+    max_docs: int | None = None  # None: every document
+    tokenizer: str = "auto"  # GPT-2's BPE, or bytes when its files cannot be loaded offline
+    train_ratio: float = 0.9  # the train share of a source without a validation split
+    cache_dir: str | None = None  # None: $MINIGPT_CACHE or ~/.cache/minigpt
+    # optimization
+    batch_size: int = 8  # windows per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 5e-4
+    min_lr: float | None = None  # where the cosine ends; None: a tenth of lr (of a new --lr too, on resume)
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0: off
+    dtype: str = "auto"  # resolved to the precision that runs: bf16, fp16 or fp32
+    epochs: int = 20
+    max_steps: int | None = None  # None: the epochs decide
+    # run
+    eval_interval: int = 100
+    eval_iters: int = 20
+    sample_prompt: str = "Once upon a time"
+    device: str = "auto"
+    seed: int = 123
+    out_dir: str = "out"
+    resume: str | None = None  # a checkpoint path, or "auto": OUT_DIR/checkpoint.pt when there is one
+    overwrite: bool = False
+    log: str | None = None  # "tensorboard": also log there
+    no_progress: bool = False
+    # Which of the fields above the user gave (None: every field that differs from its default, for a config
+    # built in Python). Not a setting: not compared, not recorded.
+    given: frozenset[str] | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_args(cls, argv: list[str]) -> TrainConfig:
+        """The settings of ``python -m minigpt.train ARGV``, as given (``resolve_config`` fills in the rest)."""
+        from .train import build_parser
+
+        return cls.from_namespace(build_parser().parse_args(argv))
+
+    @classmethod
+    def from_namespace(cls, args) -> TrainConfig:
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "given"}
+        return cls(**values, given=getattr(args, "given_flags", None))
+
+    def given_flags(self) -> frozenset[str]:
+        if self.given is not None:
+            return self.given
+        defaults = TrainConfig()
+        return frozenset(f.name for f in fields(self)
+                         if f.name != "given" and getattr(self, f.name) != getattr(defaults, f.name))
+
+    def record(self) -> dict:
+        """What a checkpoint stores: every setting, by its flag's name."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "given"}
+
+
+DEFAULTS = TrainConfig()
+
+# Step 2. With no GPU and no --preset the run is a CPU demo: the tiny preset with the byte tokenizer (a 257-row
+# output layer instead of GPT-2's 50257 makes each token ~16x cheaper), a higher learning rate a model this small
+# tolerates, on the first 2000 documents: minutes on 2 cores, with readable samples (README, "CPU demo").
+CPU_PRESET = "tiny"
+CPU_DEFAULTS = dict(lr=5e-3, batch_size=16, warmup_steps=50, eval_interval=250, tokenizer="bytes", max_docs=2000,
+                    max_steps=1000)
+# Step 3. Fine-tuning GPT-2 (--init-from): its weights already sit in a good minimum, and the from-scratch rate
+# (close to GPT-2's own pre-training peak, 6e-4) would throw much of that away in the first steps. 3e-5 is nanoGPT's
+# fine-tuning rate (config/finetune_shakespeare.py). GPT-2's ids are BPE ids: never the byte fallback.
+FINETUNE_DEFAULTS = dict(lr=3e-5, tokenizer="gpt2")
+# Step 4. What a resumed run takes from its checkpoint unless given again (the model's shape is the checkpoint's
+# too, but that comes with its weights; flags contradicting it are refused in train.check_resume_flags).
+RESUMED_FLAGS = ("data", "max_docs", "text_field", "train_ratio", "tokenizer", "batch_size", "grad_accum", "lr",
+                 "min_lr", "warmup_steps", "weight_decay", "grad_clip", "dtype", "epochs", "max_steps",
+                 "eval_interval", "eval_iters", "seed", "kernels")
+
+
+def resolve_config(given: TrainConfig, device: torch.device, checkpoint: dict | None = None,
+                   fine_tune: bool = False) -> TrainConfig:
+    """The run's finished settings, from the flags as ``given`` and what the run found: the ``device`` it runs on,
+    the ``checkpoint`` it resumes (None: a fresh run) and whether it fine-tunes GPT-2 (``--init-from``, fresh).
+    Pure: reads nothing, changes nothing."""
+    told = given.given_flags()
+    # Step 1: the defaults, for every flag not given
+    values = {f.name: getattr(given if f.name in told else DEFAULTS, f.name) for f in fields(TrainConfig)
+              if f.name != "given"}
+
+    def default(name, value):  # a rule's value for a flag the user did not give
+        if name not in told:
+            values[name] = value
+
+    resuming = checkpoint is not None
+    if is_cpu_demo(given, device, resuming, fine_tune):
+        for name, value in CPU_DEFAULTS.items():
+            default(name, value)
+        default("preset", CPU_PRESET)
+    elif fine_tune and not resuming:
+        for name, value in FINETUNE_DEFAULTS.items():
+            default(name, value)
+    elif not resuming and not fine_tune:
+        default("preset", "gpt2-124m")
+    if resuming:
+        recorded = checkpoint.get("args", {})
+        for name in RESUMED_FLAGS:
+            if name in recorded:
+                default(name, recorded[name])
+        values["preset"] = checkpoint.get("preset") or values["preset"]
+    # Step 5: the precision that runs here (an impossible one, fp16 on a CPU, is refused with its fix)
+    values["dtype"] = DTYPE_NAMES[resolve_dtype(values["dtype"], device)]
+    return TrainConfig(**values, given=told)
+
+
+def is_cpu_demo(given: TrainConfig, device: torch.device, resuming: bool, fine_tune: bool) -> bool:
+    """No GPU, no --preset, a fresh run from scratch: the CPU demo's settings (resuming one keeps its own)."""
+    return (device.type != "cuda" and "preset" not in given.given_flags() and not resuming and not fine_tune)
+
+
+def cpu_demo_note(config: TrainConfig) -> str:
+    return (f"no GPU and no --preset: a CPU demo — preset '{CPU_PRESET}', {config.tokenizer} tokenizer, the first "
+            f"{config.max_docs} documents, {config.max_steps} steps at lr {config.lr:g} (minutes on 2 cores); pass "
+            "--preset gpt2-124m for the seed's run")
