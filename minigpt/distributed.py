@@ -95,3 +95,13 @@ def all_reduce_mean(values: list[float], counts: list[float], info: DistInfo, de
         dist.all_reduce(t)
     n = len(values)
     return [(t[i] / t[n + i]).item() if t[n + i] > 0 else float("nan") for i in range(n)]
+
+
+def all_ranks_ok(ok: bool, info: DistInfo, device) -> bool:
+    """Whether ``ok`` holds on every rank (one all-reduce): a step that can fail on one rank (rank 0 opening
+    --out-dir) tells every rank, so that none waits for a rank that gave up."""
+    if not info.enabled:
+        return ok
+    failed = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    return failed.item() == 0

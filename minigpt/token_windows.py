@@ -4,11 +4,12 @@ Window ``i`` (the seed's ``GPTDatasetV1``) is ``tokens[i*stride : i*stride + max
 same window shifted by one token. ``make_loader`` batches them for evaluation and for the notebook;
 ``WindowSampler`` picks the training windows of one rank, epoch by epoch, so that several processes
 (minigpt/distributed.py) each read their own slice of every global batch and a resumed run continues where it
-stopped.
+stopped. ``training_loaders`` puts these together for a training run.
 """
 from __future__ import annotations
 
 import mmap
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .data_sources import DataError
 from .tokenizer import EOT_TEXT, get_tokenizer
 
-__all__ = ["TokenWindows", "WindowSampler", "create_dataloader", "create_dataloader_v1", "make_loader"]
+__all__ = ["TokenWindows", "TrainingLoaders", "WindowSampler", "create_dataloader", "create_dataloader_v1", "make_loader",
+           "training_loaders"]
 
 
 class TokenWindows(Dataset):
@@ -160,3 +162,50 @@ class WindowSampler(Sampler[int]):
             return remaining // (g * self.accum) * self.accum * self.batch_size
         full, rest = divmod(remaining, g)
         return full * self.batch_size + min(max(rest - self.rank * self.batch_size, 0), self.batch_size)
+
+
+@dataclass
+class TrainingLoaders:
+    """What a training run reads, and the sizes its schedule is counted in."""
+
+    train: DataLoader  # this rank's micro-batches, in the sampler's order
+    sampler: WindowSampler  # set_epoch(epoch, windows done) before each epoch: how a resumed run continues
+    train_eval: DataLoader  # fixed training batches for the train-loss estimate, shared across ranks
+    val: DataLoader
+    steps_per_epoch: int  # whole optimizer steps in one pass over the training windows
+    tokens_per_step: int  # over every rank and micro-batch
+
+
+def training_loaders(train_tokens, val_tokens, context_length: int, batch_size: int, grad_accum: int,
+                     eval_iters: int, world_size: int = 1, rank: int = 0, seed: int = 0) -> TrainingLoaders:
+    """The loaders of a training run: non-overlapping windows (stride = context_length, as the seed's loaders),
+    ``batch_size`` per micro-batch and rank. Raises DataError, saying which flag to change, when the training
+    split does not fill one optimizer step or the validation split one window."""
+    ctx = context_length
+    train_windows = TokenWindows(train_tokens, ctx, ctx)
+    val_windows = TokenWindows(val_tokens, ctx, ctx)
+    global_batch = batch_size * world_size * grad_accum
+    if len(train_windows) < global_batch:
+        need = (global_batch - 1) * ctx + ctx + 1
+        raise DataError(
+            f"the training split has {len(train_tokens):,} tokens: {len(train_windows)} windows of "
+            f"{ctx}, but one step needs {global_batch} ({need:,} tokens) — use more data (--max-docs), "
+            "a smaller --context-length or a smaller --batch-size / --grad-accum")
+    if len(val_windows) < 1:
+        raise DataError(
+            f"the validation split has {len(val_tokens):,} tokens, fewer than the {ctx + 1} one window of "
+            f"context {ctx} needs — use more data (--max-docs) or a smaller --context-length")
+    sampler = WindowSampler(len(train_windows), batch_size, world_size, rank, shuffle=True, seed=seed,
+                            drop_last=True, accum=grad_accum)
+
+    # Each DataLoader draws a seed when it is iterated; a private generator keeps that draw out of the global
+    # random stream, so dropout masks do not depend on how often loaders were started (exact resume).
+    def loader(dataset, **kw):
+        return DataLoader(dataset, batch_size=batch_size, generator=torch.Generator(), **kw)
+
+    # Evaluation reads fixed batches (the same ones every time, so the curve is smooth), shared across ranks.
+    eval_n = min(len(train_windows), eval_iters * batch_size * world_size)
+    return TrainingLoaders(train=loader(train_windows, sampler=sampler), sampler=sampler,
+                           train_eval=loader(torch.utils.data.Subset(train_windows, range(eval_n))),
+                           val=loader(val_windows), steps_per_epoch=len(train_windows) // global_batch,
+                           tokens_per_step=global_batch * ctx)
