@@ -1,4 +1,5 @@
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -298,6 +299,36 @@ def test_calc_loss_batch_is_the_seeds_loss_without_the_logits():
     assert "targets" in calls[0]  # the model's fused loss, not logits then F.cross_entropy
     torch.testing.assert_close(loss, F.cross_entropy(model(x).flatten(0, 1), y.flatten()), rtol=1e-12, atol=1e-12)
     assert calc_loss_loader([(x, y), (x, y)], model, "cpu") == pytest.approx(loss.item(), rel=1e-12)
+
+
+def test_calc_loss_loader_shared_by_ranks_and_weighted_by_tokens():
+    """The seed's mean of batch losses by default; for evaluation, the batches shared out over ranks and each
+    counted by its tokens: the ranks' sums add up to the one-process token-weighted mean, whatever the split."""
+    from minigpt import GPTModel
+    from minigpt.optim import calc_loss_batch, calc_loss_loader
+
+    torch.manual_seed(0)
+    model = GPTModel(dict(vocab_size=64, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0,
+                          qkv_bias=False), kernels="torch").double()
+    batches = [(torch.randint(0, 64, (b, 16)), torch.randint(0, 64, (b, 16))) for b in (3, 3, 3, 1, 3)]
+    losses = [calc_loss_batch(x, y, model, "cpu").item() for x, y in batches]
+    tokens = [y.numel() for _, y in batches]
+    # the seed's behaviour: every batch counts as one, num_batches caps how many are read
+    assert calc_loss_loader(batches, model, "cpu") == pytest.approx(sum(losses) / 5, rel=1e-12)
+    assert calc_loss_loader(batches, model, "cpu", 2) == pytest.approx(sum(losses[:2]) / 2, rel=1e-12)
+    weighted = sum(l * n for l, n in zip(losses, tokens)) / sum(tokens)
+    assert calc_loss_loader(batches, model, "cpu", token_weighted=True) == pytest.approx(weighted, rel=1e-12)
+    for world_size in (1, 2, 3):
+        sums = [calc_loss_loader(batches, model, "cpu", rank=r, world_size=world_size, token_weighted=True,
+                                 as_sum=True) for r in range(world_size)]
+        assert sum(s for s, _ in sums) / sum(n for _, n in sums) == pytest.approx(weighted, rel=1e-12)
+    # num_batches counts per rank: 2 batches each of 2 ranks read the first 4, rank 1 takes the 2nd and the 4th
+    total, count = calc_loss_loader(batches, model, "cpu", 2, rank=1, world_size=2, token_weighted=True, as_sum=True)
+    assert count == tokens[1] + tokens[3]
+    assert total == pytest.approx(losses[1] * tokens[1] + losses[3] * tokens[3], rel=1e-12)
+    # a rank with no batch adds nothing (not NaN) to the sum over ranks; alone, its mean is NaN
+    assert calc_loss_loader(batches[:1], model, "cpu", rank=1, world_size=2, as_sum=True) == (0.0, 0)
+    assert math.isnan(calc_loss_loader(batches[:1], model, "cpu", rank=1, world_size=2))
 
 
 @pytest.mark.slow
