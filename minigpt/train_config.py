@@ -9,16 +9,23 @@ else is filled in by ``resolve_config``, in this order, each rule a few lines be
 4. resuming: the checkpoint's settings, except the flags given again (they win, whatever their value);
 5. the machine: the device and the precision that will actually run.
 
-What comes out is frozen, holds no "unset" markers, and is what the checkpoint records.
+What comes out is frozen, holds no "unset" markers, and is what the checkpoint records. The checks below it refuse
+values no run can use (a negative batch size, --min-lr above --lr, a head too wide for the triton kernel), one line
+each with the fix.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 
-from .runtime import resolve_dtype
+from .config import ConfigError, GPTConfig
+from .generate import check_float_flag
+from .runtime import check_seed, resolve_dtype
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -108,7 +115,7 @@ CPU_DEFAULTS = dict(lr=5e-3, batch_size=16, warmup_steps=50, eval_interval=250, 
 # fine-tuning rate (config/finetune_shakespeare.py). GPT-2's ids are BPE ids: never the byte fallback.
 FINETUNE_DEFAULTS = dict(lr=3e-5, tokenizer="gpt2")
 # Step 4. What a resumed run takes from its checkpoint unless given again (the model's shape is the checkpoint's
-# too, but that comes with its weights; flags contradicting it are refused in train.check_resume_flags).
+# too, but that comes with its weights; flags contradicting it are refused in resume.check_resume_flags).
 RESUMED_FLAGS = ("data", "max_docs", "text_field", "train_ratio", "tokenizer", "batch_size", "grad_accum", "lr",
                  "min_lr", "warmup_steps", "weight_decay", "grad_clip", "dtype", "epochs", "max_steps",
                  "eval_interval", "eval_iters", "seed", "kernels")
@@ -158,3 +165,91 @@ def cpu_demo_note(config: TrainConfig) -> str:
     return (f"no GPU and no --preset: a CPU demo — preset '{CPU_PRESET}', {config.tokenizer} tokenizer, the first "
             f"{config.max_docs} documents, {config.max_steps} steps at lr {config.lr:g} (minutes on 2 cores); pass "
             "--preset gpt2-124m for the seed's run")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The values a setting may take, and what the machine allows: checked before any work is done
+
+
+# Every float flag and the values it may take: (low, high, low_open, high_open), as check_float_flag reads them.
+FLOAT_FLAG_RANGES = {
+    "lr": (0.0, math.inf, True, True),
+    "min_lr": (0.0, math.inf, False, True),  # and at most --lr, checked once --lr has its default
+    "weight_decay": (0.0, math.inf, False, True),
+    "grad_clip": (0.0, math.inf, False, True),  # 0 = off
+    "train_ratio": (0.0, 1.0, True, True),  # both splits need tokens
+    "drop_rate": (0.0, 1.0, False, True),  # 1 would drop everything (GPTConfig checks its field again)
+}
+
+
+def check_float_flags(args) -> None:
+    """Refuse a float flag that is NaN, infinite or out of its range, one line each; flags left unset (None) wait
+    for their defaults."""
+    for name, (low, high, low_open, high_open) in FLOAT_FLAG_RANGES.items():
+        value = getattr(args, name)
+        if value is not None:
+            check_float_flag(f"--{name.replace('_', '-')}", value, low, high, low_open, high_open)
+
+
+def check_args(args) -> None:
+    """Reject impossible or contradictory flags with one line each (before any work is done)."""
+    for name in ("batch_size", "epochs", "eval_interval", "eval_iters", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_steps", "warmup_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if args.max_docs is not None and args.max_docs < 1:
+        raise ConfigError(f"--max-docs must be >= 1, got {args.max_docs}")
+    check_float_flags(args)  # again: a resumed run takes the flags it was not given from its checkpoint
+    if args.min_lr is not None and args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr must be between 0 and --lr ({args.lr}), got {args.min_lr}")
+    check_seed(args.seed)
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """An --out-dir that can be a folder: named (an empty one would be the current folder), not a file, and not
+    under one."""
+    if not str(out_dir).strip():
+        raise ConfigError("--out-dir is empty — name a folder (e.g. --out-dir out, or --out-dir . for this one)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} is a file — choose a folder (it is created if missing)")
+    parent = next(p for p in out_dir.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"--out-dir {out_dir}: {parent} is a file, not a folder — choose another --out-dir")
+    if not out_dir.exists() and not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out-dir {out_dir}: no permission to create it in {parent} — choose another --out-dir")
+
+
+def attention_backend_name(kernels: str, device: torch.device) -> str:
+    """Which backend ("torch" or "triton") will run the model's ops on ``device`` for ``--kernels``."""
+    from kernels import get_backend
+
+    backend = get_backend(kernels)
+    resolved = getattr(backend, "resolved_name", None)
+    return resolved(device) if resolved is not None else backend.name
+
+
+def check_head_dim(cfg: GPTConfig, kernels: str, device: torch.device) -> None:
+    """The triton attention kernel holds one head's (BLOCK, head_dim) tiles on chip, up to its MAX_HEAD_DIM: refuse a
+    wider head before tokenizing, not at the first forward."""
+    if attention_backend_name(kernels, device) != "triton":
+        return
+    from kernels.attention import MAX_HEAD_DIM
+
+    if cfg.head_dim <= MAX_HEAD_DIM:
+        return
+    heads = next(n for n in range(cfg.n_heads, cfg.emb_dim + 1)
+                 if cfg.emb_dim % n == 0 and cfg.emb_dim // n <= MAX_HEAD_DIM)
+    raise ConfigError(f"head dim {cfg.head_dim} (emb_dim {cfg.emb_dim} / {cfg.n_heads} heads) is above the triton "
+                      f"attention kernel's limit of {MAX_HEAD_DIM} — use --kernels torch, or for a new model "
+                      f"--n-heads {heads} (or another number of heads that divides {cfg.emb_dim})")
+
+def check_compile(args, device: torch.device) -> None:
+    if not args.compile:
+        return
+    if args.kernels == "triton" and device.type != "cuda":
+        raise ConfigError("--compile with --kernels triton needs a CUDA GPU (the Triton interpreter cannot be "
+                          "compiled) — drop --compile, or use --kernels torch")
