@@ -150,7 +150,7 @@ def profile_loss(loss: str, args, device) -> list[dict]:
 
     import kernels
     from minigpt import GPTModel, get_preset
-    from minigpt.train import configure_optimizer
+    from minigpt.optim import configure_optimizer
 
     from benchmarks.train import LR, WEIGHT_DECAY, make_step
 

@@ -156,7 +156,7 @@ def run_row(row: Row, args, device, ceilings, budget: timing.Budget, refs: dict)
 
     import torch
 
-    from minigpt.train import configure_optimizer
+    from minigpt.optim import configure_optimizer
 
     on_gpu = device.type == "cuda"
     dtype = "bf16" if on_gpu else "fp32"

@@ -120,7 +120,7 @@ def test_too_short_corpus_says_how_many_tokens_are_needed(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import minigpt.train as T
+    import minigpt.trainer as T  # the module whose train_step calls calc_loss_batch
 
     real = T.calc_loss_batch
     steps = {"n": 0}

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import minigpt.train as T
+import minigpt.trainer
 from minigpt.train import build_parser, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,14 +389,14 @@ def test_a_hand_made_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch, ho
 
 def test_ctrl_c_during_the_final_save_says_the_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    real = T.save_torch
+    real = minigpt.trainer.save_torch  # the name Trainer.save calls
 
     def ctrl_c_before_model_pth(obj, path):
         if Path(path).name == "model.pth":
             raise KeyboardInterrupt  # the final save: checkpoint.pt is written, model.pth is next
         real(obj, path)
 
-    monkeypatch.setattr(T, "save_torch", ctrl_c_before_model_pth)
+    monkeypatch.setattr(minigpt.trainer, "save_torch", ctrl_c_before_model_pth)
     e = run_main(out, "--max-steps", "4", "--eval-interval", "2")
     assert e is not None and e.code == 130
     printed = capsys.readouterr()
