@@ -379,6 +379,8 @@ class Trainer:
             self.earlier_run_files.pop(0)
 
     def evaluate(self, grad_norm: float | None, tokens_per_s: float | None) -> None:
+        """Train and val loss (``--eval-iters`` batches each, over every rank), then a metrics row, a sample and
+        a checkpoint."""
         self.eval_model.eval()
         sums = []
         with self._autocast():
