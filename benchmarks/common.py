@@ -4,9 +4,9 @@ device, and the loop that runs rows one by one so that one failure, a time limit
 Where the rest lives: ``benchmarks/timing.py`` (the timer, the device's ceilings, the time budget),
 ``benchmarks/results.py`` (the files a run writes, its tables and figures), ``benchmarks/memory.py`` (peak memory).
 
-Errors.  A user's mistake is a ``BenchmarkError`` (or minigpt's ``ConfigError``, from the device's resolution), raised
-like any exception; each benchmark's ``main`` runs its work through ``kernels.cli.run_cli(work, errors=ERRORS)``,
-which prints it as ``error: <what> — <how to fix>`` and exits 1.
+Errors.  A user's mistake is a ``BenchmarkError`` (or another ``MinigptError``, e.g. minigpt's ``ConfigError`` from
+the device's resolution), raised like any exception; each benchmark's ``main`` runs its work through
+``kernels.cli.run_cli(work)``, which prints it as ``error: <what> — <how to fix>`` and exits 1.
 
 torch is imported inside functions so that importing this module does no work.
 """
@@ -19,7 +19,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from minigpt.config import ConfigError
+from kernels.errors import MinigptError
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")  # minigpt.runtime.DTYPES' names: argparse's choices without importing torch
 # The recorded results, committed with the code: written only when --out names them, and never by a --quick run.
@@ -28,11 +28,10 @@ DEFAULT_OUT = Path("benchmark-results")  # in the current folder: a run with no 
 SEEDS = range(-2**63, 2**64)  # what torch.manual_seed takes; beyond it, a traceback after the ceilings
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(MinigptError, ValueError):
     """An option or a file the user must change; the message says what and how."""
 
 
-ERRORS = (BenchmarkError, ConfigError)  # what a benchmark's run_cli prints as one line
 
 
 # ----------------------------------------------------------------------------------------------------------------

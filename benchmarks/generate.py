@@ -123,7 +123,6 @@ def timed(fn, prompt, new_tokens: int, device, repeats: int) -> tuple[float, "ob
     """(median seconds of ``repeats`` runs, the last output), after one untimed run of the same generation: it
     meets every code path and every problem class the timed runs will (Triton's compilation, the tile tuner's
     timings; see the module docstring), so none of them is paid for inside the timings."""
-    import torch
 
     fn(prompt, new_tokens)  # the warm-up
     watch = timing.Stopwatch(device)
@@ -304,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Check every option, then run; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args), errors=common.ERRORS)
+    return run_cli(lambda: run(args))
 
 
 def check_args(args) -> None:

@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Check every option, then run; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args), errors=common.ERRORS)
+    return run_cli(lambda: run(args))
 
 
 def check_args(args) -> None:

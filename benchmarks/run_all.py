@@ -394,10 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archive", type=Path, metavar="FILE",
                    help="also keep FILE (a .tar.gz of OUT) and summary.md beside it current after every part")
     args = p.parse_args(argv)
-    from benchmarks import common
     from kernels.cli import run_cli
 
-    return run_cli(lambda: run_plan(args), errors=common.ERRORS)
+    return run_cli(lambda: run_plan(args))
 
 
 def run_plan(args) -> int:

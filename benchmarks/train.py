@@ -6,7 +6,7 @@ compile setting and loss. Each row builds the model from the same seed, gives it
 the data's values do not change the work), runs a few warm-up steps (torch.compile and Triton's JIT happen there)
 and then times full training steps:
 
-    forward (bf16 autocast on a GPU) -> loss -> backward -> AdamW step (fused on CUDA) -> zero grads
+    forward (bf16 autocast on a GPU) -> loss -> backward -> clip -> AdamW step (fused on CUDA) -> LR -> zero grads
 
 with the optimizer ``minigpt.train`` trains with, and dropout as the preset sets it (0.1 for gpt2-124m). The loss
 (``--loss``): ``plain``, the logits whole then F.cross_entropy in float32 (how minigpt trained before the fused op);
@@ -83,12 +83,21 @@ def plan(presets, context_lengths, backends, compile_modes, losses=("plain",)) -
 
 
 def make_step(step_model, optimizer, loss: str, autocast):
-    """One training step on a batch -> the loss (detached): forward and loss under ``autocast``, backward, AdamW,
-    gradients set to None. The loss and the optimizer are labelled for the profiler (``benchmarks.profile``); a
-    label costs a few microseconds."""
+    """One training step on a batch -> the loss (detached): forward and loss under ``autocast``, backward, then
+    ``minigpt.optim.optimizer_step`` as the Trainer calls it (gradient clipping at minigpt.train's default, AdamW,
+    the warm-up + cosine schedule, gradients set to None). Unlike the Trainer's step it reads no value back from
+    the GPU, so steps queue as they would in a loop that logs rarely. The loss and the optimizer are labelled for
+    the profiler (``benchmarks.profile``); a label costs a few microseconds."""
     import torch
     import torch.nn.functional as F
     from torch.profiler import record_function
+
+    from minigpt.optim import lr_lambda, optimizer_step
+    from minigpt.train_config import TrainConfig
+
+    defaults = TrainConfig()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(defaults.warmup_steps, 10**9, 0.1))
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with autocast():
@@ -100,8 +109,7 @@ def make_step(step_model, optimizer, loss: str, autocast):
                     out = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         out.backward()
         with record_function("minigpt.optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, parameters, defaults.grad_clip, scheduler=scheduler)
         return out.detach()
 
     return step
@@ -435,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Check every option, then run; returns the exit status (see kernels/cli.py)."""
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args), errors=common.ERRORS)
+    return run_cli(lambda: run(args))
 
 
 def check_args(args) -> None:

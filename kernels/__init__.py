@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import importlib.util
 
-__all__ = ["get_backend", "available_backends", "BACKENDS", "BackendUnavailable"]
+from .errors import MinigptError
+
+__all__ = ["get_backend", "available_backends", "BACKENDS", "BackendUnavailable", "MinigptError"]
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(MinigptError, RuntimeError):
     """The requested backend cannot run on this machine (the message says why and what to do)."""
 
 

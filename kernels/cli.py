@@ -2,7 +2,7 @@
 
 Each tool's ``main`` runs its work through ``run_cli``. Inside, errors are ordinary exceptions; at this boundary
 
-- the project's own errors (the ``errors`` a tool names: a bad flag, a damaged checkpoint, ...) print
+- the project's own errors (``MinigptError`` and its kinds: a bad flag, a damaged checkpoint, ...) print
   ``error: <message>`` and exit 1 — their messages already say what to do;
 - an ``OSError`` (a full disk, a read-only folder, a file-size limit, a missing file) prints what happened to
   which file and what to try, and exits 1;
@@ -12,7 +12,8 @@ Each tool's ``main`` runs its work through ``run_cli``. Inside, errors are ordin
 - Ctrl-C prints ``interrupted`` (or what the tool says was kept) and exits 130; an interruption that carries a
   ``signum`` (a SIGTERM a tool turned into an exception) exits 128 + that signal, as the shell expects.
 
-This module is shared by ``kernels``, ``minigpt``, ``benchmarks`` and ``exercises``; it imports nothing of theirs.
+This module is shared by ``kernels``, ``minigpt``, ``benchmarks`` and ``exercises``; it imports nothing of theirs
+but ``kernels.errors``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import os
 import signal
 import sys
 from typing import Callable
+
+from .errors import MinigptError
 
 # What to try after the OSErrors a user can meet; the message always names the file the system named.
 OS_ADVICE = {
@@ -83,7 +86,7 @@ def run_cli(work: Callable[[], int | None], errors: tuple[type[BaseException], .
             interrupted: str = "interrupted", kept: Callable[[], str | None] | None = None) -> int:
     """Run ``work()`` and turn what escapes it into one line and an exit status (see the module's docstring).
 
-    ``errors``: the tool's own exception types, printed as ``error: <message>``. ``interrupted``: the line printed
+    ``errors``: exception types printed as ``error: <message>`` besides ``MinigptError``, which always is. ``interrupted``: the line printed
     on Ctrl-C. ``kept`` (optional): called after an OSError, returns a line saying what was kept (e.g. "the last
     good checkpoint is kept in out/"), or None. Returns ``work()``'s status (None counts as 0); the caller passes it
     to ``sys.exit``.
@@ -97,7 +100,7 @@ def run_cli(work: Callable[[], int | None], errors: tuple[type[BaseException], .
     except KeyboardInterrupt as e:
         _print_err(f"\n{interrupted}")
         return 128 + int(getattr(e, "signum", signal.SIGINT))
-    except errors as e:
+    except (MinigptError, *errors) as e:
         _print_err(f"error: {e}")
         return 1
     except OSError as e:

@@ -13,8 +13,10 @@ from .config import (
            GPTConfig,
            get_preset,
 )
+from kernels.errors import MinigptError
+
 from .model import GPTModel, KVCache
 
 __version__ = "0.1.0"
 __all__ = ["GPTModel", "KVCache", "GPTConfig", "PRESETS", "get_preset", "GPT_CONFIG_124M", "GPT_CONFIG_SMALL",
-           "GPT_CONFIG_LARGE", "__version__"]
+           "GPT_CONFIG_LARGE", "MinigptError", "__version__"]

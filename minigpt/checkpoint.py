@@ -7,13 +7,15 @@ from typing import BinaryIO
 
 import torch
 
+from kernels.errors import MinigptError
+
 from .files import atomic_write
 
 CHECKPOINT_FORMAT = "minigpt-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MinigptError, RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit the model (the message says what to do)."""
 
 

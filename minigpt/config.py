@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from kernels.errors import MinigptError
 
-class ConfigError(ValueError):
+
+class ConfigError(MinigptError, ValueError):
     """A configuration that cannot build a model (the message says what to change)."""
 
 

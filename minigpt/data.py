@@ -83,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     returns the exit status (see kernels/cli.py)."""
     from kernels.cli import run_cli
 
-    from .checkpoint import CheckpointError
-    from .tokenizer import TokenizerError
 
     p = argparse.ArgumentParser(description="Tokenize a data source into the token cache.")
     p.add_argument("data", help="tinystories, stories, hf:NAME[:CONFIG], a .txt file, a folder or a glob")
@@ -108,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(info, indent=1))
         return 0
 
-    return run_cli(tokenize, errors=(DataError, TokenizerError, CheckpointError),
-                   interrupted="interrupted: nothing was cached")
+    return run_cli(tokenize, interrupted="interrupted: nothing was cached")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from kernels.errors import MinigptError
+
 from . import stories
 from .files import can_reach
 
@@ -40,7 +42,7 @@ HF_BATCH_ROWS = 1000  # rows per read from a Hugging Face split
 Pieces = Iterator[tuple[str, bool]]
 
 
-class DataError(ValueError):
+class DataError(MinigptError, ValueError):
     """A problem with the data the user asked for; the message names it and says how to fix it. The one error of
     the whole data pipeline (sources, token cache, windows), defined here at its start."""
 

@@ -484,14 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """The command line. Exits with ``kernels.cli.run_cli``'s status when it is not 0: 1 after an error (one line on
     stderr), 130 on Ctrl-C, 141 when the output was closed early (``| head``)."""
-    from kernels import BackendUnavailable
     from kernels.cli import run_cli
 
-    from .tokenizer import TokenizerError
-
     args = build_parser().parse_args(argv)
-    status = run_cli(lambda: _generate(*resolve_config(args)),
-                     errors=(CheckpointError, ConfigError, TokenizerError, BackendUnavailable))
+    status = run_cli(lambda: _generate(*resolve_config(args)))
     if status:
         sys.exit(status)
 

@@ -86,6 +86,28 @@ def calc_loss_loader(data_loader, model, device, num_batches: int | None = None,
     return total / weight if weight else float("nan")
 
 
+def optimizer_step(optimizer, parameters, grad_clip: float, scaler=None, scheduler=None) -> torch.Tensor:
+    """Everything a training step does after ``backward()``: unscale the gradients (fp16's loss ``scaler``), clip
+    their global norm to ``grad_clip`` (0: no clipping, the norm is measured all the same), step the optimizer,
+    update the scaler, advance the LR ``scheduler``, free the gradients. The Trainer's step and the training
+    benchmark's both end here, so the benchmark times what training does.
+
+    Returns the norm before clipping as a tensor: reading it (``.item()``) waits for the GPU, so the caller
+    decides whether that is worth it."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when fp16 gradients overflowed (the scaler then lowers its scale)
+        scaler.update()
+    else:
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resuming: this run's hyperparameters, not the checkpoint's
 

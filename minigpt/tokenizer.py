@@ -27,6 +27,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlparse
 
+from kernels.errors import MinigptError
+
 from .files import can_reach
 
 __all__ = ["TOKENIZER_CHOICES", "ByteTokenizer", "TiktokenTokenizer", "TokenizerError", "get_tokenizer",
@@ -46,7 +48,7 @@ _GPT2_FIX = ("put tiktoken's GPT-2 files (vocab.bpe, encoder.json) in a folder a
              "or run once with internet access, or use --tokenizer bytes")
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(MinigptError, RuntimeError):
     """A tokenizer that cannot be built or used; the message says how to fix it."""
 
 

@@ -20,18 +20,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from kernels.errors import MinigptError
+
 from .config import PRESETS, ConfigError
 from .distributed import finish_distributed, shutdown_distributed
 from .optim import calc_loss_batch, calc_loss_loader, configure_optimizer, lr_lambda
 from .resume import OUT_DIR_LOCK
 from .train_config import CPU_DEFAULTS, CPU_PRESET, TrainConfig, check_head_dim
-from .trainer import NonFiniteLoss, Trainer
+from .trainer import GPUOutOfMemory, NonFiniteLoss, Trainer
 
 # What ``from minigpt.train import ...`` gives: the command line's own names, and the training API a reader of the
 # seed notebook looks for here (the loss functions, AdamW and the schedule live in optim.py, the run in trainer.py)
 __all__ = ["GivenFlagsParser", "build_parser", "train", "run_trainer", "main", "divergence_advice", "Trainer",
-           "TrainConfig", "NonFiniteLoss", "ConfigError", "calc_loss_batch", "calc_loss_loader",
+           "TrainConfig", "NonFiniteLoss", "GPUOutOfMemory", "ConfigError", "calc_loss_batch", "calc_loss_loader",
            "configure_optimizer", "lr_lambda", "check_head_dim", "OUT_DIR_LOCK"]
 
 DEFAULTS = TrainConfig()  # the seed notebook's settings (its OTHER_SETTINGS), the flags' defaults
@@ -151,7 +152,8 @@ def train(config, on_step=None) -> dict:
 
 
 def run_trainer(trainer: Trainer) -> dict:
-    """Set up and fit ``trainer``; the --out-dir lock is held from set-up until this returns or raises."""
+    """Set up and fit ``trainer``; the --out-dir lock is held from set-up until this returns or raises. A user's
+    problem leaves as a ``MinigptError`` whose message says what to do (a diverged run: what to change)."""
     try:
         with trainer:
             trainer.setup()
@@ -160,11 +162,11 @@ def run_trainer(trainer: Trainer) -> dict:
         return summary
     except NonFiniteLoss as e:
         out = Path(trainer.config.out_dir) / "checkpoint.pt"  # the resolved settings: set-up has finished
-        raise SystemExit(f"error: {e} — the run diverged; the last good checkpoint is kept in {out}; "
-                         f"{divergence_advice(trainer.config)}") from None
+        raise NonFiniteLoss(f"{e} — the run diverged; the last good checkpoint is kept in {out}; "
+                            f"{divergence_advice(trainer.config)}") from None
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit("error: the GPU ran out of memory — lower --batch-size (and raise --grad-accum to keep the "
-                         "same batch), a smaller --context-length or preset, or --dtype bf16") from None
+        raise GPUOutOfMemory("the GPU ran out of memory — lower --batch-size (and raise --grad-accum to keep the "
+                             "same batch), a smaller --context-length or preset, or --dtype bf16") from None
     finally:
         shutdown_distributed()
 
@@ -184,10 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 def _run(trainer: Trainer) -> int:
     """The work of ``main``; returns the exit status. The project's errors leave as ``SystemExit("error: ...")``,
     which carries the one line to callers of ``main()`` as well as to the shell."""
-    from kernels import BackendUnavailable
-
-    from .data import DataError, TokenizingInterrupted
-    from .tokenizer import TokenizerError
+    from .data import TokenizingInterrupted
 
     try:
         summary = run_trainer(trainer)
@@ -197,7 +196,7 @@ def _run(trainer: Trainer) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the training loop's own handling (set-up): say what is on disk
         print(trainer.interrupted_note(), file=sys.stderr)
         return 130
-    except (ConfigError, CheckpointError, BackendUnavailable, DataError, TokenizerError) as e:
+    except MinigptError as e:
         raise SystemExit(f"error: {e}") from None
     # saved or not, an interrupted program exits 128 + the signal, as the shell expects
     return 128 + summary["signal"] if summary["interrupted"] else 0

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.errors import MinigptError
+
 from . import pretrained
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_model_state, save_torch
 from .config import ConfigError, GPTConfig, get_preset
@@ -39,6 +41,7 @@ from .optim import (
     configure_optimizer,
     lr_lambda,
     match_moment_layout,
+    optimizer_step,
     set_hyperparameters,
 )
 from .resume import (
@@ -68,8 +71,12 @@ from .train_config import (
 )
 
 
-class NonFiniteLoss(RuntimeError):
-    """A NaN or infinite loss: the run has diverged (train.py says what to change)."""
+class NonFiniteLoss(MinigptError, RuntimeError):
+    """A NaN or infinite loss: the run has diverged (train.py's run_trainer adds what to change)."""
+
+
+class GPUOutOfMemory(MinigptError, RuntimeError):
+    """The GPU ran out of memory while training; the message says what to make smaller."""
 
 
 class Trainer:
@@ -453,14 +460,9 @@ class Trainer:
         loss_value = total.item()
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(f"training loss is {loss_value} at step {self.state['step'] + 1}")
-        self.scaler.unscale_(self.optimizer)
-        max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).item()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm
+        grad_norm = optimizer_step(self.optimizer, self.raw_model.parameters(), args.grad_clip, self.scaler,
+                                   self.scheduler)
+        return loss_value, grad_norm.item()
 
     def fit(self) -> dict:
         from tqdm.auto import tqdm
