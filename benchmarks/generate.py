@@ -233,7 +233,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         same = "-" if r.get("same_tokens") is None else ("same" if r["same_tokens"] else
                                                         f"differ at {r['first_difference']}")
-        lines.append([r["batch"], r["contender"], results.fmt_num(r.get("seconds")), results.fmt_num(r.get("tokens_per_s")),
+        lines.append([r["batch"], r["contender"], results.fmt_num(r.get("seconds")),
+                      results.fmt_num(r.get("tokens_per_s")),
                       results.fmt_num(r.get("ms_per_token")), results.fmt_num(r.get("floor_ms")),
                       results.fmt_num(r.get("floor_ratio")), results.fmt_num(r.get("speedup_vs_no_cache")),
                       results.fmt_num(r.get("speedup_vs_transformers")), same, shorten(r["status"])])

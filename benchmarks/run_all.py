@@ -110,8 +110,8 @@ def plan(mode: str, py: str, out: Path) -> list[Part]:
     (``max_seconds``; 415 as set), so the whole command ends within seven minutes by its own clock and a fifteen-minute
     loan holds the machine's start-up, one run and one rerun. Shared by value: the tests 115 s (the lanes run side
     by side; compiling each Triton kernel configuration on first use is most of it), attention 70 s (the headline:
-    its tile tuner compiles each candidate once), the whole model's training 65 s (each compiled row compiles for
-    ~20 s), and 25-30 s for each of the loss, the norms, generation and the profile."""
+    its tile tuner compiles each candidate once), the whole model's training 65 s (a compiled row spends much of its
+    share compiling the model), and 25-30 s for each of the loss, the norms, generation and the profile."""
     bench = [py, "-m"]
     if mode == "gpu":
         # (part, limit s, command): each benchmark's --budget-s leaves its longest row time to finish

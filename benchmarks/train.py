@@ -354,7 +354,8 @@ def table(rows: list[dict]) -> str:
               results.fmt_num(r["ms_per_step"]), results.fmt_num(r["tokens_per_s"]),
               f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-", results.fmt_num(r["peak_mem_gib"]),
               _max_batch_cell(r), results.fmt_num(r.get("mem_per_seq_mib")), results.fmt_num(r["warmup_s"]),
-              "-" if r["checked"] is None else ("ok" if r["checked"] else "WRONG"), r["status"].splitlines()[0][:70]] for r in rows]
+              "-" if r["checked"] is None else ("ok" if r["checked"] else "WRONG"),
+              r["status"].splitlines()[0][:70]] for r in rows]
     return results.format_table(headers, lines, right={1, 2, 6, 7, 8, 9, 10, 11, 12})
 
 

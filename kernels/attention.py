@@ -6,37 +6,28 @@ The op.  For one (batch, head) pair, with q, k, v of shape (T, D) and a scale (d
     P = softmax(S) row by row            (T, T) attention weights
     O = dropout(P) v                     (T, D) with dropout(P) = P * M / (1 - p), M_ij ~ Bernoulli(1 - p)
 
-More generally q holds the last Tq of the Tk positions (a model extending a cached sequence; Tq = 1 decodes one
-token): query row i sits at position a_i = (Tk - Tq) + i and sees keys 0 .. a_i. Below, T means Tq = Tk.
+More generally q holds the last Tq of the Tk positions (Tq = 1 decodes one token): query row i sits at position
+a_i = (Tk - Tq) + i and sees keys 0 .. a_i; below, T means Tq = Tk. No (T, T) matrix is ever stored: each program
+keeps BLOCK_M query rows in registers and streams the keys and values past them BLOCK_N at a time.
 
-Written so, it stores (T, T) matrices, and memory traffic becomes the cost. The kernel never materializes them:
-each program keeps BLOCK_M query rows in registers and streams the keys and values past them BLOCK_N at a time.
-
-Online softmax (forward).  A row's softmax needs the max and the sum over all its keys, but they arrive one tile
-at a time. Keep a running max m, a running sum l and an unnormalized output acc, and rescale them whenever the
-max grows. For each key tile j, with the tile's scores S_j:
+Online softmax (forward).  The keys arrive one tile at a time: keep a running max m, sum l and unnormalized output
+acc, rescaled whenever the max grows. For key tile j, with the tile's scores S_j:
 
     m_new = max(m, rowmax(S_j))
     alpha = exp(m - m_new)                          how much the old terms shrink under the new max
     P~_j  = exp(S_j - m_new)
     l     = alpha * l + rowsum(P~_j)
-    acc   = alpha * acc + P~_j v_j
-    m     = m_new
+    acc   = alpha * acc + P~_j v_j,     m = m_new
 
-and at the end O = acc / l and LSE = m + log(l), the row's log-sum-exp. m, l, the scores and the accumulator are
-float32 and every matmul accumulates in float32, but the tensor cores take 16-bit operands: P~_j (and dS in the
-backward) is rounded to the input dtype before its matmul. That rounding (8 significant bits in bf16) is the
-kernels' main difference from float32 math, and what the tests' per-dtype tolerances allow for. exp is computed
-as exp2, the GPU's native instruction: the factor log2(e) is folded into the scale once (qk_scale = scale *
-log2 e), so m and the saved LSE live in base 2: converting back and forth would only add rounding to the backward.
+and at the end O = acc / l and LSE = m + log(l). Statistics and accumulators are float32; P~_j (and dS in the backward)
+is rounded to the 16-bit input dtype for the tensor cores, the main difference from float32 math (the tests' per-dtype
+tolerances allow for it). exp is exp2 with log2(e) folded into the scale (qk_scale = scale * log2 e): m and the saved
+LSE stay in base 2, as converting would only add rounding.
 
-Causality in tiles.  A query tile [r, r + BLOCK_M) needs the keys [0, r + BLOCK_M). Key tiles above the diagonal
-are skipped by the loop bounds (half of the work disappears); key tiles wholly before r need no mask at all; only
-the diagonal band [r, r + BLOCK_M) compares positions. The loop is split in two so the unmasked tiles, nearly all
-of them for long sequences, carry no mask arithmetic. With Tq < Tk the tile's rows sit at positions
-[a, a + BLOCK_M), a = (Tk - Tq) + r, and the unmasked keys [0, a) and the band move with them (a rounded down to
-a whole key tile). The offset enters only the loop bounds and the positions the band compares: the inner loops are
-the same code for every offset.
+Causality in tiles.  A query tile [r, r + BLOCK_M) needs the keys [0, r + BLOCK_M): key tiles above the diagonal are
+skipped by the loop bounds (half the work), those wholly before r need no mask, and only the diagonal band, in a loop
+of its own, compares positions. With Tq < Tk the band starts at a = (Tk - Tq) + r, rounded down to a key tile; the
+inner loops are the same code for every offset.
 
 Backward.  With dO = dL/dO, and Pd = P * M / (1 - p) the dropped-out weights:
 
@@ -45,38 +36,27 @@ Backward.  With dO = dL/dO, and Pd = P * M / (1 - p) the dropped-out weights:
     dS  = P * (dP - delta),  delta_i = sum_j P_ij dP_ij        (softmax's Jacobian, row by row)
     dQ  = scale * dS k,      dK = scale * dS^T q
 
-The identity that makes delta cheap: sum_j P_ij dP_ij = sum_j Pd_ij (dO_i . v_j) = dO_i . (sum_j Pd_ij v_j)
-= dO_i . O_i, so delta = rowsum(dO * O) is one small pass over (T, D) tensors, with or without dropout.
-P is not stored by the forward (T^2 memory per head, the very thing we avoid): it is recomputed from q, k and the
-saved LSE (T floats per head) as P = exp(S - LSE), one extra matmul per tile, cheaper than reading (T, T) back.
+delta is cheap: sum_j P_ij dP_ij = sum_j Pd_ij (dO_i . v_j) = dO_i . O_i, one pass over (T, D) tensors, with or
+without dropout. P is recomputed from q, k and the saved LSE, P = exp(S - LSE), not stored. Three kernels: the delta
+pass; dK/dV (a program owns a key tile, walks the query tiles from the diagonal down); dQ (a program owns a query
+tile, walks the key tiles up to the diagonal). No atomics, deterministic, at the price of S and dP twice.
 
-The backward runs as three kernels: the delta pass; a dK/dV kernel where each program owns a key tile and walks the
-query tiles from the diagonal down; a dQ kernel where each program owns a query tile and walks the key tiles up to
-the diagonal (with Tq < Tk the diagonal moves as in the forward). Each gradient row is owned by one program, so
-there are no atomic adds and the result is deterministic, at the price of computing S and dP twice.
-
-Dropout.  The keep mask is drawn inside the kernels with Philox, a counter-based generator: tl.randint4x(key,
-counter) is a pure function, so the backward regenerates the forward's mask exactly and nothing is stored. A call
-(ten rounds of 32-bit multiplies) costs more than the rest of an entry's work, so its four 32-bit words serve 8 keys
-with 16 bits each. Entry (i, j) of head bh uses the Philox
-key seed + bh * 2^32 (64 bits: the seed in the low word, the (batch, head) index in the high word) and the counter
-a * Tk + 8 * (j // 8), with a the query's position (a = i when Tq = Tk). Of the words w0, w1, w2, w3 it returns,
-the keys 8g + 0 .. 8g + 7 of a group take, in order,
+Dropout.  The keep mask is drawn in the kernels with Philox: tl.randint4x(key, counter) is a pure function, so the
+backward regenerates the forward's mask and nothing is stored. Entry (i, j) of head bh uses the key seed + bh * 2^32
+(64 bits: bh in the high word) and the counter a * Tk + 8 * (j // 8), a the query's position; the call's four 32-bit
+words serve 8 keys, 16 bits each: keys 8g + 0 .. 8g + 7 take, in order,
 
     w0 low, w2 low, w1 low, w3 low, w0 high, w2 high, w1 high, w3 high       (low / high: the 16-bit halves)
 
-an order that falls out of how _keep_mask stacks the halves with tl.join; ``kernels/tiled.py`` rebuilds the mask
-from this sentence in NumPy and its test checks it against the kernel bit for bit. Positions, not row numbers: a
-chunk's rows (Tq < Tk) draw the mask the same rows draw in the whole problem. Counters are unique within a head
-while the largest, (Tk - 1) * Tk + 8 * ((Tk - 1) // 8), fits an int32: Tk <= 46340 = MAX_DROPOUT_T.
-An entry is kept when its draw is >= round(p * 2^16), so dropped with probability p to within 2^-17; kept
-entries are scaled by 1 / (1 - p); l and the LSE use the undropped P, exactly as nn.Dropout applied to the softmax
-output. The seed comes from torch's default CPU generator, so torch.manual_seed reproduces a run.
+the order _keep_mask's tl.join gives (``kernels/tiled.py`` rebuilds the mask from this sentence; its test matches
+the kernel bit for bit). Positions, not row numbers: a chunk's rows (Tq < Tk) draw what they draw in the whole
+problem; counters fit an int32 while Tk <= 46340 = MAX_DROPOUT_T. Kept: a draw >= round(p * 2^16) (dropped with
+probability p to within 2^-17), scaled by 1 / (1 - p); l and the LSE use the undropped P, as nn.Dropout on the
+softmax output. The seed comes from torch's default CPU generator: torch.manual_seed reproduces a run.
 
-Cost.  Forward FLOPs = 2 * 2 * B * H * T * T * D / 2 (two D-long dot products per pair the mask keeps); the
-backward's five such matmuls (S, dV, dP, dQ, dK) make 2.5x that. A decoding step (Tq = 1) reads every cached key
-and value once for 2 FLOPs per element: bound by memory bandwidth, and run with 16-row query tiles instead of 127
-rows of padding. ``kernels/costs.py`` has the counts; benchmarks/NOTES.md why decoding keeps one program a head.
+Cost.  Forward FLOPs = 2 * 2 * B * H * T * T * D / 2 (two D-long dot products per kept pair); the backward's five
+such matmuls (S, dV, dP, dQ, dK) make 2.5x that. Decoding (Tq = 1) reads each cached key and value once for 2 FLOPs
+an element: memory-bound; 16-row query tiles, one program a head (``kernels/costs.py``; benchmarks/NOTES.md).
 """
 from __future__ import annotations
 

@@ -10,22 +10,15 @@ Each row x of width C (a token's features) is normalized on its own, then scaled
     xhat = (x - mean) * rstd
     y    = xhat * w + b
 
-One program normalizes a tile of BLOCK_M rows, holding them whole in registers: each row is loaded as BLOCK_C =
-next_power_of_2(C) lanes (Triton's tiles have power-of-two sizes) and the lanes past C are masked out; the
-statistics are sums along the tile's second axis, one per row.
+One program normalizes BLOCK_M rows held whole in registers, each loaded as BLOCK_C = next_power_of_2(C) lanes
+(Triton's tiles are powers of two), the lanes past C masked. Narrow rows share a program (768-wide: four a program on a
+GPU, sharing the loads of w and b); a wide row gets its own.
 
-One pass over memory, two reductions: x is read from memory once, but the program reduces the row twice while it
-sits in registers — first the mean, then the variance of the centred values x - mean. The one-reduction formula
-var = E[x^2] - E[x]^2 would give both sums at once, but it subtracts two large, nearly equal numbers when a row's
-mean is large against its spread (a row of values near 1000 with spread 1: E[x^2] ~ 1e6, and float32 keeps about
-7 digits of it, so the variance ~ 1 loses nearly all of its own); the centred sum keeps full relative precision, and
-the second reduction costs no memory traffic, only a few register operations. (tests/test_formulas.py shows the
-difference in float32.)
-
-Narrow rows share a program (on a GPU, 768-wide rows go four to a program, which also shares the loads of w and b),
-a wide row gets a program of its own. The two
-statistics are computed in float32 whatever the storage dtype, and saved (one mean and one rstd per row, 8 bytes)
-so the backward does not recompute them.
+One pass over memory, two reductions: the row is read once, then reduced twice in registers, first the mean, then the
+variance of x - mean. The one-reduction var = E[x^2] - E[x]^2 subtracts two large, nearly equal numbers when a row's
+mean is large against its spread (values near 1000 with spread 1: E[x^2] ~ 1e6, of which float32 keeps about 7 digits,
+leaving the variance ~ 1 almost none; tests/test_formulas.py shows it), and the second reduction costs no memory
+traffic. mean and rstd are float32, saved (8 bytes a row) for the backward.
 
 Backward, derived
 -----------------
@@ -35,34 +28,25 @@ every x_i of the row, the chain rule gives
     d mean / d x_i = 1/C,        d rstd / d x_i = -rstd^3 (x_i - mean) / C = -rstd^2 xhat_i / C,
     d xhat_j / d x_i = rstd (delta_ij - 1/C) - xhat_j * rstd * xhat_i / C,
 
-and summing g_j * d xhat_j / d x_i over j:
+and summing g_j * d xhat_j / d x_i over j (the parameters, shared by all rows, sum over the M rows):
 
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat))          (means over the row's C features)
-
-The parameters are shared by all rows, so their gradients are sums over the M rows:
-
     dw = sum_rows(dy * xhat),    db = sum_rows(dy)
 
 The two-stage reduction for dw and db
 -------------------------------------
-Summing over rows with one program walking all M rows would leave all but one of the GPU's ~100 multiprocessors
-idle, and atomics from M programs into the same C floats would serialize there instead (and make the result depend
-on the arrival order). So the rows are cut into G groups of consecutive rows:
+One program walking all M rows would leave all but one multiprocessor idle; atomics from M programs into the same C
+floats would serialize (and depend on the arrival order). So the rows are cut into G groups:
 
-    stage 1  (G programs)          each program walks its group's rows, BLOCK_M rows per step: writes dx for every
-                                   row and accumulates dy * xhat and dy in float32 registers; then writes its
-                                   partial sums as one row of two (G, C) float32 buffers.
-    stage 2  (C / REDUCE_BLOCK_C)  each program sums a slice of columns of the partials over the G rows and
-                                   writes dw and db in the parameters' dtype.
+    stage 1  (G programs)          each program walks its group's consecutive rows, BLOCK_M at a time: writes dx
+                                   and accumulates dy * xhat and dy in float32; then writes these partial sums as
+                                   one row of two (G, C) float32 buffers.
+    stage 2  (C / REDUCE_BLOCK_C)  each program sums a slice of columns over the G rows and writes dw and db.
 
-G is at most twice the number of multiprocessors, and at most M; each group then gets the same number of
-consecutive rows, rounded up to whole BLOCK_M steps, so G ends up cdiv(M, rows per group) — fewer when the rounding
-leaves the last groups nothing to do (6 rows asked into 4 groups: 2 rows each, 3 groups). Twice the
-multiprocessors: every one busy with two programs, about as many as fit at once at GPT-2's widths (benchmarks/
-NOTES.md has the register counts); more groups would only add a second wave and more partials. The partials cost
-16 bytes per (group, column), written and read back: against the 6 * M bytes per column the pass must move in bf16,
-16 * G / (6 * M), about 9% at M = 8192 rows on a 132-multiprocessor H100. The result is deterministic: the same
-additions happen in the same order on every run.
+G is at most twice the multiprocessors (as many programs as fit at once at GPT-2's widths: benchmarks/NOTES.md) and at
+most M; rows per group are rounded up to whole BLOCK_M steps, so G = cdiv(M, rows per group) (6 rows into 4 groups: 2
+rows each, 3 groups). The partials add 16 * G / (6 * M) to the bf16 traffic, about 9% at M = 8192 on 132
+multiprocessors. Deterministic: the same additions in the same order on every run.
 
 Memory traffic
 --------------
@@ -72,8 +56,7 @@ For M rows of width C, x in dtype of ``xb`` bytes, weight and bias of ``wb`` byt
     backward:  reads  2*M*C*xb (x, dy) + C*wb (w) + 8*M        writes M*C*xb (dx) + 8*G*C (partials)
                stage 2 reads the 8*G*C partials back           writes 2*C*wb (dw, db)
 
-``layer_norm_bytes`` in ``kernels/costs.py`` computes these. The benchmark divides the same counts, less our
-partial sums — an implementation's choice, not the op's — by the measured time to get GB/s.
+``layer_norm_bytes`` (``kernels/costs.py``) computes these; the benchmark's GB/s leaves out our partials.
 """
 from __future__ import annotations
 

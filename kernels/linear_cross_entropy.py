@@ -2,17 +2,16 @@ r"""The language model's loss without its logits: a linear layer and cross-entro
 
 The op
 ------
-The last layer of a GPT maps each of N hidden states x_i (width C) to V logits, one per vocabulary entry, and the
-loss compares them with the next token t_i:
+Each of N hidden states x_i (width C) becomes V logits, one per vocabulary entry, scored against the next token t_i:
 
     z_i    = W x_i                                  (V,)  the logits,  W: (V, C)
     lse_i  = log sum_j exp(z_ij)                          the row's log-sum-exp
     loss_i = lse_i - z_{i, t_i}                           = -log softmax(z_i)[t_i]
     loss   = sum_i loss_i / N_valid   ("mean"),    sum_i loss_i   ("sum"),    (loss_i)_i   ("none")
 
-A row whose target equals ``ignore_index`` (padding) has loss 0 and no gradient, and "mean" divides by N_valid, the
-number of the other rows, exactly as F.cross_entropy does. With g_i the gradient reaching loss_i (1 / N_valid for
-"mean", 1 for "sum", the upstream gradient's row i for "none", 0 for an ignored row):
+A row whose target equals ``ignore_index`` (padding) has loss 0 and no gradient; N_valid counts the other rows, as
+in F.cross_entropy. With g_i the gradient reaching loss_i (1 / N_valid for "mean", 1 for "sum", the upstream
+gradient's row i for "none", 0 for an ignored row):
 
     dz_i = g_i * (softmax(z_i) - onehot(t_i))             (V,)   since d lse_i / d z_ij = softmax(z_i)_j
     dX   = dZ W                                           (N, C)
@@ -20,76 +19,35 @@ number of the other rows, exactly as F.cross_entropy does. With g_i the gradient
 
 Why not ``F.cross_entropy(x @ W.T, t)``
 ---------------------------------------
-The logits are big. GPT-2 small at 16 x 1024 tokens a batch and V = 50,257 has (N, V) logits of 3.3 GB in
-float32, and autograd keeps more of that size alive (log_softmax's output for the backward, then the gradient dZ),
-against 154 MB for W itself. So the rows go through in chunks of n (the chunk loop,
-``chunked_loss.loss_and_grads_in_chunks``, shared with the torch backend); for each chunk it
+The (N, V) logits are big (3.3 GB in float32 for GPT-2 small at 16 x 1024 tokens, against 154 MB for W), and
+autograd keeps more of that size alive. So the rows go in chunks of n, one (n, V) buffer alive at a time:
 
-    1. computes the chunk's float32 logits, Z_c = X_c W^T           (n, V), a matmul (cuBLAS on a GPU)
-    2. calls ``rows_step`` on them: each row's loss, and Z_c overwritten IN PLACE by dZ_c
-    3. dX_c = dZ_c W,   dW += dZ_c^T X_c                             two more matmuls; dW summed chunk after chunk
+    1. Z_c = X_c W^T                         the chunk's float32 logits (n, V), a matmul (cuBLAS on a GPU)
+    2. ``rows_step``                          each row's loss, and Z_c overwritten IN PLACE by dZ_c
+    3. dX_c = dZ_c W,   dW += dZ_c^T X_c     two more matmuls; dW summed chunk after chunk, without atomics
 
-and a single (n, V) buffer is alive at a time (128 MiB: 640 rows at V = 50,257). For "mean" and "sum" the gradients
-come out of the forward pass, as the loss's own (upstream gradient 1); autograd's backward then only multiplies
-them by the upstream gradient, one number. With "none" each row has its own upstream gradient, unknown in the
-forward: the backward runs the loop again with those as the g_i.
-
-This module supplies ``rows_step``, one Triton kernel, and the op around the loop. Why that split, rather than one
-kernel doing everything?
-
-* The matmuls are 6 N V C of the op's 6 N V C + ~10 N V FLOPs, and cuBLAS already runs them at the tensor cores'
-  rate: a Triton matmul of our own would at best match it.
-* dW is a sum over all N rows. In a fully fused kernel each program would own a block of rows and have to add its
-  (V, C) share of dW with atomics (contended on every element of W, and a result that depends on the order of
-  arrival) or write it as partial sums for a second reduction (more memory than the chunking saves). Chunks run one
-  after another and ``addmm`` adds each chunk's share into one buffer: no atomics, deterministic, and the sum done
-  by the tensor cores as part of the matmul.
-* The memory saving comes from the chunking, not from the kernel: with n rows a chunk, the peak is n V floats
-  whatever computes the softmax.
-* What the kernel removes are the passes between the matmuls. The plain step (``chunked_loss.cross_entropy_rows_step``)
-  makes about 12 passes over each chunk, through one more (n, V) temporary: logsumexp reads the chunk for its max,
-  writes and reads the shifted exponentials, reads them for the sum; the gradient is three in-place read-and-write
-  passes (subtract lse, exp, multiply by g). The kernel makes 3 (below).
+The loop (``chunked_loss.loss_and_grads_in_chunks``) is shared with the torch backend. "mean" and "sum" get their
+gradients in the forward (upstream gradient 1), which the backward only scales; "none" reruns the loop in the backward
+with the upstream rows as the g_i. The Triton kernel here is ``rows_step`` alone: 3 passes over a chunk against the
+plain step's ~12, the matmuls left to cuBLAS (why: benchmarks/NOTES.md, "The loss's kernel").
 
 The rows kernel
 ---------------
-One program per row; the grid is the chunk's n rows. A program streams its row past in BLOCK_V tiles, twice:
+One program per row of the chunk (rows share no loads), streaming its row in BLOCK_V tiles, twice:
 
-    sweep 1 (statistics)   an online max m and sum l, in base 2, as the attention forward does over its keys:
-                               s     = z * log2(e)                         (the row's logits in base 2)
-                               m_new = max(m, max(s_tile))
-                               l     = l * 2^(m - m_new) + sum(2^(s_tile - m_new))
-                           then lse2 = m + log2(l), the log-sum-exp in base 2, and
-                               loss  = lse2 * ln(2) - z[t]
-                           with z[t], the target's logit, fetched by one scalar load after the loop.
-    sweep 2 (gradient)     only when a gradient is asked for: each tile read again and overwritten in place by
+    sweep 1 (statistics)   an online max m and sum l, in base 2 (exp2 is what the GPU computes), as in attention:
+                               s = z * log2(e),   m_new = max(m, max(s_tile)),
+                               l = l * 2^(m - m_new) + sum(2^(s_tile - m_new))
+                           then lse2 = m + log2(l) and loss = lse2 * ln(2) - z[t] (z[t]: one scalar load)
+    sweep 2 (gradient)     only when a gradient is asked for: each tile overwritten in place by
                                g * (2^(s - lse2) - [j == t])  =  g * (softmax - onehot)
-                           the exact softmax, from the finished log-sum-exp: no running max any more.
 
-exp2 is what the GPU computes (exp(x) is exp2(x * log2 e) in hardware), so keeping the statistics in base 2 saves
-a multiply per logit, and only the one loss number goes back to natural log. The statistics are float32: the chunk
-loop hands over float32 logits whatever the model's dtype.
+Each sweep runs over the whole tiles unmasked, then over one masked last tile, so the whole tiles' loads vectorize.
 
-One row per program, not a block of rows. In attention a block of query rows shares every key tile it loads; here
-rows share nothing (each logit belongs to one row), so a block of rows would only take more registers per program,
-not save any traffic. A row is long enough to keep a program busy: at V = 50,257, 49 tiles of BLOCK_V = 1024 per
-sweep, 8 float32 per thread over 4 warps (two 16-byte loads per thread). Small programs also fill the GPU evenly:
-few registers a program let many programs share a multiprocessor, so a whole chunk runs in one wave, where larger
-tiles would need two or three, the last one mostly idle (benchmarks/NOTES.md has the register counts). Each sweep
-runs over the whole tiles without a mask, then over one masked last tile (the same split as the attention kernel's
-unmasked tiles and masked diagonal band), so that the whole tiles' loads are vectorized when the buffer's rows
-start 16-element aligned. Under Triton's interpreter a program is a Python call, so there BLOCK_V grows to cover a
-whole row in one step (``_block_v``).
-
-Ignored and out-of-range targets. A row whose target is ``ignore_index`` gets loss 0 and a gradient row of exact
-zeros (set, not multiplied: with every row ignored, "mean" passes g = 1/0 = inf). Its statistics are computed all
-the same, branch-free, as padding is rare in pretraining. A target outside [0, V) that is not ``ignore_index`` is
-a bug in the data: F.cross_entropy raises on a CPU and asserts on a GPU, and ``check_linear_cross_entropy_inputs``
-raises wherever looking costs no GPU sync. The kernel cannot raise and never reads out of bounds: the target's
-logit is a masked load, which gives NaN there, so such a row's loss is NaN (and so is the "mean" or "sum" it goes
-into), and its gradient row is NaN too, so the mistake shows in the loss and in every gradient it reaches rather
-than training on silently. That is the behaviour of every backend (the shared contract,
-``chunked_loss.cross_entropy_rows_step``).
+Targets. An ignored row gets loss 0 and a gradient row of exact zeros (set, not multiplied: with every row ignored,
+"mean" passes g = 1/0 = inf). A target outside [0, V) other than ``ignore_index`` is a bug in the data: the kernel's
+masked load gives NaN there, so that row's loss, its gradient and the "mean" or "sum" are NaN, every backend's
+contract (``chunked_loss.cross_entropy_rows_step``); ``check_linear_cross_entropy_inputs`` raises where it can.
 
 Memory traffic
 --------------
@@ -98,10 +56,7 @@ For one row of V float32 logits (int64 targets, one float32 g a row):
     statistics:  reads 4 V (the row) + 4 (the target's logit) + 8 (the target)     writes 4 (the loss)
     gradient:    reads 4 V (the row again) + 4 (g)                                 writes 4 V (dz, in place)
 
-so 12 V + 20 bytes a row with the gradient (603 KB at V = 50,257) and 4 V + 16 without (evaluation);
-``rows_step_bytes`` in ``kernels/costs.py`` computes it. The second read would come from L2 if the row were still
-there, but at V = 50,257 a row is 201 KB and a thousand rows are in flight, several times what an H100's 50 MB L2
-holds: expect the full count from memory.
+so 12 V + 20 bytes a row with the gradient, 4 V + 16 without (``rows_step_bytes`` in ``kernels/costs.py``).
 """
 from __future__ import annotations
 
@@ -123,8 +78,8 @@ __all__ = ["cross_entropy_rows", "linear_cross_entropy", "linear_cross_entropy_b
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(z) = exp2(z * log2 e)
 LN2 = tl.constexpr(math.log(2.0))  # log(y) = log2(y) * ln 2
 
-# On a GPU: 1024 float32 logits a tile over 4 warps, 8 a thread (see "One row per program" above: few registers a
-# program, so a chunk's rows run in one wave).
+# On a GPU: 1024 float32 logits a tile over 4 warps, 8 a thread (two 16-byte loads): few registers a program, so
+# many programs share a multiprocessor and a chunk's rows run in one wave (benchmarks/NOTES.md has the counts).
 BLOCK_V = 1024
 NUM_WARPS = 4
 

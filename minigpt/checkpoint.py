@@ -67,7 +67,8 @@ def load_torch(path: str | os.PathLike, what: str = "checkpoint"):
     if not path.exists():
         raise CheckpointError(f"no {what} at {path} — check the path, or train one with `python -m minigpt.train`")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder — pass the checkpoint file inside it (e.g. {path / 'checkpoint.pt'})")
+        raise CheckpointError(f"{path} is a folder — pass the checkpoint file inside it "
+                              f"(e.g. {path / 'checkpoint.pt'})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, pickle of a foreign class, ...

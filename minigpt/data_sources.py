@@ -214,7 +214,7 @@ def _hf_source(name: str, config: str | None, field: str, max_docs: int | None, 
         except ImportError:
             raise fail("the 'datasets' package is not installed (pip install datasets)") from None
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        # load_dataset retries for ~25 s when offline; a quick probe first keeps the fallback fast.
+        # load_dataset keeps retrying when offline before it fails; a quick probe first keeps the fallback fast.
         offline = getattr(datasets.config, "HF_HUB_OFFLINE", False)  # HF_HUB_OFFLINE=1: the HF cache only
         if not local and not offline and not can_reach(endpoint):
             raise fail(f"the Hugging Face Hub ({endpoint}) cannot be reached — connect to the internet, or set "

@@ -51,8 +51,8 @@ def init_distributed(device_arg: str) -> tuple[DistInfo, str]:
 
 def finish_distributed() -> None:
     """Wait for every rank at the end of a run. Without it a rank that finishes first can destroy the process group
-    while another is still saving, and gloo then aborts the slower process ("terminate called without an active
-    exception", seen with torch 2.11)."""
+    while another is still saving, and gloo may then abort the slower process (benchmarks/NOTES.md has the
+    message and the torch version it was seen with)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 

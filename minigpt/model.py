@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from kernels.definitions import EPS
 
 from .config import GPTConfig
 
@@ -31,7 +32,7 @@ from .config import GPTConfig
 class LayerNorm(nn.Module):
     """LayerNorm over the last dim with the seed's parameter names (``scale``, ``shift``) and eps."""
 
-    def __init__(self, emb_dim: int, backend, eps: float = 1e-5):  # 1e-5: GPT-2's and the seed's epsilon
+    def __init__(self, emb_dim: int, backend, eps: float = EPS):  # GPT-2's and the seed's epsilon, 1e-5
         super().__init__()
         self.backend = backend
         self.eps = eps
@@ -353,9 +354,9 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
     array (a no-op when it already is).
 
     Why: generating a token multiplies ONE row of activations by every weight matrix, a matrix-vector product that
-    reads each weight once, and PyTorch's CPU kernels stream an (in, out) array about twice as fast as nn.Linear's
-    own (out, in) one (measured on the 50257 x 768 output head: 5.7 ms against 11.3; benchmarks/README.md). A
-    GPU's matmul reads either order through a transpose flag, without a copy. The state dict's entries keep their
+    reads each weight once, and PyTorch's CPU kernels stream an (in, out) array faster than nn.Linear's own
+    (out, in) one (the measurement: benchmarks/README.md, "Generation on the CPU"). A GPU's matmul reads either
+    order through a transpose flag, without a copy. The state dict's entries keep their
     shapes, so checkpoints load both ways; only the bytes' order in memory differs.
     """
     return weight if weight.t().is_contiguous() else weight.t().contiguous().t()

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.definitions import EPS
+
 from .checkpoint import CheckpointError
 from .config import ConfigError, GPTConfig
 from .model import GPTModel
@@ -53,7 +55,7 @@ HUB_FILES = ["config.json", "model.safetensors"]  # what is downloaded: the conf
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers: not weights
-LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon, and the one minigpt's LayerNorm uses
+LAYER_NORM_EPS = EPS  # GPT-2's layer_norm_epsilon (1e-5), and the one minigpt's LayerNorm uses
 DEFAULT_DROP_RATE = 0.1  # GPT-2's resid_pdrop / embd_pdrop / attn_pdrop, used when config.json lacks resid_pdrop
 OVERRIDABLE = ("drop_rate", "context_length")  # the fields that do not change the shape of any weight
 

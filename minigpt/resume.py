@@ -203,7 +203,7 @@ def check_init_from_flags(args, weights: GPTConfig) -> str | None:
 
 def token_fingerprint(train_tokens, val_tokens) -> str:
     """A hash of a run's train and validation token ids, which a resumed run must match: one sequential read of the
-    token cache (about a second per GB)."""
+    token cache, at the disk's (or the page cache's) speed."""
     h = hashlib.blake2b(digest_size=16)
     for tokens in (train_tokens, val_tokens):
         h.update(f"{tokens.dtype.str}:{len(tokens)};".encode())

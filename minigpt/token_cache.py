@@ -122,7 +122,7 @@ def _remove_entry(path: str) -> None:
 
 
 def _largest_id(path: str, meta: dict) -> int:
-    """The largest id in a cache entry: one sequential read, a second per few GB from the page cache."""
+    """The largest id in a cache entry: one sequential read, cheap when the page cache holds the file."""
     if meta["n_tokens"] == 0:
         return -1
     return int(read_tokens(path, meta, 0, meta["n_tokens"]).max())

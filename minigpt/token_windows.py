@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .data_sources import DataError
 from .tokenizer import EOT_TEXT, get_tokenizer
 
-__all__ = ["TokenWindows", "TrainingLoaders", "WindowSampler", "create_dataloader", "create_dataloader_v1", "make_loader",
-           "training_loaders"]
+__all__ = ["TokenWindows", "TrainingLoaders", "WindowSampler", "create_dataloader", "create_dataloader_v1",
+           "make_loader", "training_loaders"]
 
 
 class TokenWindows(Dataset):

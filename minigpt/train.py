@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"steps between evaluations and checkpoints (default 100; CPU demo: "
                         f"{CPU_DEFAULTS['eval_interval']})")
     g.add_argument("--eval-iters", type=int, default=20, help="batches per loss estimate")
-    g.add_argument("--sample-prompt", default=DEFAULTS.sample_prompt, help="prompt of the sample printed after each eval")
+    g.add_argument("--sample-prompt", default=DEFAULTS.sample_prompt,
+                   help="prompt of the sample printed after each eval")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     g.add_argument("--seed", type=int, default=123)
     g.add_argument("--out-dir", default="out")

@@ -220,7 +220,8 @@ def test_a_failing_profile_leaves_the_other_and_says_why(tmp_path, monkeypatch):
     (["aten::_log_softmax_backward_data"], "loss"),
     (["aten::bmm", "aten::_scaled_dot_product_attention_math", "minigpt.causal_attention"], "attention"),
     (["aten::bmm", "autograd::engine::evaluate_function: BmmBackward0",  # a backward node, then its forward op
-      "aten::bmm", "aten::matmul", "aten::_scaled_dot_product_attention_math", "minigpt.causal_attention"], "attention"),
+      "aten::bmm", "aten::matmul", "aten::_scaled_dot_product_attention_math", "minigpt.causal_attention"],
+     "attention"),
     (["aten::mm", "autograd::engine::evaluate_function: AddmmBackward0", "aten::addmm", "aten::linear"], "matmuls"),
     (["minigpt::attention_bwd"], "attention"),
     (["aten::native_layer_norm", "aten::layer_norm", "minigpt.layer_norm"], "LayerNorm"),

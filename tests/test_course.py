@@ -63,7 +63,8 @@ def _run(cmd: list[str], tmp_path: Path, what: str) -> str:
                               timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{what} ran past {BLOCK_TIMEOUT_S} s")
-    assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"{what} failed (exit {proc.returncode}):\n"
+                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
 
 

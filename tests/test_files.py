@@ -61,7 +61,8 @@ def test_a_stale_temporary_file_of_ours_is_removed_and_a_live_one_kept(tmp_path)
 def _hold_lock_in_child(lock_path):
     """A second process that takes the lock and keeps it until its stdin closes; returns it once it holds it."""
     code = ("import sys\nfrom minigpt.files import exclusive_lock\n"
-            f"with exclusive_lock({str(lock_path)!r}, 'x', 'y'):\n    print('held', flush=True)\n    sys.stdin.read()\n")
+            f"with exclusive_lock({str(lock_path)!r}, 'x', 'y'):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()\n")
     child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
     return child
