@@ -175,7 +175,7 @@ def first_difference(a, b) -> int | None:
     return None if len(differs) == 0 else int(differs[0])
 
 
-def run_row(row: Row, args, device, ours, theirs, why_not, reference: dict, budget: timing.Budget) -> dict:
+def run_row(row: Row, args, device, ours, theirs, why_not, uncached_tokens: dict, budget: timing.Budget) -> dict:
     import torch
 
     result = dict(asdict(row), prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=args.dtype,
@@ -199,9 +199,9 @@ def run_row(row: Row, args, device, ours, theirs, why_not, reference: dict, budg
         result["floor_ratio"] = result["ms_per_token"] / result["floor_ms"]
     key = row.batch
     if row.contender == "no cache":
-        reference[key] = new
-    if key in reference:
-        diff = first_difference(new, reference[key])
+        uncached_tokens[key] = new
+    if key in uncached_tokens:
+        diff = first_difference(new, uncached_tokens[key])
         result.update(same_tokens=diff is None, first_difference=diff)
         if diff is not None and args.dtype == "fp32":
             result["status"] = f"wrong: tokens differ from the uncached loop's at new token {diff}"
@@ -331,8 +331,8 @@ def run(args) -> int:
     except Exception as exc:  # a pretrained name that cannot be loaded, say: one line, not a traceback
         raise common.BenchmarkError(f"cannot build the models: {common.one_line(exc, 300)}") from None
     args.context_length = ours.cfg.context_length
-    reference = {}
-    # the uncached loop first at each batch: it is the reference the other rows' tokens are compared with
+    uncached_tokens = {}  # batch -> the uncached loop's new tokens
+    # the uncached loop first at each batch: the other rows' tokens are compared with its tokens
     order = sorted(args.contenders, key=lambda c: c != "no cache")
     planned = [Row(b, c) for b in args.batches for c in order]
     out = args.out or common.default_out_dir(device)
@@ -341,7 +341,7 @@ def run(args) -> int:
         return results.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
 
     rows, interrupted = common.run_rows(
-        planned, lambda row: run_row(row, args, device, ours, theirs, why_not, reference, budget),
+        planned, lambda row: run_row(row, args, device, ours, theirs, why_not, uncached_tokens, budget),
         lambda row, r: f"batch {row.batch} {row.contender}: {results.fmt_num(r.get('tokens_per_s'))} tokens/s, "
                        f"{r['status']}", lambda: common.free_memory(device),
         save=results.partial_writer(out, args.name, meta))

@@ -34,10 +34,10 @@ of this device's ceilings, measured at the start of the run (``benchmarks/timing
 ``peak_mem_mib``: the most memory the pass needed beyond its inputs.
 
 Checked before timed.  Each contender first runs forward and backward once on the benchmark's own inputs; its output
-and every gradient are compared with the formula in float64 (||out - ref|| / ||ref||, a tolerance per dtype). A
+and every gradient are compared with the formula in float64 (||out - exact|| / ||exact||, a tolerance per dtype). A
 contender that fails is reported ``wrong`` and not timed: a fast wrong kernel is not fast. With dropout no two
 implementations draw the same mask, so the check is statistical: each result's deviation from the no-dropout float64
-result must be within 3x of the deviation float64 dropout itself causes. Large references are evaluated on a sample
+result must be within 3x of the deviation float64 dropout itself causes. Large definitions are evaluated on a sample
 (two heads of attention, evenly spaced rows of GELU) or in pieces (the loss, chunks of rows). Rows that would not
 fit in memory are skipped, and say so.
 """
@@ -59,7 +59,7 @@ from kernels.cli import run_cli
 PASSES = ("fwd", "bwd", "fwd+bwd")
 TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}  # relative error vs float64 that a correct 16-bit formula
 #                                                        keeps well under, even evaluated step by step in that dtype
-DROPOUT_BAND = 3.0  # a dropout deviation within [ref / 3, ref * 3] of float64 dropout's passes: two draws at T=64
+DROPOUT_BAND = 3.0  # a deviation within [d / 3, 3 d], d float64 dropout's own, passes: two draws at T=64
 #                     differ by up to ~1.6x; dropout left out (or applied one way only) is off by 10x and more
 ROTATE_SETS_MAX = 8  # at most this many copies of the inputs when rotating them past the L2 cache
 INTERPRETER_MAX_ELEMENTS = 1 << 18  # larger inputs take minutes in Triton's interpreter: not checked there
@@ -113,7 +113,7 @@ class Case:
 
     def counted_work(self, pass_: str) -> tuple[int | None, float | None]:
         """(bytes, FLOPs) of one pass: bytes for the memory-bound ops, FLOPs for attention and the loss."""
-        return self.spec.work(self.shape, self.elem, pass_)
+        return self.spec.counted_work(self.shape, self.elem, pass_)
 
     def planned_bytes(self, contender: str, copies: int) -> int:
         """Rough peak memory of one contender's row."""
@@ -141,13 +141,13 @@ def make_inputs(case: Case, device, copies: int) -> list[InputSet]:
 
 
 def selector(case: Case, device):
-    """The part of an output or gradient the float64 reference covers (the op's ``selector``)."""
+    """The part of an output or gradient the float64 definition is evaluated on (the op's ``selector``)."""
     return case.spec.selector(case.shape, device)
 
 
-def reference(case: Case, inputs: InputSet, select, dropout: float = 0.0):
+def definition_outputs(case: Case, inputs: InputSet, select, dropout: float = 0.0):
     """The formula in float64 on the selected part: (output, gradients)."""
-    return case.spec.reference(inputs, select, dropout)
+    return case.spec.definition_outputs(inputs, select, dropout)
 
 
 def rotation_copies(case: Case, device) -> int:
@@ -159,18 +159,19 @@ def rotation_copies(case: Case, device) -> int:
     return min(ROTATE_SETS_MAX, math.ceil(2 * l2 / case.set_bytes))
 
 
-def check(case: Case, fn, inputs: InputSet, select, ref) -> tuple[bool, float, str]:
-    """Run ``fn`` forward and backward once and compare with the float64 reference -> (ok, error, description)."""
+def check(case: Case, fn, inputs: InputSet, select, exact) -> tuple[bool, float, str]:
+    """Run ``fn`` forward and backward once and compare with ``exact``, the float64 definition's outputs
+    (``definition_outputs``; with dropout also their ``dropout_dev``) -> (ok, error, description)."""
     out, grads = forward_backward(fn, inputs)
     got = [select(out)] + [select(g) for g in grads]
     if not case.dropout:
-        errors = [common.rel_err(a, b) for a, b in zip(got, [ref["out"]] + ref["grads"])]
+        errors = [common.rel_err(a, b) for a, b in zip(got, [exact["out"]] + exact["grads"])]
         err = max(errors, key=lambda e: e if math.isfinite(e) else math.inf)  # a NaN anywhere is the worst
         tol = TOLERANCE[case.dtype]
         return err <= tol, err, f"rel err {err:.1e} vs float64 (tol {tol:g})"
     # Dropout: compare how far each result moved from the no-dropout result with how far float64 dropout moves it.
-    expected = ref["dropout_dev"]
-    ratios = [common.rel_err(a, b) / max(e, 1e-30) for a, b, e in zip(got, [ref["out"]] + ref["grads"], expected)]
+    expected = exact["dropout_dev"]
+    ratios = [common.rel_err(a, b) / max(e, 1e-30) for a, b, e in zip(got, [exact["out"]] + exact["grads"], expected)]
     worst = max(ratios, key=lambda r: abs(math.log(r)) if r > 0 and math.isfinite(r) else math.inf)
     ok = all(1 / DROPOUT_BAND <= r <= DROPOUT_BAND for r in ratios)
     return ok, worst, f"dropout deviation {worst:.2f}x float64 dropout's (band 1/{DROPOUT_BAND:g}..{DROPOUT_BAND:g})"
@@ -236,11 +237,11 @@ def run_case(case: Case, harness: Harness) -> list[dict]:
     copies = rotation_copies(case, harness.device)
     sets = make_inputs(case, harness.device, copies)
     select = selector(case, harness.device)
-    out64, grads64 = reference(case, sets[0], select)
-    ref = {"out": out64, "grads": grads64}
+    out64, grads64 = definition_outputs(case, sets[0], select)
+    exact = {"out": out64, "grads": grads64}
     if case.dropout:
-        drop_out, drop_grads = reference(case, sets[0], select, case.dropout)
-        ref["dropout_dev"] = [common.rel_err(a, b) for a, b in zip([drop_out] + drop_grads, [out64] + grads64)]
+        drop_out, drop_grads = definition_outputs(case, sets[0], select, case.dropout)
+        exact["dropout_dev"] = [common.rel_err(a, b) for a, b in zip([drop_out] + drop_grads, [out64] + grads64)]
     fns, missing = case.spec.contender_fns(case.dropout, harness.triton, harness.compiled)
     rows, ready = [], {}  # ready: the contenders checked correct and to be timed
     for name in contenders(case.op):
@@ -248,7 +249,7 @@ def run_case(case: Case, harness: Harness) -> list[dict]:
         status = harness.skip_reason(case, name, copies) or missing.get(name)
         fn = fns.get(name)
         if status is None:
-            status, fn = check_contender(case, name, fn, sets[0], select, ref, verdict, harness)
+            status, fn = check_contender(case, name, fn, sets[0], select, exact, verdict, harness)
         if status is None:
             ready[name] = fn
         for pass_ in harness.args.passes:
@@ -305,7 +306,7 @@ def measure_memory(row: dict, fn, inputs: InputSet, pass_: str, harness: Harness
         row["note"] = "; ".join(filter(None, [row["note"], f"memory {error_status(exc, harness.device)}"]))
 
 
-def check_contender(case, name, fn, inputs, select, ref, verdict: dict, harness: Harness):
+def check_contender(case, name, fn, inputs, select, exact, verdict: dict, harness: Harness):
     """Check one contender (recording the result in ``verdict``) -> (status, or None to time it; function to time).
     A contender that cannot run as asked may have the op's ``fallback`` checked (and timed) instead."""
     poison_allocator(case.set_bytes, harness.device)
@@ -313,7 +314,7 @@ def check_contender(case, name, fn, inputs, select, ref, verdict: dict, harness:
         try:
             with warnings.catch_warnings(record=True) as caught:  # flash explains at length why it cannot run;
                 warnings.simplefilter("always", UserWarning)        # the row says it
-                ok, err, note = check(case, fn, inputs, select, ref)
+                ok, err, note = check(case, fn, inputs, select, exact)
             if getattr(case.spec, "NOTE_WARNINGS", False) and caught:
                 verdict["note"] = "warned: " + common.one_line(caught[0].message)
         except Exception as exc:
@@ -322,7 +323,7 @@ def check_contender(case, name, fn, inputs, select, ref, verdict: dict, harness:
             if instead is None:
                 raise
             fn, verdict["note"] = instead
-            ok, err, note = check(case, fn, inputs, select, ref)
+            ok, err, note = check(case, fn, inputs, select, exact)
     except Exception as exc:
         return error_status(exc, harness.device), fn
     verdict.update(checked=ok, check_error=err, check=note)
@@ -449,10 +450,10 @@ def run(args) -> int:
     try:
         for i, case in enumerate(cases, 1):
             try:
-                if harness.budget.expired():  # no inputs, no reference: straight to the rows that say so
+                if harness.budget.expired():  # no inputs, no float64 outputs: straight to the rows that say so
                     raise TimeoutError(f"time budget ({args.budget_s:g} s) spent")
                 case_rows = run_case(case, harness)
-            except Exception as exc:  # the inputs or the reference did not fit: every contender's rows say so
+            except Exception as exc:  # the inputs or the float64 outputs did not fit: every contender's rows say so
                 status = f"skipped: {exc}" if isinstance(exc, TimeoutError) else error_status(exc, device)
                 case_rows = [unmeasured_row(case, c, p, status) for c in contenders(case.op) for p in args.passes]
             common.free_memory(device)

@@ -130,7 +130,7 @@ def row_config(row: Row, vocab_size: int | None):
     return get_preset(row.preset).with_overrides(context_length=row.context, vocab_size=vocab_size)
 
 
-def reference_outputs(row: Row, args, device, batch, targets) -> dict:
+def torch_backend_outputs(row: Row, args, device, batch, targets) -> dict:
     """float32 logits of the torch backend in eval mode, and their cross-entropy: what every row is checked against.
     Kept on the CPU, so that they are not in a GPU row's memory."""
     import torch
@@ -143,23 +143,23 @@ def reference_outputs(row: Row, args, device, batch, targets) -> dict:
     return {"logits": logits.cpu(), "loss": loss.cpu()}
 
 
-def check_outputs(model, loss: str, batch, targets, ref: dict, autocast, tol: float) -> tuple[bool, float, str]:
-    """Eval-mode logits (no dropout) of ``model`` against the reference's, and for the fused loss its loss against
-    the reference's cross-entropy -> (ok, largest relative error, description)."""
+def check_outputs(model, loss: str, batch, targets, expected: dict, autocast, tol: float) -> tuple[bool, float, str]:
+    """Eval-mode logits (no dropout) of ``model`` against ``expected``, the torch backend's (``torch_backend_outputs``),
+    and for the fused loss its loss against their cross-entropy -> (ok, largest relative error, description)."""
     import torch
 
     model.eval()
     with torch.no_grad(), autocast():
-        errors = {"logits": common.rel_err(model(batch).float().cpu(), ref["logits"])}
+        errors = {"logits": common.rel_err(model(batch).float().cpu(), expected["logits"])}
         if loss == "fused":
-            errors["fused loss"] = common.rel_err(model(batch, targets=targets).float().cpu(), ref["loss"])
+            errors["fused loss"] = common.rel_err(model(batch, targets=targets).float().cpu(), expected["loss"])
     model.train()
     err = max(errors.values(), key=lambda e: e if math.isfinite(e) else math.inf)  # NaN is the worst
     described = ", ".join(f"{name} rel err {e:.1e}" for name, e in errors.items())
     return err <= tol, err, f"{described} vs float32 torch backend (tol {tol:.2g})"
 
 
-def run_row(row: Row, args, device, ceilings, budget: timing.Budget, refs: dict) -> dict:
+def run_row(row: Row, args, device, ceilings, budget: timing.Budget, expected_by_shape: dict) -> dict:
     import contextlib
 
     import torch
@@ -197,8 +197,8 @@ def run_row(row: Row, args, device, ceilings, budget: timing.Budget, refs: dict)
     check_batch, check_targets = (torch.randint(0, vocab, (min(CHECK_BATCH, batch_size), row.context), device=device,
                                                 generator=generator) for _ in range(2))
     key = (row.preset, row.context)
-    if row.compile == "no" and key not in refs:
-        refs[key] = reference_outputs(row, args, device, check_batch, check_targets)
+    if row.compile == "no" and key not in expected_by_shape:
+        expected_by_shape[key] = torch_backend_outputs(row, args, device, check_batch, check_targets)
 
     common.free_memory(device, collect=True)
     baseline = memory.current_bytes(device)  # the row's memory is everything above this
@@ -208,10 +208,11 @@ def run_row(row: Row, args, device, ceilings, budget: timing.Budget, refs: dict)
     if row.compile == "no":
         # the tolerance, or twice what the torch backend itself gets in this precision (the rule the kernels'
         # tests use), whichever is larger
-        tol = max(TOLERANCE[dtype], 2 * refs[key].get("torch_error", 0.0))
-        ok, err, note = check_outputs(model, row.loss, check_batch, check_targets, refs[key], autocast, tol)
+        tol = max(TOLERANCE[dtype], 2 * expected_by_shape[key].get("torch_error", 0.0))
+        ok, err, note = check_outputs(model, row.loss, check_batch, check_targets, expected_by_shape[key], autocast,
+                                      tol)
         if row.backend == "torch" and row.loss == "plain":
-            refs[key]["torch_error"] = err
+            expected_by_shape[key]["torch_error"] = err
         result.update(checked=ok, check_error=err, check=note)
         if not ok:
             return dict(result, status="wrong: " + note)
@@ -480,7 +481,7 @@ def run(args) -> int:
     print(f"benchmarks.train on {common.device_name(device)}; ceilings: copy {ceilings['bandwidth_gbps']:.0f} GB/s, "
           f"{train_dtype} matmul {ceilings['matmul_tflops'][train_dtype]:.1f} TFLOP/s", flush=True)
     budget = timing.Budget(args.budget_s)
-    refs = {}
+    expected_by_shape = {}  # (preset, context) -> the torch backend's outputs, computed once
     planned = plan(args.presets, args.context_lengths, args.kernels, args.compile, args.loss)
     out = args.out or common.default_out_dir(device)
 
@@ -493,7 +494,7 @@ def run(args) -> int:
         common.free_memory(device, collect=True)
 
     rows, interrupted = common.run_rows(
-        planned, lambda row: run_row(row, args, device, ceilings, budget, refs),
+        planned, lambda row: run_row(row, args, device, ceilings, budget, expected_by_shape),
         lambda row, r: f"{row.preset} T={row.context} {row.backend} compile={row.compile} loss={row.loss}: "
                        f"{results.fmt_num(r.get('ms_per_step'))} ms/step, "
                        f"peak {results.fmt_num(r.get('peak_mem_gib'))} "

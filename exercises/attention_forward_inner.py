@@ -120,10 +120,11 @@ def _attention_fwd(
     lo = first // BLOCK_N * BLOCK_N  # rounded down to a key tile
     # keys [0, lo): in the past of every row of this tile, no mask
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, 0, lo, Tk,
-                               qk_scale, BLOCK_N, False, DOT_PRECISION)
+                               qk_scale, BLOCK_N, ON_DIAGONAL=False, DOT_PRECISION=DOT_PRECISION)
     # keys [lo, first + BLOCK_M): the diagonal band, masked; every row sees key lo, so no row is all -inf
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo,
-                               tl.minimum(first + BLOCK_M, Tk), Tk, qk_scale, BLOCK_N, True, DOT_PRECISION)
+                               tl.minimum(first + BLOCK_M, Tk), Tk, qk_scale, BLOCK_N, ON_DIAGONAL=True,
+                               DOT_PRECISION=DOT_PRECISION)
 
     out_scale = 1.0 / l_i
     acc = acc * out_scale[:, None]

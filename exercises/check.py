@@ -33,7 +33,7 @@ LOG2E = 1.4426950408889634  # log2(e): the attention kernels keep log-sum-exps i
 
 
 class Mismatch(Exception):
-    """An exercise's result differs from the reference; the message says what, by how much, on which input."""
+    """An exercise's result differs from float64's; the message says what, by how much, on which input."""
 
 
 @dataclass(frozen=True)
@@ -52,22 +52,22 @@ class Exercise:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Comparing with the reference
+# Comparing with float64
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _compare(what: str, got: torch.Tensor, ref: torch.Tensor, other: torch.Tensor, *, against: str, case: str,
+def _compare(what: str, got: torch.Tensor, exact: torch.Tensor, other: torch.Tensor, *, against: str, case: str,
              floor: float, bound: float = math.inf) -> None:
-    """Raise Mismatch unless ``got`` is as close to ``ref`` (float64) as ``other`` (PyTorch in the same dtype): a
+    """Raise Mismatch unless ``got`` is as close to ``exact`` (float64) as ``other`` (PyTorch in the same dtype): a
     max abs error at most 2 * other's + ``floor``, and at most ``bound``. The rule of tests/test_gelu.py,
     test_layer_norm.py and test_attention.py."""
-    if tuple(got.shape) != tuple(ref.shape):
-        raise Mismatch(f"{what} has shape {tuple(got.shape)}, expected {tuple(ref.shape)} ({case})")
-    err = (got.double() - ref).abs().max().item()
-    allowed = min(2 * (other.double() - ref).abs().max().item() + floor, bound)
+    if tuple(got.shape) != tuple(exact.shape):
+        raise Mismatch(f"{what} has shape {tuple(got.shape)}, expected {tuple(exact.shape)} ({case})")
+    err = (got.double() - exact).abs().max().item()
+    allowed = min(2 * (other.double() - exact).abs().max().item() + floor, bound)
     if not err <= allowed:  # `not <=`: a NaN fails too
         raise Mismatch(f"{what} differs from {against} by {err:.2g} (max abs; allowed {allowed:.2g}; {case})")
 
@@ -156,8 +156,8 @@ def _attention_scores(q, k):
     return scores.masked_fill(future_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
 
 
-def _attention_floor(ref: torch.Tensor) -> float:
-    return 8 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())  # as tests/test_attention.py
+def _attention_floor(exact: torch.Tensor) -> float:
+    return 8 * torch.finfo(torch.float32).eps * max(1.0, exact.abs().max().item())  # as tests/test_attention.py
 
 
 def check_attention_forward_inner(module: ModuleType, device: str) -> None:

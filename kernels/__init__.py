@@ -3,8 +3,13 @@
 Words, used one way everywhere: the four *ops* are LayerNorm, GELU, causal attention and the loss (the output
 head's matmul fused with cross-entropy); a *backend* is an object that implements them (``get_backend(name)``
 returns one, ``model.backend`` holds it); a user picks one by name with ``kernels=`` / ``--kernels``, and
-``model.kernels`` reports that name; ``kernels`` is also this package, where the backends live. A backend is any
-object with these methods (shapes are the only contract):
+``model.kernels`` reports that name; ``kernels`` is also this package, where the backends live. Python functions
+say *forward* and *backward* (``tiled.attention_forward``, the launchers ``_gelu_forward`` and
+``_layer_norm_backward``); what is compiled or registered keeps the short ``fwd`` / ``bwd`` of FlashAttention's
+code: the Triton kernels (``_attention_fwd``, ``_fwd_inner``, ``_layer_norm_bwd_dx``), the custom ops that launch
+them (``torch.ops.minigpt.gelu_fwd``), the attention kernels' labels in tile tables, tuners and figures (``"fwd"``,
+``"dkdv"``, ``"dq"``) and the benchmarks' passes (``fwd``, ``bwd``, ``fwd+bwd``). A backend is any object with
+these methods (shapes are the only contract):
 
     layer_norm(x, weight, bias, eps=1e-5)        x (..., C), weight/bias (C,) -> (..., C)
     gelu(x, approximate="tanh")                  any shape -> same shape

@@ -3,7 +3,7 @@
 PyTorch has no fused "matmul + cross-entropy", and the plain formula (``linear_cross_entropy_math``) is what this
 op exists to avoid: at GPT-2's vocabulary the logits outweigh every other activation. This module is the loop both
 backends run: the torch backend with ``cross_entropy_rows_step`` below as its per-chunk softmax, the Triton backend
-with a kernel of the same contract (``kernels/linear_cross_entropy.py``).
+with its namesake of the same contract, one Triton kernel (``kernels/linear_cross_entropy.py``).
 
 At GPT-2's size the output head turns N = 16 x 1024 rows of C = 768 features into N x V = 16,384 x 50,257 logits:
 3.3 GB in float32, more than every other activation together, and the plain formula holds them (and their

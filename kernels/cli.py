@@ -82,19 +82,20 @@ def _quiet_stdout() -> None:
         pass
 
 
-def run_cli(work: Callable[[], int | None], errors: tuple[type[BaseException], ...] = (),
+def run_cli(body: Callable[[], int | None], errors: tuple[type[BaseException], ...] = (),
             interrupted: str = "interrupted", kept: Callable[[], str | None] | None = None) -> int:
-    """Run ``work()`` and turn what escapes it into one line and an exit status (see the module's docstring).
+    """Run ``body()``, the tool's work, and turn what escapes it into one line and an exit status (see the module's
+    docstring).
 
     ``errors``: exception types printed as ``error: <message>`` besides ``MinigptError``, which always is. ``interrupted``: the line printed
     on Ctrl-C. ``kept`` (optional): called after an OSError, returns a line saying what was kept (e.g. "the last
-    good checkpoint is kept in out/"), or None. Returns ``work()``'s status (None counts as 0); the caller passes it
+    good checkpoint is kept in out/"), or None. Returns ``body()``'s status (None counts as 0); the caller passes it
     to ``sys.exit``.
     """
     real_stdout = sys.stdout
     sys.stdout = _MarkedStdout(real_stdout)
     try:
-        status = work()
+        status = body()
         sys.stdout.flush()  # a closed or full stdout shows here, inside the boundary, not at exit
         return status or 0
     except KeyboardInterrupt as e:

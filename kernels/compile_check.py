@@ -218,16 +218,16 @@ def check_targets(targets: list[dict], archs=DEFAULT_ARCHS, jobs: int | None = N
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_check cannot run under TRITON_INTERPRET=1 (interpreted kernels do not compile)")
-    work = [(i, arch) for i in range(len(targets)) for arch in archs]
-    jobs = min(jobs or os.cpu_count() or 1, len(work))
+    compiles = [(i, arch) for i in range(len(targets)) for arch in archs]  # (target index, architecture)
+    jobs = min(jobs or os.cpu_count() or 1, len(compiles))
     if jobs <= 1:
-        return [compile_target(targets[i], arch) for i, arch in work]
+        return [compile_target(targets[i], arch) for i, arch in compiles]
     global _POOL_TARGETS
     _POOL_TARGETS = targets
     try:
         context = multiprocessing.get_context("fork")  # the children inherit _POOL_TARGETS
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            futures = [pool.submit(_compile_by_index, i, arch) for i, arch in work]
+            futures = [pool.submit(_compile_by_index, i, arch) for i, arch in compiles]
             return [f.result() for f in futures]
     finally:
         _POOL_TARGETS = []

@@ -17,7 +17,7 @@ from .gelu import BLOCK, _gelu_bwd, _gelu_fwd
 from .gelu import NUM_WARPS as GELU_NUM_WARPS
 from .layer_norm import REDUCE_BLOCK_C, REDUCE_BLOCK_G, REDUCE_NUM_WARPS, _layer_norm_bwd_dwdb, _layer_norm_bwd_dx, \
     _layer_norm_fwd, backward_tile, row_tile
-from .linear_cross_entropy import BLOCK_V, _cross_entropy_rows
+from .linear_cross_entropy import BLOCK_V, _cross_entropy_rows_step
 from .linear_cross_entropy import NUM_WARPS as ROWS_NUM_WARPS
 
 __all__ = ["TARGETS", "attention_targets", "gelu_targets", "layer_norm_targets", "linear_cross_entropy_targets"]
@@ -174,7 +174,7 @@ def linear_cross_entropy_targets() -> list[dict]:
             sig = {"LOGITS": "*fp32", "TARGETS": "*i64", "LOSS": "*fp32", "GRAD_SCALE": "*fp32", "stride_row": "i32",
                    "n_vocab": "i32", "ignore_index": "i32"}
             targets.append(dict(
-                name="linear_cross_entropy_rows", fn=_cross_entropy_rows, signature=sig,
+                name="linear_cross_entropy_rows_step", fn=_cross_entropy_rows_step, signature=sig,
                 constexprs={"HAS_GRAD": has_grad, "BLOCK_V": BLOCK_V}, num_warps=ROWS_NUM_WARPS, num_stages=1,
                 aligned=["stride_row"] if aligned else [],
                 config=f"{'loss+grad' if has_grad else 'loss'} row stride {'%16 == 0' if aligned else 'unaligned'} "

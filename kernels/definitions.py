@@ -1,6 +1,6 @@
 """The definition of each op: the formula spelled out with elementary tensor operations.
 
-Each ``*_math`` function computes exactly what the seed notebook (and GPT-2) define, with no concern for speed.
+Each ``*_math`` function computes exactly what the original notebook (and GPT-2) define, with no concern for speed.
 The tests evaluate them in float64 to get the "true" answer every backend is measured against; the torch backend
 (``kernels/torch_backend.py``) and the Triton kernels are both checked against these.
 """
@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-5  # GPT-2's and the seed's LayerNorm epsilon
+EPS = 1e-5  # GPT-2's and the original notebook's LayerNorm epsilon
 GELU_APPROXIMATIONS = ("tanh", "none")
 REDUCTIONS = ("mean", "sum", "none")  # F.cross_entropy's
 IGNORE_INDEX = -100  # F.cross_entropy's default: a target with this value adds nothing to the loss

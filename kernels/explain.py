@@ -150,9 +150,9 @@ def explain_layer_norm(rows: int, width: int, groups: int, block_m: int, seed: i
     print(f"  db = {_fmt(dbias)}")
 
     xs, ws, bs = (t.clone().requires_grad_() for t in (x, weight, bias))
-    y_ref = layer_norm_math(xs, ws, bs)
-    y_ref.backward(dy)
-    errors = [(a - b).abs().max().item() for a, b in ((y, y_ref), (dx, xs.grad), (dweight, ws.grad),
+    y_exact = layer_norm_math(xs, ws, bs)
+    y_exact.backward(dy)
+    errors = [(a - b).abs().max().item() for a, b in ((y, y_exact), (dx, xs.grad), (dweight, ws.grad),
                                                        (dbias, bs.grad))]
     print("check against autograd of the plain formula: max |difference| of y, dx, dw, db = "
           + ", ".join(f"{e:.1e}" for e in errors))

@@ -27,9 +27,10 @@ autograd keeps more of that size alive. So the rows go in chunks of n, one (n, V
     3. dX_c = dZ_c W,   dW += dZ_c^T X_c     two more matmuls; dW summed chunk after chunk, without atomics
 
 The loop (``chunked_loss.loss_and_grads_in_chunks``) is shared with the torch backend. "mean" and "sum" get their
-gradients in the forward (upstream gradient 1), which the backward only scales; "none" reruns the loop in the backward
-with the upstream rows as the g_i. The Triton kernel here is ``rows_step`` alone: 3 passes over a chunk against the
-plain step's ~12, the matmuls left to cuBLAS (why: benchmarks/NOTES.md, "The loss's kernel").
+gradients in the forward (upstream gradient 1), which the backward only scales; "none" reruns the loop in the
+backward with the upstream rows as the g_i. The Triton kernel here is the ``rows_step`` alone
+(``cross_entropy_rows_step``, the plain step's namesake): 3 passes over a chunk against the plain step's ~12, the
+matmuls left to cuBLAS (why: benchmarks/NOTES.md, "The loss's kernel").
 
 The rows kernel
 ---------------
@@ -72,7 +73,7 @@ from .checks import check_linear_cross_entropy_inputs
 from .chunked_loss import autocast_inputs, loss_and_grads_in_chunks
 from .definitions import IGNORE_INDEX
 
-__all__ = ["cross_entropy_rows", "linear_cross_entropy", "linear_cross_entropy_bwd",
+__all__ = ["cross_entropy_rows_step", "linear_cross_entropy", "linear_cross_entropy_bwd",
            "linear_cross_entropy_fwd", "linear_cross_entropy_loss"]
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(z) = exp2(z * log2 e)
@@ -119,7 +120,7 @@ def _grad_tile(LOGITS, start, n_vocab, lse2, target, g, ignored, BLOCK_V: tl.con
 
 
 @triton.jit
-def _cross_entropy_rows(
+def _cross_entropy_rows_step(
     LOGITS,  # pointer to the float32 logits chunk (n, V); overwritten by the gradient dz when HAS_GRAD
     TARGETS,  # pointer to the target class of each row (n,), int64
     LOSS,  # pointer to the loss of each row (n,), float32, written here
@@ -143,8 +144,8 @@ def _cross_entropy_rows(
     m = tl.full((), float("-inf"), dtype=tl.float32)
     l = tl.zeros((), dtype=tl.float32)
     for start in range(0, v_full, BLOCK_V):
-        m, l = _fold_tile(LOGITS, tl.multiple_of(start, BLOCK_V), n_vocab, m, l, BLOCK_V, False)
-    m, l = _fold_tile(LOGITS, v_full, n_vocab, m, l, BLOCK_V, True)
+        m, l = _fold_tile(LOGITS, tl.multiple_of(start, BLOCK_V), n_vocab, m, l, BLOCK_V, MASKED=False)
+    m, l = _fold_tile(LOGITS, v_full, n_vocab, m, l, BLOCK_V, MASKED=True)
     lse2 = m + tl.math.log2(l)  # log2 sum_j 2^(s_j) = lse * log2 e
 
     # The target's logit: one masked load, never outside the row; NaN for a target outside [0, V)
@@ -155,8 +156,8 @@ def _cross_entropy_rows(
         g = tl.load(GRAD_SCALE + row)
         g = tl.where(in_vocab, g, float("nan"))  # a target outside [0, V): a NaN gradient row (see the top)
         for start in range(0, v_full, BLOCK_V):
-            _grad_tile(LOGITS, tl.multiple_of(start, BLOCK_V), n_vocab, lse2, target, g, ignored, BLOCK_V, False)
-        _grad_tile(LOGITS, v_full, n_vocab, lse2, target, g, ignored, BLOCK_V, True)
+            _grad_tile(LOGITS, tl.multiple_of(start, BLOCK_V), n_vocab, lse2, target, g, ignored, BLOCK_V, MASKED=False)
+        _grad_tile(LOGITS, v_full, n_vocab, lse2, target, g, ignored, BLOCK_V, MASKED=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,8 +172,8 @@ def _block_v(n_vocab: int) -> int:
     return BLOCK_V
 
 
-def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                       grad_scale: torch.Tensor | None) -> torch.Tensor:
+def cross_entropy_rows_step(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                            grad_scale: torch.Tensor | None) -> torch.Tensor:
     """The chunk loop's ``rows_step`` (contract: ``chunked_loss.cross_entropy_rows_step``), as one Triton kernel.
 
     logits: (n, V) float32 with contiguous rows (any row stride); targets: (n,) int64; grad_scale: None or (n,),
@@ -183,21 +184,21 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     """
     if logits.dim() != 2 or logits.dtype != torch.float32 or logits.shape[1] == 0 or (
             logits.shape[1] > 1 and logits.stride(1) != 1):
-        raise ValueError(f"cross_entropy_rows: logits must be (n, V >= 1) float32 with contiguous rows, got "
+        raise ValueError(f"cross_entropy_rows_step: logits must be (n, V >= 1) float32 with contiguous rows, got "
                          f"{tuple(logits.shape)} {logits.dtype} with strides {logits.stride()} (float64 inputs: "
                          "use the torch backend)")
     n, V = logits.shape
     if targets.shape != (n,):
-        raise ValueError(f"cross_entropy_rows: targets must be ({n},), one per row, got {tuple(targets.shape)}")
+        raise ValueError(f"cross_entropy_rows_step: targets must be ({n},), one per row, got {tuple(targets.shape)}")
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return loss
     if grad_scale is not None:
         if grad_scale.numel() != n:
-            raise ValueError(f"cross_entropy_rows: grad_scale must be ({n},), one factor a row, got "
+            raise ValueError(f"cross_entropy_rows_step: grad_scale must be ({n},), one factor a row, got "
                              f"{tuple(grad_scale.shape)}")
         grad_scale = grad_scale.to(torch.float32).reshape(n).contiguous()
-    _cross_entropy_rows[(n,)](
+    _cross_entropy_rows_step[(n,)](
         logits, targets.to(torch.int64).contiguous(), loss, loss if grad_scale is None else grad_scale,
         logits.stride(0), V, ignore_index, HAS_GRAD=grad_scale is not None, BLOCK_V=_block_v(V),
         num_warps=NUM_WARPS,
@@ -236,7 +237,7 @@ def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, targets: tor
         raise ValueError("linear_cross_entropy_fwd: reduction 'none' has no gradients in the forward — use "
                          "linear_cross_entropy_loss")
     with torch.autocast(x.device.type, enabled=False):
-        return loss_and_grads_in_chunks(x, weight, targets, ignore_index, reduction, cross_entropy_rows,
+        return loss_and_grads_in_chunks(x, weight, targets, ignore_index, reduction, cross_entropy_rows_step,
                                         need_grads=True)
 
 
@@ -266,7 +267,7 @@ def linear_cross_entropy_loss(x: torch.Tensor, weight: torch.Tensor, targets: to
                               reduction: str) -> torch.Tensor:
     """The loss alone: float32, (N,) for reduction "none", a scalar for "mean" and "sum"."""
     with torch.autocast(x.device.type, enabled=False):
-        loss, _, _ = loss_and_grads_in_chunks(x, weight, targets, ignore_index, reduction, cross_entropy_rows,
+        loss, _, _ = loss_and_grads_in_chunks(x, weight, targets, ignore_index, reduction, cross_entropy_rows_step,
                                               need_grads=False)
     return loss
 
@@ -284,11 +285,11 @@ def linear_cross_entropy_bwd(grad_loss: torch.Tensor, x: torch.Tensor, weight: t
     with torch.autocast(x.device.type, enabled=False):
         if reduction == "none":
             _, grad_x, grad_weight = loss_and_grads_in_chunks(
-                x, weight, targets, ignore_index, reduction, cross_entropy_rows, need_grads=True,
+                x, weight, targets, ignore_index, reduction, cross_entropy_rows_step, need_grads=True,
                 grad_output=grad_loss)
             return grad_x, grad_weight
         _, grad_x, grad_weight = loss_and_grads_in_chunks(x, weight, targets, ignore_index, reduction,
-                                                          cross_entropy_rows, need_grads=True)
+                                                          cross_entropy_rows_step, need_grads=True)
     return grad_x.mul_(grad_loss), grad_weight.mul_(grad_loss)
 
 

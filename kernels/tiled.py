@@ -207,8 +207,10 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # float32 like the kernels; float64 stays float64
 
 
-def _fwd_inner(acc, l_i, m_i, q, k, v, q_pos, lo, hi, Tk, qk_scale, block_n, on_diagonal, keep_fn, trace, program):
-    """Fold the key tiles [lo, hi) into the running (acc, l_i, m_i) of one query tile (the online softmax)."""
+def _forward_inner(acc, l_i, m_i, q, k, v, q_pos, lo, hi, Tk, qk_scale, block_n, on_diagonal, keep_fn, trace,
+                   program):
+    """Mirrors ``_fwd_inner``: fold the key tiles [lo, hi) into the running (acc, l_i, m_i) of one query tile (the
+    online softmax)."""
     for start_n in range(lo, hi, block_n):
         cols = torch.arange(start_n, min(start_n + block_n, Tk))  # key positions of this tile
         s = (q @ k[cols].T) * qk_scale  # (BLOCK_M, BLOCK_N) scores, base 2
@@ -258,11 +260,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
             lo, hi = forward_key_bounds(start_m, Tq, Tk, block_m, block_n)
             program = dict(bh=bh, start_m=start_m)
             # keys [0, lo): in the past of every row of this tile, no mask
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k[bh], v[bh], q_pos, 0, lo, Tk, qk_scale, block_n,
-                                       False, keep_fn, trace, program)
+            acc, l_i, m_i = _forward_inner(acc, l_i, m_i, q_tile, k[bh], v[bh], q_pos, 0, lo, Tk, qk_scale, block_n,
+                                           on_diagonal=False, keep_fn=keep_fn, trace=trace, program=program)
             # keys [lo, hi): the diagonal band, masked; every row sees key lo, so no row is all -inf
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k[bh], v[bh], q_pos, lo, hi, Tk, qk_scale, block_n,
-                                       True, keep_fn, trace, program)
+            acc, l_i, m_i = _forward_inner(acc, l_i, m_i, q_tile, k[bh], v[bh], q_pos, lo, hi, Tk, qk_scale, block_n,
+                                           on_diagonal=True, keep_fn=keep_fn, trace=trace, program=program)
             out_scale = 1.0 / l_i
             if dropout_p > 0.0:
                 out_scale = out_scale / (1.0 - dropout_p)  # kept weights are scaled by 1 / (1 - p)
@@ -275,9 +277,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
 # Attention: backward (mirrors _attention_bwd_preprocess, _attention_bwd_dkdv and _attention_bwd_dq)
 
 
-def _bwd_dkdv_inner(dk, dv, k, v, q, do, lse, delta, key_rows, cols, lo, hi, Tq, offset, qk_scale, dropout_scale,
-                    block_m, on_diagonal, keep_fn):
-    """Add the query rows [lo, hi) to one key tile's dK and dV. Tiles are kept transposed: (keys, queries)."""
+def _backward_dkdv_inner(dk, dv, k, v, q, do, lse, delta, key_rows, cols, lo, hi, Tq, offset, qk_scale,
+                         dropout_scale, block_m, on_diagonal, keep_fn):
+    """Mirrors ``_bwd_dkdv_inner``: add the query rows [lo, hi) to one key tile's dK and dV. Tiles are kept
+    transposed: (keys, queries)."""
     for start_m in range(lo, hi, block_m):
         rows = torch.arange(start_m, min(start_m + block_m, Tq))  # query rows of this tile
         p_t = torch.exp2((k @ q[rows].T) * qk_scale - lse[rows][None, :])  # P^T rebuilt from the saved LSE
@@ -295,9 +298,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q, do, lse, delta, key_rows, cols, lo, hi, Tq,
     return dk, dv
 
 
-def _bwd_dq_inner(dq, q, do, lse, delta, k, v, q_pos, lo, hi, Tk, qk_scale, dropout_scale, block_n, on_diagonal,
-                  keep_fn):
-    """Add the key tiles [lo, hi) to one query tile's dQ."""
+def _backward_dq_inner(dq, q, do, lse, delta, k, v, q_pos, lo, hi, Tk, qk_scale, dropout_scale, block_n,
+                       on_diagonal, keep_fn):
+    """Mirrors ``_bwd_dq_inner``: add the key tiles [lo, hi) to one query tile's dQ."""
     for start_n in range(lo, hi, block_n):
         cols = torch.arange(start_n, min(start_n + block_n, Tk))
         p = torch.exp2((q @ k[cols].T) * qk_scale - lse[:, None])
@@ -346,11 +349,11 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             lo, mid = dkdv_query_bounds(start_n, Tq, Tk, block_m, block_n)
             args = (k[bh, cols], v[bh, cols], q[bh], do[bh], lse[bh], delta, key_rows, cols)
             # queries [lo, mid): the diagonal band, masked
-            dk_tile, dv_tile = _bwd_dkdv_inner(dk_tile, dv_tile, *args, lo, min(mid, Tq), Tq, offset, qk_scale,
-                                               dropout_scale, block_m, True, keep_fn)
+            dk_tile, dv_tile = _backward_dkdv_inner(dk_tile, dv_tile, *args, lo, min(mid, Tq), Tq, offset, qk_scale,
+                                                    dropout_scale, block_m, on_diagonal=True, keep_fn=keep_fn)
             # queries [mid, Tq): all in the future of this key tile, no mask
-            dk_tile, dv_tile = _bwd_dkdv_inner(dk_tile, dv_tile, *args, mid, Tq, Tq, offset, qk_scale,
-                                               dropout_scale, block_m, False, keep_fn)
+            dk_tile, dv_tile = _backward_dkdv_inner(dk_tile, dv_tile, *args, mid, Tq, Tq, offset, qk_scale,
+                                                    dropout_scale, block_m, on_diagonal=False, keep_fn=keep_fn)
             dk[bh, cols] = dk_tile * scale
             dv[bh, cols] = dv_tile
 
@@ -362,9 +365,11 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             lo, hi = forward_key_bounds(start_m, Tq, Tk, block_m, block_n)  # the forward's bounds
             args = (q[bh, offs_m], do[bh, offs_m], lse[bh, offs_m], delta[offs_m], k[bh], v[bh], q_pos)
             # keys [0, lo): no mask
-            dq_tile = _bwd_dq_inner(dq_tile, *args, 0, lo, Tk, qk_scale, dropout_scale, block_n, False, keep_fn)
+            dq_tile = _backward_dq_inner(dq_tile, *args, 0, lo, Tk, qk_scale, dropout_scale, block_n, on_diagonal=False,
+                                         keep_fn=keep_fn)
             # keys [lo, hi): the diagonal band, masked
-            dq_tile = _bwd_dq_inner(dq_tile, *args, lo, hi, Tk, qk_scale, dropout_scale, block_n, True, keep_fn)
+            dq_tile = _backward_dq_inner(dq_tile, *args, lo, hi, Tk, qk_scale, dropout_scale, block_n, on_diagonal=True,
+                                         keep_fn=keep_fn)
             dq[bh, offs_m] = dq_tile * scale
     return dq.reshape(B, H, Tq, D), dk.reshape(B, H, Tk, D), dv.reshape(B, H, Tk, D)
 

@@ -31,7 +31,8 @@ class TorchBackend:
 
     def causal_attention(self, q, k, v, dropout_p: float = 0.0, scale: float | None = None):
         # scaled_dot_product_attention picks a fused kernel (flash / memory-efficient) when one fits and falls back
-        # to the plain math otherwise; its dropout acts on the softmax output, as nn.Dropout does in the seed.
+        # to the plain math otherwise; its dropout acts on the softmax output, as nn.Dropout does in the original
+        # notebook.
         check_attention_inputs(q, k, v, dropout_p)
         Tq, Tk = q.shape[-2], k.shape[-2]
         if Tq == Tk:  # training, and a prompt's first forward

@@ -1,7 +1,7 @@
 """minigpt: a GPT from scratch in PyTorch, with our own Triton kernels behind a pluggable kernels backend.
 
     from minigpt import GPTModel, GPTConfig
-    model = GPTModel(GPTConfig(), kernels="auto")   # or GPTModel(GPT_CONFIG_124M) with the seed's dict
+    model = GPTModel(GPTConfig(), kernels="auto")   # or GPTModel(GPT_CONFIG_124M) with the original notebook's dict
 
 Heavy or optional packages (datasets, tiktoken, matplotlib, triton) are imported where they are used.
 """

@@ -1,7 +1,7 @@
 """Model configuration: the ``GPTConfig`` dataclass and the named presets.
 
-The field names are the seed notebook's dictionary keys, so ``GPTConfig(**GPT_CONFIG_124M)`` and
-``GPTConfig.from_any(GPT_CONFIG_124M)`` both work, and ``asdict(cfg)`` gives the seed's dictionary back.
+The field names are the original notebook's dictionary keys, so ``GPTConfig(**GPT_CONFIG_124M)`` and
+``GPTConfig.from_any(GPT_CONFIG_124M)`` both work, and ``asdict(cfg)`` gives the original notebook's dictionary back.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ class GPTConfig:
     emb_dim: int = 768
     n_heads: int = 12
     n_layers: int = 12
-    drop_rate: float = 0.1  # one rate for embeddings, attention weights and residual branches, as the seed
-    qkv_bias: bool = False  # the seed trains without query/key/value biases (GPT-2's own weights have them)
+    drop_rate: float = 0.1  # one rate for embeddings, attention weights and residual branches, as the original notebook
+    qkv_bias: bool = False  # as the original notebook: no query/key/value biases (GPT-2's own weights have them)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -42,12 +42,12 @@ class GPTConfig:
         return self.emb_dim // self.n_heads
 
     def to_dict(self) -> dict:
-        """The seed's plain dictionary form."""
+        """The original notebook's plain dictionary form."""
         return asdict(self)
 
     @classmethod
     def from_any(cls, cfg: "GPTConfig | dict") -> "GPTConfig":
-        """Accept a GPTConfig or the seed's dict (unknown keys are an error that lists the known ones)."""
+        """Accept a GPTConfig or the original notebook's dict (unknown keys are an error that lists the known ones)."""
         if isinstance(cfg, GPTConfig):
             return cfg
         if isinstance(cfg, dict):
@@ -68,7 +68,7 @@ def _divisor_near(n: int, target: int) -> int:
     return min(divisors, key=lambda d: abs(d - target))
 
 
-# The seed notebook's configurations, verbatim.
+# The original notebook's configurations, verbatim.
 GPT_CONFIG_124M = dict(vocab_size=50257, context_length=256, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.1,
                        qkv_bias=False)
 GPT_CONFIG_SMALL = dict(vocab_size=50257, context_length=128, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.1,

@@ -9,8 +9,8 @@ Three rooms, in the order the data flows through them:
 
 This module joins the first two: ``load_token_splits`` gives a run its train and validation ids, and
 ``python -m minigpt.data DATA`` tokenizes a source into the cache ahead of training. A source without a
-validation split is tokenized as one stream and cut at ``train_ratio`` (0.9) of its tokens, as the seed notebook
-cut its text. The windows' names are importable from here too, as the seed's reader expects them.
+validation split is tokenized as one stream and cut at ``train_ratio`` (0.9) of its tokens, as the original notebook
+cut its text. The windows' names are importable from here too, as the original notebook's reader expects them.
 """
 from __future__ import annotations
 

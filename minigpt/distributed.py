@@ -49,7 +49,7 @@ def init_distributed(device_arg: str) -> tuple[DistInfo, str]:
     return info, device_arg
 
 
-def finish_distributed() -> None:
+def wait_for_all_ranks() -> None:
     """Wait for every rank at the end of a run. Without it a rank that finishes first can destroy the process group
     while another is still saving, and gloo may then abort the slower process (benchmarks/NOTES.md has the
     message and the torch version it was seen with)."""

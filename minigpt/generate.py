@@ -2,7 +2,7 @@
 loop around them, and ``python -m minigpt.generate``.
 
     python -m minigpt.generate --checkpoint out/checkpoint.pt --prompt "Once upon a time"
-    python -m minigpt.generate --checkpoint model.pth --preset gpt2-124m      # a seed notebook's model.pth
+    python -m minigpt.generate --checkpoint model.pth --preset gpt2-124m      # the original notebook's model.pth
     python -m minigpt.generate --pretrained gpt2 --prompt "The meaning of life is"   # GPT-2's own weights
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def generate(
     model: torch.nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
-    context_size: int,
+    context_length: int,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -44,20 +44,20 @@ def generate(
 ) -> torch.Tensor:
     """Extend ``idx`` (B, T) by up to ``max_new_tokens`` tokens; returns (B, T + new).
 
-    temperature 0 picks the most likely token (greedy, the seed's ``generate_text_simple``); otherwise the logits
-    are divided by the temperature, cut to the ``top_k`` most likely tokens and/or the smallest set whose
+    temperature 0 picks the most likely token (greedy, the original notebook's ``generate_text_simple``); otherwise the
+    logits are divided by the temperature, cut to the ``top_k`` most likely tokens and/or the smallest set whose
     probability reaches ``top_p`` (nucleus sampling), and a token is drawn. Stops early when every sequence has just
-    produced ``eos_id``. The model sees at most the last ``context_size`` tokens. ``use_cache=False`` runs the
-    whole window through the model for every token (the seed's loop); the cache gives the same tokens, faster
-    (see ``generate_tokens``).
+    produced ``eos_id``. The model sees at most the last ``context_length`` tokens. ``use_cache=False`` runs the
+    whole window through the model for every token (the original notebook's loop); the cache gives the same tokens,
+    faster (see ``generate_tokens``).
     """
-    new = list(generate_tokens(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,
+    new = list(generate_tokens(model, idx, max_new_tokens, context_length, temperature, top_k, top_p, eos_id,
                                generator, use_cache))
     return torch.cat([idx, *new], dim=1)
 
 
 @torch.no_grad()
-def generate_tokens(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+def generate_tokens(model, idx, max_new_tokens, context_length, temperature=0.0, top_k=None, top_p=None, eos_id=None,
                     generator=None, use_cache=True):
     """``generate``, one token at a time: yields each new (B, 1) column of ids as soon as it is chosen.
 
@@ -66,21 +66,22 @@ def generate_tokens(model, idx, max_new_tokens, context_size, temperature=0.0, t
     step costs one position's worth of matmuls (about 2 x parameters FLOPs per token) plus reading the cache,
     instead of a forward over the whole window.
 
-    Past ``context_size`` tokens the window slides: the model has learned ABSOLUTE positions, so once the oldest
+    Past ``context_length`` tokens the window slides: the model has learned ABSOLUTE positions, so once the oldest
     token drops out every remaining token moves down one position and every cached key and value (computed at the
-    old positions) is stale. The cache is then rebuilt from the last ``context_size`` tokens (a re-prefill),
+    old positions) is stale. The cache is then rebuilt from the last ``context_length`` tokens (a re-prefill),
     which is exactly what the uncached loop computes. So the cache saves the work of the first
-    ``context_size - prompt length`` tokens; from then on each token costs a full-window forward, as without it.
+    ``context_length - prompt length`` tokens; from then on each token costs a full-window forward, as without it.
     """
-    # a model without our forward(..., kv_cache=, input_pos=) (the seed's own GPTModel, say) gets the uncached loop
+    # a model without our forward(..., kv_cache=, input_pos=) (the original notebook's own GPTModel, say) gets the
+    # uncached loop
     use_cache = use_cache and isinstance(getattr(model, "cfg", None), GPTConfig)
-    cache = KVCache(model.cfg, batch_size=idx.shape[0], max_len=context_size) if use_cache else None
+    cache = KVCache(model.cfg, batch_size=idx.shape[0], max_len=context_length) if use_cache else None
     pos = 0  # tokens in the cache: the position the next decoded token is written at
     for step in range(max_new_tokens):
-        if cache is None:  # the seed's loop: the whole window, every step
-            logits = model(idx[:, -context_size:])[:, -1, :]  # (B, V)
-        elif step == 0 or pos == context_size:  # the prefill, or a re-prefill once the window slides
-            window = idx[:, -context_size:]
+        if cache is None:  # the original notebook's loop: the whole window, every step
+            logits = model(idx[:, -context_length:])[:, -1, :]  # (B, V)
+        elif step == 0 or pos == context_length:  # the prefill, or a re-prefill once the window slides
+            window = idx[:, -context_length:]
             logits = prefill(model, window, cache)
             pos = window.shape[1]
         else:  # the token chosen last step goes in at position pos
@@ -138,27 +139,27 @@ def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
 
 
 def sample_text(model, tokenizer, device, start_context: str, max_new_tokens: int = 50) -> str:
-    """Greedy continuation of ``start_context`` (the seed's sample after each evaluation), on one line."""
+    """Greedy continuation of ``start_context`` (the original notebook's sample after each evaluation), on one line."""
     was_training = model.training
     model.eval()
-    context_size = model.pos_emb.weight.shape[0]
+    context_length = model.pos_emb.weight.shape[0]
     encoded = text_to_token_ids(start_context, tokenizer).to(device)
-    token_ids = generate(model, encoded, max_new_tokens, context_size, eos_id=tokenizer.eot_token)
+    token_ids = generate(model, encoded, max_new_tokens, context_length, eos_id=tokenizer.eot_token)
     model.train(was_training)
     return token_ids_to_text(token_ids, tokenizer).replace("\n", " ")
 
 
 def generate_and_print_sample(model, tokenizer, device, start_context: str, max_new_tokens: int = 50) -> None:
-    """The seed's function of the same name."""
+    """The original notebook's function of the same name."""
     print(sample_text(model, tokenizer, device, start_context, max_new_tokens))
 
 
 def load_for_inference(checkpoint: str, preset: str | None = None, kernels: str = "auto", device: str = "cpu",
                        tokenizer: str | None = None, n_heads: int | None = None):
-    """(model, tokenizer) from our ``checkpoint.pt`` or a plain ``model.pth`` (a state dict, as the seed and
-    ``minigpt.train`` save it). A state dict's shapes give every field of its config but the number of heads; those
-    come from the run's own ``checkpoint.pt`` beside it, else from ``n_heads`` or ``preset``, else from the preset
-    whose shape it has, with a note (see ``_config_for_state_dict``). CheckpointError, one line, for a file that
+    """(model, tokenizer) from our ``checkpoint.pt`` or a plain ``model.pth`` (a state dict, as the original
+    notebook and ``minigpt.train`` save it). A state dict's shapes give every field of its config but the number of
+    heads; those come from the run's own ``checkpoint.pt`` beside it, else from ``n_heads`` or ``preset``, else from the
+    preset whose shape it has, with a note (see ``_config_for_state_dict``). CheckpointError, one line, for a file that
     cannot be loaded."""
     from .tokenizer import get_tokenizer, tokenizer_from_name
 
@@ -171,7 +172,7 @@ def load_for_inference(checkpoint: str, preset: str | None = None, kernels: str 
             missing = "model" if not isinstance(state, dict) else "tokenizer"
             raise CheckpointError(f"{checkpoint} has no {missing!r} entry — the file is damaged: use an earlier "
                                   "checkpoint, or the model.pth the run wrote beside it")
-    elif isinstance(obj, dict) and "tok_emb.weight" in obj:  # a plain state dict, as the seed saves model.pth
+    elif isinstance(obj, dict) and "tok_emb.weight" in obj:  # a plain state dict, as the original notebook's model.pth
         cfg, recorded_tok = _config_for_state_dict(obj, preset, n_heads, checkpoint)
         state = obj
         tok_name = tokenizer or recorded_tok or ("gpt2" if cfg.vocab_size == 50257 else "bytes")
@@ -202,8 +203,8 @@ def _recorded_config(ckpt: dict, path) -> GPTConfig:
 
 
 def _check_state_fits(state: dict, model: torch.nn.Module, path) -> None:
-    """Every tensor of ``model`` is in ``state`` with its shape and finite values, and nothing else is (the seed's
-    causal-mask buffers aside). The config came from the same file, so a mismatch is the file's fault, not a
+    """Every tensor of ``model`` is in ``state`` with its shape and finite values, and nothing else is (the original
+    notebook's causal-mask buffers aside). The config came from the same file, so a mismatch is the file's fault, not a
     flag's: the message names the tensor."""
     expected = model.state_dict()
     masks = {k.removesuffix("out_proj.bias") + "mask" for k in expected if k.endswith(".att.out_proj.bias")}
@@ -216,12 +217,13 @@ def _check_state_fits(state: dict, model: torch.nn.Module, path) -> None:
         raise CheckpointError(f"{path} holds {unknown[0]}, which this model does not have ({len(unknown)} "
                               "unexpected entries) — is it a GPT state dict? use the model.pth or checkpoint.pt "
                               "a run wrote")
-    for key, ref in expected.items():
+    for key, want in expected.items():
         value = state[key]
-        if not isinstance(value, torch.Tensor) or value.shape != ref.shape:
+        if not isinstance(value, torch.Tensor) or value.shape != want.shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise CheckpointError(f"{key} in {path} has shape {got}, but the file's other tensors imply "
-                                  f"{tuple(ref.shape)} — the file is damaged: use another checkpoint, or train again")
+                                  f"{tuple(want.shape)} — the file is damaged: use another checkpoint, or train "
+                                  "again")
         # A NaN or an infinity in one weight makes every logit NaN (and sampling fail): refused while the tensor
         # and the file can still be named. One pass over each tensor, cheaper than reading it from disk.
         if value.is_floating_point() and not torch.isfinite(value).all():
@@ -317,7 +319,7 @@ def _config_for_state_dict(sd: dict, preset: str | None, n_heads: int | None, pa
     but the number of heads, and any divisor of the width would fit those shapes. The heads come, in this order,
     from the run's own ``checkpoint.pt`` beside it (which flags may only repeat), ``n_heads``, ``preset``, or the
     one preset with its shape; that last is a guess (a run may override a preset's heads), so it is made only
-    where a file of the seed's kind must keep loading, and said in a note. Otherwise: CheckpointError."""
+    where a file of the original notebook's kind must keep loading, and said in a note. Otherwise: CheckpointError."""
     shape = _shape_of_state_dict(sd, path)
     record = _run_record_beside(path, shape)
     if record is not None:
@@ -339,7 +341,7 @@ def _config_for_state_dict(sd: dict, preset: str | None, n_heads: int | None, pa
             raise CheckpointError(f"{path} is a plain state dict ({_describe(shape)}) that does not record its "
                                   "number of heads, with no checkpoint.pt of its run beside it, and no preset has "
                                   "that shape — pass --n-heads (the number of heads it was trained with)")
-        # The seed notebook's model.pth (gpt2-124m's shape) loads this way, as the README promises.
+        # The original notebook's model.pth (gpt2-124m's shape) loads this way, as the README promises.
         preset = fitting[0]
         log.warning("note: %s does not record its number of heads: assuming %d, as the %s preset of its shape "
                     "has — pass --n-heads if it was trained with another number", path, heads.pop(), preset)
@@ -454,7 +456,7 @@ def check_sampling_args(args) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigpt.generate", description="Generate text with a trained GPT.")
     p.add_argument("--checkpoint", default=None,
-                   help="our checkpoint.pt, or a seed notebook's model.pth (default: out/checkpoint.pt)")
+                   help="our checkpoint.pt, or the original notebook's model.pth (default: out/checkpoint.pt)")
     p.add_argument("--pretrained", default=None, metavar="NAME|PATH",
                    help="GPT-2's own weights instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                         "(Hugging Face hub, or its cache offline) or a folder in that format")
@@ -506,10 +508,10 @@ def _generate(config: GenerateConfig, notes: list[str]) -> None:
     ids = tok.encode(config.prompt)
     if not ids:
         ids = [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
-    context = model.cfg.context_length
-    if len(ids) > context:
-        print(f"note: the prompt is {len(ids)} tokens, longer than the model's context of {context}: it sees only "
-              f"the last {context}", file=sys.stderr)
+    context_length = model.cfg.context_length
+    if len(ids) > context_length:
+        print(f"note: the prompt is {len(ids)} tokens, longer than the model's context of {context_length}: it sees "
+              f"only the last {context_length}", file=sys.stderr)
     _print_samples(config, model, tok, ids, device)  # a closed or full stdout is run_cli's to report
 
 

@@ -42,7 +42,7 @@ def csv_cell(v):
 
 
 def save_loss_plot(out_dir: str | os.PathLike, rows: list[dict]) -> list[Path]:
-    """Train and validation loss against tokens seen (the seed's plot), as loss.pdf and loss.png.
+    """Train and validation loss against tokens seen (the original notebook's plot), as loss.pdf and loss.png.
 
     Drawn on a bare ``Figure`` with its own Agg canvas, not through pyplot: files only, no display needed, and
     pyplot's global backend is left alone, so plots in a notebook that trains still show inline.

@@ -1,6 +1,6 @@
 """The GPT: token + position embeddings -> n pre-LayerNorm transformer blocks -> final LayerNorm -> output head.
 
-The architecture and every parameter name are the seed notebook's (GPT-2's design as taught in LLMs-from-scratch),
+The architecture and every parameter name are the original notebook's (GPT-2's design as taught in LLMs-from-scratch),
 so a ``model.pth`` saved there loads here verbatim. What is new: the four ops a GPT needs besides its other
 matmuls — LayerNorm, GELU, causal attention and the loss — are not hard-wired. The model asks a kernels backend for
 them (``kernels.get_backend``): plain PyTorch, or our Triton kernels. The model never knows which one it got.
@@ -30,9 +30,9 @@ from .config import GPTConfig
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last dim with the seed's parameter names (``scale``, ``shift``) and eps."""
+    """LayerNorm over the last dim with the original notebook's parameter names (``scale``, ``shift``) and eps."""
 
-    def __init__(self, emb_dim: int, backend, eps: float = EPS):  # GPT-2's and the seed's epsilon, 1e-5
+    def __init__(self, emb_dim: int, backend, eps: float = EPS):  # GPT-2's and the original notebook's epsilon, 1e-5
         super().__init__()
         self.backend = backend
         self.eps = eps
@@ -44,14 +44,15 @@ class LayerNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Linear(C -> 4C) -> GELU (tanh form, as GPT-2) -> Linear(4C -> C). ``layers`` keeps the seed's key names."""
+    """Linear(C -> 4C) -> GELU (tanh form, as GPT-2) -> Linear(4C -> C). ``layers`` keeps the original notebook's key
+    names."""
 
     def __init__(self, cfg: GPTConfig, backend):
         super().__init__()
         self.backend = backend
         self.layers = nn.ModuleList([
             nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),  # layers.0
-            nn.Identity(),  # layers.1: the seed's GELU module sat here; we call the backend's gelu instead
+            nn.Identity(),  # layers.1: the original notebook's GELU module sat here; we call the backend's gelu instead
             nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),  # layers.2
         ])
 
@@ -128,8 +129,9 @@ class MultiHeadAttention(nn.Module):
         self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
         self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
-        # The seed registers a (context_length x context_length) causal-mask buffer here. We do not allocate it
-        # (the kernels mask by position), and a seed checkpoint's copy is dropped on load (_load_from_state_dict).
+        # The original notebook registers a (context_length x context_length) causal-mask buffer here. We do not
+        # allocate it (the kernels mask by position), and the copy in its checkpoints is dropped on load
+        # (_load_from_state_dict).
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, input_pos: int = 0) -> torch.Tensor:
         b, num_tokens, d_out = x.shape  # (B, T, C)
@@ -150,7 +152,7 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(context_vec)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "mask", None)  # the seed's causal-mask buffer: accepted and ignored
+        state_dict.pop(prefix + "mask", None)  # the original notebook's causal-mask buffer: accepted and ignored
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -183,8 +185,8 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     """GPT-2-style language model.
 
-    ``cfg``: a GPTConfig or the seed's plain dict. ``kernels``: "auto" (Triton kernels for CUDA tensors when Triton
-    is installed, PyTorch otherwise), "torch", "triton", or a backend object.
+    ``cfg``: a GPTConfig or the original notebook's plain dict. ``kernels``: "auto" (Triton kernels for CUDA tensors
+    when Triton is installed, PyTorch otherwise), "torch", "triton", or a backend object.
     """
 
     def __init__(self, cfg: GPTConfig | dict, kernels: str | object = "auto"):
@@ -213,7 +215,7 @@ class GPTModel(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         """GPT-2's initialisation: N(0, 0.02) weights, zero biases (LayerNorm keeps scale 1, shift 0).
 
-        The seed notebook kept PyTorch's defaults (N(0, 1) embeddings, uniform Linear weights); GPT-2's start
+        The original notebook kept PyTorch's defaults (N(0, 1) embeddings, uniform Linear weights); GPT-2's start
         trains noticeably faster. Loading a checkpoint overwrites all of it anyway.
         """
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -324,7 +326,7 @@ class GPTModel(nn.Module):
 
         Why "gpt2-124m" has 162.4M parameters here: GPT-2 ties its output head to the token embedding (one
         50,257 x 768 matrix, 38.6M, used twice) and counts it once, with a 1024-position embedding: 85.0M in the
-        blocks + 38.6M + 0.8M = 124.4M. This model, like the seed notebook's, has an untied head (its own 38.6M) and
+        blocks + 38.6M + 0.8M = 124.4M. This model, like the original notebook's, has an untied head (its own 38.6M) and
         a 256-position embedding (0.2M): 85.0M + 2 x 38.6M + 0.2M = 162.4M. nanoGPT's non-embedding count drops
         only the position embedding because its tied matrix still does work as the head; with an untied head the
         token embedding is a lookup that does no FLOPs, which is why ``flops_per_token`` subtracts it too.
@@ -378,9 +380,9 @@ def _resolve_backend(kernels_arg):
     return kernels_arg
 
 
-def seed_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
-    """The state dict as the seed notebook's model has it, including each block's causal-mask buffer, so a
-    ``model.pth`` written from this loads in the notebook with ``load_state_dict`` (strict) too."""
+def notebook_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The state dict as the original notebook's model has it, including each block's causal-mask buffer, so a
+    ``model.pth`` written from this loads in the original notebook with ``load_state_dict`` (strict) too."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     T = model.cfg.context_length
     mask = torch.triu(torch.ones(T, T), diagonal=1)

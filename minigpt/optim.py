@@ -1,6 +1,6 @@
 """What a training step optimizes, and how: the loss of a batch and of a loader, AdamW and the learning-rate schedule.
 
-The seed notebook's ``calc_loss_batch`` and ``calc_loss_loader`` keep their names and meaning; ``calc_loss_loader``
+The original notebook's ``calc_loss_batch`` and ``calc_loss_loader`` keep their names and meaning; ``calc_loss_loader``
 also serves the Trainer's evaluation, where several processes share the batches and each batch counts by its tokens.
 """
 from __future__ import annotations
@@ -51,10 +51,11 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
 
 
 def calc_loss_batch(input_batch, target_batch, model, device) -> torch.Tensor:
-    """Mean next-token cross-entropy of one batch (B, T) -> float32 scalar (the seed's function of the same name).
+    """Mean next-token cross-entropy of one batch (B, T) -> float32 scalar (the original notebook's function of
+    the same name).
 
-    The seed computed ``F.cross_entropy(model(x).flatten(0, 1), y.flatten())``, the (B*T, V) logits whole; the
-    model's ``targets=`` path gives the same number through the backend's fused linear + cross-entropy, without
+    The original notebook computed ``F.cross_entropy(model(x).flatten(0, 1), y.flatten())``, the (B*T, V) logits whole;
+    the model's ``targets=`` path gives the same number through the backend's fused linear + cross-entropy, without
     them (minigpt/model.py)."""
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     return model(input_batch, targets=target_batch)
@@ -63,7 +64,7 @@ def calc_loss_batch(input_batch, target_batch, model, device) -> torch.Tensor:
 @torch.no_grad()
 def calc_loss_loader(data_loader, model, device, num_batches: int | None = None, *, rank: int = 0,
                      world_size: int = 1, token_weighted: bool = False, as_sum: bool = False):
-    """Average loss over the first ``num_batches`` batches (the seed's calc_loss_loader).
+    """Average loss over the first ``num_batches`` batches (the original notebook's calc_loss_loader).
 
     For evaluation by several processes (the Trainer's): ``world_size`` processes read the first
     ``num_batches * world_size`` batches, process ``rank`` every ``world_size``-th one from its own; with

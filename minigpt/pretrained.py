@@ -1,7 +1,7 @@
 """GPT-2's own weights in minigpt's model: ``GPTModel.from_pretrained("gpt2")``.
 
-minigpt is GPT-2's architecture with the seed's parameter names, so OpenAI's released weights (124M, 355M, 774M
-and 1558M parameters, as Hugging Face publishes them) fit it after renaming and three small changes:
+minigpt is GPT-2's architecture with the original notebook's parameter names, so OpenAI's released weights (124M, 355M,
+774M and 1558M parameters, as Hugging Face publishes them) fit it after renaming and three small changes:
 
     Hugging Face GPT-2 key                 shape          minigpt key                          shape
     wte.weight                             (V, C)         tok_emb.weight  (and out_head.weight) (V, C)
@@ -168,8 +168,8 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
         raise PretrainedError(f"{path} has n_inner {hf['n_inner']}; minigpt's feed-forward is 4 * n_embd = "
                               f"{4 * hf['n_embd']} wide — this is not a GPT-2 model it can load")
     eps = hf.get("layer_norm_epsilon", LAYER_NORM_EPS)
-    # Every GPT-2 uses 1e-5. A GPTConfig field for it would add a key to the seed's config dictionary (and to
-    # every checkpoint) for a value that never varies, so another epsilon is refused rather than configured.
+    # Every GPT-2 uses 1e-5. A GPTConfig field for it would add a key to the original notebook's config dictionary (and
+    # to every checkpoint) for a value that never varies, so another epsilon is refused rather than configured.
     if eps != LAYER_NORM_EPS:
         raise PretrainedError(f"{path} has layer_norm_epsilon {eps}; minigpt's LayerNorm uses {LAYER_NORM_EPS} "
                               "(GPT-2's) — this model cannot be loaded")
@@ -196,10 +196,10 @@ def config_from_hf(hf: dict, source: str = "the pretrained model", **overrides) 
         if value != getattr(cfg, key):
             raise ConfigError(f"{key}={value!r} contradicts {source}, whose weights have {key} "
                               f"{getattr(cfg, key)!r} — drop it: a pretrained model's shape comes from its weights")
-    ctx = overrides.get("context_length")
-    if ctx is not None and ctx > cfg.context_length:
-        raise ConfigError(f"context_length={ctx} is longer than the {cfg.context_length} positions {source} was "
-                          f"trained with — use at most {cfg.context_length}")
+    context_length = overrides.get("context_length")
+    if context_length is not None and context_length > cfg.context_length:
+        raise ConfigError(f"context_length={context_length} is longer than the {cfg.context_length} positions "
+                          f"{source} was trained with — use at most {cfg.context_length}")
     return cfg.with_overrides(**{k: overrides.get(k) for k in OVERRIDABLE})
 
 
@@ -330,7 +330,7 @@ def _convert(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Ten
     wte = sd.pop("wte.weight")  # (V, C)
     ours["tok_emb.weight"] = wte
     # GPT-2 ties its head to the token embedding (logits = x @ wte.T). minigpt keeps them as two parameters with
-    # the same starting values: every checkpoint, the seed's model.pth, the optimizer's groups and resuming
+    # the same starting values: every checkpoint, the original notebook's model.pth, the optimizer's groups and resuming
     # assume two tensors, and a tie would not survive any of them. Fine-tuning lets the two drift apart, and
     # costs V x C more parameters (38.6M for GPT-2's vocabulary at width 768). The clone matters: two
     # parameters sharing one tensor would each be updated by the optimizer, twice per step on the same memory.

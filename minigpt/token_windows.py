@@ -1,10 +1,11 @@
 """Windows of a token array and the loaders that batch them: what a training step reads.
 
-Window ``i`` (the seed's ``GPTDatasetV1``) is ``tokens[i*stride : i*stride + max_length]``, and its target is the
-same window shifted by one token. ``make_loader`` batches them for evaluation and for the notebook;
-``WindowSampler`` picks the training windows of one rank, epoch by epoch, so that several processes
-(minigpt/distributed.py) each read their own slice of every global batch and a resumed run continues where it
-stopped. ``training_loaders`` puts these together for a training run.
+Window ``i`` (the original notebook's ``GPTDatasetV1``) is ``tokens[i*stride : i*stride + max_length]``, and its
+target is the same window shifted by one token. ``make_loader`` batches them for evaluation and for
+``create_dataloader`` (the original notebook's ``create_dataloader_v1``); ``WindowSampler`` picks the training
+windows of one rank, epoch by epoch, so that several processes (minigpt/distributed.py) each read their own slice
+of every global batch and a resumed run continues where it stopped. ``training_loaders`` puts these together for a
+training run.
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ __all__ = ["TokenWindows", "TrainingLoaders", "WindowSampler", "create_dataloade
 
 
 class TokenWindows(Dataset):
-    """Sliding windows over a 1-D token array, as the seed's ``GPTDatasetV1``.
+    """Sliding windows over a 1-D token array, as the original notebook's ``GPTDatasetV1``.
 
     Item ``i`` is ``(input, target)``: ``input = tokens[i*stride : i*stride + max_length]`` and ``target`` the
     same window shifted one token to the right, both LongTensors of shape (max_length,). The windows start at
-    ``range(0, len(tokens) - max_length, stride)``, exactly the seed's loop. Ids are converted from the cache's
-    uint16 per item, so a memory-mapped corpus is never copied whole.
+    ``range(0, len(tokens) - max_length, stride)``, exactly the original notebook's loop. Ids are converted from the
+    cache's uint16 per item, so a memory-mapped corpus is never copied whole.
     """
 
     def __init__(self, tokens, max_length: int, stride: int):
@@ -99,10 +100,10 @@ def make_loader(tokens, batch_size: int, max_length: int, stride: int, shuffle: 
 def create_dataloader(txt: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,
                       shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
                       tokenizer=None) -> DataLoader:
-    """The seed notebook's ``create_dataloader_v1``: windows over one text, for readers coming from it.
+    """The original notebook's ``create_dataloader_v1``: windows over one text, for readers coming from it.
 
-    As the seed (which encoded with ``allowed_special={"<|endoftext|>"}``), "<|endoftext|>" in ``txt`` becomes
-    the end-of-text id. ``tokenizer`` defaults to ``get_tokenizer("auto")``; shuffling is seeded (seed 0).
+    As the original notebook (which encoded with ``allowed_special={"<|endoftext|>"}``), "<|endoftext|>" in ``txt``
+    becomes the end-of-text id. ``tokenizer`` defaults to ``get_tokenizer("auto")``; shuffling is seeded (seed 0).
     """
     tokenizer = tokenizer if tokenizer is not None else get_tokenizer("auto")
     ids: list[int] = []
@@ -114,7 +115,7 @@ def create_dataloader(txt: str, batch_size: int = 4, max_length: int = 256, stri
                        num_workers=num_workers)
 
 
-create_dataloader_v1 = create_dataloader  # the seed's name
+create_dataloader_v1 = create_dataloader  # the original notebook's name
 
 
 class WindowSampler(Sampler[int]):
@@ -178,23 +179,22 @@ class TrainingLoaders:
 
 def training_loaders(train_tokens, val_tokens, context_length: int, batch_size: int, grad_accum: int,
                      eval_iters: int, world_size: int = 1, rank: int = 0, seed: int = 0) -> TrainingLoaders:
-    """The loaders of a training run: non-overlapping windows (stride = context_length, as the seed's loaders),
-    ``batch_size`` per micro-batch and rank. Raises DataError, saying which flag to change, when the training
+    """The loaders of a training run: non-overlapping windows (stride = context_length, as the original notebook's
+    loaders), ``batch_size`` per micro-batch and rank. Raises DataError, saying which flag to change, when the training
     split does not fill one optimizer step or the validation split one window."""
-    ctx = context_length
-    train_windows = TokenWindows(train_tokens, ctx, ctx)
-    val_windows = TokenWindows(val_tokens, ctx, ctx)
+    train_windows = TokenWindows(train_tokens, context_length, context_length)
+    val_windows = TokenWindows(val_tokens, context_length, context_length)
     global_batch = batch_size * world_size * grad_accum
     if len(train_windows) < global_batch:
-        need = (global_batch - 1) * ctx + ctx + 1
+        need = (global_batch - 1) * context_length + context_length + 1
         raise DataError(
             f"the training split has {len(train_tokens):,} tokens: {len(train_windows)} windows of "
-            f"{ctx}, but one step needs {global_batch} ({need:,} tokens) — use more data (--max-docs), "
+            f"{context_length}, but one step needs {global_batch} ({need:,} tokens) — use more data (--max-docs), "
             "a smaller --context-length or a smaller --batch-size / --grad-accum")
     if len(val_windows) < 1:
         raise DataError(
-            f"the validation split has {len(val_tokens):,} tokens, fewer than the {ctx + 1} one window of "
-            f"context {ctx} needs — use more data (--max-docs) or a smaller --context-length")
+            f"the validation split has {len(val_tokens):,} tokens, fewer than the {context_length + 1} one window "
+            f"of context {context_length} needs — use more data (--max-docs) or a smaller --context-length")
     sampler = WindowSampler(len(train_windows), batch_size, world_size, rank, shuffle=True, seed=seed,
                             drop_last=True, accum=grad_accum)
 
@@ -208,4 +208,4 @@ def training_loaders(train_tokens, val_tokens, context_length: int, batch_size: 
     return TrainingLoaders(train=loader(train_windows, sampler=sampler), sampler=sampler,
                            train_eval=loader(torch.utils.data.Subset(train_windows, range(eval_n))),
                            val=loader(val_windows), steps_per_epoch=len(train_windows) // global_batch,
-                           tokens_per_step=global_batch * ctx)
+                           tokens_per_step=global_batch * context_length)

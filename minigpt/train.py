@@ -1,7 +1,8 @@
 """Training: ``python -m minigpt.train`` (and ``torchrun --nproc_per_node=N -m minigpt.train`` for several GPUs).
 
     python -m minigpt.train                                   # no GPU: a tiny model on a subset, a few minutes
-    python -m minigpt.train --preset gpt2-124m --kernels triton --compile     # the seed's run, fast, on a GPU
+    python -m minigpt.train --preset gpt2-124m --kernels triton --compile     # the original notebook's run, fast, on a
+    GPU
 
 Flow: arguments -> config -> tokenizer -> data (token cache -> windows) -> model (asks its backend for the ops)
 -> loss -> AdamW. Every ``--eval-interval`` steps: train/val loss, a sample from a fixed prompt, the checkpoint,
@@ -23,19 +24,19 @@ import torch
 from kernels.errors import MinigptError
 
 from .config import PRESETS, ConfigError
-from .distributed import finish_distributed, shutdown_distributed
+from .distributed import shutdown_distributed, wait_for_all_ranks
 from .optim import calc_loss_batch, calc_loss_loader, configure_optimizer, lr_lambda
 from .resume import OUT_DIR_LOCK
 from .train_config import CPU_DEFAULTS, CPU_PRESET, TrainConfig, check_head_dim
 from .trainer import GPUOutOfMemory, NonFiniteLoss, Trainer
 
 # What ``from minigpt.train import ...`` gives: the command line's own names, and the training API a reader of the
-# seed notebook looks for here (the loss functions, AdamW and the schedule live in optim.py, the run in trainer.py)
+# original notebook looks for here (the loss functions, AdamW and the schedule live in optim.py, the run in trainer.py)
 __all__ = ["GivenFlagsParser", "build_parser", "train", "run_trainer", "main", "divergence_advice", "Trainer",
            "TrainConfig", "NonFiniteLoss", "GPUOutOfMemory", "ConfigError", "calc_loss_batch", "calc_loss_loader",
            "configure_optimizer", "lr_lambda", "check_head_dim", "OUT_DIR_LOCK"]
 
-DEFAULTS = TrainConfig()  # the seed notebook's settings (its OTHER_SETTINGS), the flags' defaults
+DEFAULTS = TrainConfig()  # the original notebook's settings (its OTHER_SETTINGS), the flags' defaults
 
 
 class _Unset:
@@ -159,7 +160,7 @@ def run_trainer(trainer: Trainer) -> dict:
         with trainer:
             trainer.setup()
             summary = trainer.fit()
-            finish_distributed()  # every rank done before any tears the process group down
+            wait_for_all_ranks()  # every rank done before any tears the process group down
         return summary
     except NonFiniteLoss as e:
         out = Path(trainer.config.out_dir) / "checkpoint.pt"  # the resolved settings: set-up has finished

@@ -3,7 +3,7 @@
 The command line records which flags were given (``python -m minigpt.train --lr 1e-3`` gives one). Everything
 else is filled in by ``resolve_config``, in this order, each rule a few lines below:
 
-1. the defaults (the seed notebook's settings);
+1. the defaults (the original notebook's settings);
 2. the CPU demo: no GPU, no ``--preset``, not fine-tuning, not resuming -> a tiny model that trains in minutes;
 3. fine-tuning (``--init-from``): GPT-2's tokenizer and a small learning rate;
 4. resuming: the checkpoint's settings, except the flags given again (they win, whatever their value);
@@ -164,7 +164,7 @@ def is_cpu_demo(given: TrainConfig, device: torch.device, resuming: bool, fine_t
 def cpu_demo_note(config: TrainConfig) -> str:
     return (f"no GPU and no --preset: a CPU demo — preset '{CPU_PRESET}', {config.tokenizer} tokenizer, the first "
             f"{config.max_docs} documents, {config.max_steps} steps at lr {config.lr:g} (minutes on 2 cores); pass "
-            "--preset gpt2-124m for the seed's run")
+            "--preset gpt2-124m for the original notebook's run")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,13 +28,13 @@ from .distributed import (
     abandon_distributed,
     agreed_stop_signal,
     all_reduce_mean,
-    finish_distributed,
     init_distributed,
+    wait_for_all_ranks,
 )
 from .files import remove_stale_temps
 from .generate import check_prompt
 from .metrics import save_loss_plot, write_metrics_csv
-from .model import GPTModel, seed_state_dict
+from .model import GPTModel, notebook_state_dict
 from .optim import (
     calc_loss_batch,
     calc_loss_loader,
@@ -353,7 +353,7 @@ class Trainer:
         save_torch(ckpt, self.out_dir / "checkpoint.pt")
         self.saved_step = self.state["step"]
         if final:
-            save_torch(seed_state_dict(self.raw_model), self.out_dir / "model.pth")
+            save_torch(notebook_state_dict(self.raw_model), self.out_dir / "model.pth")
         if self.rows:
             write_metrics_csv(self.out_dir / "metrics.csv", self.rows)
             save_loss_plot(self.out_dir, self.rows)
@@ -420,7 +420,8 @@ class Trainer:
         self.save()
 
     def sample(self, max_new_tokens: int = 50) -> str:
-        """The greedy continuation of --sample-prompt (the seed's sample after each evaluation), on one line."""
+        """The greedy continuation of --sample-prompt (the original notebook's sample after each evaluation), on one
+        line."""
         from .generate import generate
 
         model = self.raw_model
@@ -518,7 +519,7 @@ class Trainer:
             self.save(final=True)
             # the other ranks wait here while rank 0 writes, still under the handlers: a second signal to any rank
             # now is "stop at once" too, not a wait in train()'s barrier for a rank that has gone
-            finish_distributed()
+            wait_for_all_ranks()
         except KeyboardInterrupt:  # a second signal: stop now, in the middle of a step
             return self._stop_at_once()
         except RuntimeError as e:

@@ -86,18 +86,18 @@ def _run(fn, q, k, v, grad_out, **kwargs):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _max_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return (got.double() - ref.double()).abs().max().item()
+def _max_err(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return (got.double() - exact.double()).abs().max().item()
 
 
 def _assert_as_good_as_torch(ours, torch_ones, truth, dtype, label):
     """Each of ours must be within 2x of the torch backend's error against float64, plus a floor of a few float32
     roundings: in float32 both errors are that small and which is ahead is a matter of summation order."""
-    for name, got, base, ref in zip(("out", "dq", "dk", "dv"), ours, torch_ones, truth):
+    for name, got, base, exact in zip(("out", "dq", "dk", "dv"), ours, torch_ones, truth):
         assert got.dtype == dtype, f"{label} {name}: dtype {got.dtype}, expected {dtype}"
-        assert got.shape == ref.shape, f"{label} {name}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-        err, err_torch = _max_err(got, ref), _max_err(base, ref)
-        floor = 8 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())
+        assert got.shape == exact.shape, f"{label} {name}: shape {tuple(got.shape)}, expected {tuple(exact.shape)}"
+        err, err_torch = _max_err(got, exact), _max_err(base, exact)
+        floor = 8 * torch.finfo(torch.float32).eps * max(1.0, exact.abs().max().item())
         assert err <= 2 * err_torch + floor, (
             f"{label} {name}: max error {err:.3g} vs the torch backend's {err_torch:.3g} (floor {floor:.2g})")
 
@@ -325,9 +325,9 @@ def test_fewer_queries_than_keys_match_float64_math(device, dtype, chunk_tiles):
         ours = _run(causal_attention, q, k, v, grad_out)
         theirs = _run(TORCH.causal_attention, q, k, v, grad_out)
         truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double())
-        for name, got, ref in zip(("out", "dq", "dk", "dv"), theirs, truth):
-            err, tol = _max_err(got, ref), TORCH_TOLERANCE[dtype] * max(1.0, ref.abs().max().item())
-            assert got.shape == ref.shape and err <= tol, f"torch backend Tq={Tq} Tk={Tk} {name}: error {err:.3g}"
+        for name, got, exact in zip(("out", "dq", "dk", "dv"), theirs, truth):
+            err, tol = _max_err(got, exact), TORCH_TOLERANCE[dtype] * max(1.0, exact.abs().max().item())
+            assert got.shape == exact.shape and err <= tol, f"torch backend Tq={Tq} Tk={Tk} {name}: error {err:.3g}"
         _assert_as_good_as_torch(ours, theirs, truth, dtype, f"Tq={Tq} Tk={Tk}")
 
 

@@ -288,12 +288,12 @@ def _inputs(case, seed=0):
     torch.manual_seed(seed)
     inputs = kernel_bench.make_inputs(case, torch.device("cpu"), copies=1)[0]
     select = kernel_bench.selector(case, torch.device("cpu"))
-    out, grads = kernel_bench.reference(case, inputs, select)
-    ref = {"out": out, "grads": grads}
+    out, grads = kernel_bench.definition_outputs(case, inputs, select)
+    exact = {"out": out, "grads": grads}
     if case.dropout:
-        d_out, d_grads = kernel_bench.reference(case, inputs, select, case.dropout)
-        ref["dropout_dev"] = [common.rel_err(a, b) for a, b in zip([d_out] + d_grads, [out] + grads)]
-    return inputs, select, ref
+        d_out, d_grads = kernel_bench.definition_outputs(case, inputs, select, case.dropout)
+        exact["dropout_dev"] = [common.rel_err(a, b) for a, b in zip([d_out] + d_grads, [out] + grads)]
+    return inputs, select, exact
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -301,37 +301,37 @@ def test_the_check_passes_pytorch_and_catches_wrong_or_nan_results(dtype):
     import torch.nn.functional as F
 
     case = kernel_bench.Case("layer_norm", (37, 96), dtype)
-    inputs, select, ref = _inputs(case)
+    inputs, select, exact = _inputs(case)
     right = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, EPS)  # noqa: E731
-    assert kernel_bench.check(case, right, inputs, select, ref)[0]
+    assert kernel_bench.check(case, right, inputs, select, exact)[0]
 
     off_by_a_bit = lambda x, w, b: right(x, w, b) * 1.1  # noqa: E731 (output and every gradient 10% off)
-    ok, err, _ = kernel_bench.check(case, off_by_a_bit, inputs, select, ref)
+    ok, err, _ = kernel_bench.check(case, off_by_a_bit, inputs, select, exact)
     assert not ok and err > kernel_bench.TOLERANCE[dtype]
 
     def one_nan(x, w, b):
         y = right(x, w, b)
         return y.index_put((torch.tensor([5]), torch.tensor([7])), torch.tensor(float("nan"), dtype=y.dtype))
 
-    assert not kernel_bench.check(case, one_nan, inputs, select, ref)[0]
+    assert not kernel_bench.check(case, one_nan, inputs, select, exact)[0]
 
     def nan_gradient(x, w, b):  # a right output whose x gradient is NaN
         x = x * 1
         x.register_hook(lambda g: torch.full_like(g, float("nan")))
         return right(x, w, b)
 
-    assert not kernel_bench.check(case, nan_gradient, inputs, select, ref)[0]
+    assert not kernel_bench.check(case, nan_gradient, inputs, select, exact)[0]
 
 
 def test_the_dropout_check_tells_dropout_from_none():
     case = kernel_bench.Case("attention", (1, 2, 64, 16), "fp32", dropout=0.1)
-    inputs, select, ref = _inputs(case, seed=1)
+    inputs, select, exact = _inputs(case, seed=1)
     from kernels.definitions import causal_attention_math
 
     with_dropout = lambda q, k, v: causal_attention_math(q, k, v, 0.1)  # noqa: E731 (a fresh mask: same law)
     without = lambda q, k, v: causal_attention_math(q, k, v, 0.0)  # noqa: E731
-    assert kernel_bench.check(case, with_dropout, inputs, select, ref)[0]
-    assert not kernel_bench.check(case, without, inputs, select, ref)[0]
+    assert kernel_bench.check(case, with_dropout, inputs, select, exact)[0]
+    assert not kernel_bench.check(case, without, inputs, select, exact)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,14 +23,14 @@ TOOL = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from kernels.cli import run_cli
 
-    def work():
+    def body():
         for i in range(int(sys.argv[1])):
             print("line", i)
         if sys.argv[2:] == ["sleep"]:
             print("ready", flush=True)
             time.sleep(60)
 
-    sys.exit(run_cli(work))
+    sys.exit(run_cli(body))
 """).format(root=str(ROOT))
 
 
@@ -67,12 +67,12 @@ def test_ctrl_c_is_one_line_and_130():
 
 
 def test_an_interruption_carrying_a_signal_exits_128_plus_it(capsys):
-    def work():
+    def body():
         stop = KeyboardInterrupt("received signal 15")
         stop.signum = signal.SIGTERM  # a SIGTERM turned into an exception (benchmarks/common.py's Terminated)
         raise stop
 
-    assert run_cli(work, interrupted="interrupted: the rows so far are kept") == 143
+    assert run_cli(body, interrupted="interrupted: the rows so far are kept") == 143
     assert capsys.readouterr().err.strip() == "interrupted: the rows so far are kept"
 
 
@@ -92,10 +92,10 @@ def test_an_os_error_names_the_file_and_what_to_do(tmp_path, capsys):
 def test_a_broken_pipe_that_is_not_the_output_is_an_error(capsys):
     """Only the tool's own standard output closed by its reader is quiet; a pipe to anything else that breaks is
     a failure to report."""
-    def work():
+    def body():
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")  # e.g. writing to a child process that died
 
-    assert run_cli(work) == 1
+    assert run_cli(body) == 1
     assert capsys.readouterr().err == "error: Broken pipe\n"
 
 
@@ -170,13 +170,13 @@ def test_a_full_output_still_says_what_was_kept(capsys):
         def flush(self):
             pass
 
-    def work():
+    def body():
         sys.stdout.write("a step's progress line")
 
     real = sys.stdout
     sys.stdout = Full()  # run_cli wraps whatever stdout is when it starts
     try:
-        status = run_cli(work, kept=lambda: "the last good checkpoint is kept in out/")
+        status = run_cli(body, kept=lambda: "the last good checkpoint is kept in out/")
     finally:
         sys.stdout = real
     assert status == 1

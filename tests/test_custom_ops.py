@@ -141,8 +141,8 @@ def _assert_compiled_matches_eager(fn, *inputs, seed=0):
     eager = _grads(fn, *inputs, grad_out=grad_out)
     torch.manual_seed(seed)
     ours = _grads(compiled, *inputs, grad_out=grad_out)
-    for got, ref in zip(ours, eager):
-        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(ours, eager):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_compiled_ops_match_eager_on_cpu():

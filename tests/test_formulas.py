@@ -232,8 +232,8 @@ def test_gelu_float32_pitfalls_the_docstring_avoids():
     * 1 + tanh(u) cancels to exactly 0 for large negative x (here x <= -6), and 1 - s to 0 for large positive x,
       while x * sigmoid(2u) and the complement t / (1 + t) keep float32's full relative precision.
 
-    The reference is mpmath at 50 digits: torch's own float64 F.gelu(approximate="tanh") evaluates 1 + tanh(u) and
-    cancels too, a little later (it returns 0 at x = -8, where GELU is -3.1e-21).
+    The exact values come from mpmath at 50 digits: torch's own float64 F.gelu(approximate="tanh") evaluates
+    1 + tanh(u) and cancels too, a little later (it returns 0 at x = -8, where GELU is -3.1e-21).
     """
     mpmath = pytest.importorskip("mpmath")
 

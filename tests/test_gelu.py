@@ -50,15 +50,15 @@ def _run(fn, x, dy, approximate):
     return y.detach(), x.grad
 
 
-def _assert_close_to_reference(x, dy, approximate):
+def _assert_close_to_definition(x, dy, approximate):
     ours = _run(gelu, x, dy, approximate)
     theirs = _run(get_backend("torch").gelu, x, dy, approximate)
     exact = _run(gelu_math, x.double(), dy.double(), approximate)
-    for name, got, other, ref in zip(("y", "dx"), ours, theirs, exact):
+    for name, got, other, want in zip(("y", "dx"), ours, theirs, exact):
         assert got.dtype == x.dtype and got.shape == x.shape, name
-        err = (got.double() - ref).abs().max().item()
-        err_torch = (other.double() - ref).abs().max().item()
-        scale = max(ref.abs().max().item(), 1.0)
+        err = (got.double() - want).abs().max().item()
+        err_torch = (other.double() - want).abs().max().item()
+        scale = max(want.abs().max().item(), 1.0)
         floor = torch.finfo(x.dtype).eps * scale
         assert err <= 2 * err_torch + floor, f"{name}: error {err:.3g} vs torch backend's {err_torch:.3g}"
         assert err <= TOL[x.dtype] * scale, f"{name}: error {err:.3g} over {TOL[x.dtype]} x {scale:.3g}"
@@ -75,11 +75,11 @@ def _inputs(shape, dtype, device, seed=0):
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, where", SHAPES, ids=[str(s) for s, _ in SHAPES])
-def test_matches_reference(device, approximate, dtype, shape, where):
+def test_matches_definition(device, approximate, dtype, shape, where):
     if where == "cuda" and device != "cuda":
         pytest.skip("large shape: GPU only")
     _skip_unless_runnable(device)
-    _assert_close_to_reference(*_inputs(shape, dtype, device, seed=sum(shape)), approximate)
+    _assert_close_to_definition(*_inputs(shape, dtype, device, seed=sum(shape)), approximate)
 
 
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
@@ -91,7 +91,7 @@ def test_small_interpreter_tiles(monkeypatch, approximate, dtype, shape):
     for tile in (64, BLOCK):
         monkeypatch.setattr(kernels.launch, "INTERPRETER_TILE", tile)
         assert gelu_module._block(BLOCK + 1) == tile
-        _assert_close_to_reference(*_inputs(shape, dtype, "cpu", seed=sum(shape)), approximate)
+        _assert_close_to_definition(*_inputs(shape, dtype, "cpu", seed=sum(shape)), approximate)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -102,10 +102,10 @@ def test_extreme_values_stay_finite(device, approximate):
     x = torch.tensor([-1e4, -100.0, -20.0, -9.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 9.0, 20.0, 100.0, 1e4], device=device)
     dy = torch.ones_like(x)
     y, dx = _run(gelu, x, dy, approximate)
-    y_ref, dx_ref = _run(gelu_math, x.double(), dy.double(), approximate)
+    y_exact, dx_exact = _run(gelu_math, x.double(), dy.double(), approximate)
     assert torch.isfinite(y).all() and torch.isfinite(dx).all()
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.double(), y_exact, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx.double(), dx_exact, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -113,8 +113,8 @@ def test_extreme_values_stay_finite(device, approximate):
 def test_non_contiguous(device, dtype):
     _skip_unless_runnable(device)
     x, dy = _inputs((40, 60), dtype, device, seed=5)
-    _assert_close_to_reference(x.t(), dy.t(), "tanh")  # transposed
-    _assert_close_to_reference(x[:, ::3], dy[:, 1::3], "none")  # strided
+    _assert_close_to_definition(x.t(), dy.t(), "tanh")  # transposed
+    _assert_close_to_definition(x[:, ::3], dy[:, 1::3], "none")  # strided
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,7 +9,7 @@ import torch
 from minigpt import GPTModel
 from minigpt.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from minigpt.generate import MIN_TEMPERATURE, choose_next_token, generate, load_for_inference, main, stream_text
-from minigpt.model import seed_state_dict
+from minigpt.model import notebook_state_dict
 from minigpt.tokenizer import ByteTokenizer
 
 CFG = dict(vocab_size=257, context_length=8, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=False)
@@ -33,18 +33,18 @@ def cli_error(argv, capsys) -> str:
     return lines[0]
 
 
-def _greedy_by_hand(model, ids, n, ctx):
+def _greedy_by_hand(model, ids, n, context_length):
     ids = list(ids)
     for _ in range(n):
         with torch.no_grad():
-            logits = model(torch.tensor([ids[-ctx:]]))[0, -1]
+            logits = model(torch.tensor([ids[-context_length:]]))[0, -1]
         ids.append(int(torch.argmax(logits)))
     return ids
 
 
 def test_greedy_matches_argmax_by_hand_and_crops_the_context(model):
     prompt = torch.randint(0, 257, (1, 11))  # longer than context_length: must be cropped, not fail
-    out = generate(model, prompt, 6, context_size=8)
+    out = generate(model, prompt, 6, context_length=8)
     assert out[0].tolist() == _greedy_by_hand(model, prompt[0].tolist(), 6, 8)
 
 
@@ -80,7 +80,7 @@ def _save_ckpt(model, path, tokenizer="bytes"):
                 "config": model.cfg.to_dict(), "tokenizer": tokenizer, "step": 0}, path)
 
 
-def test_cli_generates_from_our_checkpoint_and_a_seed_model_pth(model, tmp_path, capsys):
+def test_cli_generates_from_our_checkpoint_and_a_notebook_model_pth(model, tmp_path, capsys):
     _save_ckpt(model, tmp_path / "checkpoint.pt")
     main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--prompt", "Hi", "--max-new-tokens", "5",
           "--temperature", "0", "--device", "cpu"])
@@ -89,7 +89,7 @@ def test_cli_generates_from_our_checkpoint_and_a_seed_model_pth(model, tmp_path,
         new = new[: new.index(256)]
     out = capsys.readouterr().out
     assert out == "Hi" + bytes(new).decode("utf-8", errors="replace") + "\n"
-    torch.save(seed_state_dict(model), tmp_path / "model.pth")
+    torch.save(notebook_state_dict(model), tmp_path / "model.pth")
     main(["--checkpoint", str(tmp_path / "model.pth"), "--prompt", "Hi", "--max-new-tokens", "5",
           "--temperature", "0", "--n-heads", "2", "--tokenizer", "bytes", "--device", "cpu"])
     out2 = capsys.readouterr().out
@@ -122,7 +122,7 @@ def test_bad_checkpoints_get_one_line_errors(model, tmp_path, case, match, capsy
 def _plain_model_pth(path, **cfg):
     torch.manual_seed(0)
     model = GPTModel({**CFG, **cfg}, kernels="torch").eval()
-    torch.save(seed_state_dict(model), path)
+    torch.save(notebook_state_dict(model), path)
     return model
 
 
@@ -412,7 +412,7 @@ def test_a_model_pth_without_its_run_gets_a_presets_heads_only_with_a_note(run_8
     alone.write_bytes((run_8_heads / "model.pth").read_bytes())
     theirs = _run_logits(run_8_heads, "torch", IDX)
     model, _ = load_for_inference(str(alone), kernels="torch")
-    assert model.cfg.n_heads == 4  # tiny's: the guess a seed-format file of that shape keeps loading with ...
+    assert model.cfg.n_heads == 4  # tiny's: the guess a notebook-format file of that shape keeps loading with ...
     assert caplog.messages == [f"note: {alone} does not record its number of heads: assuming 4, as the tiny preset "
                                "of its shape has — pass --n-heads if it was trained with another number"]
     with torch.no_grad():
@@ -483,7 +483,7 @@ def _edit_model_pth(sd, case):
 ])
 def test_a_damaged_model_pth_is_one_line(model, tmp_path, capsys, case, match):
     path = tmp_path / "model.pth"
-    sd = seed_state_dict(model)
+    sd = notebook_state_dict(model)
     _edit_model_pth(sd, case)
     torch.save(sd, path)
     msg = cli_error(["--checkpoint", str(path), "--n-heads", "2", "--device", "cpu", "--max-new-tokens", "2"], capsys)
@@ -593,8 +593,8 @@ def test_ctrl_c_while_loading_is_one_line_and_status_130(tmp_path):
 
 
 def _old_stream(ids, tok):
-    """The pieces stream_text yielded before it decoded incrementally (all the text so far at every token): the
-    reference for valid text."""
+    """The pieces stream_text yielded before it decoded incrementally (all the text so far at every token): what it
+    must still yield for valid text."""
     new, shown = [], ""
     for token in ids:
         new.append(token)

@@ -22,7 +22,7 @@ from kernels.definitions import EPS, layer_norm_math  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Upper bound on the error, relative to the largest reference value: a few units in the last place of the dtype.
+# Upper bound on the error, relative to the largest exact (float64) value: a few units in the last place of the dtype.
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
 # (shape, on which devices): widths a GPT uses and awkward ones; the interpreter gets few rows.
@@ -67,17 +67,17 @@ def _inputs(shape, dtype, device, w_dtype=None, seed=0):
     return x, w, b, dy
 
 
-def _assert_close_to_reference(x, w, b, dy, eps=EPS):
+def _assert_close_to_definition(x, w, b, dy, eps=EPS):
     """Triton vs torch backend vs float64 on the same inputs: output, dx, dw, db."""
     ours = _run(layer_norm, x, w, b, dy, eps)
     torch_backend = get_backend("torch")
     theirs = _run(torch_backend.layer_norm, x, w, b, dy, eps)
     exact = _run(layer_norm_math, *(t.double() for t in (x, w, b, dy)), eps)
-    for name, got, other, ref, like in zip(("y", "dx", "dw", "db"), ours, theirs, exact, (x, x, w, b)):
+    for name, got, other, want, like in zip(("y", "dx", "dw", "db"), ours, theirs, exact, (x, x, w, b)):
         assert got.dtype == like.dtype and got.shape == like.shape, name
-        err = (got.double() - ref).abs().max().item()
-        err_torch = (other.double() - ref).abs().max().item()
-        scale = max(ref.abs().max().item(), 1.0)
+        err = (got.double() - want).abs().max().item()
+        err_torch = (other.double() - want).abs().max().item()
+        scale = max(want.abs().max().item(), 1.0)
         floor = torch.finfo(got.dtype).eps * scale
         assert err <= 2 * err_torch + floor, f"{name}: error {err:.3g} vs torch backend's {err_torch:.3g}"
         assert err <= TOL[got.dtype] * scale, f"{name}: error {err:.3g} over {TOL[got.dtype]} x {scale:.3g}"
@@ -86,11 +86,11 @@ def _assert_close_to_reference(x, w, b, dy, eps=EPS):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, where", SHAPES, ids=[str(s) for s, _ in SHAPES])
-def test_matches_reference(device, dtype, shape, where):
+def test_matches_definition(device, dtype, shape, where):
     if where == "cuda" and device != "cuda":
         pytest.skip("large shape: GPU only")
     _skip_unless_runnable(device)
-    _assert_close_to_reference(*_inputs(shape, dtype, device, seed=shape[-1]))
+    _assert_close_to_definition(*_inputs(shape, dtype, device, seed=shape[-1]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -100,7 +100,7 @@ def test_mixed_dtype_float32_parameters(device, x_dtype):
     dw, db in float32."""
     _skip_unless_runnable(device)
     shape = (3, 5, 768) if device == "cpu" else (8, 256, 768)
-    _assert_close_to_reference(*_inputs(shape, x_dtype, device, w_dtype=torch.float32, seed=1))
+    _assert_close_to_definition(*_inputs(shape, x_dtype, device, w_dtype=torch.float32, seed=1))
 
 
 @pytest.mark.parametrize("tile", [256, 1024])
@@ -113,7 +113,7 @@ def test_small_interpreter_tiles(monkeypatch, tile, dtype, shape):
     monkeypatch.setattr(kernels.launch, "INTERPRETER_TILE", tile)
     C, M = shape[-1], shape[0] * (shape[1] if len(shape) == 3 else 1)
     assert M // row_tile(C, 4, M).BLOCK_M >= 2, "the forward should need several programs"
-    _assert_close_to_reference(*_inputs(shape, dtype, "cpu", seed=C + 1))
+    _assert_close_to_definition(*_inputs(shape, dtype, "cpu", seed=C + 1))
 
 
 def test_gpu_tiles():
@@ -128,8 +128,8 @@ def test_gpu_tiles():
 def test_non_contiguous_inputs(device):
     _skip_unless_runnable(device)
     x, w, b, dy = _inputs((6, 4, 2 * 96), torch.float32, device, seed=2)
-    _assert_close_to_reference(x.transpose(0, 1), w, b, dy.transpose(0, 1))  # rows strided
-    _assert_close_to_reference(x[..., ::2], w[::2], b[::2], dy[..., 1::2])  # features strided
+    _assert_close_to_definition(x.transpose(0, 1), w, b, dy.transpose(0, 1))  # rows strided
+    _assert_close_to_definition(x[..., ::2], w[::2], b[::2], dy[..., 1::2])  # features strided
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -138,7 +138,7 @@ def test_other_eps_and_constant_rows(device):
     _skip_unless_runnable(device)
     x, w, b, dy = _inputs((4, 32), torch.float32, device, seed=3)
     x[1] = 3.0
-    _assert_close_to_reference(x, w, b, dy, eps=1e-3)
+    _assert_close_to_definition(x, w, b, dy, eps=1e-3)
     y, dx, dw, db = _run(layer_norm, x, w, b, dy)
     torch.testing.assert_close(y[1], b, rtol=0, atol=1e-6)
     assert all(torch.isfinite(t).all() for t in (y, dx, dw, db))

@@ -1,12 +1,13 @@
 """Triton linear cross-entropy (kernels/linear_cross_entropy.py): the rows kernel alone, then the whole op.
 
-The rows kernel (the chunk loop's ``rows_step``) is checked against the plain PyTorch step,
-``chunked_loss.cross_entropy_rows_step``, evaluated in float64 on the same float32 logits: the loss rows, and the
-gradient it writes over the logits in place. The op, ``linear_cross_entropy``, is checked as tests/test_layer_norm.py
-checks LayerNorm: its loss and both gradients against float64 ``F.cross_entropy(x @ w.T)`` on the very same
-rounded inputs, with an error at most twice the torch backend's (the same chunk loop and matmuls, the plain step),
-plus a few float32 units, and under a per-dtype bound. Without a GPU the kernel runs in Triton's interpreter, where
-a program costs milliseconds, so the shapes on "cpu" are small; the GPT-2-sized checks are marked ``cuda``.
+The rows kernel (the chunk loop's ``rows_step``: ``cross_entropy_rows_step`` of kernels/linear_cross_entropy.py) is
+checked against the plain PyTorch step of the same name, ``chunked_loss.cross_entropy_rows_step``, evaluated in
+float64 on the same float32 logits: the loss rows, and the gradient it writes over the logits in place. The op,
+``linear_cross_entropy``, is checked as tests/test_layer_norm.py checks LayerNorm: its loss and both gradients
+against float64 ``F.cross_entropy(x @ w.T)`` on the very same rounded inputs, with an error at most twice the torch
+backend's (the same chunk loop and matmuls, the plain step), plus a few float32 units, and under a per-dtype bound.
+Without a GPU the kernel runs in Triton's interpreter, where a program costs milliseconds, so the shapes on "cpu"
+are small; the GPT-2-sized checks are marked ``cuda``.
 """
 from __future__ import annotations
 
@@ -25,11 +26,10 @@ pytest.importorskip("triton")
 
 import kernels.chunked_loss  # noqa: E402
 import kernels.launch  # noqa: E402
-from kernels.chunked_loss import cross_entropy_rows_step  # noqa: E402
 from kernels.compile_targets import linear_cross_entropy_targets  # noqa: E402
 from kernels.costs import rows_step_bytes  # noqa: E402
 from kernels.launch import is_interpreting  # noqa: E402
-from kernels.linear_cross_entropy import cross_entropy_rows, linear_cross_entropy  # noqa: E402
+from kernels.linear_cross_entropy import cross_entropy_rows_step, linear_cross_entropy  # noqa: E402
 from kernels.torch_backend import TorchBackend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ DEVICES = [
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available() or is_interpreting(),
                                reason="needs a CUDA GPU (and compiled kernels)")
 REDUCTIONS = ["mean", "sum", "none"]
-# Upper bound on the error, relative to the largest reference value: the logits are made by a matmul in the input
+# Upper bound on the error, relative to the largest exact (float64) value: the logits are made by a matmul in the input
 # dtype (on a CPU, rounded to it; on a GPU accumulated in float32), so a few units in its last place.
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 FLOOR_ULPS = 16  # float32 units of the largest value allowed beyond twice the torch backend's error
@@ -69,10 +69,10 @@ def _rows_inputs(n, V, device="cpu", seed=0, ignore_index=-100):
 def _check_rows_step(logits, targets, scale, ignore_index=-100):
     """The kernel vs the plain step in float64 on the same logits: loss rows, and (with ``scale``) the gradient."""
     exact_logits = logits.double().clone()
-    exact_loss = cross_entropy_rows_step(exact_logits, targets, ignore_index,
-                                         None if scale is None else scale.double())
+    exact_loss = kernels.chunked_loss.cross_entropy_rows_step(exact_logits, targets, ignore_index,
+                                                              None if scale is None else scale.double())
     ours = logits.clone()
-    loss = cross_entropy_rows(ours, targets, ignore_index, scale)
+    loss = cross_entropy_rows_step(ours, targets, ignore_index, scale)
     assert loss.dtype == torch.float32 and loss.shape == targets.shape
     torch.testing.assert_close(loss.double(), exact_loss, rtol=2e-6, atol=2e-6, equal_nan=True)
     if scale is None:
@@ -104,8 +104,8 @@ def test_rows_step_ignored_rows_and_targets_out_of_range():
     targets = torch.tensor([-100, 4, -1, V, 2**40, V - 1])
     scale = torch.tensor([float("inf"), 1.0, 0.5, 2.0, 1.0, 3.0])
     exact_logits = logits.double().clone()
-    exact_loss = cross_entropy_rows_step(exact_logits, targets, -100, scale.double())
-    loss = cross_entropy_rows(logits, targets, -100, scale)
+    exact_loss = kernels.chunked_loss.cross_entropy_rows_step(exact_logits, targets, -100, scale.double())
+    loss = cross_entropy_rows_step(logits, targets, -100, scale)
     assert loss[0] == 0 and torch.equal(logits[0], torch.zeros(V)), "an ignored row: loss 0, gradient exactly 0"
     assert loss[2:5].isnan().all() and not loss[[0, 1, 5]].isnan().any()
     torch.testing.assert_close(loss.double(), exact_loss, rtol=2e-6, atol=2e-6, equal_nan=True)
@@ -122,14 +122,14 @@ def test_rows_step_bad_inputs():
     _cpu_only()
     targets = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(ValueError, match="float32"):
-        cross_entropy_rows(torch.zeros(3, 5, dtype=torch.float64), targets, -100, None)
+        cross_entropy_rows_step(torch.zeros(3, 5, dtype=torch.float64), targets, -100, None)
     with pytest.raises(ValueError, match="contiguous rows"):
-        cross_entropy_rows(torch.zeros(5, 3).T, targets, -100, None)
+        cross_entropy_rows_step(torch.zeros(5, 3).T, targets, -100, None)
     with pytest.raises(ValueError, match=r"targets must be \(3,\)"):
-        cross_entropy_rows(torch.zeros(3, 5), targets[:2], -100, None)
+        cross_entropy_rows_step(torch.zeros(3, 5), targets[:2], -100, None)
     with pytest.raises(ValueError, match="grad_scale"):
-        cross_entropy_rows(torch.zeros(3, 5), targets, -100, torch.ones(2))
-    assert cross_entropy_rows(torch.zeros(0, 5), targets[:0], -100, None).shape == (0,)
+        cross_entropy_rows_step(torch.zeros(3, 5), targets, -100, torch.ones(2))
+    assert cross_entropy_rows_step(torch.zeros(0, 5), targets[:0], -100, None).shape == (0,)
 
 
 def test_rows_step_bytes():
@@ -165,21 +165,21 @@ def _exact(x, w, targets, reduction, **kwargs):
     return F.cross_entropy(x @ w.T, targets, reduction=reduction, **kwargs)
 
 
-def _assert_close_to_reference(x, w, targets, reduction, seed=0):
+def _assert_close_to_definition(x, w, targets, reduction, seed=0):
     """Triton vs torch backend vs float64 on the same inputs: loss, dx, dw (dtype, shape, strides, values)."""
     N = x.shape[0]
     grad_out = torch.randn(N if reduction == "none" else (), generator=torch.Generator().manual_seed(seed))
     ours = _run(linear_cross_entropy, x, w, targets, reduction, grad_out)
     theirs = _run(TorchBackend().linear_cross_entropy, x, w, targets, reduction, grad_out)
     exact = _run(_exact, x.double(), w.double(), targets, reduction, grad_out)
-    for name, got, other, ref, like in zip(("loss", "dx", "dw"), ours, theirs, exact, (exact[0], x, w)):
+    for name, got, other, want, like in zip(("loss", "dx", "dw"), ours, theirs, exact, (exact[0], x, w)):
         want_dtype = torch.float32 if name == "loss" else like.dtype
         assert got.dtype == want_dtype and got.shape == like.shape, name
         if name == "dw":
             assert got.stride() == w.stride(), "dw must come back in the weight's memory order"
-        err = (got.double() - ref).abs().max().item() if got.numel() else 0.0
-        err_torch = (other.double() - ref).abs().max().item() if got.numel() else 0.0
-        scale = ref.abs().max().item() if got.numel() else 0.0
+        err = (got.double() - want).abs().max().item() if got.numel() else 0.0
+        err_torch = (other.double() - want).abs().max().item() if got.numel() else 0.0
+        scale = want.abs().max().item() if got.numel() else 0.0
         floor = FLOOR_ULPS * torch.finfo(torch.float32).eps * scale
         assert err <= 2 * err_torch + floor, f"{name}: error {err:.3g} vs torch backend's {err_torch:.3g}"
         assert err <= TOL[x.dtype] * scale + 1e-12, f"{name}: error {err:.3g} over {TOL[x.dtype]} x {scale:.3g}"
@@ -192,7 +192,7 @@ def _assert_close_to_reference(x, w, targets, reduction, seed=0):
 def test_matches_float64(device, N, V, C, reduction, dtype):
     """bfloat16 is fine under the interpreter here: the kernel only sees float32 logits, the matmuls are torch's."""
     x, w, targets = _op_inputs(N, V, C, dtype, device, seed=V)
-    _assert_close_to_reference(x, w, targets, reduction, seed=N)
+    _assert_close_to_definition(x, w, targets, reduction, seed=N)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -203,7 +203,7 @@ def test_several_chunks(device, monkeypatch, reduction):
     monkeypatch.setattr(kernels.chunked_loss, "LOGITS_CHUNK_BYTES", 10 * 4 * V)
     assert kernels.chunked_loss.default_chunk_rows(N, V) == 10
     x, w, targets = _op_inputs(N, V, C, torch.float32, device, seed=4, ignored=(0, 10, 32))
-    _assert_close_to_reference(x, w, targets, reduction, seed=5)
+    _assert_close_to_definition(x, w, targets, reduction, seed=5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -212,9 +212,9 @@ def test_non_contiguous_x_and_row_major_weight(device):
     assert w.is_contiguous()
     x_t = x.T.contiguous().T  # (N, C) over (C, N) memory
     assert not x_t.is_contiguous()
-    _assert_close_to_reference(x_t, w, targets, "mean")
+    _assert_close_to_definition(x_t, w, targets, "mean")
     wide = torch.randn(7, 80, device=device)[:, ::2]  # every other column: row stride 80, column stride 2
-    _assert_close_to_reference(wide, w, targets, "none")
+    _assert_close_to_definition(wide, w, targets, "none")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -309,7 +309,7 @@ def test_compiles_for_sm80_and_sm90_without_spills():
     proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--only", "linear_cross_entropy", "--arch",
                            "80", "90"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("linear_cross_entropy_rows")]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("linear_cross_entropy_rows_step")]
     assert len(rows) == 4 * 2 and {row[-1] for row in rows} == {"ok"}  # 4 configurations x 2 architectures
 
 
@@ -342,8 +342,8 @@ def _assert_compiled_matches_eager(reduction, device, backend):
     eager = _run(loss_fn, x, w, targets, reduction, grad_out)
     ours = _run(compiled, x, w, targets, reduction, grad_out)
     tol = dict(rtol=1e-6, atol=1e-6) if backend == "aot_eager" else dict(rtol=1e-5, atol=1e-6)
-    for got, ref in zip(ours, eager):
-        torch.testing.assert_close(got, ref, **tol)
+    for got, want in zip(ours, eager):
+        torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -386,4 +386,4 @@ def test_gpt2_size_bfloat16_on_gpu(reduction):
     N, V, C = 4096, 50257, 768
     x, w, targets = _op_inputs(N, V, C, torch.bfloat16, "cuda", seed=16, ignored=range(0, N, 97))
     w = (w.float() * (0.02 / 0.3)).to(torch.bfloat16).T.contiguous().T  # GPT-2's init scale, still input-major
-    _assert_close_to_reference(x, w, targets, reduction, seed=17)
+    _assert_close_to_definition(x, w, targets, reduction, seed=17)

@@ -7,13 +7,13 @@ import kernels
 from kernels.definitions import causal_attention_math, gelu_math, layer_norm_math
 from minigpt import GPT_CONFIG_124M, GPTConfig, GPTModel, get_preset
 from minigpt.config import ConfigError
-from minigpt.model import seed_state_dict
-from tests.seed_notebook import SeedGPTModel
+from minigpt.model import notebook_state_dict
+from tests.original_notebook import NotebookGPTModel
 
 SMALL = dict(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=False)
 
 
-def test_presets_are_the_seed_configs():
+def test_presets_are_the_notebook_configs():
     assert get_preset("gpt2-124m").to_dict() == GPT_CONFIG_124M
     small, large = get_preset("small"), get_preset("large")
     assert (small.context_length, small.emb_dim, small.n_heads, small.n_layers) == (128, 384, 6, 6)
@@ -66,42 +66,42 @@ def test_future_tokens_never_change_past_logits():
     assert not torch.allclose(a[:, 9:], b[:, 9:])
 
 
-def test_seed_notebook_checkpoint_loads_verbatim_and_gives_same_logits(tmp_path):
+def test_original_notebook_checkpoint_loads_verbatim_and_gives_same_logits(tmp_path):
     torch.manual_seed(1)
     for qkv_bias in (False, True):
         cfg = {**SMALL, "qkv_bias": qkv_bias}
-        seed_model = SeedGPTModel(cfg).eval()
-        torch.save(seed_model.state_dict(), tmp_path / "model.pth")
-        assert any(k.endswith("att.mask") for k in seed_model.state_dict())
+        notebook_model = NotebookGPTModel(cfg).eval()
+        torch.save(notebook_model.state_dict(), tmp_path / "model.pth")
+        assert any(k.endswith("att.mask") for k in notebook_model.state_dict())
 
         model = GPTModel(cfg, kernels="torch").eval()
         model.load_state_dict(torch.load(tmp_path / "model.pth", weights_only=True))
         idx = torch.randint(0, 97, (2, 16))
         with torch.no_grad():
-            torch.testing.assert_close(model(idx), seed_model(idx), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model(idx), notebook_model(idx), rtol=1e-5, atol=1e-5)
         assert not any("mask" in name for name, _ in model.named_buffers())  # never allocated
 
 
-def test_our_model_pth_loads_in_the_seed_notebook():
+def test_our_model_pth_loads_in_the_original_notebook():
     torch.manual_seed(2)
     model = GPTModel(SMALL, kernels="torch").eval()
-    seed_model = SeedGPTModel(SMALL).eval()
-    seed_model.load_state_dict(seed_state_dict(model))  # strict: every key, mask included
+    notebook_model = NotebookGPTModel(SMALL).eval()
+    notebook_model.load_state_dict(notebook_state_dict(model))  # strict: every key, mask included
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(model(idx), seed_model(idx), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(idx), notebook_model(idx), rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_match_the_seed_model():
+def test_gradients_match_the_notebook_model():
     torch.manual_seed(3)
-    seed_model = SeedGPTModel(SMALL)
+    notebook_model = NotebookGPTModel(SMALL)
     model = GPTModel(SMALL, kernels="torch")
-    model.load_state_dict(seed_model.state_dict())
+    model.load_state_dict(notebook_model.state_dict())
     idx = torch.randint(0, 97, (2, 16))
-    for m in (seed_model, model):
+    for m in (notebook_model, model):
         m(idx).float().square().mean().backward()
     ours = dict(model.named_parameters())
-    for name, p in seed_model.named_parameters():
+    for name, p in notebook_model.named_parameters():
         torch.testing.assert_close(ours[name].grad, p.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -181,7 +181,7 @@ def test_torch_backend_input_errors():
 
 
 def test_linear_weights_are_stored_input_major_and_load_from_either_order():
-    from minigpt.model import seed_state_dict
+    from minigpt.model import notebook_state_dict
 
     cfg = dict(vocab_size=61, context_length=8, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
     torch.manual_seed(0)
@@ -190,9 +190,9 @@ def test_linear_weights_are_stored_input_major_and_load_from_either_order():
     assert len(linears) == 2 * 6 + 1
     for m in linears:  # nn.Linear's (out, in) shape, over (in, out) memory
         assert m.weight.shape == (m.out_features, m.in_features) and m.weight.t().is_contiguous()
-    # a state dict in nn.Linear's usual order (a seed model.pth, an older checkpoint) loads into it, values and
-    # memory order kept apart
-    plain = {k: v.contiguous() for k, v in seed_state_dict(model).items()}
+    # a state dict in nn.Linear's usual order (the original notebook's model.pth, an older checkpoint) loads into it,
+    # values and memory order kept apart
+    plain = {k: v.contiguous() for k, v in notebook_state_dict(model).items()}
     other = GPTModel(cfg, kernels="torch")
     other.load_state_dict(plain)
     assert all(m.weight.t().is_contiguous() for m in other.modules() if isinstance(m, torch.nn.Linear))
@@ -213,11 +213,11 @@ def test_loss_from_targets_is_cross_entropy_of_the_logits_in_float64(name):
     params = [p for _, p in model.named_parameters()]
     loss = model(idx, targets=y)
     grads = torch.autograd.grad(loss, params)
-    ref = F.cross_entropy(model(idx).flatten(0, 1), y.flatten())  # the seed's loss, from the logits
-    ref_grads = torch.autograd.grad(ref, params)
+    from_logits = F.cross_entropy(model(idx).flatten(0, 1), y.flatten())  # the original notebook's loss
+    from_logits_grads = torch.autograd.grad(from_logits, params)
     assert loss.shape == () and loss.dtype == torch.float64
-    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
-    for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+    torch.testing.assert_close(loss, from_logits, rtol=1e-12, atol=1e-12)
+    for (pname, _), g, r in zip(model.named_parameters(), grads, from_logits_grads):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12, msg=pname)
 
 
@@ -254,12 +254,12 @@ def test_backend_object_gets_the_loss_or_lends_it_from_torch():
             seen.append((x.shape, weight, targets.shape))
             return torch_ops.linear_cross_entropy(x, weight, targets, *a, **k)
 
-    reference_model = GPTModel(SMALL, kernels="torch")
+    torch_model = GPTModel(SMALL, kernels="torch")
     idx, y = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
-    expected = reference_model(idx, targets=y)
+    expected = torch_model(idx, targets=y)
     for backend in (ThreeOps(), FourOps()):
         model = GPTModel(SMALL, kernels=backend)
-        model.load_state_dict(reference_model.state_dict())
+        model.load_state_dict(torch_model.state_dict())
         torch.testing.assert_close(model(idx, targets=y), expected)
     assert len(seen) == 1 and seen[0][0] == (18, 32) and seen[0][2] == (18,)
     assert seen[0][1] is model.out_head.weight  # the parameter itself: no copy, no transpose

@@ -18,36 +18,36 @@ CFG = dict(vocab_size=61, context_length=24, emb_dim=32, n_heads=2, n_layers=2, 
 def _pair(device, **overrides):
     torch.manual_seed(0)
     cfg = {**CFG, **overrides}
-    ref = GPTModel(cfg, kernels="torch").to(device)
+    torch_model = GPTModel(cfg, kernels="torch").to(device)
     tri = GPTModel(cfg, kernels="triton").to(device)
-    tri.load_state_dict(ref.state_dict())
-    return ref, tri
+    tri.load_state_dict(torch_model.state_dict())
+    return torch_model, tri
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_logits_loss_and_every_gradient_match_the_torch_backend(device):
-    ref, tri = _pair(device)
+    torch_model, tri = _pair(device)
     idx = torch.randint(0, 61, (2, 24), device=device)
     targets = torch.randint(0, 61, (2, 24), device=device)
     losses = []
-    for model in (ref, tri):
+    for model in (torch_model, tri):
         logits = model(idx)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         loss.backward()
         losses.append((logits, loss))
     torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(losses[1][1], losses[0][1], rtol=1e-5, atol=1e-5)
-    grads = dict(ref.named_parameters())
+    grads = dict(torch_model.named_parameters())
     for name, p in tri.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=2e-5, msg=name)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_a_few_training_steps_give_matching_losses(device):
-    ref, tri = _pair(device)
+    torch_model, tri = _pair(device)
     data = torch.randint(0, 61, (1, 2, 25), device=device).expand(6, 2, 25)  # one batch, learned by heart
     curves = []
-    for model in (ref, tri):
+    for model in (torch_model, tri):
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         curve = []
         for batch in data:
@@ -107,13 +107,13 @@ import torch.nn.functional as F
 from minigpt import GPTModel
 cfg = dict(vocab_size=61, context_length=24, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=False)
 torch.manual_seed(0)
-ref = GPTModel(cfg, kernels="torch")
+torch_model = GPTModel(cfg, kernels="torch")
 tri = GPTModel(cfg, kernels="triton")
-tri.load_state_dict(ref.state_dict())
+tri.load_state_dict(torch_model.state_dict())
 idx = torch.randint(0, 61, (2, 24))
-for model in (ref, tri):
+for model in (torch_model, tri):
     F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
-for (name, a), b in zip(ref.named_parameters(), tri.parameters()):
+for (name, a), b in zip(torch_model.named_parameters(), tri.parameters()):
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
 q = torch.randn(1, 2, 24, 16, requires_grad=True)
 out = tri.backend.causal_attention(q, q, q, dropout_p=0.5)  # the dropout path calls Triton's own tl.randint4x
@@ -142,15 +142,15 @@ def test_kv_cache_decoding_on_the_kernels_matches_the_torch_backend(device):
     from minigpt.generate import generate
     from minigpt.model import KVCache
 
-    ref, tri = _pair(device)
-    ref.eval(), tri.eval()
+    torch_model, tri = _pair(device)
+    torch_model.eval(), tri.eval()
     idx = torch.randint(0, 61, (2, 24), device=device)
     with torch.no_grad():
-        full = ref(idx)
+        full = torch_model(idx)
         cache = KVCache(tri.cfg, batch_size=2)
         # a prefill of 9, a chunk of 5 (Tq < Tk with several queries), then single decoding steps (Tq = 1)
         pieces = [tri(idx[:, :9], kv_cache=cache, input_pos=0), tri(idx[:, 9:14], kv_cache=cache, input_pos=9)]
         pieces += [tri(idx[:, t:t + 1], kv_cache=cache, input_pos=t) for t in range(14, 24)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
     prompt = idx[:, :5]
-    assert torch.equal(generate(tri, prompt, 30, 24), generate(ref, prompt, 30, 24, use_cache=False))
+    assert torch.equal(generate(tri, prompt, 30, 24), generate(torch_model, prompt, 30, 24, use_cache=False))

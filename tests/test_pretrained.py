@@ -126,7 +126,7 @@ def test_greedy_tokens_match_transformers_generate(gpt2_vocab):
     prompt = torch.randint(0, 50257, (2, 6), generator=torch.Generator().manual_seed(2))
     theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
                          pad_token_id=0)
-    ours = generate(model, prompt, 40, context_size=model.cfg.context_length)  # temperature 0: greedy
+    ours = generate(model, prompt, 40, context_length=model.cfg.context_length)  # temperature 0: greedy
     assert ours.shape == (2, 46)
     assert ours.tolist() == theirs.tolist()
 
@@ -585,7 +585,7 @@ def test_fine_tuning_on_the_triton_backend_follows_the_torch_backend(small, corp
     torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-4, atol=1e-4)
     ckpts = {k: torch.load(tmp_path / k / "checkpoint.pt", weights_only=True) for k in ("triton", "torch")}
     assert [ckpts[k]["args"]["kernels"] for k in ckpts] == ["triton", "torch"]
-    ours, ref = ckpts["triton"]["model"], ckpts["torch"]["model"]
-    assert ours.keys() == ref.keys()
-    for name in ref:  # the weights after two optimizer steps
-        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-4, msg=name)
+    ours, torch_weights = ckpts["triton"]["model"], ckpts["torch"]["model"]
+    assert ours.keys() == torch_weights.keys()
+    for name in torch_weights:  # the weights after two optimizer steps
+        torch.testing.assert_close(ours[name], torch_weights[name], rtol=1e-4, atol=1e-4, msg=name)

@@ -70,9 +70,9 @@ def test_backward_matches_autograd(shape, dropout_p):
     keep = _keep(5, B, H, Tq, Tk, dropout_p) if dropout_p > 0 else None
     o, lse = tiled.attention_forward(q, k, v, block_m, block_n, dropout_p=dropout_p, seed=5)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    ref = causal_attention_math(qs, ks, vs, dropout_p=dropout_p, dropout_mask=keep)
-    ref.backward(do)
-    torch.testing.assert_close(o, ref.detach(), rtol=0, atol=1e-12)
+    exact = causal_attention_math(qs, ks, vs, dropout_p=dropout_p, dropout_mask=keep)
+    exact.backward(do)
+    torch.testing.assert_close(o, exact.detach(), rtol=0, atol=1e-12)
     grads = tiled.attention_backward(do, q, k, v, o, lse, block_m, block_n, dropout_p=dropout_p, seed=5)
     for name, got, want in zip(("dq", "dk", "dv"), grads, (qs.grad, ks.grad, vs.grad)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-11, msg=name)
@@ -187,9 +187,9 @@ def test_layer_norm_matches_autograd(shape, n_groups, block_m):
     dy = torch.randn(shape, generator=g, dtype=torch.float64)
     y, mean, rstd = tiled.layer_norm_forward(x, w, b, block_m=block_m)
     xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-    ref = layer_norm_math(xs, ws, bs)
-    ref.backward(dy)
-    torch.testing.assert_close(y, ref.detach(), rtol=0, atol=1e-12)
+    exact = layer_norm_math(xs, ws, bs)
+    exact.backward(dy)
+    torch.testing.assert_close(y, exact.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(mean, x.mean(-1), rtol=0, atol=1e-12)
     torch.testing.assert_close(rstd, 1 / torch.sqrt(x.var(-1, unbiased=False) + 1e-5), rtol=1e-12, atol=0)
     dx, dw, db = tiled.layer_norm_backward(dy, x, w, mean, rstd, n_groups=n_groups, block_m=block_m)
@@ -202,11 +202,11 @@ def test_gelu_matches_autograd(approximate):
     x = torch.cat([torch.linspace(-12, 12, 241, dtype=torch.float64), torch.tensor([-200.0, 0.0, 200.0])])
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     xs = x.clone().requires_grad_()
-    ref = gelu_math(xs, approximate)
-    ref.backward(dy)
+    exact = gelu_math(xs, approximate)
+    exact.backward(dy)
     # the absolute floor: for large negative x, 1 + tanh(u) in the formula cancels to 0 where the kernels' (and the
     # mirror's) x * sigmoid(2u) keeps a tiny, more accurate value
-    torch.testing.assert_close(tiled.gelu_forward(x, approximate), ref.detach(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(tiled.gelu_forward(x, approximate), exact.detach(), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(tiled.gelu_backward(dy, x, approximate), xs.grad, rtol=1e-10, atol=1e-14)
 
 

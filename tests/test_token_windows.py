@@ -1,5 +1,5 @@
-"""Windows and loaders: the seed's GPTDatasetV1 loop, seeded batches, and the sampler that shards training windows
-across ranks."""
+"""Windows and loaders: the original notebook's GPTDatasetV1 loop, seeded batches, and the sampler that shards training
+windows across ranks."""
 from __future__ import annotations
 
 import pickle
@@ -14,8 +14,8 @@ from minigpt.tokenizer import ByteTokenizer
 from tests.data_helpers import EOT, enc
 
 
-def seed_windows(token_ids, max_length, stride):
-    """The seed's GPTDatasetV1 loop, written out."""
+def notebook_windows(token_ids, max_length, stride):
+    """The original notebook's GPTDatasetV1 loop, written out."""
     inputs, targets = [], []
     for i in range(0, len(token_ids) - max_length, stride):
         inputs.append(token_ids[i:i + max_length])
@@ -25,13 +25,13 @@ def seed_windows(token_ids, max_length, stride):
 
 @pytest.mark.parametrize("n,max_length,stride", [(50, 8, 3), (50, 8, 8), (50, 4, 11), (9, 8, 1), (8, 8, 2),
                                                  (3, 8, 2)])
-def test_windows_match_the_seed_loop(tmp_path, n, max_length, stride):
+def test_windows_match_the_notebook_loop(tmp_path, n, max_length, stride):
     ids = np.random.default_rng(n + stride).integers(0, 50257, size=n).astype(np.uint16)
     path = tmp_path / "t.bin"
     ids.tofile(path)
     tokens = np.memmap(path, dtype=np.uint16, mode="r", shape=(n,))
     ds = TokenWindows(tokens, max_length, stride)
-    inputs, targets = seed_windows(ids.tolist(), max_length, stride)
+    inputs, targets = notebook_windows(ids.tolist(), max_length, stride)
     assert len(ds) == len(inputs)
     for i in range(len(ds)):
         x, y = ds[i]
@@ -68,8 +68,8 @@ def test_make_loader_batches_and_seeded_shuffle():
 def test_make_loader_too_few_tokens_says_how_many_are_needed():
     batch_size, max_length, stride = 4, 16, 8
     needed = (batch_size - 1) * stride + max_length + 1
-    assert len(seed_windows(list(range(needed)), max_length, stride)[0]) == batch_size  # the formula is right
-    assert len(seed_windows(list(range(needed - 1)), max_length, stride)[0]) == batch_size - 1
+    assert len(notebook_windows(list(range(needed)), max_length, stride)[0]) == batch_size  # the formula is right
+    assert len(notebook_windows(list(range(needed - 1)), max_length, stride)[0]) == batch_size - 1
     make_loader(np.arange(needed), batch_size, max_length, stride, shuffle=False, drop_last=True)
     with pytest.raises(DataError) as err:
         make_loader(np.arange(needed - 1), batch_size, max_length, stride, shuffle=False, drop_last=True)
@@ -79,12 +79,12 @@ def test_make_loader_too_few_tokens_says_how_many_are_needed():
         make_loader(np.arange(max_length), batch_size, max_length, stride, shuffle=False, drop_last=False)
 
 
-def test_create_dataloader_like_the_seed():
+def test_create_dataloader_like_the_notebook():
     assert create_dataloader_v1 is create_dataloader
     txt = "One story.<|endoftext|>Another story, a bit longer than the first one."
     ids = enc("One story.") + [EOT] + enc("Another story, a bit longer than the first one.")
     loader = create_dataloader(txt, batch_size=2, max_length=6, stride=4, shuffle=False, tokenizer=ByteTokenizer())
-    inputs, targets = seed_windows(ids, 6, 4)
+    inputs, targets = notebook_windows(ids, 6, 4)
     got_x = [row for x, _ in loader for row in x.tolist()]
     got_y = [row for _, y in loader for row in y.tolist()]
     assert got_x == inputs[:len(inputs) // 2 * 2] and got_y == targets[:len(got_y)]

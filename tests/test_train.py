@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from minigpt.train import build_parser, lr_lambda, main, train
-from tests.seed_notebook import SeedGPTModel
+from tests.original_notebook import NotebookGPTModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,9 +42,9 @@ def test_end_to_end_lowers_the_loss_and_writes_every_output(tmp_path):
     assert abs(first - torch.log(torch.tensor(257.0)).item()) < 0.5  # untrained: about ln(vocab)
     assert last < first - 1.0
     assert summary["steps"] == 60
-    # the final model.pth is the seed's format: it loads strictly into the seed notebook's model
+    # the final model.pth is the original notebook's format: it loads strictly into the original notebook's model
     cfg = summary["config"].to_dict()
-    SeedGPTModel(cfg).load_state_dict(torch.load(out / "model.pth", weights_only=True))
+    NotebookGPTModel(cfg).load_state_dict(torch.load(out / "model.pth", weights_only=True))
     # and the checkpoint holds everything a resume needs
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "config", "tokenizer", "rng", "state"} <= set(ckpt)
@@ -283,7 +283,7 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(tmp_path):
     assert resumed["steps"] == 8
 
 
-def test_calc_loss_batch_is_the_seeds_loss_without_the_logits():
+def test_calc_loss_batch_is_the_notebooks_loss_without_the_logits():
     import torch.nn.functional as F
 
     from minigpt import GPTModel
@@ -302,8 +302,8 @@ def test_calc_loss_batch_is_the_seeds_loss_without_the_logits():
 
 
 def test_calc_loss_loader_shared_by_ranks_and_weighted_by_tokens():
-    """The seed's mean of batch losses by default; for evaluation, the batches shared out over ranks and each
-    counted by its tokens: the ranks' sums add up to the one-process token-weighted mean, whatever the split."""
+    """The original notebook's mean of batch losses by default; for evaluation, the batches shared out over ranks and
+    each counted by its tokens: the ranks' sums add up to the one-process token-weighted mean, whatever the split."""
     from minigpt import GPTModel
     from minigpt.optim import calc_loss_batch, calc_loss_loader
 
@@ -313,7 +313,7 @@ def test_calc_loss_loader_shared_by_ranks_and_weighted_by_tokens():
     batches = [(torch.randint(0, 64, (b, 16)), torch.randint(0, 64, (b, 16))) for b in (3, 3, 3, 1, 3)]
     losses = [calc_loss_batch(x, y, model, "cpu").item() for x, y in batches]
     tokens = [y.numel() for _, y in batches]
-    # the seed's behaviour: every batch counts as one, num_batches caps how many are read
+    # the original notebook's behaviour: every batch counts as one, num_batches caps how many are read
     assert calc_loss_loader(batches, model, "cpu") == pytest.approx(sum(losses) / 5, rel=1e-12)
     assert calc_loss_loader(batches, model, "cpu", 2) == pytest.approx(sum(losses[:2]) / 2, rel=1e-12)
     weighted = sum(l * n for l, n in zip(losses, tokens)) / sum(tokens)

@@ -30,7 +30,7 @@ def test_the_config_is_frozen_and_its_record_rebuilds_it():
     assert "given" not in config.record()
 
 
-def test_on_a_gpu_the_defaults_are_the_seed_notebooks():
+def test_on_a_gpu_the_defaults_are_the_original_notebooks():
     config = resolve_config(TrainConfig.from_args(["--dtype", "fp32"]), GPU)
     assert (config.preset, config.lr, config.batch_size, config.tokenizer, config.max_docs, config.max_steps) == (
         "gpt2-124m", 5e-4, 8, "auto", None, None)

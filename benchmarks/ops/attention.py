@@ -68,7 +68,7 @@ def attention_flops(B: int, H: int, T: int, D: int, pass_: str) -> float:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
 
 
-def work(shape: tuple, elem: int, pass_: str) -> tuple[int | None, float | None]:
+def counted_work(shape: tuple, elem: int, pass_: str) -> tuple[int | None, float | None]:
     return None, attention_flops(*shape, pass_)
 
 
@@ -120,7 +120,7 @@ def selector(shape: tuple, device):
     return lambda t: torch.stack([t[b, h] for b, h in pairs])[None]  # (1, P, T, D)
 
 
-def reference(inputs: InputSet, select, dropout: float = 0.0):
+def definition_outputs(inputs: InputSet, select, dropout: float = 0.0):
     """One head at a time: the (T, T) planes of float64 are large."""
     import torch
 

@@ -14,7 +14,7 @@ NAME = "gelu"
 CONTENDERS = ("triton", "math", "math_compile", "pytorch")
 PASS_STATUS: dict = {}
 APPROXIMATE = "tanh"  # GPT-2's GELU
-REF_ELEMENTS = 1 << 22  # the float64 reference is evaluated on about this many elements (rows sampled evenly)
+DEFINITION_ELEMENTS = 1 << 22  # the float64 definition is evaluated on about this many elements (rows sampled evenly)
 
 
 def cases(quick: bool, options: dict) -> list[tuple]:
@@ -53,7 +53,7 @@ def gelu_bytes(numel: int, elem: int, pass_: str) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
 
 
-def work(shape: tuple, elem: int, pass_: str) -> tuple[int | None, float | None]:
+def counted_work(shape: tuple, elem: int, pass_: str) -> tuple[int | None, float | None]:
     return gelu_bytes(math.prod(shape), elem, pass_), None
 
 
@@ -78,15 +78,15 @@ def contender_fns(dropout: float, triton_backend, compiled: dict) -> tuple[dict,
 
 
 def selector(shape: tuple, device):
-    """Rows sampled evenly, about REF_ELEMENTS elements in all."""
+    """Rows sampled evenly, about DEFINITION_ELEMENTS elements in all."""
     import torch
 
-    step = max(1, math.prod(shape) // REF_ELEMENTS)
+    step = max(1, math.prod(shape) // DEFINITION_ELEMENTS)
     index = torch.arange(0, shape[0], step, device=device)
     return lambda t: t[index]
 
 
-def reference(inputs: InputSet, select, dropout: float = 0.0):
+def definition_outputs(inputs: InputSet, select, dropout: float = 0.0):
     from kernels.definitions import gelu_math
 
     leaves = [select(t.detach()).double().requires_grad_() for t in inputs.tensors]

@@ -10,11 +10,11 @@ module writes only what is its own — its setup and its contenders:
     cases(dtype, sweep)  the shapes of the sweep: [(shape, dropout), ...]; ``sweep`` holds the sizes and options
     family(shape, dtype, dropout), size(shape)          a plot line per contender, and its x axis
     set_bytes(shape, elem), interpreter_elements(shape), planned_bytes(shape, elem, contender, copies)
-    work(shape, elem, pass_) -> (bytes, FLOPs)          the fewest bytes (memory-bound ops) or the FLOPs of a pass
+    counted_work(shape, elem, pass_) -> (bytes, FLOPs)  the fewest bytes (memory-bound ops) or the FLOPs of a pass
     make_inputs(shape, dtype, device, copies) -> [InputSet, ...]                        random, never zeros
     contender_fns(dropout, triton_backend, compiled) -> (name -> fn, name -> why it cannot run)
-    selector(shape, device) -> the part of an output or gradient the float64 reference covers
-    reference(inputs, select, dropout) -> (output, [gradients]) in float64 on that part
+    selector(shape, device) -> the part of an output or gradient the float64 definition is evaluated on
+    definition_outputs(inputs, select, dropout) -> (output, [gradients]) of the definition, in float64, on that part
 
 and where the op needs them (the harness looks them up):
 

@@ -59,7 +59,7 @@ def layer_norm_bytes(rows: int, width: int, elem: int, pass_: str) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
 
 
-def work(shape: tuple, elem: int, pass_: str) -> tuple[int | None, float | None]:
+def counted_work(shape: tuple, elem: int, pass_: str) -> tuple[int | None, float | None]:
     return layer_norm_bytes(*shape, elem, pass_), None
 
 
@@ -90,7 +90,7 @@ def selector(shape: tuple, device):
     return lambda t: t
 
 
-def reference(inputs: InputSet, select, dropout: float = 0.0):
+def definition_outputs(inputs: InputSet, select, dropout: float = 0.0):
     from kernels.definitions import EPS, layer_norm_math
 
     leaves = [select(t.detach()).double().requires_grad_() for t in inputs.tensors]

@@ -1,6 +1,6 @@
 r"""The ``linear_cross_entropy`` rows of ``python -m benchmarks.kernels``: what the loss needs that the other ops' rows
-do not — three inputs of which one is integer, a scalar output, a float64 reference too big to build whole, and the
-question the op exists for, memory.
+do not — three inputs of which one is integer, a scalar output, a float64 definition too big to evaluate whole, and
+the question the op exists for, memory.
 
 The op: ``loss = cross_entropy(x @ W^T, targets)``, x (N, C), W (V, C), targets (N,); the output head of a GPT and
 its loss. Shapes: N = 16,384 rows (batch 16 x context 1024), V = 50,257 (GPT-2's vocabulary), C = 768 (gpt2-124m)
@@ -42,7 +42,7 @@ QUICK_SWEEP = dict(rows=96, widths=(64, 128), vocab=1000)
 NOTE_WARNINGS = True  # e.g. PyTorch's chunked path falling back to the plain formula: the row says so
 IGNORE_EVERY = 64  # every 64th row's target is IGNORE_INDEX (as padding would be): the check covers the mean over
 #                    counted rows; the work is the same
-REF_CHUNK_ELEMENTS = 1 << 26  # the float64 reference holds at most this many logits at once (512 MiB)
+DEFINITION_CHUNK_ELEMENTS = 1 << 26  # the float64 definition holds at most this many logits at once (512 MiB)
 # A pass a contender cannot run: the bwd timing calls backward again on one retained graph, which PyTorch's chunked
 # path refuses unless built with allow_retain_graph=True (one more gradient-sized buffer: not what a user runs)
 PASS_STATUS = {("pytorch", "bwd"): "skipped: F.linear_cross_entropy's chunked path refuses the retained graph the "
@@ -82,7 +82,7 @@ def flops(rows: int, width: int, vocab: int, pass_: str) -> float:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
 
 
-def work(shape: tuple, elem: int, pass_: str) -> tuple[int | None, float | None]:
+def counted_work(shape: tuple, elem: int, pass_: str) -> tuple[int | None, float | None]:
     return None, flops(*shape, pass_)
 
 
@@ -167,11 +167,11 @@ def contender_fns(dropout: float, triton_backend, compiled: dict) -> tuple[dict,
 
 
 def selector(shape: tuple, device):
-    """All of it: the reference goes in chunks of rows instead."""
+    """All of it: the float64 definition goes in chunks of rows instead."""
     return lambda t: t
 
 
-def reference(inputs: InputSet, select, dropout: float = 0.0):
+def definition_outputs(inputs: InputSet, select, dropout: float = 0.0):
     """The loss and the gradients of x and W in float64, by autograd of the plain formula over chunks of rows (the
     whole float64 logits would need 6.6 GB at N = 16,384): -> (loss, [dx, dW])."""
     import torch
@@ -182,7 +182,7 @@ def reference(inputs: InputSet, select, dropout: float = 0.0):
     w64 = weight.detach().double().requires_grad_()
     N, V = x.shape[0], weight.shape[0]
     counted = int((targets != ignore_index()).sum())
-    rows = max(1, REF_CHUNK_ELEMENTS // V)
+    rows = max(1, DEFINITION_CHUNK_ELEMENTS // V)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     grads_x = []
     for start in range(0, N, rows):
