@@ -26,7 +26,6 @@ from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_model_state,
 from .config import ConfigError, GPTConfig, get_preset
 from .distributed import (
     abandon_distributed,
-    agreed_stop_signal,
     all_reduce_mean,
     init_distributed,
     wait_for_all_ranks,
@@ -56,6 +55,7 @@ from .resume import (
     token_fingerprint,
 )
 from .runtime import peak_flops, resolve_device, resolve_dtype, rng_state, set_rng_state
+from .stopping import StopRequests
 from .token_windows import training_loaders
 from .train_config import (
     DTYPE_NAMES,
@@ -88,23 +88,35 @@ class Trainer:
     serves to inspect a set-up."""
 
     def __init__(self, config, on_step=None):
-        # the settings as given (a TrainConfig, or build_parser()'s Namespace); setup() resolves them
+        # Given: the settings as given (a TrainConfig, or build_parser()'s Namespace), which setup() resolves into
+        # the run's settings; and a callback after every step
         self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_namespace(config)
         self.on_step = on_step
-        self.stop_requested = False
-        self.stop_signal: int | None = None  # the signal that stopped the run (the exit status is 128 + it)
-        self.pretrained_model: GPTModel | None = None  # --init-from: GPT-2's weights, loaded in setup()
-        self.init_from: str | None = None  # and where they came from (recorded in every checkpoint)
-        self.out_dir: Path | None = None  # set (and locked) by setup()
-        self.resume_from: Path | None = None
+
+        # Where the run lives (_open_run): --out-dir, locked inside `with trainer:`, and the checkpoint it resumes
+        self.out_dir: Path | None = None
+        self.resume_from: Path | None = None  # None: a fresh run
         self.resumed_step: int | None = None
         self.locking = False  # set by `with trainer:`
         self.held = contextlib.ExitStack()  # the --out-dir lock, held until the `with` block ends
         self.earlier_run_files: list[Path] = []  # --overwrite: the replaced run's files, removed at the first save
-        # What a Ctrl-C or a failed save leaves on disk depends on how far saving got (kept_note)
+
+        # What the loop reads, built once by setup()'s steps: dist, device, dtype (_start_distributed); tokenizer,
+        # cfg, preset (_build_tokenizer_and_model_config); the loaders and step counts (_build_data); raw_model,
+        # model, eval_model (_build_model); optimizer, scheduler, scaler (_build_optimizer)
+        self.pretrained_model: GPTModel | None = None  # --init-from: GPT-2's weights
+        self.init_from: str | None = None  # and where they came from (recorded in every checkpoint)
+
+        # What the run writes as it goes: its position (step, epoch, windows into the epoch, tokens seen), the
+        # metrics rows, and how far saving got (what a Ctrl-C or a failed save leaves on disk: kept_note)
+        self.state: dict = {}  # set by _restore
+        self.rows: list[dict] = []
         self.saves_started = 0
         self.saving = False
         self.saved_step: int | None = None  # the step of this run's checkpoint.pt on disk (rank 0)
+
+        # How it stops: the signals received, and the one the run stops on (stopping.py)
+        self.stop = StopRequests(self.log)
 
     # -- set-up --------------------------------------------------------------------------------------------------
 
@@ -480,16 +492,16 @@ class Trainer:
         self.t0 = time.time()
         self.bar = tqdm(total=self.total_steps, initial=st["step"], unit="step", dynamic_ncols=True,
                         disable=args.no_progress or not self.dist.is_main)
-        old_handlers = self._install_signal_handlers()
+        self.stop.install()
         tokens_per_s, grad_norm = None, None
         try:
             if st["step"] == 0 and not self.rows:
                 self.evaluate(None, None)
-            while st["step"] < self.total_steps and st["epoch"] < args.epochs and not self.stop_requested:
+            while st["step"] < self.total_steps and st["epoch"] < args.epochs and not self.stop.requested:
                 self.train_sampler.set_epoch(st["epoch"], st["epoch_windows"])
                 batches = iter(self.train_loader)
                 epoch_done = False
-                while st["step"] < self.total_steps and not self.stop_requested:
+                while st["step"] < self.total_steps and not self.stop.requested:
                     micro = [b for _, b in zip(range(args.grad_accum), batches)]
                     if len(micro) < args.grad_accum:
                         epoch_done = True
@@ -509,12 +521,12 @@ class Trainer:
                         self.on_step(self)
                     if st["step"] % args.eval_interval == 0 or st["step"] == self.total_steps:
                         self.evaluate(grad_norm, tokens_per_s)
-                    self._agree_to_stop()
+                    self.stop.agree(self.dist, self.device)
                 if epoch_done:
                     st["epoch"] += 1
                     st["epoch_windows"] = 0
-            if self.stop_requested:
-                self.log(f"stopped at step {st['step']} ({signal.Signals(self.stop_signal).name}): saving "
+            if self.stop.requested:
+                self.log(f"stopped at step {st['step']} ({signal.Signals(self.stop.signal).name}): saving "
                          f"{self.out_dir / 'checkpoint.pt'} (continue with --resume auto)")
             self.save(final=True)
             # the other ranks wait here while rank 0 writes, still under the handlers: a second signal to any rank
@@ -523,81 +535,30 @@ class Trainer:
         except KeyboardInterrupt:  # a second signal: stop now, in the middle of a step
             return self._stop_at_once()
         except RuntimeError as e:
-            if not self._lost_a_stopping_rank(e):
+            if not self.stop.lost_a_stopping_rank(e, self.dist):
                 raise
             return self._stop_at_once(lost=e)
         finally:
             self.bar.close()
-            self._restore_signal_handlers(old_handlers)
+            self.stop.restore(self.dist)
             if self.tb is not None:
                 self.tb.close()
         if self.dist.is_main:
             self.log(f"done: {st['step']} steps, {st['tokens_seen']:,} tokens in {time.time() - self.t0:.0f}s; wrote "
                      f"{self.out_dir}/checkpoint.pt, model.pth, metrics.csv, loss.pdf, loss.png")
-        return self._summary(interrupted=self.stop_requested, saved=True)
+        return self._summary(interrupted=self.stop.requested, saved=True)
 
     def _summary(self, interrupted: bool, saved: bool) -> dict:
         return {"steps": self.state["step"], "tokens_seen": self.state["tokens_seen"], "metrics": self.rows,
                 "out_dir": str(self.out_dir), "interrupted": interrupted, "saved": saved, "preset": self.preset,
-                "config": self.cfg, "signal": self.stop_signal if interrupted else None}
-
-    def _agree_to_stop(self) -> None:
-        """After every step, on every rank: stop if any rank has received a signal (see agreed_stop_signal)."""
-        agreed = agreed_stop_signal(self.signal_received or 0, self.dist, self.device)
-        if agreed:
-            self.stop_requested, self.stop_signal = True, agreed
+                "config": self.cfg, "signal": self.stop.signal if interrupted else None}
 
     def _stop_at_once(self, lost: RuntimeError | None = None) -> dict:
         """A second signal, or another rank that stopped at once (``lost``): no save, and no collective either —
         the other ranks may be in the middle of a step and never reach it."""
         abandon_distributed()
-        self.stop_requested = True
-        self.stop_signal = self.stop_signal or self.signal_received or signal.SIGINT
+        self.stop.stop_now()
         # gloo's message: "[file:line] Connection closed by peer [address]. This is typically caused by ..."
         why = "" if lost is None else f"another process left the run ({str(lost).strip().split('. ')[0]}); "
         self.log(why + self.interrupted_note())
         return self._summary(interrupted=True, saved=False)
-
-    def _lost_a_stopping_rank(self, e: RuntimeError) -> bool:
-        """Whether a failed collective most likely means another rank stopped at once: only a rank that was asked
-        to stop itself (a signal came, to it or to another rank) reads it so; any other error is raised."""
-        if isinstance(e, (NonFiniteLoss, torch.cuda.OutOfMemoryError)):
-            return False
-        return self.dist.enabled and (self.signal_received or self.stop_signal) is not None
-
-    def _install_signal_handlers(self):
-        """First Ctrl-C (or SIGTERM from a scheduler): finish the step, save, exit. A second one: stop at once.
-
-        A signal only marks this process; the ranks of a multi-process run stop together, after the first step
-        that ends with any of them marked (_agree_to_stop), so one signal to one rank stops them all."""
-        # a repeat this soon is the same request delivered twice, not a second one: a terminal sends Ctrl-C to
-        # every process of the job and torchrun forwards the signal it got to its workers as well
-        same_request_s = 1.0
-        self.signal_received: int | None = None
-        first_at = 0.0
-
-        def handler(signum, frame):
-            nonlocal first_at
-            if self.signal_received is None:
-                self.signal_received, first_at = signum, time.monotonic()
-                self.log("stopping after this step (Ctrl-C again to stop at once)")
-            elif time.monotonic() - first_at > same_request_s:
-                raise KeyboardInterrupt
-
-        old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return old
-
-    def _restore_signal_handlers(self, old) -> None:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-        if self.dist.enabled and self.stop_requested and signal.SIGTERM in old:
-            # torchrun sends SIGTERM to the other workers as soon as one exits with an error status, as each does
-            # here (128 + the signal): a worker that has stopped and is leaving too must not die of it on its way
-            # out. SIG_IGN, not a Python handler: the interpreter puts back SIG_DFL for those when it shuts down,
-            # and shutting torch down takes long enough for the SIGTERM to land then.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
