@@ -5,8 +5,9 @@ number per query row of the tile. Check your answer with
 
     python -m exercises check attention_delta
 
-This file is a copy of the real kernel, ``_attention_bwd_preprocess`` in kernels/attention.py, with one line left
-out; the answer is in exercises/solutions/attention_delta.py (try first).
+This file is a copy of one of our kernels with one line left out. When your answer passes, compare it with the
+real kernel, ``_attention_bwd_preprocess`` in kernels/attention.py, and with exercises/solutions/attention_delta.py
+(this file with the real kernel's line filled in).
 
 The math
 --------

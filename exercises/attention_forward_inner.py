@@ -5,9 +5,10 @@ the query tile's running max ``m_i``, running sum ``l_i`` and unnormalized outpu
 
     python -m exercises check attention_forward_inner
 
-The real kernels are ``_fwd_inner`` and ``_attention_fwd`` in kernels/attention.py. This copy leaves out dropout and
-loads v before the update rather than in its middle; the lines you write are the same. The answer is in
-exercises/solutions/attention_forward_inner.py (try first).
+This file is a copy of two of our kernels that leaves out dropout and loads v before the update rather than in
+its middle; the lines you write are the real ones. When your answer passes, compare it with the real kernels,
+``_fwd_inner`` and ``_attention_fwd`` in kernels/attention.py, and with
+exercises/solutions/attention_forward_inner.py (this file with the real kernel's lines filled in).
 
 The math
 --------

@@ -5,8 +5,9 @@ for both forms of GELU; the kernel then stores dx = dy * dydx. Check your answer
 
     python -m exercises check gelu_backward
 
-This file is a copy of the real kernel, ``_gelu_bwd`` in kernels/gelu.py, with its middle left out; the answer is in
-exercises/solutions/gelu_backward.py (try first).
+This file is a copy of one of our kernels with its middle left out; the math below is all you need. When your
+answer passes, compare it with the real kernel, ``_gelu_bwd`` in kernels/gelu.py, and with
+exercises/solutions/gelu_backward.py (this file with the real kernel's lines filled in).
 
 The math
 --------

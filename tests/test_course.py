@@ -98,9 +98,9 @@ def test_course_python_runs(lesson, code, tmp_path):
 
 
 def _read_lines() -> list[str]:
-    """The text of every "**Read**" paragraph."""
+    """The text of every "**Read**" paragraph, and of every "**Then read**" one (the reading after an exercise)."""
     paragraphs = COURSE.read_text(encoding="utf-8").split("\n\n")
-    return [p for p in paragraphs if p.startswith("**Read**")]
+    return [p for p in paragraphs if p.startswith(("**Read**", "**Then read**"))]
 
 
 def test_course_reading_exists():

@@ -5,10 +5,11 @@ rows. Check your answer with
 
     python -m exercises check layer_norm_dx
 
-The real kernel is ``_layer_norm_bwd_dx`` in kernels/layer_norm.py. This copy is smaller: one program handles one
-tile of BLOCK_M rows and computes only dx, where the real one walks a whole group of rows in a loop and also sums
-the partial gradients of the weight and the bias. The lines you write are the same. The answer is in
-exercises/solutions/layer_norm_dx.py (try first).
+This file is a smaller copy of one of our kernels: one program handles one tile of BLOCK_M rows and computes only
+dx, where the real one walks a whole group of rows in a loop and also sums the partial gradients of the weight and
+the bias. The lines you write are the same. When your answer passes, compare it with the real kernel,
+``_layer_norm_bwd_dx`` in kernels/layer_norm.py, and with exercises/solutions/layer_norm_dx.py (this file with the
+real kernel's lines filled in).
 
 The math
 --------
