@@ -4,6 +4,9 @@
                                                                     and dQ kernels visits, and the forward's running
                                                                     max m and sum l at every step
     python -m kernels.explain attention --T 12 --Tq 5 --block-m 4 --block-n 8
+    python -m kernels.explain attention --dropout 0.25              and under each key tile, every row's kept and
+                                                                    dropped keys, with the Philox counters that
+                                                                    drew them (bit for bit the kernel's mask)
     python -m kernels.explain layer_norm --rows 6 --groups 4        the backward's row groups, each step's statistics
 
 Everything printed comes from ``kernels/tiled.py``, the kernels' loops written in PyTorch, run on small random
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 
 import torch
 
@@ -23,6 +27,7 @@ from .cli import run_cli
 from .definitions import causal_attention_math, layer_norm_math
 
 MAX_T = 256  # more than this and the grids no longer fit a terminal
+WIDTH = 118  # the prose is wrapped to this
 MAX_ROWS = 64
 MAX_WIDTH = 64
 SEEDS = range(-2**63, 2**64)  # what torch.Generator.manual_seed takes
@@ -93,8 +98,12 @@ def explain_attention(T: int, Tq: int, block_m: int, block_n: int, D: int, seed:
     q, k, v = (torch.randn(1, 1, n, D, generator=generator, dtype=torch.float64) for n in (Tq, Tk, Tk))
     trace: list[dict] = []
     o, lse = tiled.attention_forward(q, k, v, block_m, block_n, dropout_p=dropout_p, seed=seed, trace=trace)
+    if dropout_p > 0.0:
+        _explain_dropout(Tq, Tk, block_m, block_n, seed, dropout_p)
     print(f"\nThe forward's online softmax on random q, k, v (D={D}, seed {seed}): after each key tile, every row's")
     print("running max m_i and running sum l_i (base 2: scores are scaled by qk_scale = scale * log2 e)")
+    if dropout_p > 0.0:
+        print("and under it each row's keep mask on that tile (1 = kept, 0 = dropped, . = future, masked anyway)")
     program = None
     for step in trace:
         if (step["bh"], step["start_m"]) != program:  # a new program: its header
@@ -104,12 +113,85 @@ def explain_attention(T: int, Tq: int, block_m: int, block_n: int, D: int, seed:
         cols = _span(step["start_n"], min(step["start_n"] + block_n, Tk))
         kind = "masked " if step["on_diagonal"] else "no mask"
         print(f"    keys {cols:>7} {kind}  m_i = {_fmt(step['m_i'])}  l_i = {_fmt(step['l_i'])}")
-    print("  at the end: O = acc / l_i, LSE = m_i + log2(l_i)")
+        if step["keep"] is not None:
+            _print_keep(step, Tq, Tk)
+    if dropout_p > 0.0:
+        print(f"  at the end: O = acc / l_i / (1 - p) = acc / l_i * {1.0 / (1.0 - dropout_p):.6g} (the kept weights "
+              f"rescaled),")
+        print("              LSE = m_i + log2(l_i) (l_i summed the weights before dropout)")
+    else:
+        print("  at the end: O = acc / l_i, LSE = m_i + log2(l_i)")
     keep = None
     if dropout_p > 0.0:
         keep = torch.from_numpy(tiled.dropout_keep_mask(seed, 0, Tk, dropout_p, Tq=Tq))[None, None]
     plain = causal_attention_math(q, k, v, dropout_p=dropout_p, dropout_mask=keep)
-    print(f"check: max |tiled forward - softmax(q k^T) v computed whole| = {(o - plain).abs().max().item():.2e}")
+    what = "causal mask, the same dropout mask, / (1 - p)" if dropout_p > 0.0 else "causal mask"
+    print(f"check: max |O of the tiled loop - O of the float64 math ({what})| = "
+          f"{(o - plain).abs().max().item():.2e}")
+    for line in _check_lines(dropout_p):
+        print(line)
+
+
+def _check_lines(dropout_p: float) -> list[str]:
+    """What the check compares, under its line: the tiled loop against the whole-matrix float64 math."""
+    math_words = "softmax(q k^T / sqrt(D), future masked)"
+    if dropout_p > 0.0:
+        math_words += (f" * keep / (1 - p) @ v, keep the Philox mask above (dropped weights 0, kept ones "
+                       f"/ {1.0 - dropout_p:.6g})")
+    else:
+        math_words += " @ v"
+    return ["  the tiled loop: attention_forward of kernels/tiled.py (the kernel's loop), run in float64 here",
+            *_wrap(f"the float64 math: causal_attention_math of kernels/definitions.py, computed whole: {math_words}",
+                   "  ", "    ")]
+
+
+def _wrap(text: str, first: str, rest: str) -> list[str]:
+    return textwrap.wrap(text, width=WIDTH, initial_indent=first, subsequent_indent=rest)
+
+
+def _explain_dropout(Tq: int, Tk: int, block_m: int, block_n: int, seed: int, dropout_p: float) -> None:
+    """The rules the keep mask is drawn by: the Philox key and counter, the 8 keys a call serves, the threshold,
+    the calls a tile takes and the rescale (the "Dropout" section of kernels/attention.py's docstring)."""
+    layout = ", ".join(f"w{word} {'high' if half else 'low'}" for word, half in tiled.PHILOX_KEY_LAYOUT)
+    calls = block_m * block_n // 8
+    position = f"{Tk - Tq} + i" if Tk > Tq else "i"
+    print(f"\nDropout p = {dropout_p:g}, drawn as the kernels draw it (kernels/attention.py, \"Dropout\"; "
+          f"kernels/tiled.py rebuilds")
+    print("the mask bit for bit). The weight of query row i, at position a, on key j takes 16 bits of one Philox call")
+    print(f"  tl.randint4x(seed + bh * 2^32, a * Tk + 8 * (j // 8))   here: a = {position}, "
+          f"Tk = {Tk}, seed {seed}, bh = 0")
+    paragraphs = [
+        f"One call's four 32-bit words serve the 8 keys 8g .. 8g+7 of a group, 16 bits each, in the order {layout}. "
+        f"A key is kept when its draw >= round(p * 2^16) = {tiled.dropout_threshold(dropout_p)}: dropped with "
+        f"probability p to within 2^-17.",
+        f"One call per row per 8 keys: a BLOCK_M x BLOCK_N tile takes BLOCK_M * BLOCK_N / 8 = {block_m} * {block_n}"
+        f" / 8 = {calls} Philox call{'s' if calls != 1 else ''}, in the forward and again in each backward kernel "
+        f"(the mask is redrawn, never stored).",
+        f"A dropped weight is left out of acc only: l_i still sums every weight (so does the LSE), and O is "
+        f"rescaled once, at the end, by 1 / (1 - p) = {1.0 / (1.0 - dropout_p):.6g}.",
+    ]
+    for paragraph in paragraphs:
+        print("\n".join(_wrap(paragraph, "  ", "    ")))
+
+
+def _print_keep(step: dict, Tq: int, Tk: int) -> None:
+    """One line per row of a forward step's tile: its position a, its Philox counters (one per 8 keys), which keys
+    it keeps and which it drops. Keys in the row's future are masked whatever the draw: shown as '.'."""
+    cols = step["cols"].tolist()
+    groups = sorted({8 * (j // 8) for j in cols})
+    label = "counter" if len(groups) == 1 else "counters"
+    lines = []
+    for a, keep in zip(step["q_pos"].tolist(), step["keep"].tolist()):
+        counters = ", ".join(str(a * Tk + g) for g in groups)
+        marks = ["." if j > a else "1" if kept else "0" for j, kept in zip(cols, keep)]
+        pattern = " ".join("".join(marks[n:n + 8]) for n in range(0, len(marks), 8))
+        dropped = ", ".join(str(j) for j, mark in zip(cols, marks) if mark == "0") or "none"
+        lines.append((a, counters, pattern, dropped))
+    row_w, pos_w = len(str(Tq - 1)), len(str(Tk - 1))
+    counters_w = max(len(counters) for _, counters, _, _ in lines)
+    for a, counters, pattern, dropped in lines:
+        print(f"      row {a - (Tk - Tq):>{row_w}} (a = {a:>{pos_w}})  {label} {counters:<{counters_w}}  "
+              f"keep {pattern}  dropped: {dropped}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--Tq", type=int, default=None,
                            help="number of queries, the last Tq of the T positions (default T)")
     attention.add_argument("--block-m", type=int, default=4, help="query rows per tile, BLOCK_M (default 4)")
-    attention.add_argument("--block-n", type=int, default=2, help="keys per tile, BLOCK_N (default 2)")
+    attention.add_argument("--block-n", type=int, default=None,
+                           help="keys per tile, BLOCK_N (default 2; 8 with --dropout)")
     attention.add_argument("--D", type=int, default=4, help="head dimension of the random inputs (default 4)")
     attention.add_argument("--dropout", type=float, default=0.0,
-                           help="dropout probability, drawn as the kernel draws it (needs --block-n a multiple of 8)")
+                           help="dropout probability, drawn as the kernel draws it; prints each row's kept and "
+                           "dropped keys (needs --block-n a multiple of 8)")
     attention.add_argument("--seed", type=int, default=0, help="seed of the random inputs and the dropout")
     layer_norm = ops.add_parser("layer_norm", help="the backward's row groups and every step's statistics")
     layer_norm.add_argument("--rows", type=int, default=6, help="number of rows M (default 6)")
@@ -206,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     _check_seed(args.seed)
     if args.op == "attention":
         Tq = args.T if args.Tq is None else args.Tq
+        if args.block_n is None:
+            args.block_n = 8 if args.dropout > 0.0 else 2  # dropout draws 8 keys per Philox call
         _check_attention_args(args, Tq)
         return run_cli(lambda: explain_attention(args.T, Tq, args.block_m, args.block_n, args.D, args.seed,
                                                  args.dropout))

@@ -11,10 +11,11 @@ change:
                                        loop bounds with the tiled mirror of the kernels
     attention_tile_grid_chunk.png      the same for a chunk: the last Tq = 200 queries against Tk = 512 keys, the
                                        diagonal shifted right and falling across tiles
-    layer_norm_backward_reduction.png  the LayerNorm backward's two-stage reduction of dw and db: rows cut into G
-                                       groups (``tiled.layer_norm_groups`` with layer_norm.py's tile and group
-                                       constants), one (G, C) row of partial sums per group, then column slices
-                                       of REDUCE_BLOCK_C summed over the G rows
+    layer_norm_backward_reduction.png  the LayerNorm backward's two-stage reduction of dw and db, in one
+                                       configuration a GPU runs (GPT-2 small's 8192 rows of 768 on 132
+                                       multiprocessors): rows cut into G groups (``tiled.layer_norm_groups`` with
+                                       the launcher's group count and GPU tile), one (G, C) row of partial sums
+                                       per group, then column slices of REDUCE_BLOCK_C summed over the G rows
     attention_dropout_philox.png       which 16-bit half of which of the four 32-bit words of one Philox call each
                                        of the 8 keys of a group draws (``tiled.PHILOX_KEY_LAYOUT``, which
                                        tests/test_tiled.py and tests/test_figures.py check against the kernel)
@@ -44,7 +45,7 @@ import torch
 from . import tiled
 from .cli import run_cli
 from .attention_tiles import tiles_for
-from .layer_norm import GROUPS_PER_SM, INTERPRETER_GROUPS, REDUCE_BLOCK_C, backward_tile, row_tile
+from .layer_norm import GPU_TILE, GROUPS_PER_SM, REDUCE_BLOCK_C, REDUCE_BLOCK_G, backward_tile, row_tile
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures"
 DPI = 100  # with the sizes below: 1100 px wide, about GitHub's page width at 1:1 when scaled to fit
@@ -89,24 +90,44 @@ def attention_tiles(Tq: int, Tk: int) -> dict[str, tuple[int, int]]:
 class LayerNormLayout(NamedTuple):
     n_rows: int  # M
     width: int  # C
+    multiprocessors: int  # the GPU's, which sets the number of groups
     n_groups: int  # G asked for; len(groups) may be fewer (no group without rows)
-    block_m: int  # rows per stage-1 loop step
-    groups: list[list[int]]  # the rows of each group
+    block_m: int  # rows per stage-1 loop step (BLOCK_M)
+    block_c: int  # the row width padded to a power of two (BLOCK_C)
+    groups: list[list[int]]  # the rows of each group: each stage-1 program's
     reduce_block_c: int  # columns per stage-2 program
+    reduce_block_g: int  # partial rows a stage-2 program adds per step
 
 
-LAYER_NORM_ROWS, LAYER_NORM_WIDTH = 30, 2048  # bf16 rows of 2048: 2 rows per step, as row_tile gives on a GPU
+# One configuration a GPU runs: GPT-2 small's LayerNorm over a batch of 8 sequences of 1024 tokens, in bf16, on a
+# GPU with 132 multiprocessors (an H100 SXM or an H200).
+LAYER_NORM_ROWS, LAYER_NORM_WIDTH, GPU_MULTIPROCESSORS = 8192, 768, 132
 
 
-def layer_norm_layout(n_rows: int = LAYER_NORM_ROWS, width: int = LAYER_NORM_WIDTH) -> LayerNormLayout:
-    """The backward's row groups for ``n_rows`` bf16 rows of ``width``: G = INTERPRETER_GROUPS (on a GPU it is
-    GROUPS_PER_SM per multiprocessor, hundreds of groups, too many to draw), the GPU's stage-1 tile
-    (``backward_tile(row_tile(...))``), and the rows of each group as the launcher assigns them."""
-    n_groups = INTERPRETER_GROUPS
-    rows_per_program = -(-n_rows // max(1, min(n_groups, n_rows)))
-    block_m = backward_tile(row_tile(width, 2, rows_per_program, interpreting=False)).BLOCK_M
-    groups = tiled.layer_norm_groups(n_rows, n_groups, block_m)
-    return LayerNormLayout(n_rows, width, n_groups, block_m, groups, REDUCE_BLOCK_C)
+def layer_norm_layout(n_rows: int = LAYER_NORM_ROWS, width: int = LAYER_NORM_WIDTH,
+                      multiprocessors: int = GPU_MULTIPROCESSORS) -> LayerNormLayout:
+    """The backward's stage-1 programs for ``n_rows`` bf16 rows of ``width`` on a GPU with ``multiprocessors``,
+    as ``_layer_norm_backward`` launches them there: G = GROUPS_PER_SM per multiprocessor (at most one a row), the
+    GPU's tile (``backward_tile(row_tile(...))``), and the rows of each group (``tiled.layer_norm_groups``)."""
+    n_groups = max(1, min(GROUPS_PER_SM * multiprocessors, n_rows))
+    tile = backward_tile(row_tile(width, 2, -(-n_rows // n_groups), interpreting=False))
+    groups = tiled.layer_norm_groups(n_rows, n_groups, tile.BLOCK_M)
+    return LayerNormLayout(n_rows, width, multiprocessors, n_groups, tile.BLOCK_M, tile.BLOCK_C, groups,
+                           REDUCE_BLOCK_C, REDUCE_BLOCK_G)
+
+
+def layer_norm_caption(layout: LayerNormLayout) -> str:
+    """The figure's caption: which configuration it draws (width, rows per program, groups), and from where."""
+    M, C, G = layout.n_rows, layout.width, len(layout.groups)
+    rows_per_group = len(layout.groups[0])
+    steps = -(-rows_per_group // layout.block_m)
+    return (f"One configuration a GPU runs: M = {M} bf16 rows of C = {C} (GPT-2 small, 8 x 1024 tokens) on "
+            f"{layout.multiprocessors} multiprocessors (H100, H200):\n"
+            f"G = GROUPS_PER_SM x {layout.multiprocessors} = {layout.n_groups} groups asked, {G} used; "
+            f"{rows_per_group} rows per program, in {steps} steps of BLOCK_M = {layout.block_m} rows "
+            f"(GPU_TILE / BLOCK_C = {GPU_TILE} / {layout.block_c});\n"
+            f"stage 2: REDUCE_BLOCK_C = {layout.reduce_block_c} columns per program, REDUCE_BLOCK_G = "
+            f"{layout.reduce_block_g} partial rows a step (kernels/layer_norm.py)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,65 +246,98 @@ def draw_attention_tile_grid(path: Path, Tq: int, Tk: int) -> Path:
 GROUP_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756", "#72b7b2", "#eeca3b", "#9d755d")
 
 
+def _shown_groups(n_groups: int, first: int = 3) -> list[int | None]:
+    """The groups drawn: the first few and the last, None where the ones between are left out."""
+    if n_groups <= first + 1:
+        return list(range(n_groups))
+    return [*range(first), None, n_groups - 1]
+
+
 def draw_layer_norm_backward_reduction(path: Path) -> Path:
-    """Rows -> G groups (stage 1, one program each) -> (G, C) partials -> column slices summed (stage 2)."""
+    """Rows -> G groups (stage 1, one program each) -> (G, C) partials -> column slices summed (stage 2). With
+    hundreds of groups only the first three and the last are drawn, at their true size in rows; the ones between
+    are a gap."""
     from matplotlib.patches import Rectangle
 
     layout = layer_norm_layout()
     M, C, block_m = layout.n_rows, layout.width, layout.block_m
     G = len(layout.groups)
-    fig = _new_figure(11, 6.6)
-    ax = fig.add_axes((0.16, 0.08, 0.58, 0.74))
-    row_h, gap = 1.0, 4.0
-    partial_top = M * row_h + gap  # the (G, C) partials, each row 1.5 tall
-    partial_h = 1.5
-    out_top = partial_top + G * partial_h + gap
-    out_h = 1.5
+    shown = _shown_groups(G)
+    rows_per_group = len(layout.groups[0])
+    fig = _new_figure(11, 7.4)
+    ax = fig.add_axes((0.16, 0.07, 0.58, 0.71))
+    skip_h, gap, partial_h, out_h = 0.7 * rows_per_group, 0.55 * rows_per_group, 0.2 * rows_per_group, \
+        0.25 * rows_per_group
+    # the vertical place of each shown group's rows (drawn one unit a row) and of its row of partial sums
+    tops, partial_tops, y, py = {}, {}, 0.0, 0.0
+    for g in shown:
+        if g is None:
+            y, py = y + skip_h, py + partial_h
+            continue
+        tops[g], partial_tops[g] = y, py
+        y, py = y + len(layout.groups[g]), py + partial_h
+    rows_end = y
+    partial_top = rows_end + gap
+    partials_end = partial_top + py
+    out_top = partials_end + gap
 
     # stage 1: the rows of x and dy, coloured by group, a thin line between loop steps of block_m rows
-    for g, rows in enumerate(layout.groups):
+    for n, g in enumerate(shown):
+        if g is None:
+            left_out = f"groups {shown[n - 1] + 1} .. {shown[n + 1] - 1}"
+            rows = f"rows {layout.groups[shown[n - 1] + 1][0]} .. {layout.groups[shown[n + 1] - 1][-1]}"
+            top = tops[shown[n - 1]] + len(layout.groups[shown[n - 1]])
+            ax.text(C / 2, top + skip_h / 2, f"...   {left_out} ({rows}), {rows_per_group} rows each   ...",
+                    ha="center", va="center", fontsize=10)
+            ax.text(C * 1.02, top + skip_h / 2, f"programs {shown[n - 1] + 1} .. {shown[n + 1] - 1}: alike",
+                    ha="left", va="center", fontsize=10)
+            ax.text(C / 4, partial_top + partial_tops[shown[n - 1]] + 1.5 * partial_h,
+                    f"...   rows {shown[n - 1] + 1} .. {shown[n + 1] - 1}   ...", ha="center", va="center", fontsize=9)
+            continue
+        rows, top = layout.groups[g], tops[g]
         color = GROUP_COLORS[g % len(GROUP_COLORS)]
-        ax.add_patch(Rectangle((0, rows[0]), C, len(rows), facecolor=color, alpha=0.55, edgecolor="none"))
-        for step in range(rows[0] + block_m, rows[-1] + 1, block_m):
-            ax.plot([0, C], [step, step], color="white", linewidth=0.8)
-        ax.plot([0, C], [rows[0], rows[0]], color="black", linewidth=1.4)
+        ax.add_patch(Rectangle((0, top), C, len(rows), facecolor=color, alpha=0.55, edgecolor="none"))
+        for step in range(block_m, len(rows), block_m):
+            ax.plot([0, C], [top + step, top + step], color="white", linewidth=0.8)
+        ax.add_patch(Rectangle((0, top), C, len(rows), fill=False, edgecolor="black", linewidth=1.4))
         n_steps = -(-len(rows) // block_m)
-        ax.text(C * 1.02, rows[0] + len(rows) / 2,
+        ax.text(C * 1.02, top + len(rows) / 2,
                 f"program {g}: rows {rows[0]}-{rows[-1]}\n{n_steps} steps of {block_m} rows",
                 va="center", ha="left", fontsize=10)
         # its row of partial sums, and an arrow from the group to it
-        y = partial_top + g * partial_h
+        y = partial_top + partial_tops[g]
         ax.add_patch(Rectangle((0, y), C, partial_h, facecolor=color, alpha=0.55, edgecolor="white"))
-        ax.annotate("", xy=(-0.005 * C, y + partial_h / 2), xytext=(-0.005 * C, rows[0] + len(rows) / 2),
+        ax.annotate("", xy=(-0.005 * C, y + partial_h / 2), xytext=(-0.005 * C, top + len(rows) / 2),
                     arrowprops=dict(arrowstyle="->", color=color, linewidth=1.8, shrinkA=0, shrinkB=0,
-                                    connectionstyle=f"arc3,rad={0.08 + 0.04 * (G - g)}"), annotation_clip=False)
-    ax.add_patch(Rectangle((0, 0), C, M, fill=False, edgecolor="black", linewidth=1.4))
+                                    connectionstyle=f"arc3,rad={0.1 + 0.04 * (len(shown) - n)}"),
+                    annotation_clip=False)
 
     # stage 2: column slices of the partials, one program each; one of them outlined down to its output
     n_slices = -(-C // layout.reduce_block_c)
     for s in range(1, n_slices):
         x = s * layout.reduce_block_c
-        ax.plot([x, x], [partial_top, partial_top + G * partial_h], color="white", linewidth=0.8)
+        ax.plot([x, x], [partial_top, partials_end], color="white", linewidth=0.8)
         ax.plot([x, x], [out_top, out_top + out_h], color="#888888", linewidth=0.5)
-    ax.add_patch(Rectangle((0, partial_top), C, G * partial_h, fill=False, edgecolor="black", linewidth=1.4))
+    ax.add_patch(Rectangle((0, partial_top), C, partials_end - partial_top, fill=False, edgecolor="black",
+                           linewidth=1.4))
     ax.add_patch(Rectangle((0, out_top), C, out_h, facecolor="#dddddd", edgecolor="black", linewidth=1.4))
     chosen = n_slices // 2
     x0 = chosen * layout.reduce_block_c
-    for top, h in ((partial_top, G * partial_h), (out_top, out_h)):
+    for top, h in ((partial_top, partials_end - partial_top), (out_top, out_h)):
         ax.add_patch(Rectangle((x0, top), layout.reduce_block_c, h, fill=False, edgecolor="black", linewidth=2.2))
     ax.annotate("", xy=(x0 + layout.reduce_block_c / 2, out_top),
-                xytext=(x0 + layout.reduce_block_c / 2, partial_top + G * partial_h),
+                xytext=(x0 + layout.reduce_block_c / 2, partials_end),
                 arrowprops=dict(arrowstyle="->", color="black", linewidth=1.6))
-    ax.text(C * 1.02, partial_top + G * partial_h / 2,
+    ax.text(C * 1.02, (partial_top + partials_end) / 2,
             f"stage 1 writes one row per program:\n({G}, {C}) float32 partial sums,\none array for dw, one for db",
             va="center", ha="left", fontsize=10)
     ax.text(C * 1.02, out_top + out_h / 2,
-            f"stage 2: {n_slices} programs, each sums\n{layout.reduce_block_c} columns over the {G} rows\n"
-            f"(outlined: program {chosen})", va="center", ha="left", fontsize=10)
+            f"stage 2: {n_slices} programs, each sums\n{layout.reduce_block_c} columns over the {G} rows,\n"
+            f"{layout.reduce_block_g} rows a step (outlined: {chosen})", va="center", ha="left", fontsize=10)
 
     # labels on the left
-    labels = ((M / 2, f"x and dy:\n{M} rows\nof {C}"), (partial_top + G * partial_h / 2, "partial\nsums:\n(G, C)"),
-              (out_top + out_h / 2, "dw, db:\n(C,)"))
+    labels = ((rows_end / 2, f"x and dy:\n{M} rows\nof {C}"),
+              ((partial_top + partials_end) / 2, f"partial\nsums:\n({G}, {C})"), (out_top + out_h / 2, "dw, db:\n(C,)"))
     for y, label in labels:
         ax.text(-0.1 * C, y, label, va="center", ha="right", fontsize=10.5)
     ax.set_xlim(0, C)
@@ -295,12 +349,7 @@ def draw_layer_norm_backward_reduction(path: Path) -> Path:
         ax.spines[side].set_visible(False)
     fig.suptitle("LayerNorm backward: dw = sum over rows of dy * xhat and db = sum over rows of dy, in two stages",
                  y=0.98)
-    fig.text(0.5, 0.905,
-             f"M = {M} bf16 rows of C = {C}; G = {layout.n_groups} row groups (INTERPRETER_GROUPS; on a GPU "
-             f"GROUPS_PER_SM = {GROUPS_PER_SM} per multiprocessor);\n"
-             f"{block_m} rows per loop step (backward_tile(row_tile(...)) on a GPU); "
-             f"REDUCE_BLOCK_C = {layout.reduce_block_c} columns per stage-2 program (kernels/layer_norm.py)",
-             ha="center", va="center", fontsize=10)
+    fig.text(0.5, 0.885, layer_norm_caption(layout), ha="center", va="center", fontsize=10, linespacing=1.5)
     return _save(fig, path)
 
 

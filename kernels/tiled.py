@@ -220,12 +220,14 @@ def _forward_inner(acc, l_i, m_i, q, k, v, q_pos, lo, hi, Tk, qk_scale, block_n,
         p = torch.exp2(s - m_new[:, None])
         alpha = torch.exp2(m_i - m_new)  # how much the old terms shrink under the new max
         l_i = l_i * alpha + p.sum(1)  # the normalizer sums the undropped weights
-        if keep_fn is not None:
-            p = torch.where(keep_fn(q_pos, cols), p, 0.0)  # the 1 / (1 - p) factor is applied once, at the end
+        keep = keep_fn(q_pos, cols) if keep_fn is not None else None  # (BLOCK_M, BLOCK_N) bool, True = kept
+        if keep is not None:
+            p = torch.where(keep, p, 0.0)  # the 1 / (1 - p) factor is applied once, at the end
         acc = acc * alpha[:, None] + p @ v[cols]
         m_i = m_new
         if trace is not None:
-            trace.append(dict(program, start_n=start_n, on_diagonal=on_diagonal, m_i=m_i.clone(), l_i=l_i.clone()))
+            trace.append(dict(program, start_n=start_n, on_diagonal=on_diagonal, m_i=m_i.clone(), l_i=l_i.clone(),
+                              q_pos=q_pos.clone(), cols=cols, keep=keep))
     return acc, l_i, m_i
 
 
@@ -237,7 +239,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     q (B, H, Tq, D), k, v (B, H, Tk, D), Tq <= Tk (the queries are the last Tq positions). Returns o (B, H, Tq, D)
     and lse (B * H, Tq), each row's log-sum-exp in base 2 (LSE * log2 e), the layout the kernel saves. Both in
     float32 (float64 for float64 inputs). With ``dropout_p`` > 0 the keep mask is the kernel's for ``seed``.
-    ``trace``: a list to append one dict per loop step to (bh, start_m, start_n, on_diagonal, m_i, l_i).
+    ``trace``: a list to append one dict per loop step to (bh, start_m, start_n, on_diagonal, m_i, l_i, and the
+    step's query positions q_pos, key positions cols and dropout keep mask keep: None without dropout).
     """
     _check_attention(q, k, block_m, block_n, dropout_p)
     B, H, Tq, D = q.shape

@@ -11,9 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kernels import explain, tiled
+from kernels.definitions import future_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKS = explain.GRID_MARKS
@@ -49,7 +51,8 @@ def _check_attention_printout(out: str, Tq: int, Tk: int, block_m: int, block_n:
     # one line of running statistics per forward loop step
     steps = int((tiled.attention_tile_grid("fwd", Tq, Tk, block_m, block_n) > 0).sum())
     assert len(re.findall(r"^\s+keys .* m_i = ", out, flags=re.M)) == steps
-    error = float(re.search(r"computed whole\| = (\S+)", out).group(1))
+    error = float(re.search(r"^check: max \|O of the tiled loop - O of the float64 math \(.*\)\| = (\S+)$", out,
+                            flags=re.M).group(1))
     assert error < 1e-12
 
 
@@ -62,6 +65,120 @@ def test_attention_prints_the_tiles_each_kernel_visits():
 def test_attention_with_fewer_queries_and_dropout(capsys):
     explain.main(["attention", "--T", "12", "--Tq", "5", "--block-m", "2", "--block-n", "8", "--dropout", "0.2"])
     _check_attention_printout(capsys.readouterr().out, 5, 12, 2, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dropout: the keep mask under each forward tile, and the rules it is drawn by
+
+
+def _keep_from_philox(seed: int, Tq: int, Tk: int, p: float) -> np.ndarray:
+    """(Tq, Tk) bool, True = kept, from the sentence of kernels/attention.py's "Dropout" section, one entry at a
+    time: key seed (bh = 0), counter a * Tk + 8 * (j // 8), key 8g + r takes the 16 bits PHILOX_KEY_LAYOUT[r] (read
+    off the kernel in tests/test_tiled.py), kept when the draw >= round(p * 2^16). Shares no code with the mask
+    functions of kernels/tiled.py but philox4x32 itself (checked against tl.randint4x in tests/test_tiled.py)."""
+    keep = np.zeros((Tq, Tk), dtype=bool)
+    for i in range(Tq):
+        a = Tk - Tq + i
+        for j in range(Tk):
+            words = tiled.philox4x32(seed, [a * Tk + 8 * (j // 8)])
+            word, half = tiled.PHILOX_KEY_LAYOUT[j % 8]
+            draw = (int(words[word][0]) >> (16 * half)) & 0xFFFF
+            keep[i, j] = draw >= round(p * 2**16)
+    return keep
+
+
+KEEP_LINE = re.compile(r"^ {6}row +(\d+) \(a = +(\d+)\)  counters? ([\d, ]+?) +keep ([01. ]+?)  dropped: (.*)$")
+STEP_LINE = re.compile(r"^ {4}keys +(\d+)(?:-(\d+))? (masked |no mask)  m_i = ")
+
+
+def _printed_keep(out: str) -> list[tuple[int, int, list[int], list[int], str, str]]:
+    """Every keep line of the printout: (row, a, counters, the step's keys, pattern, dropped)."""
+    found, cols = [], None
+    for line in out.splitlines():
+        if step := STEP_LINE.match(line):
+            first, last = int(step.group(1)), int(step.group(2) or step.group(1))
+            cols = list(range(first, last + 1))
+        elif keep := KEEP_LINE.match(line):
+            row, a, counters, pattern, dropped = keep.groups()
+            found.append((int(row), int(a), [int(c) for c in counters.split(", ")], cols, pattern, dropped))
+    return found
+
+
+@pytest.mark.parametrize("seed, T, Tq, block_m, block_n, p", [
+    (0, 10, 10, 4, 8, 0.25),  # the command of the course: --dropout 0.25, --block-n 8 by default
+    (3, 20, 7, 2, 16, 0.5),  # fewer queries than keys, two groups of 8 per tile, a tile cut short
+    (11, 9, 9, 3, 8, 0.2),
+])
+def test_printed_keep_mask_is_the_kernels(seed, T, Tq, block_m, block_n, p, capsys):
+    args = ["attention", "--T", str(T), "--Tq", str(Tq), "--block-m", str(block_m), "--dropout", str(p),
+            "--seed", str(seed)]
+    if block_n != 8:
+        args += ["--block-n", str(block_n)]
+    assert explain.main(args) == 0
+    out = capsys.readouterr().out
+    _check_attention_printout(out, Tq, T, block_m, block_n)
+    expected = _keep_from_philox(seed, Tq, T, p)
+    assert (expected == tiled.dropout_keep_mask(seed, 0, T, p, Tq=Tq)).all()
+    lines = _printed_keep(out)
+    # one line per row of every forward step's tile
+    steps = tiled.attention_tile_grid("fwd", Tq, T, block_m, block_n) > 0
+    assert len(lines) == sum(min(block_m, Tq - i * block_m) for i, j in zip(*np.nonzero(steps)))
+    seen = np.zeros((Tq, T), dtype=bool)
+    for row, a, counters, cols, pattern, dropped in lines:
+        assert a == T - Tq + row
+        assert counters == sorted({a * T + 8 * (j // 8) for j in cols})  # one Philox call per 8 keys
+        marks = pattern.replace(" ", "")
+        assert len(marks) == len(cols) and pattern.split(" ") == [marks[n:n + 8] for n in range(0, len(marks), 8)]
+        for j, mark in zip(cols, marks):
+            want = "." if j > a else "1" if expected[row, j] else "0"
+            assert mark == want, f"row {row}, key {j}: printed {mark!r}, the kernel's mask says {want!r}"
+            seen[row, j] = True
+        assert dropped == (", ".join(str(j) for j, m in zip(cols, marks) if m == "0") or "none")
+    assert seen[~future_mask(Tq, T).numpy()].all()  # every weight the forward uses was shown
+    assert "0" in "".join(line[4] for line in lines)  # something was dropped: the case shows a dropout
+
+
+def test_dropout_section_appears_with_dropout_and_not_without():
+    with_dropout = _run("attention", "--dropout", "0.25")  # the student's command, as typed
+    assert with_dropout.returncode == 0, with_dropout.stderr
+    out = with_dropout.stdout
+    assert "BLOCK_N=8 keys" in out  # --block-n defaults to 8 with --dropout
+    assert "\nDropout p = 0.25, drawn as the kernels draw it" in out
+    assert "tl.randint4x(seed + bh * 2^32, a * Tk + 8 * (j // 8))" in out
+    assert "BLOCK_M * BLOCK_N / 8 = 4 * 8 / 8 = 4 Philox calls" in out
+    assert "A key is kept when its draw >= round(p * 2^16) = 16384" in out
+    assert "1 / (1 - p) = 1.33333" in out and "O = acc / l_i / (1 - p)" in out
+    order = ", ".join(f"w{word} {'high' if half else 'low'}" for word, half in tiled.PHILOX_KEY_LAYOUT)
+    assert order in " ".join(line.strip() for line in out.splitlines())
+    assert _printed_keep(out)
+
+    without = _run("attention", "--T", "10", "--block-n", "8")
+    assert without.returncode == 0, without.stderr
+    for words in ("Dropout", "Philox", "keep ", "dropped", "1 - p"):
+        assert words not in without.stdout, words
+    assert not _printed_keep(without.stdout)
+
+
+def test_check_line_says_what_is_compared(capsys):
+    explain.main(["attention", "--T", "9", "--dropout", "0.3"])
+    out = capsys.readouterr().out
+    check = out[out.index("\ncheck: "):].strip().splitlines()
+    assert re.fullmatch(r"check: max \|O of the tiled loop - O of the float64 math \(causal mask, the same dropout "
+                        r"mask, / \(1 - p\)\)\| = \d\.\d\de-\d\d", check[0])
+    words = " ".join(line.strip() for line in check[1:])
+    assert words == ("the tiled loop: attention_forward of kernels/tiled.py (the kernel's loop), run in float64 here "
+                     "the float64 math: causal_attention_math of kernels/definitions.py, computed whole: "
+                     "softmax(q k^T / sqrt(D), future masked) * keep / (1 - p) @ v, keep the Philox mask above "
+                     "(dropped weights 0, kept ones / 0.7)")
+    assert "softmax(q k^T) v computed whole" not in out
+
+    explain.main(["attention", "--T", "9"])
+    out = capsys.readouterr().out
+    check = out[out.index("\ncheck: "):].strip().splitlines()
+    assert re.fullmatch(r"check: max \|O of the tiled loop - O of the float64 math \(causal mask\)\| = "
+                        r"\d\.\d\de-\d\d", check[0])
+    assert " ".join(line.strip() for line in check[1:]).endswith(
+        "computed whole: softmax(q k^T / sqrt(D), future masked) @ v")
 
 
 def test_layer_norm_prints_groups_and_steps():

@@ -3,7 +3,7 @@
 The committed PNGs must be what ``python -m kernels.figures`` draws now: they are redrawn into a temporary folder
 and compared pixel by pixel (decoded images, not bytes, so a different PNG encoder version does not matter). The
 data behind them must be right independently of the drawing: every tile grid drawn is checked against a brute-force
-causal mask and the LayerNorm groups against the launcher's arithmetic. (The Philox layout it draws,
+causal mask and the LayerNorm groups against the GPU launcher's arithmetic. (The Philox layout it draws,
 ``tiled.PHILOX_KEY_LAYOUT``, is read off the kernel in tests/test_tiled.py.)
 """
 from __future__ import annotations
@@ -120,14 +120,18 @@ class _RecordLaunch:
 
 
 def test_drawn_layer_norm_groups_are_the_launchers(monkeypatch):
-    """The figure's row groups and step size are the ones _layer_norm_backward launches stage 1 with, for the
-    figure's shape (bf16 rows on a GPU, with its number of groups): the launch is recorded, not run."""
+    """The figure's configuration is one a GPU runs: its row groups, rows per program and step size are the ones
+    _layer_norm_backward launches stage 1 with for the figure's shape (bf16 rows) on a CUDA device with the
+    figure's number of multiprocessors, the group count from the launcher's own _num_groups. The launch is
+    recorded, not run."""
     layout = figures.layer_norm_layout()
     dx_kernel, dwdb_kernel = _RecordLaunch(), _RecordLaunch()
+    num_groups = layer_norm._num_groups
     monkeypatch.setattr(layer_norm, "_layer_norm_bwd_dx", dx_kernel)
     monkeypatch.setattr(layer_norm, "_layer_norm_bwd_dwdb", dwdb_kernel)
-    monkeypatch.setattr(layer_norm, "_num_groups", lambda n_rows, device: max(1, min(layout.n_groups, n_rows)))
-    monkeypatch.setattr(layer_norm, "is_interpreting", lambda: False)  # the GPU's tiles
+    monkeypatch.setattr(layer_norm, "is_interpreting", lambda: False)  # the GPU's tiles and group count
+    monkeypatch.setattr(layer_norm, "_sm_count", lambda index: layout.multiprocessors)
+    monkeypatch.setattr(layer_norm, "_num_groups", lambda n_rows, device: num_groups(n_rows, torch.device("cuda", 0)))
     M, C = layout.n_rows, layout.width
     x = torch.zeros(M, C, dtype=torch.bfloat16)
     w = torch.ones(C, dtype=torch.bfloat16)
@@ -138,9 +142,30 @@ def test_drawn_layer_norm_groups_are_the_launchers(monkeypatch):
     n_groups, rows_per_group = grid[0], args[11]
     launched = [list(range(g * rows_per_group, min((g + 1) * rows_per_group, M))) for g in range(n_groups)]
     assert layout.groups == launched
-    assert layout.block_m == kwargs["BLOCK_M"]
+    assert (layout.block_m, layout.block_c) == (kwargs["BLOCK_M"], kwargs["BLOCK_C"])
+    assert layout.n_groups == num_groups(M, torch.device("cuda", 0))  # G asked for, before the rounding
     (grid, args, kwargs), = dwdb_kernel.calls
     assert grid[0] == -(-C // layout.reduce_block_c) and kwargs["BLOCK_C"] == layout.reduce_block_c
+    assert args[4] == len(layout.groups) and kwargs["BLOCK_G"] == layout.reduce_block_g
+
+
+def test_layer_norm_figure_says_which_configuration_it_draws():
+    """The caption names the width, the rows per program and the groups drawn, and they are the GPU's tile for that
+    width (row_tile, not the interpreter's) and GROUPS_PER_SM groups per multiprocessor — not the interpreter's
+    INTERPRETER_GROUPS."""
+    layout = figures.layer_norm_layout()
+    tile = layer_norm.backward_tile(layer_norm.row_tile(layout.width, 2, len(layout.groups[0]), interpreting=False))
+    assert (layout.width, tile.BLOCK_M, tile.BLOCK_C) == (768, 4, 1024)  # GPT-2 small's width: 4 rows a step
+    assert layout.block_m == tile.BLOCK_M
+    assert layout.n_groups == layer_norm.GROUPS_PER_SM * layout.multiprocessors != layer_norm.INTERPRETER_GROUPS
+    caption = figures.layer_norm_caption(layout)
+    rows_per_program = len(layout.groups[0])
+    for words in (f"M = {layout.n_rows} bf16 rows of C = {layout.width}", f"on {layout.multiprocessors} "
+                  f"multiprocessors", f"{layout.n_groups} groups asked, {len(layout.groups)} used",
+                  f"{rows_per_program} rows per program, in {rows_per_program // tile.BLOCK_M} steps of BLOCK_M = "
+                  f"{tile.BLOCK_M} rows", f"REDUCE_BLOCK_C = {layer_norm.REDUCE_BLOCK_C} columns per program"):
+        assert words in caption.replace("\n", " "), words
+    assert "INTERPRETER" not in caption
 
 
 def _never_draw(*args, **kwargs):
