@@ -499,6 +499,11 @@ def test_philox_counter_bound():
     assert MAX_DROPOUT_T == max(T for T in range(46000, 47000) if _max_counter(T) < 2**31)
     assert MAX_DROPOUT_T == math.isqrt(2**31 - 1)  # T * T < 2^31
     assert all(_max_counter(T) < T * T for T in range(1, 100))
+    # COURSE.md, lesson 7: past 2^31 the int32 counter wraps, but tl.randint4x reads its 32 bits as uint32, so the
+    # counters stay distinct while they are below 2^32, up to T = 65536 (the kernel's draws past 2^31 and past 2^32:
+    # tests/test_tiled.py)
+    assert _max_counter(65536) < 2**32 <= _max_counter(65537)
+    assert max(T for T in range(65000, 66000) if _max_counter(T) < 2**32) == 65536
     # a chunk (Tq < Tk) counts from positions: the dK/dV kernel's rows r from offset, (offset + r) * Tk + j
     Tk, offset = 50, 30
     assert all((offset + r) * Tk + j == r * Tk + (j + offset * Tk) for r in range(Tk - offset) for j in range(Tk))

@@ -239,6 +239,12 @@ if triton is not None:
         keep = _keep_mask(rng_key, rows, 0, T, dropout_p, R, C)  # the query at position r on key c
         tl.store(OUT + rows[:, None] * C + tl.arange(0, C)[None, :], keep.to(tl.int8))
 
+    @triton.jit
+    def _keep_mask_tile_kernel(OUT, rng_key, first_row, first_key, T, dropout_p, R: tl.constexpr, C: tl.constexpr):
+        r = tl.arange(0, R)
+        keep = _keep_mask(rng_key, first_row + r, first_key, T, dropout_p, R, C)  # rows at positions first_row + r
+        tl.store(OUT + r[:, None] * C + tl.arange(0, C)[None, :], keep.to(tl.int8))
+
 
 @needs_triton
 @pytest.mark.parametrize("seed", [0, 1234, 2**31 - 2, 77 + (5 << 32)])
@@ -335,3 +341,43 @@ def test_dropout_threshold_rounds_as_the_kernel():
     _keep_mask_kernel[(1,)](out, rng_key, C, p, R=R, C=C)
     ours = tiled.dropout_keep_mask(rng_key, 0, C, p)
     assert not ours[2, 3] and (out.cpu().numpy().astype(bool) == ours).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [46341, 60000, 65536, 70000])
+def test_keep_mask_counters_are_distinct_to_2_32_and_wrap_past_it(T):
+    """COURSE.md, lesson 7, answer 2, on the kernel's own ``_keep_mask``: a 16 x 16 tile, the last 16 query
+    positions against the 16 keys from 8 * ((T - 16) // 8), whose counters a * T + 8 * (j // 8) pass 2^31
+    (T = 46341 = MAX_DROPOUT_T + 1, the first T where any does: some of the tile's; T = 60000, 65536: all of them)
+    or 2^32 (T = 70000: all of them).
+
+    The kernel computes the counter in int32 arithmetic, which wraps, and ``tl.randint4x`` reads it as uint32, the
+    same 32 bits. So below 2^32 the kernel draws exactly what the NumPy mirror (int64 counters) draws at the true
+    counter c — not what it draws at c - 2^31, as it would if the counters collided at 2^31 — and from 2^32 on it
+    draws what the mirror draws at c - 2^32, not at c (the mirror carries past 2^32 into Philox's second counter
+    word; the kernel has none). ``tiled._keep_mask`` with Tk = 1 draws from given counters: row r's are
+    ``base[r] + 8 * (j // 8)``. p = 1/2: each entry is one bit of its draw."""
+    from kernels.attention import MAX_DROPOUT_T
+
+    R = C = 16
+    p, rng_key = 0.5, 1234 + (3 << 32)  # bh = 3 in the key's high word, as the launcher builds it
+    first_row, first_key = T - R, 8 * ((T - C) // 8)  # the key tile starts on a group of 8
+    rows, cols = np.arange(first_row, first_row + R), np.arange(first_key, first_key + C)
+    counters = rows[:, None].astype(np.int64) * T + 8 * (cols // 8)  # the true values: int64 holds them
+    out = torch.empty(R, C, dtype=torch.int8, device=DEVICE)
+    _keep_mask_tile_kernel[(1,)](out, rng_key, first_row, first_key, T, p, R=R, C=C)
+    kernel = out.cpu().numpy().astype(bool)
+
+    def drawn_at(shift: int) -> np.ndarray:  # the mirror's mask at counters c - shift
+        return tiled._keep_mask(rng_key, rows * T - shift, cols, 1, p)
+
+    assert counters.max() >= 2**31
+    if T == 46341:
+        assert T == MAX_DROPOUT_T + 1 and (counters < 2**31).any()
+    if counters.max() < 2**32:  # past int32, below 2^32: the true counters, no collision
+        assert (kernel == drawn_at(0)).all()
+        if counters.min() >= 2**31:
+            assert (kernel != drawn_at(2**31)).any()
+    else:  # past 2^32: c draws what c - 2^32 draws
+        assert counters.min() >= 2**32
+        assert (kernel == drawn_at(2**32)).all() and (kernel != drawn_at(0)).any()
