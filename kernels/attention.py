@@ -420,8 +420,9 @@ def _attention_bwd_dq(
 # The PyTorch op: the launchers, registered as custom operators
 #
 # Each launcher is a custom op (torch.library.custom_op): torch.compile sees one opaque node whose output shapes
-# come from register_fake, instead of tracing into Triton's launch machinery (which would break the graph), and
-# register_autograd wires autograd to the backward op. The forward op also returns the LSE, for the backward.
+# come from register_fake, instead of tracing the launcher, whose tile tuner times real launches (why not a traced
+# launch or a triton_op: COURSE.md, Lesson 8), and register_autograd wires autograd to the backward op. The
+# forward op also returns the LSE, for the backward.
 #
 # The dropout seed goes to both ops, so the backward regenerates the forward's mask. A Python int drawn at trace
 # time would be frozen into a compiled graph, so the seed is a one-element int64 CPU tensor from torch's default

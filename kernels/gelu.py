@@ -161,8 +161,8 @@ def _gelu_backward(x: torch.Tensor, dy: torch.Tensor, tanh: bool) -> torch.Tenso
 #
 # The launchers are registered as custom operators (torch.library.custom_op), forward and backward each as one op.
 # torch.compile then sees each as a single opaque node whose output shape comes from the register_fake function,
-# instead of tracing into Triton's launch machinery (which would break the graph), and autograd is wired to our
-# backward kernel by register_autograd.
+# instead of tracing the launcher (why an opaque op rather than a traced launch or a triton_op: COURSE.md, Lesson 8),
+# and autograd is wired to our backward kernel by register_autograd.
 
 
 @torch.library.custom_op("minigpt::gelu_fwd", mutates_args=())

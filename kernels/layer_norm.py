@@ -304,9 +304,9 @@ def _layer_norm_backward(dy2d, x2d, weight, mean, rstd, weight_dtype, bias_dtype
 #
 # The launchers are registered as custom operators (torch.library.custom_op), forward and backward each as one op.
 # torch.compile then sees each as a single opaque node whose output shapes come from the register_fake functions,
-# instead of tracing into Triton's launch machinery (which would break the graph), and autograd is wired to our
-# backward kernels by register_autograd. The forward op returns the per-row mean and rstd as extra outputs so that
-# they can be saved for the backward op.
+# instead of tracing the launcher (why an opaque op rather than a traced launch or a triton_op: COURSE.md, Lesson
+# 8), and autograd is wired to our backward kernels by register_autograd. The forward op returns the per-row mean
+# and rstd as extra outputs so that they can be saved for the backward op.
 
 
 @torch.library.custom_op("minigpt::layer_norm_fwd", mutates_args=())

@@ -210,9 +210,9 @@ def cross_entropy_rows_step(logits: torch.Tensor, targets: torch.Tensor, ignore_
 # The PyTorch op
 #
 # The loop and its kernel are registered as custom operators (torch.library.custom_op): torch.compile then sees
-# each as one opaque node, with output shapes from its register_fake function, instead of tracing into the chunk
-# loop and Triton's launch machinery (which would break the graph). Three ops, because the gradients are made at
-# two different times (see the top of this file):
+# each as one opaque node, with output shapes from its register_fake function, instead of tracing the chunk loop
+# and the launches (why: COURSE.md, Lesson 8). Three ops, because the gradients are made at two different times
+# (see the top of this file):
 #
 #   minigpt::linear_cross_entropy_fwd    "mean" / "sum" with gradients: (loss, grad_x, grad_weight), the gradients
 #                                        of the loss itself; its backward multiplies them by the upstream gradient

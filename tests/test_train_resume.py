@@ -1,11 +1,15 @@
 """Resuming: a flag given again wins over the checkpoint's value, even when it is the default's value; a flag not
-given continues the checkpoint's; the optimizer runs with the resumed run's values; other data is refused."""
+given continues the checkpoint's; the optimizer runs with the resumed run's values; other data is refused; a larger
+--max-steps rebuilds the cosine over the new total (COURSE.md, Lesson 2)."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from minigpt.checkpoint import CheckpointError
+from minigpt.optim import lr_lambda
 from minigpt.train import Trainer, build_parser, train
 
 BASE = ["--data", "stories", "--max-docs", "300", "--tokenizer", "bytes", "--preset", "tiny", "--n-layers", "1",
@@ -132,3 +136,48 @@ def test_the_parser_records_exactly_the_flags_given():
     args = build_parser().parse_args(["--grad-clip", "1.0", "--lr", "1e-3", "--overwrite"])
     assert args.given_flags == {"grad_clip", "lr", "overwrite"}
     assert args.grad_clip == 1.0 and args.seed == 123 and args.preset is None  # the others keep their defaults
+
+
+def _cosine(step: int, total: int, peak: float, floor: float) -> float:
+    """The schedule written out again (no warm-up): peak at step 0, floor from step ``total`` on."""
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+
+
+def test_extending_a_finished_run_rebuilds_the_cosine_over_the_new_total(tmp_path):
+    """COURSE.md, Lesson 2: a run of 6 steps resumed with --max-steps 9 does not continue its schedule: the cosine
+    is rebuilt over 9 steps, so the rate jumps from the floor reached at step 6 back up (a warm restart). Resuming
+    with --lr and --min-lr both at that floor continues without the jump, at a constant rate."""
+    import shutil
+
+    peak, floor = 5e-3, 5e-4  # --lr, and --min-lr's default: a tenth of it
+    common = ["--kernels", "torch", "--eval-iters", "1", "--eval-interval", "1", "--lr", str(peak)]
+    first = tmp_path / "first"
+    train(_args(common + ["--max-steps", "6", "--out-dir", str(first)]))
+    shutil.copytree(first, tmp_path / "constant")
+
+    def run(out, *argv):
+        """(the rate of the first resumed step, {step: the lr metrics.csv records}) of a run resumed in ``out``."""
+        trainer = Trainer(_args(common + ["--resume", "auto", "--max-steps", "9", "--out-dir", str(out), *argv]))
+        with trainer:
+            trainer.setup()
+            first_rate = {group["lr"] for group in trainer.optimizer.param_groups}
+            summary = trainer.fit()
+        assert len(first_rate) == 1  # both parameter groups, with and without weight decay
+        return first_rate.pop(), {row["step"]: row["lr"] for row in summary["metrics"]}
+
+    first_rate, lrs = run(first)
+    # a row's lr is the rate of the step after it (the scheduler has already stepped)
+    assert [lrs[s] for s in range(7)] == pytest.approx([_cosine(s, 6, peak, floor) for s in range(7)], rel=1e-12)
+    assert lrs[6] == pytest.approx(floor)
+    assert first_rate == pytest.approx(_cosine(6, 9, peak, floor), rel=1e-12)  # step 7 runs 2/3 of the way down
+    assert first_rate > 3 * floor
+    assert [lrs[s] for s in range(7, 10)] == pytest.approx([_cosine(s, 9, peak, floor) for s in range(7, 10)],
+                                                           rel=1e-12)
+    assert lrs[9] == pytest.approx(floor)
+    # the lesson's numbers: 60 steps at --lr 5e-3, then --max-steps 90; step 61 runs the cosine at 60/90
+    assert lr_lambda(0, 90, 0.1)(60) * peak == pytest.approx(_cosine(60, 90, peak, floor), rel=1e-12)
+    assert _cosine(60, 90, peak, floor) == pytest.approx(1.625e-3, rel=1e-12)
+
+    constant_rate, constant = run(tmp_path / "constant", "--lr", str(floor), "--min-lr", str(floor))
+    assert constant_rate == pytest.approx(floor, rel=1e-12)
+    assert [constant[s] for s in range(6, 10)] == pytest.approx([floor] * 4, rel=1e-12)
