@@ -3,8 +3,10 @@
 Each exercise file is loaded afresh and its launcher run on small, awkward shapes against the kind of test its real
 kernel passes in tests/: the result is compared with the same computation in float64 (by autograd where there is a
 gradient), and it must land within twice the error of PyTorch doing the job in the same dtype, plus a floor of a
-few roundings (and, where the real test has one, under a bound per dtype). One line per exercise: PASS, or FAIL
-with what differed and by how much; exit code 0 when all pass, 1 otherwise.
+few roundings (and, where the real test has one, under a bound per dtype). PASS in one line per exercise, or FAIL
+with what differed, what the failures look like — a NaN, a known mistake recognised by matching the result with
+that mistake computed here in float64, or a precision failure — and a table of every failing case (output, case,
+max error, allowed); exit code 0 when all pass, 1 otherwise.
 
 Without a GPU the kernels run in Triton's interpreter on the CPU: ``kernels.get_backend("triton")`` switches it on,
 and re-wraps Triton's own functions if something imported ``triton.language`` before. With a GPU they run there.
@@ -52,24 +54,107 @@ class Exercise:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Comparing with float64
+# Comparing with float64, and saying what went wrong
+#
+# A check calls _compare once per case and output. While run_check runs a check, each call is recorded (passed or
+# not) rather than stopping at the first failure, so that the report can list every failing case in one table and
+# name what the failures have in common: a NaN, a known wrong variant, or a precision failure.
+
+PLACEHOLDER = "placeholder:"  # in the comment of each blank's placeholder line (exercises/*.py), gone once filled
+NAN_HINT = "NaN in the output: a division by zero or an unmasked load?"
+INF_HINT = "inf in the output: an overflow (exp of a large number?) or a division by zero?"
+VARIANT_MATCH = 4  # the result "is" a wrong variant when within 4 x the allowed error of it ...
+VARIANT_APART = 8  # ... in a case where that variant lies more than 8 x the allowed error from the right answer
+PRECISION_RATIO = 30  # a float16 miss of at most 30 x the allowed error, float32 passing: a precision failure
+
+
+@dataclass
+class Result:
+    """One comparison: an output (``what``) on one case, its max abs error against float64 and the error allowed."""
+    what: str
+    case: str
+    dtype: torch.dtype  # the input dtype of the case
+    against: str
+    err: float  # NaN when the output holds a NaN
+    allowed: float
+    nonfinite: str | None = None  # "NaN" or "inf" when the output holds one (the float64 answer never does)
+    variants: dict[str, float] | None = None  # wrong variant -> the result's distance to it / allowed, where it shows
+
+    @property
+    def passed(self) -> bool:
+        return self.err <= self.allowed  # a NaN fails too
+
+
+_results: list[Result] | None = None  # the results of the check now running under run_check, else None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
 def _compare(what: str, got: torch.Tensor, exact: torch.Tensor, other: torch.Tensor, *, against: str, case: str,
-             floor: float, bound: float = math.inf) -> None:
-    """Raise Mismatch unless ``got`` is as close to ``exact`` (float64) as ``other`` (PyTorch in the same dtype): a
-    max abs error at most 2 * other's + ``floor``, and at most ``bound``. The rule of tests/test_gelu.py,
-    test_layer_norm.py and test_attention.py."""
+             floor: float, bound: float = math.inf, dtype: torch.dtype | None = None,
+             variants: dict[str, torch.Tensor] | None = None) -> None:
+    """Compare ``got`` with ``exact`` (float64): it must be as close as ``other`` (PyTorch in the same dtype), a
+    max abs error at most 2 * other's + ``floor``, and at most ``bound`` (the rule of tests/test_gelu.py,
+    test_layer_norm.py and test_attention.py). ``dtype``: the case's input dtype (default: got's). ``variants``:
+    known wrong answers (name -> float64 tensor, exact's shape), to recognise a failure as one of them.
+
+    Under run_check the result is recorded; otherwise a failure raises Mismatch."""
     if tuple(got.shape) != tuple(exact.shape):
         raise Mismatch(f"{what} has shape {tuple(got.shape)}, expected {tuple(exact.shape)} ({case})")
-    err = (got.double() - exact).abs().max().item()
-    allowed = min(2 * (other.double() - exact).abs().max().item() + floor, bound)
-    if not err <= allowed:  # `not <=`: a NaN fails too
+    err = _max_abs(got, exact)
+    allowed = min(2 * _max_abs(other, exact) + floor, bound)
+    result = Result(what, case, dtype or got.dtype, against, err, allowed)
+    if not result.passed:
+        if torch.isnan(got).any():
+            result.nonfinite = "NaN"
+        elif torch.isinf(got).any():
+            result.nonfinite = "inf"
+        result.variants = {name: _max_abs(got, wrong) / allowed for name, wrong in (variants or {}).items()
+                           if _max_abs(wrong, exact) > VARIANT_APART * allowed}
+    if _results is not None:
+        _results.append(result)
+    elif not result.passed:
         raise Mismatch(f"{what} differs from {against} by {err:.2g} (max abs; allowed {allowed:.2g}; {case})")
+
+
+def diagnose(results: list[Result]) -> str | None:
+    """What the failures among ``results`` have in common, in words: a NaN or inf; else the known wrong variant
+    that the result matches in every failure where that variant shows (the closest, if more than one does); else a
+    precision failure. None when nothing is recognised."""
+    failed = [r for r in results if not r.passed]
+    for kind, hint in (("NaN", NAN_HINT), ("inf", INF_HINT)):
+        if any(r.nonfinite == kind for r in failed):
+            return hint
+    distances: dict[str, list[float]] = {}  # variant -> the result's distance to it in each failure where it shows
+    for r in failed:
+        for name, distance in (r.variants or {}).items():
+            distances.setdefault(name, []).append(distance)
+    matched = sorted((max(d), name) for name, d in distances.items() if max(d) <= VARIANT_MATCH)
+    if matched:
+        return f"looks like {matched[0][1]}"
+    float32 = [r for r in results if r.dtype == torch.float32]
+    if float32 and all(r.passed for r in float32) and all(r.err <= PRECISION_RATIO * r.allowed for r in failed):
+        worst = max(r.err / r.allowed for r in failed)
+        dtypes = " and ".join(sorted({_dtype_name(r.dtype) for r in failed}))
+        return (f"a precision failure: the float32 cases pass and the {dtypes} ones miss by at most {worst:.1f}x "
+                f"the allowed error — accumulate in float32?")
+    return None
+
+
+def failure_table(results: list[Result]) -> list[str]:
+    """The failing results, one row each: output, case (dtype, shape), max error, allowed."""
+    failed = [r for r in results if not r.passed]
+    rows = [("output", "case", "max error", "allowed")]
+    rows += [(r.what, r.case, f"{r.err:.2g}" + (f" ({r.nonfinite})" if r.nonfinite else ""), f"{r.allowed:.2g}")
+             for r in failed]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
 def _grad(fn, x: torch.Tensor, dy: torch.Tensor, *args) -> torch.Tensor:
@@ -91,6 +176,31 @@ GELU_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}  # relative to max(|dx|, 1
 GELU_SHAPES = [(7,), (1, 1, 1023), (3, 7, 256)]
 
 
+def _gelu_backward_variants(x: torch.Tensor, dy: torch.Tensor, approximate: str) -> dict[str, torch.Tensor]:
+    """Known wrong answers for dx = dy * GELU'(x), in float64."""
+    from kernels.definitions import gelu_math
+
+    other = "none" if approximate == "tanh" else "tanh"
+    if approximate == "tanh":
+        u = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
+        du = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x ** 2)
+        s = torch.sigmoid(2 * u)  # 0.5 (1 + tanh(u))
+        first, missing_factor = s, s + x * s * (1 - s) * du
+        factor = "a factor 2 in the second term: d/du sigmoid(2u) = 2 sigmoid(2u) (1 - sigmoid(2u))"
+    else:
+        first = 0.5 * (1 + torch.erf(x / math.sqrt(2)))  # Phi(x)
+        missing_factor = first + x * torch.exp(-x * x / 2)
+        factor = "the 1/sqrt(2 pi) of the normal density phi(x)"
+    form = {"tanh": "tanh", "none": "erf"}
+    return {
+        f"the derivative of the other GELU form ({form[other]} where {form[approximate]} was asked): "
+        f"check which branch is TANH": _grad(gelu_math, x, dy, other),
+        "GELU(x) itself, not its derivative": dy * gelu_math(x, approximate),
+        "the first term of the product rule alone: d/dx [x Phi(x)] = Phi(x) + x Phi'(x)": dy * first,
+        f"the derivative without {factor}": dy * missing_factor,
+    }
+
+
 def check_gelu_backward(module: ModuleType, device: str) -> None:
     from kernels.definitions import gelu_math
     from kernels.torch_backend import TorchBackend
@@ -107,11 +217,35 @@ def check_gelu_backward(module: ModuleType, device: str) -> None:
                 scale = max(exact.abs().max().item(), 1.0)
                 _compare("dx", dx, exact, _grad(torch_backend.gelu, x, dy, approximate), against="autograd",
                          case=f"approximate={approximate!r}, {_dtype_name(dtype)}, shape {shape}",
-                         floor=torch.finfo(dtype).eps * scale, bound=GELU_TOL[dtype] * scale)
+                         floor=torch.finfo(dtype).eps * scale, bound=GELU_TOL[dtype] * scale,
+                         variants=_gelu_backward_variants(x.double(), dy.double(), approximate))
 
 
 LAYER_NORM_TOL = {torch.float32: 1e-4, torch.float16: 1e-2}  # relative to max(|dx|, 1), as tests/test_layer_norm.py
 LAYER_NORM_SHAPES = [(3, 7), (37, 48), (1, 1, 1023)]
+
+
+def _layer_norm_dx_variants(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, eps: float,
+                            block_c: int) -> dict[str, torch.Tensor]:
+    """Known wrong answers for LayerNorm's dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy w, in float64."""
+    width = x.shape[-1]
+    mean = x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    xhat = (x - mean) * rstd
+    g = dy * w
+
+    def dx(g, sum_g, sum_g_xhat, n):
+        return (g - sum_g / n - xhat * sum_g_xhat / n) * rstd
+
+    sum_g, sum_g_xhat = g.sum(-1, keepdim=True), (g * xhat).sum(-1, keepdim=True)
+    return {
+        "dx without the mean terms (g * rstd alone): the row means of g and of g * xhat come from every x": g * rstd,
+        "dx without the mean of g": dx(g, 0, sum_g_xhat, width),
+        "dx without the mean of g * xhat": dx(g, sum_g, 0, width),
+        "the row sums divided by the block size BLOCK_C where the row has `width` elements":
+            dx(g, sum_g, sum_g_xhat, block_c),
+        "g = dy without the weight w": dx(dy, dy.sum(-1, keepdim=True), (dy * xhat).sum(-1, keepdim=True), width),
+    }
 
 
 def check_layer_norm_dx(module: ModuleType, device: str) -> None:
@@ -132,7 +266,9 @@ def check_layer_norm_dx(module: ModuleType, device: str) -> None:
             scale = max(exact.abs().max().item(), 1.0)
             _compare("dx", dx, exact, _grad(torch_backend.layer_norm, x, dy, w, b, EPS), against="autograd",
                      case=f"{_dtype_name(dtype)}, shape {shape}", floor=torch.finfo(dtype).eps * scale,
-                     bound=LAYER_NORM_TOL[dtype] * scale)
+                     bound=LAYER_NORM_TOL[dtype] * scale,
+                     variants=_layer_norm_dx_variants(x.double(), w.double(), dy.double(), EPS,
+                                                      block_c=1 << (C - 1).bit_length()))
 
 
 # (B, H, Tq, Tk, D): several query and key tiles with partial tails, padded head dims, a chunk of queries (Tq < Tk)
@@ -160,23 +296,54 @@ def _attention_floor(exact: torch.Tensor) -> float:
     return 8 * torch.finfo(torch.float32).eps * max(1.0, exact.abs().max().item())  # as tests/test_attention.py
 
 
+def _online_softmax(q, k, v, block_n: int, *, natural_exp=False, rescale_acc=True, rescale_l=True):
+    """(out, lse2) of the forward's online softmax run tile by tile (key tiles of ``block_n``), in float64, with
+    the kernel's mistakes on demand: ``natural_exp``, exp where the base-2 scores s want exp2; no ``rescale_acc`` or
+    ``rescale_l``, acc or l not multiplied by alpha, so each tile's terms stay relative to the max of their step."""
+    s = _attention_scores(q, k) * LOG2E  # the kernel's s: (B, H, Tq, Tk), base 2, -inf in the future
+    Tk = s.shape[-1]
+    tiles = -(-Tk // block_n)
+    s = torch.nn.functional.pad(s, (0, tiles * block_n - Tk), value=float("-inf")).unflatten(-1, (tiles, block_n))
+    m_step = s.amax(-1).cummax(-1).values  # m_i after each tile; finite (key 0 is in every row's first tile)
+    m_last = m_step[..., -1:].expand_as(m_step)
+    exp = torch.exp if natural_exp else torch.exp2
+
+    def weights(rescaled):  # (B, H, Tq, Tk): each key's term as it sits in acc or l at the end
+        return exp(s - (m_last if rescaled else m_step)[..., None]).flatten(-2)[..., :Tk]
+
+    acc, l = weights(rescale_acc) @ v, weights(rescale_l).sum(-1)
+    return acc / l[..., None], (m_last[..., 0] + torch.log2(l)).flatten(0, 1)
+
+
 def check_attention_forward_inner(module: ModuleType, device: str) -> None:
     from kernels.definitions import causal_attention_math
     from kernels.torch_backend import TorchBackend
 
     torch_backend = TorchBackend()
+    mistakes = {  # the wrong variants, named
+        "natural exp where the kernel works in base 2: did you fold log2(e) into the scale? s is already "
+        "scale * log2(e) * q k^T, so use tl.math.exp2": dict(natural_exp=True),
+        "a missing alpha rescale: multiply both l_i and acc by alpha = exp2(m_i - m_new) before adding the new "
+        "tile": dict(rescale_acc=False, rescale_l=False),
+        "a missing alpha rescale of acc (l_i is rescaled)": dict(rescale_acc=False),
+        "a missing alpha rescale of l_i (acc is rescaled)": dict(rescale_l=False),
+    }
     for dtype in (torch.float32, torch.float16):
         for B, H, Tq, Tk, D in ATTENTION_SHAPES:
             q, k, v, _ = _attention_inputs(B, H, Tq, Tk, D, dtype, device, seed=Tq + Tk + D)
             case = f"{_dtype_name(dtype)}, (B, H, Tq, Tk, D) = {(B, H, Tq, Tk, D)}"
             o, lse2 = module.attention_forward(q, k, v)
             exact = causal_attention_math(q.double(), k.double(), v.double())
+            wrong = {name: _online_softmax(q.double(), k.double(), v.double(), module.BLOCK_N, **how)
+                     for name, how in mistakes.items()}
             _compare("out", o, exact, torch_backend.causal_attention(q, k, v), against="float64 math", case=case,
-                     floor=_attention_floor(exact))
+                     floor=_attention_floor(exact), dtype=dtype,
+                     variants={name: out for name, (out, _) in wrong.items()})
             exact_lse2 = (torch.logsumexp(_attention_scores(q.double(), k.double()), -1) * LOG2E).view(B * H, Tq)
             torch_lse2 = (torch.logsumexp(_attention_scores(q, k).float(), -1) * LOG2E).view(B * H, Tq)
             _compare("log-sum-exp (base 2)", lse2, exact_lse2, torch_lse2, against="float64 math", case=case,
-                     floor=_attention_floor(exact_lse2))
+                     floor=_attention_floor(exact_lse2), dtype=dtype,
+                     variants={name: lse for name, (_, lse) in wrong.items()})
 
 
 def check_attention_delta(module: ModuleType, device: str) -> None:
@@ -190,9 +357,16 @@ def check_attention_delta(module: ModuleType, device: str) -> None:
             o = (p @ v.double()).to(dtype)  # the forward's output, rounded to the dtype as a kernel would store it
             delta = module.attention_delta(o, do)
             in_torch = (o.float() * do.float()).sum(-1).view(B * H, Tq)
+            o64, do64 = o.double(), do.double()
+            wrong = {
+                "the row sums of dO alone: delta is rowsum(dO * O), the product first": do64.sum(-1),
+                "the row sums of O alone: delta is rowsum(dO * O), the product first": o64.sum(-1),
+                "a row mean, not a row sum: delta = rowsum(dO * O), no division by D": (o64 * do64).mean(-1),
+            }
             _compare("delta", delta, exact, in_torch, against="float64 sum_j P_ij dP_ij",
                      case=f"{_dtype_name(dtype)}, (B, H, Tq, Tk, D) = {(B, H, Tq, Tk, D)}",
-                     floor=_attention_floor(exact))
+                     floor=_attention_floor(exact), dtype=dtype,
+                     variants={name: t.view(B * H, Tq) for name, t in wrong.items()})
 
 
 EXERCISES = {e.name: e for e in [
@@ -238,10 +412,12 @@ def prepare_device() -> str:
     return "cpu"
 
 
-def load(exercise: Exercise, solution: bool = False) -> ModuleType:
-    """The exercise (or its solution) file, imported afresh: its kernels are made now, under the current mode."""
-    path = exercise.path(solution)
-    module_name = f"exercises._loaded_{'solution_' if solution else ''}{exercise.name}"
+def load(exercise: Exercise, solution: bool = False, path: Path | None = None) -> ModuleType:
+    """The exercise (or its solution, or the file at ``path``: a copy of either) imported afresh: its kernels are
+    made now, under the current mode."""
+    kind = "file_" if path is not None else "solution_" if solution else ""
+    path = exercise.path(solution) if path is None else Path(path)
+    module_name = f"exercises._loaded_{kind}{exercise.name}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # Triton reads a kernel's source through its module
@@ -255,24 +431,57 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def run_check(name: str, solution: bool = False, device: str | None = None) -> tuple[bool, str]:
-    """(passed, the one line to print) for the exercise called ``name`` (or its solution)."""
+def blank_is_filled(exercise: Exercise, path: Path) -> bool:
+    """False while the placeholder line is still between the file's markers (or the markers are gone)."""
+    try:
+        _, region, _ = split_at_markers(path.read_text(), exercise)
+    except (OSError, ValueError):
+        return False
+    return PLACEHOLDER not in region
+
+
+def run_check(name: str, solution: bool = False, device: str | None = None,
+              path: Path | None = None) -> tuple[bool, str]:
+    """(passed, the report to print) for the exercise called ``name``: its file, its solution, or the file at
+    ``path``. PASS is one line; FAIL is a line naming the exercise, what went wrong and what to do, then what the
+    failures look like (a NaN, a known mistake, a precision failure) and a table of every failing case."""
+    global _results
     exercise = EXERCISES[name]
     device = device or prepare_device()
+    results: list[Result] = []
+    problem = None
+    _results = results
     try:
-        module = load(exercise, solution)
+        module = load(exercise, solution, path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's overflow notes from a wrong formula
             exercise.check(module, device)
     except Mismatch as e:
         problem = str(e)
-    except Exception as e:  # the learner's code may raise anything: report it on the same one line
+    except Exception as e:  # the learner's code may raise anything: report it on the same line
         problem = f"running it raised {_one_line(e)}"
-    else:
+    finally:
+        _results = None
+    failed = [r for r in results if not r.passed]
+    if problem is None and not failed:
         return True, f"PASS {name} (lesson {exercise.lesson})"
-    where = exercise.path(solution).relative_to(HERE.parent)
-    fix = f"the solution {where} should pass" if solution else f"fill in the blank in {where}"
-    return False, f"FAIL {name} (lesson {exercise.lesson}, COURSE.md): {problem} — {fix}"
+    if problem is None:
+        outputs = ", ".join(dict.fromkeys(r.what for r in failed))
+        problem = (f"the result differs from {failed[0].against} in {len(failed)} of {len(results)} comparisons "
+                   f"({outputs})")
+    path = exercise.path(solution) if path is None else Path(path)
+    where = path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path
+    if solution:
+        fix = f"the solution {where} should pass"
+    elif not blank_is_filled(exercise, path):
+        fix = f"fill in the blank in {where}"
+    else:
+        fix = f"check your lines between the markers in {where} against the math in its docstring"
+    report = [f"FAIL {name} (lesson {exercise.lesson}, COURSE.md): {problem} — {fix}"]
+    if failed:
+        diagnosis = diagnose(results)
+        report += ([f"  {diagnosis}"] if diagnosis else []) + failure_table(results)
+    return False, "\n".join(report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Fill-in-the-blank Triton kernels; see exercises/README.md.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="run exercises against their tests: one PASS/FAIL line each")
+    check = commands.add_parser("check", help="run exercises against their tests: PASS, or FAIL and what failed")
     check.add_argument("names", nargs="*", metavar="name",
                        help=f"exercises to check (default: all): {', '.join(EXERCISES)}")
     check.add_argument("--solutions", action="store_true",

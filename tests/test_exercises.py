@@ -43,12 +43,13 @@ def test_solution_passes(name, device):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_blank_fails_naming_the_exercise_and_lesson(name, device):
-    passed, line = run_check(name, solution=False, device=device)
+    passed, report = run_check(name, solution=False, device=device)
     assert not passed
-    assert "\n" not in line
+    line, *table = report.splitlines()  # the headline, then what the failures look like and a table of them
     assert line.startswith(f"FAIL {name} (lesson {EXERCISES[name].lesson}, COURSE.md): "), line
     assert " differs from " in line, line  # the placeholder runs: the check fails on the numbers, not on an error
     assert line.endswith(f" — fill in the blank in exercises/{name}.py"), line
+    assert table and all(row.startswith("  ") for row in table), report
 
 
 def test_cli_checks_every_exercise_in_a_fresh_process():
@@ -58,7 +59,7 @@ def test_cli_checks_every_exercise_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-m", "exercises", "check"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("  ")]  # headlines, not tables
     assert [line.split(" (")[0] for line in lines] == [f"FAIL {name}" for name in NAMES], result.stdout
     assert "Traceback" not in result.stderr, result.stderr
 

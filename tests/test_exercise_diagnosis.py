@@ -1,0 +1,174 @@
+"""The checker teaches (exercises/check.py): a known wrong answer, written into a copy of an exercise's solution,
+is named in the report; a NaN and a precision failure are named as such; every failing case is listed in one table;
+and "fill in the blank" shows only while the blank's placeholder is still there.
+
+Each test writes its lines between the markers of a copy of the solution file and checks that copy. Without a GPU
+the kernels run in Triton's interpreter, on the checker's small shapes (about a second per check).
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the interpreter must be chosen before the kernel modules are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from exercises.check import EXERCISES, NAN_HINT, prepare_device, run_check, split_at_markers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def device() -> str:
+    return prepare_device()
+
+
+def check_with(tmp_path, device, name: str, lines: str) -> tuple[bool, str]:
+    """Check the solution of ``name`` with ``lines`` (dedented; indented like the solution's) in its blank."""
+    exercise = EXERCISES[name]
+    before, region, after = split_at_markers(exercise.path(solution=True).read_text(), exercise)
+    first = next(line for line in region.splitlines() if line.strip())
+    indent = first[:len(first) - len(first.lstrip())]
+    path = tmp_path / f"{name}.py"
+    path.write_text(before + textwrap.indent(textwrap.dedent(lines).strip() + "\n", indent) + after)
+    return run_check(name, device=device, path=path)
+
+
+def assert_diagnosed(report: str, diagnosis: str) -> None:
+    headline, *rest = report.splitlines()
+    assert headline.startswith("FAIL "), report
+    assert rest and rest[0].strip().startswith(diagnosis), report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Known wrong variants, each named
+
+ATTENTION_SOLUTION = """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    m_i = m_new
+"""
+
+VARIANTS = [
+    ("attention_forward_inner", "natural exp", "looks like natural exp where the kernel works in base 2: did you "
+     "fold log2(e) into the scale?", ATTENTION_SOLUTION.replace("tl.math.exp2", "tl.exp")),
+    ("attention_forward_inner", "no alpha", "looks like a missing alpha rescale: multiply both l_i and acc",
+     ATTENTION_SOLUTION.replace("l_i * alpha", "l_i").replace("acc * alpha[:, None]", "acc")),
+    ("attention_forward_inner", "no alpha on acc", "looks like a missing alpha rescale of acc",
+     ATTENTION_SOLUTION.replace("acc * alpha[:, None]", "acc")),
+    ("gelu_backward", "the other form", "looks like the derivative of the other GELU form (erf where tanh was "
+     "asked)", """
+        cdf = 0.5 * (1.0 + tl.erf(x * INV_SQRT_2))
+        pdf = tl.exp2(x * x * NEG_HALF_LOG2E) * INV_SQRT_2PI
+        dydx = cdf + x * pdf
+     """),
+    ("gelu_backward", "a missing factor 2", "looks like the derivative without a factor 2 in the second term", """
+        if TANH:
+            u = (x + x * x * x * GELU_CUBIC) * SQRT_2_OVER_PI
+            du = (1.0 + x * x * GELU_CUBIC * 3.0) * SQRT_2_OVER_PI
+            s, one_minus_s = _sigmoid_and_complement(2.0 * u)
+            dydx = s + x * s * one_minus_s * du
+        else:
+            cdf = 0.5 * (1.0 + tl.erf(x * INV_SQRT_2))
+            pdf = tl.exp2(x * x * NEG_HALF_LOG2E) * INV_SQRT_2PI
+            dydx = cdf + x * pdf
+     """),
+    ("gelu_backward", "Phi alone", "looks like the first term of the product rule alone", """
+        if TANH:
+            s, one_minus_s = _sigmoid_and_complement(2.0 * (x + x * x * x * GELU_CUBIC) * SQRT_2_OVER_PI)
+            dydx = s
+        else:
+            dydx = 0.5 * (1.0 + tl.erf(x * INV_SQRT_2))
+     """),
+    ("layer_norm_dx", "no mean terms", "looks like dx without the mean terms", """
+        dx = dy * w[None, :] * rstd[:, None]
+     """),
+    ("layer_norm_dx", "block size for width", "looks like the row sums divided by the block size BLOCK_C", """
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        g = dy * w[None, :]
+        mean_g = tl.sum(g, axis=1) / BLOCK_C
+        mean_g_xhat = tl.sum(g * xhat, axis=1) / BLOCK_C
+        dx = (g - mean_g[:, None] - xhat * mean_g_xhat[:, None]) * rstd[:, None]
+     """),
+    ("attention_delta", "rowsum of dO", "looks like the row sums of dO alone", """
+        delta = tl.sum(do.to(tl.float32), 1)
+     """),
+    ("attention_delta", "rowsum of O", "looks like the row sums of O alone", """
+        delta = tl.sum(o.to(tl.float32), 1)
+     """),
+    ("attention_delta", "a mean", "looks like a row mean, not a row sum", """
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) / HEAD_DIM
+     """),
+]
+
+
+@pytest.mark.parametrize("name, variant, diagnosis, lines", VARIANTS, ids=[f"{v[0]}: {v[1]}" for v in VARIANTS])
+def test_a_known_wrong_variant_is_named(tmp_path, device, name, variant, diagnosis, lines):
+    passed, report = check_with(tmp_path, device, name, lines)
+    assert not passed
+    assert_diagnosed(report, diagnosis)
+
+
+@pytest.mark.parametrize("name", sorted({variant[0] for variant in VARIANTS}))
+def test_the_solution_written_into_a_copy_passes(tmp_path, device, name):
+    _, region, _ = split_at_markers(EXERCISES[name].path(solution=True).read_text(), EXERCISES[name])
+    assert check_with(tmp_path, device, name, region) == (True, f"PASS {name} (lesson {EXERCISES[name].lesson})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NaN, precision, the table, the hint
+
+
+def test_a_nan_is_named(tmp_path, device):
+    """The tile's own max where the running max belongs: a row whose keys in this tile are all in the future
+    takes exp2(-inf - (-inf)) = NaN."""
+    lines = ATTENTION_SOLUTION.replace("p = tl.math.exp2(s - m_new[:, None])",
+                                       "p = tl.math.exp2(s - tl.max(s, 1)[:, None])")
+    passed, report = check_with(tmp_path, device, "attention_forward_inner", lines)
+    assert not passed
+    assert_diagnosed(report, NAN_HINT)
+    assert "nan (NaN)" in report
+
+
+def test_a_precision_failure_is_named(tmp_path, device):
+    """delta rounded to the input dtype before the store: exact enough in float32, not in float16."""
+    passed, report = check_with(tmp_path, device, "attention_delta", """
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1).to(o.dtype)
+    """)
+    assert not passed
+    assert_diagnosed(report, "a precision failure: the float32 cases pass and the float16 ones miss by at most")
+    assert report.splitlines()[1].endswith("accumulate in float32?"), report
+    assert "float32," not in report, report  # the table lists the float16 cases only
+
+
+def test_every_failing_case_is_in_one_table_and_only_those(tmp_path, device):
+    """The erf form for both: the float32 tanh cases fail, all three listed with max error and allowed; the erf
+    ones pass, and so do the float16 tanh ones (the two forms differ by less than float16's bound)."""
+    passed, report = check_with(tmp_path, device, "gelu_backward", """
+        dydx = 0.5 * (1.0 + tl.erf(x * INV_SQRT_2)) + x * tl.exp2(x * x * NEG_HALF_LOG2E) * INV_SQRT_2PI
+    """)
+    assert not passed
+    headline, diagnosis, header, *rows = report.splitlines()
+    assert "in 3 of 12 comparisons (dx)" in headline
+    assert header.split() == ["output", "case", "max", "error", "allowed"]
+    assert len(rows) == 3 and all("approximate='tanh', float32" in row for row in rows), report
+    for row in rows:
+        error, allowed = (float(cell) for cell in row.split()[-2:])
+        assert error > allowed
+
+
+def test_fill_in_the_blank_only_while_the_placeholder_is_there(tmp_path, device):
+    passed, report = run_check("attention_delta", device=device)  # the blank as shipped
+    assert not passed and report.splitlines()[0].endswith(" — fill in the blank in exercises/attention_delta.py")
+    passed, report = check_with(tmp_path, device, "attention_delta", "delta = tl.sum(do.to(tl.float32), 1)")
+    assert not passed
+    assert "fill in the blank" not in report
+    where = tmp_path / "attention_delta.py"
+    assert report.splitlines()[0].endswith(f" — check your lines between the markers in {where} against the math in "
+                                           "its docstring"), report
