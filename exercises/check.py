@@ -45,6 +45,10 @@ class Exercise:
     real_file: str  # the real kernel it copies: this file of the repository ...
     real_function: str  # ... and this function in it
     check: Callable[[ModuleType, str], None]  # check(module, device): raises Mismatch when the result is wrong
+    # Further functions of real_file whose lines the blank also copies, when it spans more than one function (a
+    # kernel written from zero together with its launcher's grid): each line of the solution's region is one of
+    # real_function's or of these, in order within each function (tests/test_exercises.py)
+    also_copies: tuple[str, ...] = ()
 
     def path(self, solution: bool = False) -> Path:
         return HERE / "solutions" / f"{self.name}.py" if solution else HERE / f"{self.name}.py"
@@ -369,16 +373,123 @@ def check_attention_delta(module: ModuleType, device: str) -> None:
                      variants={name: t.view(B * H, Tq) for name, t in wrong.items()})
 
 
+def check_elementwise_gelu(module: ModuleType, device: str) -> None:
+    from kernels.definitions import gelu_math
+    from kernels.torch_backend import TorchBackend
+
+    torch_backend = TorchBackend()
+    for dtype in (torch.float32, torch.float16):
+        for approximate in ("tanh", "none"):
+            for shape in GELU_SHAPES:
+                x = (3 * torch.randn(shape, generator=_generator(sum(shape)))).to(device, dtype)
+                y = module.gelu_forward(x, approximate)
+                exact = gelu_math(x.double(), approximate)
+                scale = max(exact.abs().max().item(), 1.0)
+                _compare("y", y, exact, torch_backend.gelu(x, approximate), against="float64 math",
+                         case=f"approximate={approximate!r}, {_dtype_name(dtype)}, shape {shape}",
+                         floor=torch.finfo(dtype).eps * scale, bound=GELU_TOL[dtype] * scale)
+
+
+# (rows, V): rows that fit in one tile of the exercise's BLOCK_V = 16 (a partial one, and one exactly full), then rows
+# of several tiles with a partial last one; the rows' logits are shifted far apart (exp of an unshifted row overflows)
+ROW_SOFTMAX_CASES = [(3, 5), (3, 16), (3, 37), (3, 100)]
+
+
+def check_row_softmax(module: ModuleType, device: str) -> None:
+    for rows, V in ROW_SOFTMAX_CASES:
+        g = _generator(V)
+        z = 4 * torch.randn(rows, V, generator=g) + torch.tensor([0.0, 90.0, -90.0])[:rows, None]
+        targets = torch.randint(0, V, (rows,), generator=g)
+        grad_scale = torch.rand(rows, generator=g) + 0.5
+        logits = z.clone().to(device)
+        loss = module.cross_entropy_rows(logits, targets.to(device), grad_scale.to(device))
+        onehot = torch.nn.functional.one_hot(targets, V)
+        zd = z.double()
+        exact_loss = torch.logsumexp(zd, -1) - zd.gather(1, targets[:, None])[:, 0]
+        exact_grad = grad_scale.double()[:, None] * (torch.softmax(zd, -1) - onehot)
+        torch_loss = torch.logsumexp(z, -1) - z.gather(1, targets[:, None])[:, 0]
+        torch_grad = grad_scale[:, None] * (torch.softmax(z, -1) - onehot)
+        tiles = math.ceil(V / module.BLOCK_V)
+        case = (f"float32, (rows, V) = {(rows, V)}, BLOCK_V = {module.BLOCK_V}: "
+                f"{'one tile a row' if tiles == 1 else f'{tiles} tiles a row'}")
+        # the floor: a few roundings of the exponent s = z log2(e), each an error of |s| eps in 2^s
+        conditioning = 4 * torch.finfo(torch.float32).eps * max(1.0, z.abs().max().item())
+        _compare("loss (log-sum-exp - the target's logit)", loss, exact_loss, torch_loss, against="float64 math",
+                 case=case, floor=conditioning)  # lse's error: |s| eps, absolute
+        _compare("softmax - onehot (times g)", logits, exact_grad, torch_grad, against="float64 math", case=case,
+                 floor=conditioning * max(1.0, exact_grad.abs().max().item()))
+
+
+# (Tq, Tk, block_m, block_n): tiles of queries wider and narrower than the key tiles, partial last tiles, fewer
+# queries than keys with the diagonal falling inside a key tile and on its boundary, a decoding step (Tq = 1)
+TILE_BOUNDS_CASES = [(37, 37, 16, 8), (37, 37, 8, 16), (33, 33, 16, 16), (5, 21, 16, 16), (1, 19, 16, 8),
+                     (20, 50, 16, 32), (17, 40, 4, 8), (24, 31, 8, 8), (16, 64, 16, 16), (3, 3, 16, 16)]
+
+
+def check_attention_tile_bounds(module: ModuleType, device: str) -> None:
+    """Against a brute-force count over every (query, key) pair: row r of the queries (position Tk - Tq + r) sees
+    key j when j <= Tk - Tq + r. The bounds must be tile-aligned, leave out no key a row sees, load none that no row
+    sees, mask none that every row sees unless it shares a key tile with one that needs the mask."""
+    for Tq, Tk, block_m, block_n in TILE_BOUNDS_CASES:
+        for start_m in range(math.ceil(Tq / block_m)):
+            rows = range(start_m * block_m, min(start_m * block_m + block_m, Tq))  # the tile's real rows
+            seen = [[j <= Tk - Tq + r for j in range(Tk)] for r in rows]  # seen[row][key]
+            by_all = [j for j in range(Tk) if all(s[j] for s in seen)]
+            by_any = [j for j in range(Tk) if any(s[j] for s in seen)]
+            got = module.forward_key_bounds(start_m, Tq, Tk, block_m, block_n)
+            case = f"query tile {start_m}, (Tq, Tk, block_m, block_n) = {(Tq, Tk, block_m, block_n)}"
+            problem = None
+            if not (isinstance(got, tuple) and len(got) == 2 and all(isinstance(b, int) for b in got)):
+                problem = f"{got!r} is not a pair of ints"
+            else:
+                lo, hi = got
+                if lo % block_n or not 0 <= lo <= hi:
+                    problem = f"lo = {lo} is not a key tile boundary (a multiple of block_n) in [0, hi]"
+                elif lo > len(by_all):  # by_all is the keys [0, len(by_all))
+                    problem = (f"key {len(by_all)} is before lo but not seen by every row: it needs the mask "
+                               f"({len(by_all)} keys are seen by every row)")
+                elif hi < by_any[-1] + 1:
+                    problem = f"key {by_any[-1]} is seen by a row of the tile but lies at or past hi"
+                elif hi > by_any[-1] + 1:
+                    problem = f"hi is past key {by_any[-1]}, the last one any row sees: tiles loaded for nothing"
+                elif lo // block_n < (len(by_all) - 1) // block_n:  # the tile's first row sees keys [0, len)
+                    problem = (f"the band starts {(len(by_all) - 1) // block_n - lo // block_n} key tile(s) early: "
+                               f"keys [{lo}, {lo + block_n}) are seen by every row, no mask needed")
+            if problem:
+                raise Mismatch(f"(lo, hi) = {got!r} differs from what a brute-force count over every (query, key) "
+                               f"pair allows: {problem} ({case})")
+
+
 EXERCISES = {e.name: e for e in [
     Exercise("gelu_backward", 3, "kernels/gelu.py", "_gelu_bwd", check_gelu_backward),
     Exercise("layer_norm_dx", 4, "kernels/layer_norm.py", "_layer_norm_bwd_dx", check_layer_norm_dx),
     Exercise("attention_forward_inner", 5, "kernels/attention.py", "_fwd_inner", check_attention_forward_inner),
     Exercise("attention_delta", 6, "kernels/attention.py", "_attention_bwd_preprocess", check_attention_delta),
+    Exercise("elementwise_gelu", 3, "kernels/gelu.py", "_gelu_fwd", check_elementwise_gelu,
+             also_copies=("_gelu_forward",)),
+    Exercise("attention_tile_bounds", 5, "kernels/tiled.py", "forward_key_bounds", check_attention_tile_bounds),
+    Exercise("row_softmax", 5, "kernels/linear_cross_entropy.py", "_cross_entropy_rows_step", check_row_softmax,
+             also_copies=("_fold_tile",)),
 ]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running them
+
+
+def course_order() -> list[Exercise]:
+    """The exercises in the order COURSE.md gives them: by lesson, and within a lesson by where its
+    ``**Exercise `name`.**`` marker stands (the registry's order where COURSE.md or a marker is missing)."""
+    course = HERE.parent / "COURSE.md"
+    text = course.read_text(encoding="utf-8") if course.is_file() else ""
+    exercises = list(EXERCISES.values())
+
+    def key(exercise: Exercise) -> tuple[int, int, int]:
+        at = text.find(f"**Exercise `{exercise.name}`.**")
+        return exercise.lesson, at if at >= 0 else len(text), exercises.index(exercise)
+
+    return sorted(exercises, key=key)
+
 
 
 def split_at_markers(text: str, exercise: Exercise) -> tuple[str, str, str]:
@@ -499,8 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "list":
-        return run_cli(lambda: print("\n".join(f"{e.name:<24} lesson {e.lesson}   copies {e.real_function} in "
-                                               f"{e.real_file}" for e in EXERCISES.values())))
+        return run_cli(lambda: print("\n".join(f"{e.name:<24} lesson {e.lesson}   copies "
+                                               f"{', '.join((e.real_function, *e.also_copies))} in {e.real_file}"
+                                               for e in course_order())))
     unknown = [name for name in args.names if name not in EXERCISES]
     if unknown:
         parser.error(f"unknown exercise {unknown[0]!r} — choose from {', '.join(EXERCISES)}")

@@ -126,7 +126,8 @@ def test_course_reading_exists():
 def test_course_exercises_exist():
     text = COURSE.read_text(encoding="utf-8")
     names = set(re.findall(r"\*\*Exercise `(\w+)`", text))
-    assert names == {"gelu_backward", "layer_norm_dx", "attention_forward_inner", "attention_delta"}
+    assert names == {"gelu_backward", "layer_norm_dx", "attention_forward_inner", "attention_delta",
+                     "elementwise_gelu", "row_softmax", "attention_tile_bounds"}
     for name in names:
         assert (ROOT / "exercises" / f"{name}.py").exists()
         assert (ROOT / "exercises" / "solutions" / f"{name}.py").exists()

@@ -30,8 +30,9 @@ def exercise_marker(exercise: Exercise) -> str:
 
 
 def answers(exercise: Exercise) -> list[str]:
-    """What gives the exercise's answer away: the real function its blank copies, and its solution file."""
-    return [exercise.real_function, exercise.path(solution=True).relative_to(ROOT).as_posix()]
+    """What gives the exercise's answer away: the real function its blank copies (and any other it also copies), and
+    its solution file."""
+    return [exercise.real_function, *exercise.also_copies, exercise.path(solution=True).relative_to(ROOT).as_posix()]
 
 
 def _names(text: str, name: str) -> bool:

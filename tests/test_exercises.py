@@ -119,19 +119,22 @@ def _real_function_lines(path: Path, function: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("name", NAMES)
 def test_solution_lines_are_the_real_kernels(name):
     """Each line of the filled region appears, in order, in the real kernel function (leading whitespace aside; a
-    trailing comment may be left out, not changed)."""
+    trailing comment may be left out, not changed). A region that spans several functions (``also_copies``: a
+    kernel written from zero with its launcher's grid) takes each line from one of them, in order within each."""
     exercise = EXERCISES[name]
     _, region, _ = split_at_markers(exercise.path(solution=True).read_text(), exercise)
     wanted = [line.strip() for line in region.splitlines() if line.strip()]
     assert wanted, f"the solution of {name} fills in nothing"
-    real = _real_function_lines(ROOT / exercise.real_file, exercise.real_function)
-    position = 0
+    functions = (exercise.real_function, *exercise.also_copies)
+    real = {function: _real_function_lines(ROOT / exercise.real_file, function) for function in functions}
+    position = dict.fromkeys(functions, 0)  # per function: where the next line may be found
     for line in wanted:
-        found = next((i for i in range(position, len(real)) if line in real[i]), None)
+        found = next(((function, i) for function in functions for i in range(position[function], len(real[function]))
+                      if line in real[function][i]), None)
         assert found is not None, (
-            f"exercises/solutions/{name}.py: {line!r} is not in {exercise.real_function} in {exercise.real_file} "
+            f"exercises/solutions/{name}.py: {line!r} is not in {' or '.join(functions)} in {exercise.real_file} "
             f"(after the lines before it) — copy the real kernel's line into the solution")
-        position = found + 1
+        position[found[0]] = found[1] + 1
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -150,3 +153,44 @@ def test_docstring_points_to_the_lesson_and_the_real_kernel(name):
     docstring = ast.get_docstring(ast.parse(exercise.path().read_text()))
     assert f"lesson {exercise.lesson} of COURSE.md" in docstring
     assert exercise.real_function in docstring and exercise.real_file in docstring
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The ramp: listed in the course's order, and the plain-Python exercise's check is not fooled by a bound one off
+
+
+def test_list_shows_the_exercises_in_the_order_of_the_course():
+    """`python -m exercises list`: by lesson, and within a lesson in the order of the markers in COURSE.md."""
+    result = subprocess.run([sys.executable, "-m", "exercises", "list"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[0] for line in result.stdout.splitlines()]
+    assert sorted(listed) == sorted(NAMES)
+    course = (ROOT / "COURSE.md").read_text(encoding="utf-8")
+    at = [(EXERCISES[name].lesson, course.index(f"**Exercise `{name}`.**")) for name in listed]
+    assert at == sorted(at), result.stdout
+
+
+def _true_bounds(start_m, Tq, Tk, block_m, block_n):
+    first = (Tk - Tq) + start_m * block_m
+    return first // block_n * block_n, min(first + block_m, Tk)
+
+
+@pytest.mark.parametrize("variant", [
+    lambda lo, hi, first, block_m, block_n, Tk: (lo, hi - 1),  # the last row's own key left out
+    lambda lo, hi, first, block_m, block_n, Tk: (lo, hi + 1),  # one key past the last any row sees
+    lambda lo, hi, first, block_m, block_n, Tk: (lo, first + block_m),  # no min with Tk: past the end
+    lambda lo, hi, first, block_m, block_n, Tk: (lo + block_n, hi),  # rounded up: keys that need the mask
+    lambda lo, hi, first, block_m, block_n, Tk: (max(lo - block_n, 0), hi),  # a key tile masked for nothing
+    lambda lo, hi, first, block_m, block_n, Tk: (first, hi),  # not rounded to a key tile
+], ids=["hi-1", "hi+1", "hi-unclamped", "lo-up", "lo-tile-early", "lo-unaligned"])
+def test_tile_bounds_check_fails_a_bound_one_off(variant):
+    from exercises.check import Mismatch, check_attention_tile_bounds
+
+    def bounds(start_m, Tq, Tk, block_m, block_n):
+        lo, hi = _true_bounds(start_m, Tq, Tk, block_m, block_n)
+        return variant(lo, hi, (Tk - Tq) + start_m * block_m, block_m, block_n, Tk)
+
+    check_attention_tile_bounds(type("Module", (), {"forward_key_bounds": staticmethod(_true_bounds)}), "cpu")
+    with pytest.raises(Mismatch, match="differs from what a brute-force count"):
+        check_attention_tile_bounds(type("Module", (), {"forward_key_bounds": staticmethod(bounds)}), "cpu")
