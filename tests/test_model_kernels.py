@@ -83,6 +83,7 @@ def test_dropout_trains_through_the_attention_kernel(device, monkeypatch):
     assert calls == [0.0, 0.0]  # no dropout at evaluation
 
 
+@pytest.mark.slow  # minutes in the interpreter; CI's second lane (an older torch) leaves it to the first
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_train_cli_runs_the_triton_backend_on_the_tiny_preset(device, tmp_path):
     from minigpt.train import build_parser, train
