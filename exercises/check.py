@@ -275,6 +275,91 @@ def check_layer_norm_dx(module: ModuleType, device: str) -> None:
                                                       block_c=1 << (C - 1).bit_length()))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise layer_norm_forward (lesson 4): the forward kernel from zero, with its launcher's grid
+#
+# y, mean and rstd against float64 (y by the formula of kernels/definitions.py; mean and rstd, which the kernel keeps
+# in float32, against PyTorch's own statistics in float32, torch.native_layer_norm's). Each input is the head of a
+# buffer whose tail holds NaN, as memory past a tensor may: a load without a mask reads it and shows as a NaN.
+
+# (shape, spread of x): widths that BLOCK_C pads (7, 100, GPT-2's 768, 1000) and one it does not (64), rows that
+# end in a partial program; x off-centre (mean 0.5), so that padded lanes counted in a sum show; and rows of small
+# spread (variance 0.01), where the place of eps shows
+LAYER_NORM_FORWARD_CASES = [((3, 7), 2.0), ((2, 5, 100), 2.0), ((2, 768), 2.0), ((3, 1000), 2.0), ((5, 64), 2.0),
+                            ((6, 24), 0.1)]
+# Rows of one feature (variance 0: rstd = 1 / sqrt(eps)), run once the cases above pass, since a wrong variance
+# is named there better than by the NaN that a division by C - 1 = 0 makes here
+LAYER_NORM_FORWARD_LAST_CASES = [((5, 1), 2.0)]
+
+
+def _nan_past_the_end(x: torch.Tensor, tail: int) -> torch.Tensor:
+    """``x``'s values, contiguous, at the head of a buffer whose next ``tail`` elements are NaN."""
+    buffer = torch.full((x.numel() + tail,), float("nan"), dtype=x.dtype, device=x.device)
+    buffer[:x.numel()] = x.flatten()
+    return buffer[:x.numel()].view(x.shape)
+
+
+def _layer_norm_forward_variants(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
+                                 block_c: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Known wrong answers (y, mean, rstd) of LayerNorm's forward, in float64."""
+    width = x.shape[-1]
+    mean = x.mean(-1, keepdim=True)
+    sum_sq = ((x - mean) ** 2).sum(-1, keepdim=True)
+
+    def forward(mean, var, rstd=None, w=w, b=b):
+        rstd = torch.rsqrt(var + eps) if rstd is None else rstd
+        return (x - mean) * rstd * w + b, mean[..., 0], rstd[..., 0]
+
+    block_mean = x.sum(-1, keepdim=True) / block_c
+    var = sum_sq / width
+    return {
+        "the row sums divided by the block size BLOCK_C where the row has `width` elements (mean and variance)":
+            forward(block_mean, ((x - block_mean) ** 2).sum(-1, keepdim=True) / block_c),
+        "a variance with the padded lanes in it: x - mean is -mean there, so zero it (tl.where(mask, ..., 0.0)) "
+        "before squaring": forward(mean, (sum_sq + (block_c - width) * mean ** 2) / width),
+        "a variance without the mean subtracted, sum(x^2) / C: it is sum((x - mean)^2) / C":
+            forward(mean, (x * x).sum(-1, keepdim=True) / width),
+        "the unbiased variance, divided by C - 1: LayerNorm's is the biased one, divided by C":
+            forward(mean, sum_sq / (width - 1)),
+        "eps outside the square root: rstd = 1 / sqrt(var + eps)": forward(mean, var, 1 / (var.sqrt() + eps)),
+        "y without the bias b: y = xhat * w + b": forward(mean, var, b=0.0),
+        "y without the weight w: y = xhat * w + b": forward(mean, var, w=1.0),
+    }
+
+
+def check_layer_norm_forward(module: ModuleType, device: str) -> None:
+    from kernels.definitions import EPS, layer_norm_math
+    from kernels.torch_backend import TorchBackend
+
+    torch_backend = TorchBackend()
+    for cases in (LAYER_NORM_FORWARD_CASES, LAYER_NORM_FORWARD_LAST_CASES):
+        if cases is LAYER_NORM_FORWARD_LAST_CASES and _results is not None and not all(r.passed for r in _results):
+            return
+        for dtype in (torch.float32, torch.float16):
+            for shape, spread in cases:
+                g = _generator(sum(shape))
+                C = shape[-1]
+                block_c = 1 << (C - 1).bit_length()
+                x = (torch.randn(shape, generator=g) * spread + 0.5).to(device, dtype)
+                w = (1 + 0.5 * torch.randn(C, generator=g)).to(device, dtype)
+                b = (0.5 * torch.randn(C, generator=g)).to(device, dtype)
+                y, mean, rstd = module.layer_norm_forward(_nan_past_the_end(x, module.BLOCK_M * block_c), w, b, EPS)
+                x64, w64, b64 = x.double(), w.double(), b.double()
+                exact = (layer_norm_math(x64, w64, b64, EPS), x64.mean(-1),
+                         torch.rsqrt(x64.var(-1, unbiased=False) + EPS))
+                _, torch_mean, torch_rstd = torch.native_layer_norm(x.float(), (C,), w.float(), b.float(), EPS)
+                in_torch = (torch_backend.layer_norm(x, w, b, EPS), torch_mean.view(shape[:-1]),
+                            torch_rstd.view(shape[:-1]))
+                wrong = _layer_norm_forward_variants(x64, w64, b64, EPS, block_c)
+                case = f"{_dtype_name(dtype)}, shape {shape}" + (f", x spread {spread}" if spread != 2.0 else "")
+                for i, (what, got, stored) in enumerate((("y", y, dtype), ("mean", mean, torch.float32),
+                                                         ("rstd", rstd, torch.float32))):
+                    scale = max(exact[i].abs().max().item(), 1.0)
+                    _compare(what, got, exact[i], in_torch[i], against="float64 math", case=case,
+                             floor=torch.finfo(stored).eps * scale, bound=LAYER_NORM_TOL[stored] * scale, dtype=dtype,
+                             variants={name: outputs[i] for name, outputs in wrong.items()})
+
+
 # (B, H, Tq, Tk, D): several query and key tiles with partial tails, padded head dims, a chunk of queries (Tq < Tk)
 # whose diagonal falls across key tiles, and a decoding step (Tq = 1)
 ATTENTION_SHAPES = [(1, 2, 37, 37, 24), (2, 1, 33, 33, 16), (1, 1, 5, 21, 16), (1, 2, 1, 19, 32)]
@@ -373,6 +458,140 @@ def check_attention_delta(module: ModuleType, device: str) -> None:
                      variants={name: t.view(B * H, Tq) for name, t in wrong.items()})
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Exercise dropout_keep_mask (lesson 7): attention's dropout keep mask, drawn from Philox
+#
+# A mask is right or wrong bit for bit, so it is compared entry by entry with the real kernels' mask as
+# kernels/tiled.py rebuilds it in NumPy (``dropout_keep_mask``; tests/test_tiled.py matches it with the kernel's
+# own), for several tilings of the same problem. A known mistake is recognised when the mask is, in every case
+# where that mistake changes anything, exactly the mask the mistake draws (computed here in NumPy).
+
+# (seed, heads, Tq, Tk, p, (block_m, block_n)): the same problem under three tilings (a mask that depends on the
+# tiles differs between them), a chunk of queries (Tq < Tk: the last 5 of 45 positions), a decoding step (Tq = 1),
+# tiles that end past the last query and key, seeds up to 2^31 - 2 (the largest attention_seed draws)
+DROPOUT_CASES = [(1234, 2, 37, 37, 0.25, (16, 16)), (1234, 2, 37, 37, 0.25, (8, 32)),
+                 (1234, 2, 37, 37, 0.25, (32, 8)), (7, 3, 5, 45, 0.1, (16, 16)), (2**31 - 2, 2, 1, 19, 0.5, (16, 8)),
+                 (99, 1, 24, 50, 0.75, (8, 16))]
+DROPOUT_LAYOUTS = {  # which (word, half) each key of a group of 8 takes: the real order and two others
+    "real": ((0, 0), (2, 0), (1, 0), (3, 0), (0, 1), (2, 1), (1, 1), (3, 1)),
+    "word by word": ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)),
+    "low halves first": ((0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1), (2, 1), (3, 1)),
+}
+
+
+def _dropout_draws(key: int, rows, cols, counter: Callable, layout) -> "np.ndarray":
+    """The 16-bit draw of each (query row, key) of a (Tq, Tk) grid: Philox called with ``key`` and
+    ``counter(rows[:, None], cols[None, :])`` (int64), the key's half taken by ``layout`` (key % 8 -> word, half)."""
+    import numpy as np
+
+    from kernels.tiled import philox4x32
+
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    counters = np.broadcast_to(counter(rows[:, None], cols[None, :]), (len(rows), len(cols)))
+    words = np.stack(philox4x32(key, counters))  # (4, Tq, Tk)
+    word, half = np.array(layout)[cols % 8].T
+    picked = np.take_along_axis(words, np.broadcast_to(word, counters.shape)[None], axis=0)[0]
+    return (picked >> (16 * half).astype(np.uint32)) & np.uint32(0xFFFF)
+
+
+def _dropout_variants(seed: int, bh: int, Tq: int, Tk: int, p: float, block_m: int,
+                      block_n: int) -> dict[str, "np.ndarray"]:
+    """Known wrong keep masks of the (Tq, Tk) grid of batch-head ``bh``, in NumPy, each with one mistake."""
+    import numpy as np
+
+    from kernels.tiled import dropout_threshold
+
+    rows, cols = np.arange(Tq), np.arange(Tk)  # row i is the query at position a = (Tk - Tq) + i
+    key, threshold, real = seed + (bh << 32), dropout_threshold(p), DROPOUT_LAYOUTS["real"]
+
+    def counter(a, j):
+        return a * Tk + 8 * (j // 8)
+
+    def draws(key=key, counter=counter, layout=real):
+        return _dropout_draws(key, rows, cols, lambda i, j: counter(Tk - Tq + i, j), layout)
+
+    def by_position(count):  # count(a, j, i): the counter of the query at position a, row i, on key j
+        return lambda a, j: count(a, j, a - (Tk - Tq))
+
+    right = draws()
+    return {
+        "a counter with the keys counted from the tile's first (first_key left out): the counter takes the key's "
+        "position in the whole row, j, so that the mask does not depend on the tiling": draws(
+            counter=lambda a, j: a * Tk + 8 * (j % block_n // 8)) >= threshold,
+        "a counter with the queries counted from the tile's first (tl.arange where rows belongs): the counter takes "
+        "the query's position a, so that the mask does not depend on the tiling": draws(
+            counter=by_position(lambda a, j, i: i % block_m * Tk + 8 * (j // 8))) >= threshold,
+        "a counter local to the tile (queries and keys counted from its first): every tile draws the same mask": draws(
+            counter=by_position(lambda a, j, i: i % block_m * Tk + 8 * (j % block_n // 8))) >= threshold,
+        "a counter with the query and the key swapped, 8 (j // 8) * T + a: it is a * T + 8 (j // 8)": draws(
+            counter=lambda a, j: 8 * (j // 8) * Tk + a) >= threshold,
+        "a key without the (batch, head) index: every head draws the same mask; the key is seed + (bh << 32)":
+            draws(key=seed) >= threshold,
+        "the key (seed + bh) << 32: + binds tighter than <<, so write seed + (bh << 32)":
+            draws(key=(seed + bh) << 32) >= threshold,
+        "the key seed + bh: then (seed, bh) and (seed + 1, bh - 1) draw one mask; bh goes to the high word, "
+        "seed + (bh << 32)": draws(key=seed + bh) >= threshold,
+        "the 16-bit halves given to the 8 keys of a group in another order (w0 low, w0 high, w1 low, ...): the "
+        "order is w0 low, w2 low, w1 low, w3 low, w0 high, w2 high, w1 high, w3 high":
+            draws(layout=DROPOUT_LAYOUTS["word by word"]) >= threshold,
+        "the 16-bit halves given to the 8 keys of a group in another order (w0 low, w1 low, w2 low, ...): the "
+        "order is w0 low, w2 low, w1 low, w3 low, w0 high, w2 high, w1 high, w3 high":
+            draws(layout=DROPOUT_LAYOUTS["low halves first"]) >= threshold,
+        "kept where the draw is below the threshold: that keeps a share p and drops 1 - p; keep draw >= threshold":
+            right < threshold,
+        "kept where the draw is above the threshold: keep draw >= threshold (a draw equal to it is kept)":
+            right > threshold,
+        "a threshold p * 2^16 cut to an integer, not rounded: add 0.5 before the cast": right >= int(
+            np.float32(p) * np.float32(65536.0)),
+        "the 16-bit draw compared with p itself: the threshold is on the draws' scale, round(p * 2^16)":
+            right >= np.float32(p),
+    }
+
+
+def _dropout_threshold_cases() -> list[tuple]:
+    """Two cases whose p puts the threshold on a draw of the mask: p = d / 2^16 for a draw d of the grid, where
+    draw >= threshold and draw > threshold differ; and p = (d + 0.6) / 2^16, whose p * 2^16 rounds to d + 1 but
+    is cut to d."""
+    seed, heads, Tq, Tk, tiles = 5, 1, 16, 24, (16, 8)
+    d = int(_dropout_draws(seed, [7], [11], lambda i, j: (Tk - Tq + i) * Tk + 8 * (j // 8),
+                           DROPOUT_LAYOUTS["real"])[0, 0])
+    return [(seed, heads, Tq, Tk, d / 65536, tiles), (seed, heads, Tq, Tk, (d + 0.6) / 65536, tiles)]
+
+
+def _compare_mask(got: torch.Tensor, exact: torch.Tensor, *, case: str,
+                  variants: dict[str, torch.Tensor]) -> None:
+    """Record (or, outside run_check, raise on) a keep mask that differs from ``exact`` in any entry. The error is
+    the share of entries that differ, none allowed; a wrong variant matches when the mask is that variant's."""
+    err = (got != exact).double().mean().item() if got.shape == exact.shape else 1.0
+    result = Result("keep mask, share wrong", case, torch.bool,
+                    "the real kernel's mask (kernels/tiled.py's Philox in NumPy)", err, 0.0)
+    if not result.passed:
+        result.variants = {name: 0.0 if torch.equal(got, wrong) else math.inf for name, wrong in variants.items()
+                           if not torch.equal(wrong, exact)}
+    if _results is not None:
+        _results.append(result)
+    elif not result.passed:
+        raise Mismatch(f"the keep mask differs from {result.against} in a share {err:.2g} of its entries ({case})")
+
+
+def check_dropout_keep_mask(module: ModuleType, device: str) -> None:
+    import numpy as np
+
+    from kernels.tiled import dropout_keep_mask
+
+    for seed, heads, Tq, Tk, p, (block_m, block_n) in DROPOUT_CASES + _dropout_threshold_cases():
+        got = module.dropout_keep_mask(seed, heads, Tq, Tk, p, block_m=block_m, block_n=block_n, device=device)
+        exact = np.stack([dropout_keep_mask(seed, bh, Tk, p, Tq=Tq) for bh in range(heads)])
+        wrong: dict[str, list] = {}
+        for bh in range(heads):
+            for name, mask in _dropout_variants(seed, bh, Tq, Tk, p, block_m, block_n).items():
+                wrong.setdefault(name, []).append(mask)
+        _compare_mask(got.cpu(), torch.from_numpy(exact),
+                      case=f"seed {seed}, {heads} head{'s' * (heads > 1)}, (Tq, Tk) = ({Tq}, {Tk}), p = {p:.6g}, "
+                           f"tiles {block_m} x {block_n}",
+                      variants={name: torch.from_numpy(np.stack(masks)) for name, masks in wrong.items()})
+
+
 def check_elementwise_gelu(module: ModuleType, device: str) -> None:
     from kernels.definitions import gelu_math
     from kernels.torch_backend import TorchBackend
@@ -463,8 +682,12 @@ def check_attention_tile_bounds(module: ModuleType, device: str) -> None:
 EXERCISES = {e.name: e for e in [
     Exercise("gelu_backward", 3, "kernels/gelu.py", "_gelu_bwd", check_gelu_backward),
     Exercise("layer_norm_dx", 4, "kernels/layer_norm.py", "_layer_norm_bwd_dx", check_layer_norm_dx),
+    Exercise("layer_norm_forward", 4, "kernels/layer_norm.py", "_layer_norm_fwd", check_layer_norm_forward,
+             also_copies=("_layer_norm_forward",)),
     Exercise("attention_forward_inner", 5, "kernels/attention.py", "_fwd_inner", check_attention_forward_inner),
     Exercise("attention_delta", 6, "kernels/attention.py", "_attention_bwd_preprocess", check_attention_delta),
+    Exercise("dropout_keep_mask", 7, "kernels/attention.py", "_keep_mask", check_dropout_keep_mask,
+             also_copies=("_attention_fwd",)),
     Exercise("elementwise_gelu", 3, "kernels/gelu.py", "_gelu_fwd", check_elementwise_gelu,
              also_copies=("_gelu_forward",)),
     Exercise("attention_tile_bounds", 5, "kernels/tiled.py", "forward_key_bounds", check_attention_tile_bounds),

@@ -127,7 +127,8 @@ def test_course_exercises_exist():
     text = COURSE.read_text(encoding="utf-8")
     names = set(re.findall(r"\*\*Exercise `(\w+)`", text))
     assert names == {"gelu_backward", "layer_norm_dx", "attention_forward_inner", "attention_delta",
-                     "elementwise_gelu", "row_softmax", "attention_tile_bounds"}
+                     "elementwise_gelu", "row_softmax", "attention_tile_bounds", "layer_norm_forward",
+                     "dropout_keep_mask"}
     for name in names:
         assert (ROOT / "exercises" / f"{name}.py").exists()
         assert (ROOT / "exercises" / "solutions" / f"{name}.py").exists()

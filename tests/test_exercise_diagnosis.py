@@ -172,3 +172,107 @@ def test_fill_in_the_blank_only_while_the_placeholder_is_there(tmp_path, device)
     where = tmp_path / "attention_delta.py"
     assert report.splitlines()[0].endswith(f" — check your lines between the markers in {where} against the math in "
                                            "its docstring"), report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layer_norm_forward and dropout_keep_mask: each known wrong variant, written into a copy of the solution by
+# editing its lines (the blank of layer_norm_forward spans the kernel and its launcher), is named
+
+
+def check_edited(tmp_path, device, name: str, edits: list[tuple[str, str]]) -> tuple[bool, str]:
+    """Check the solution of ``name`` with each ``old`` of ``edits`` replaced by its ``new`` in the blank."""
+    exercise = EXERCISES[name]
+    before, region, after = split_at_markers(exercise.path(solution=True).read_text(), exercise)
+    for old, new in edits:
+        assert old in region, f"{old!r} is not in the solution of {name}"
+        region = region.replace(old, new)
+    path = tmp_path / f"{name}.py"
+    path.write_text(before + region + after)
+    return run_check(name, device=device, path=path)
+
+
+LAYER_NORM_FORWARD_VARIANTS = [
+    ("block size for width", "looks like the row sums divided by the block size BLOCK_C",
+     [("/ width", "/ BLOCK_C")]),
+    ("padding in the variance", "looks like a variance with the padded lanes in it",
+     [("xc = tl.where(mask, x - mean[:, None], 0.0)", "xc = x - mean[:, None]")]),
+    ("variance without the mean", "looks like a variance without the mean subtracted",
+     [("var = tl.sum(xc * xc, axis=1) / width", "var = tl.sum(x * x, axis=1) / width")]),
+    ("unbiased variance", "looks like the unbiased variance, divided by C - 1",
+     [("var = tl.sum(xc * xc, axis=1) / width", "var = tl.sum(xc * xc, axis=1) / (width - 1)")]),
+    ("eps outside the root", "looks like eps outside the square root",
+     [("rstd = 1.0 / tl.sqrt(var + eps)", "rstd = 1.0 / (tl.sqrt(var) + eps)")]),
+    ("no bias", "looks like y without the bias b", [(" + b[None, :]", "")]),
+    ("no weight", "looks like y without the weight w", [(" * w[None, :]", "")]),
+    ("unmasked load", NAN_HINT,  # the memory past the input holds NaN in the check
+     [("x = tl.load(X + offs, mask=mask, other=0.0)", "x = tl.load(X + offs)")]),
+]
+
+
+@pytest.mark.parametrize("variant, diagnosis, edits", LAYER_NORM_FORWARD_VARIANTS,
+                         ids=[v[0] for v in LAYER_NORM_FORWARD_VARIANTS])
+def test_a_known_wrong_layer_norm_forward_is_named(tmp_path, device, variant, diagnosis, edits):
+    passed, report = check_edited(tmp_path, device, "layer_norm_forward", edits)
+    assert not passed
+    assert_diagnosed(report, diagnosis)
+
+
+def test_layer_norm_forward_runs_rows_of_one_feature_once_the_others_pass(tmp_path, device, monkeypatch):
+    """The unbiased variance divides by C - 1 = 0 on rows of one feature: named by the other rows, which fail, and
+    not run there; run alone, those rows give the NaN, and only they are listed."""
+    import exercises.check
+
+    edits = [("var = tl.sum(xc * xc, axis=1) / width", "var = tl.sum(xc * xc, axis=1) / (width - 1)")]
+    passed, report = check_edited(tmp_path, device, "layer_norm_forward", edits)
+    assert not passed and "shape (5, 1)" not in report, report
+    monkeypatch.setattr(exercises.check, "LAYER_NORM_FORWARD_CASES", [])
+    passed, report = check_edited(tmp_path, device, "layer_norm_forward", edits)
+    assert not passed
+    assert_diagnosed(report, NAN_HINT)
+    rows = report.splitlines()[3:]
+    assert rows and all("shape (5, 1)" in row for row in rows), report
+
+
+DROPOUT_VARIANTS = [
+    ("keys counted from the tile", "looks like a counter with the keys counted from the tile's first",
+     [("groups = first_key + 8 * tl.arange", "groups = 8 * tl.arange")]),
+    ("queries counted from the tile", "looks like a counter with the queries counted from the tile's first",
+     [("rows[:, None] * T", "tl.arange(0, BLOCK_R)[:, None] * T")]),
+    ("counter local to the tile", "looks like a counter local to the tile",
+     [("rows[:, None] * T", "tl.arange(0, BLOCK_R)[:, None] * T"),
+      ("groups = first_key + 8 * tl.arange", "groups = 8 * tl.arange")]),
+    ("query and key swapped", "looks like a counter with the query and the key swapped",
+     [("rows[:, None] * T + groups[None, :]", "rows[:, None] + groups[None, :] * T")]),
+    ("no head in the key", "looks like a key without the (batch, head) index",
+     [("seed.to(tl.int64) + (bh.to(tl.int64) << 32)", "seed.to(tl.int64)")]),
+    ("precedence of <<", "looks like the key (seed + bh) << 32",
+     [("seed.to(tl.int64) + (bh.to(tl.int64) << 32)", "seed.to(tl.int64) + bh.to(tl.int64) << 32")]),
+    ("seed + bh", "looks like the key seed + bh",
+     [("seed.to(tl.int64) + (bh.to(tl.int64) << 32)", "seed.to(tl.int64) + bh.to(tl.int64)")]),
+    ("halves word by word", "looks like the 16-bit halves given to the 8 keys of a group in another order (w0 low, "
+     "w0 high", [("draws = tl.join(w01, w23)", "draws = tl.join(tl.join(tl.join(w0 & 0xFFFF, w2 & 0xFFFF), "
+                  "tl.join(w1 & 0xFFFF, w3 & 0xFFFF)), tl.join(tl.join(w0 >> 16, w2 >> 16), "
+                  "tl.join(w1 >> 16, w3 >> 16)))")]),
+    ("low halves first", "looks like the 16-bit halves given to the 8 keys of a group in another order (w0 low, "
+     "w1 low", [("draws = tl.join(w01, w23)", "draws = tl.join(tl.join(tl.join(w0 & 0xFFFF, w0 >> 16), "
+                 "tl.join(w2 & 0xFFFF, w2 >> 16)), tl.join(tl.join(w1 & 0xFFFF, w1 >> 16), "
+                 "tl.join(w3 & 0xFFFF, w3 >> 16)))")]),
+    ("kept below", "looks like kept where the draw is below the threshold", [(">= threshold", "< threshold")]),
+    ("kept above", "looks like kept where the draw is above the threshold", [(">= threshold", "> threshold")]),
+    ("threshold cut", "looks like a threshold p * 2^16 cut to an integer, not rounded",
+     [("dropout_p * 65536.0 + 0.5", "dropout_p * 65536.0")]),
+    ("compared with p", "looks like the 16-bit draw compared with p itself",
+     [(">= threshold", ">= dropout_p")]),
+]
+
+
+@pytest.mark.parametrize("variant, diagnosis, edits", DROPOUT_VARIANTS, ids=[v[0] for v in DROPOUT_VARIANTS])
+def test_a_known_wrong_dropout_keep_mask_is_named(tmp_path, device, variant, diagnosis, edits):
+    passed, report = check_edited(tmp_path, device, "dropout_keep_mask", edits)
+    assert not passed
+    assert_diagnosed(report, diagnosis)
+
+
+@pytest.mark.parametrize("name", ["layer_norm_forward", "dropout_keep_mask"])
+def test_the_solution_copied_unedited_passes(tmp_path, device, name):
+    assert check_edited(tmp_path, device, name, []) == (True, f"PASS {name} (lesson {EXERCISES[name].lesson})")

@@ -196,3 +196,40 @@ def test_tile_bounds_check_fails_a_bound_one_off(variant):
     check_attention_tile_bounds(type("Module", (), {"forward_key_bounds": staticmethod(_true_bounds)}), "cpu")
     with pytest.raises(Mismatch, match="differs from what a brute-force count"):
         check_attention_tile_bounds(type("Module", (), {"forward_key_bounds": staticmethod(bounds)}), "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layer_norm_forward and dropout_keep_mask: what their checks stand on
+
+
+def test_layer_norm_forward_inputs_have_nan_past_their_end():
+    """The check hands the exercise a view at the head of a buffer of NaN: the launcher's reshape and contiguous
+    keep it (no copy), so a load without its mask reads the NaN."""
+    from exercises.check import _nan_past_the_end
+
+    x = torch.arange(6.0).view(2, 3)
+    head = _nan_past_the_end(x, 4)
+    assert torch.equal(head, x) and head.reshape(-1, 3).contiguous().data_ptr() == head.data_ptr()
+    tail = torch.as_strided(head, (4,), (1,), storage_offset=6)
+    assert tail.isnan().all()
+
+
+def test_dropout_check_draws_as_the_numpy_mirror():
+    """The wrong masks are built from the same draws as the reference: with the real key, counter and order, the
+    check's NumPy draws give kernels/tiled.py's mask; and its two threshold cases put the threshold on a draw, so
+    that > for >= and a threshold cut instead of rounded each change an entry."""
+    import numpy as np
+
+    from exercises.check import DROPOUT_LAYOUTS, _dropout_draws, _dropout_threshold_cases, _dropout_variants
+    from kernels.tiled import dropout_keep_mask, dropout_threshold
+
+    seed, bh, Tq, Tk, p = 1234, 1, 5, 45, 0.1
+    draws = _dropout_draws(seed + (bh << 32), np.arange(Tq), np.arange(Tk),
+                           lambda i, j: (Tk - Tq + i) * Tk + 8 * (j // 8), DROPOUT_LAYOUTS["real"])
+    assert np.array_equal(draws >= dropout_threshold(p), dropout_keep_mask(seed, bh, Tk, p, Tq=Tq))
+    (seed, _, Tq, Tk, p_equal, tiles), (_, _, _, _, p_cut, _) = _dropout_threshold_cases()
+    for p, name in ((p_equal, "kept where the draw is above"), (p_cut, "a threshold p * 2^16 cut")):
+        exact = dropout_keep_mask(seed, 0, Tk, p, Tq=Tq)
+        wrong = next(mask for key, mask in _dropout_variants(seed, 0, Tq, Tk, p, *tiles).items()
+                     if key.startswith(name))
+        assert (wrong != exact).sum() >= 1, name
