@@ -381,8 +381,14 @@ def _attention_scores(q, k):
     return scores.masked_fill(future_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
 
 
-def _attention_floor(exact: torch.Tensor) -> float:
-    return 8 * torch.finfo(torch.float32).eps * max(1.0, exact.abs().max().item())  # as tests/test_attention.py
+def _attention_floor(exact: torch.Tensor, stored: torch.dtype = torch.float32) -> float:
+    """A few float32 roundings, as tests/test_attention.py, plus, for an output stored in a 16-bit dtype, one
+    rounding of that dtype at the output's magnitude: the kernel rounds p to that dtype for tl.dot and its float32
+    result once on the store, so it may land on the other neighbour of a value that PyTorch rounds to the nearer
+    one, and 2 x PyTorch's error alone (half a rounding each) leaves it no room."""
+    magnitude = exact.abs().max().item()
+    storage = torch.finfo(stored).eps * magnitude if stored != torch.float32 else 0.0
+    return 8 * torch.finfo(torch.float32).eps * max(1.0, magnitude) + storage
 
 
 def _online_softmax(q, k, v, block_n: int, *, natural_exp=False, rescale_acc=True, rescale_l=True):
@@ -404,19 +410,22 @@ def _online_softmax(q, k, v, block_n: int, *, natural_exp=False, rescale_acc=Tru
     return acc / l[..., None], (m_last[..., 0] + torch.log2(l)).flatten(0, 1)
 
 
+ONLINE_SOFTMAX_MISTAKES = {  # the update's wrong variants, named: _online_softmax's options for each
+    "natural exp where the kernel works in base 2: did you fold log2(e) into the scale? s is already "
+    "scale * log2(e) * q k^T, so use tl.math.exp2": dict(natural_exp=True),
+    "a missing alpha rescale: multiply both l_i and acc by alpha = exp2(m_i - m_new) before adding the new "
+    "tile": dict(rescale_acc=False, rescale_l=False),
+    "a missing alpha rescale of acc (l_i is rescaled)": dict(rescale_acc=False),
+    "a missing alpha rescale of l_i (acc is rescaled)": dict(rescale_l=False),
+}
+
+
 def check_attention_forward_inner(module: ModuleType, device: str) -> None:
     from kernels.definitions import causal_attention_math
     from kernels.torch_backend import TorchBackend
 
     torch_backend = TorchBackend()
-    mistakes = {  # the wrong variants, named
-        "natural exp where the kernel works in base 2: did you fold log2(e) into the scale? s is already "
-        "scale * log2(e) * q k^T, so use tl.math.exp2": dict(natural_exp=True),
-        "a missing alpha rescale: multiply both l_i and acc by alpha = exp2(m_i - m_new) before adding the new "
-        "tile": dict(rescale_acc=False, rescale_l=False),
-        "a missing alpha rescale of acc (l_i is rescaled)": dict(rescale_acc=False),
-        "a missing alpha rescale of l_i (acc is rescaled)": dict(rescale_l=False),
-    }
+    mistakes = ONLINE_SOFTMAX_MISTAKES
     for dtype in (torch.float32, torch.float16):
         for B, H, Tq, Tk, D in ATTENTION_SHAPES:
             q, k, v, _ = _attention_inputs(B, H, Tq, Tk, D, dtype, device, seed=Tq + Tk + D)
@@ -426,13 +435,93 @@ def check_attention_forward_inner(module: ModuleType, device: str) -> None:
             wrong = {name: _online_softmax(q.double(), k.double(), v.double(), module.BLOCK_N, **how)
                      for name, how in mistakes.items()}
             _compare("out", o, exact, torch_backend.causal_attention(q, k, v), against="float64 math", case=case,
-                     floor=_attention_floor(exact), dtype=dtype,
+                     floor=_attention_floor(exact, dtype), dtype=dtype,
                      variants={name: out for name, (out, _) in wrong.items()})
             exact_lse2 = (torch.logsumexp(_attention_scores(q.double(), k.double()), -1) * LOG2E).view(B * H, Tq)
             torch_lse2 = (torch.logsumexp(_attention_scores(q, k).float(), -1) * LOG2E).view(B * H, Tq)
             _compare("log-sum-exp (base 2)", lse2, exact_lse2, torch_lse2, against="float64 math", case=case,
                      floor=_attention_floor(exact_lse2), dtype=dtype,
                      variants={name: lse for name, (_, lse) in wrong.items()})
+
+
+def _forward_walk(q, k, v, block_m: int, block_n: int, *, band_end=None, band_mask=True):
+    """(out, lse2, acc) of the forward kernel's walk over key tiles, in float64, key by key: the query tile of rows
+    [start_m * block_m, ...) visits the key tiles [0, lo) unmasked and the tiles from lo up to hi masked (keys past
+    Tk load as zeros; scores of keys in a row's future are -inf), with the kernel's mistakes on demand: ``band_end``
+    (first, Tk) -> hi in place of min(first + block_m, Tk); no ``band_mask``, the band's scores not masked, so a
+    row sees its future and the zero keys past Tk (score 0, value 0). acc: the unnormalized output."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    padded = -(-Tk // block_n) * block_n
+    k, v = (torch.nn.functional.pad(t, (0, 0, 0, padded - Tk)) for t in (k, v))
+    s = (q @ k.transpose(-2, -1)) * (LOG2E / math.sqrt(q.shape[-1]))  # the kernel's s: base 2
+    seen = torch.zeros(Tq, padded, dtype=torch.bool)  # [row, key]: the key's score is in the row's softmax
+    for start_m in range(-(-Tq // block_m)):
+        rows = torch.arange(start_m * block_m, min(start_m * block_m + block_m, Tq))
+        first = (Tk - Tq) + start_m * block_m
+        lo = first // block_n * block_n
+        hi = band_end(first, Tk) if band_end else min(first + block_m, Tk)
+        end = lo + max(0, -(-(hi - lo) // block_n)) * block_n  # the band's tiles: range(lo, hi, block_n)
+        cols = torch.arange(lo, end)
+        seen[rows, :lo] = True
+        seen[rows[:, None], cols] = (Tk - Tq + rows[:, None] >= cols) if band_mask else True
+    s = s.masked_fill(~seen.to(s.device), float("-inf"))
+    m = s.amax(-1)
+    weights = torch.exp2(s - m[..., None])
+    l = weights.sum(-1)
+    acc = weights @ v
+    return acc / l[..., None], (m + torch.log2(l)).flatten(0, 1), acc
+
+
+def _forward_variants(q, k, v, block_m: int, block_n: int) -> tuple[dict, dict]:
+    """Known wrong answers of the whole forward, in float64: (name -> out, name -> lse2)."""
+    outs, lses = {}, {}
+    for name, how in ONLINE_SOFTMAX_MISTAKES.items():
+        outs[name], lses[name] = _online_softmax(q, k, v, block_n, **how)
+    walks = {
+        "the diagonal band one key short: the band is [lo, min(first + BLOCK_M, Tk)), the end exclusive, so that "
+        "the last row sees its own key": dict(band_end=lambda first, Tk: min(first + block_m, Tk - 1)),
+        "no causal mask on the diagonal band: there the rows see keys in their future (and the zeros loaded past "
+        "Tk); mask the scores with tl.where(q_pos[:, None] >= cols[None, :], s, float(\"-inf\"))":
+            dict(band_mask=False),
+    }
+    for name, how in walks.items():
+        outs[name], lses[name], _ = _forward_walk(q, k, v, block_m, block_n, **how)
+    _, lse2, acc = _forward_walk(q, k, v, block_m, block_n)
+    outs["O = acc without the final division by l_i: the output is acc / l_i"] = acc
+    m, l = _online_max_and_sum(q, k)
+    lses["the log-sum-exp in natural log: the kernel keeps it in base 2, m_i + log2(l_i), as the backward reads "
+         "it"] = lse2 * math.log(2)
+    lses["m_i + ln(l_i): m_i is in base 2, so take the log of l_i in base 2 too (tl.math.log2)"] = m + torch.log(l)
+    return outs, lses
+
+
+def _online_max_and_sum(q, k) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's max m (base 2) and sum l = sum_j 2^(s_j - m) as the kernel ends with them: (B * H, Tq) each."""
+    s = _attention_scores(q, k) * LOG2E
+    m = s.amax(-1)
+    return m.flatten(0, 1), torch.exp2(s - m[..., None]).sum(-1).flatten(0, 1)
+
+
+def check_attention_forward(module: ModuleType, device: str) -> None:
+    from kernels.definitions import causal_attention_math
+    from kernels.torch_backend import TorchBackend
+
+    torch_backend = TorchBackend()
+    tiles = module.TILES
+    for dtype in (torch.float32, torch.float16):
+        for B, H, Tq, Tk, D in ATTENTION_SHAPES:
+            q, k, v, _ = _attention_inputs(B, H, Tq, Tk, D, dtype, device, seed=Tq + Tk + D)
+            case = f"{_dtype_name(dtype)}, (B, H, Tq, Tk, D) = {(B, H, Tq, Tk, D)}"
+            o, lse2 = module.attention_forward(q, k, v)
+            q64, k64, v64 = q.double(), k.double(), v.double()
+            exact = causal_attention_math(q64, k64, v64)
+            outs, lses = _forward_variants(q64.cpu(), k64.cpu(), v64.cpu(), tiles.BLOCK_M, tiles.BLOCK_N)
+            _compare("out", o, exact, torch_backend.causal_attention(q, k, v), against="float64 math", case=case,
+                     floor=_attention_floor(exact, dtype), dtype=dtype, variants=outs)
+            exact_lse2 = (torch.logsumexp(_attention_scores(q64, k64), -1) * LOG2E).view(B * H, Tq)
+            torch_lse2 = (torch.logsumexp(_attention_scores(q, k).float(), -1) * LOG2E).view(B * H, Tq)
+            _compare("log-sum-exp (base 2)", lse2, exact_lse2, torch_lse2, against="float64 math", case=case,
+                     floor=_attention_floor(exact_lse2), dtype=dtype, variants=lses)
 
 
 def check_attention_delta(module: ModuleType, device: str) -> None:
@@ -685,6 +774,8 @@ EXERCISES = {e.name: e for e in [
     Exercise("layer_norm_forward", 4, "kernels/layer_norm.py", "_layer_norm_fwd", check_layer_norm_forward,
              also_copies=("_layer_norm_forward",)),
     Exercise("attention_forward_inner", 5, "kernels/attention.py", "_fwd_inner", check_attention_forward_inner),
+    Exercise("attention_forward", 5, "kernels/attention.py", "_attention_fwd", check_attention_forward,
+             also_copies=("_fwd_inner", "attention_fwd")),
     Exercise("attention_delta", 6, "kernels/attention.py", "_attention_bwd_preprocess", check_attention_delta),
     Exercise("dropout_keep_mask", 7, "kernels/attention.py", "_keep_mask", check_dropout_keep_mask,
              also_copies=("_attention_fwd",)),
@@ -807,13 +898,13 @@ def run_check(name: str, solution: bool = False, device: str | None = None,
     where = path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path
     if solution:
         fix = f"the solution {where} should pass"
-    elif not blank_is_filled(exercise, path):
+    elif not (filled := blank_is_filled(exercise, path)):
         fix = f"fill in the blank in {where}"
     else:
         fix = f"check your lines between the markers in {where} against the math in its docstring"
     report = [f"FAIL {name} (lesson {exercise.lesson}, COURSE.md): {problem} — {fix}"]
     if failed:
-        diagnosis = diagnose(results)
+        diagnosis = diagnose(results) if solution or filled else None  # a placeholder's output means nothing
         report += ([f"  {diagnosis}"] if diagnosis else []) + failure_table(results)
     return False, "\n".join(report)
 

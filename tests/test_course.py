@@ -128,7 +128,7 @@ def test_course_exercises_exist():
     names = set(re.findall(r"\*\*Exercise `(\w+)`", text))
     assert names == {"gelu_backward", "layer_norm_dx", "attention_forward_inner", "attention_delta",
                      "elementwise_gelu", "row_softmax", "attention_tile_bounds", "layer_norm_forward",
-                     "dropout_keep_mask"}
+                     "dropout_keep_mask", "attention_forward"}
     for name in names:
         assert (ROOT / "exercises" / f"{name}.py").exists()
         assert (ROOT / "exercises" / "solutions" / f"{name}.py").exists()

@@ -175,12 +175,13 @@ def test_fill_in_the_blank_only_while_the_placeholder_is_there(tmp_path, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# layer_norm_forward and dropout_keep_mask: each known wrong variant, written into a copy of the solution by
-# editing its lines (the blank of layer_norm_forward spans the kernel and its launcher), is named
+# layer_norm_forward, dropout_keep_mask and attention_forward: each known wrong variant, written into a copy of the
+# solution by editing its lines (a blank may span a kernel and its launcher), is named
 
 
 def check_edited(tmp_path, device, name: str, edits: list[tuple[str, str]]) -> tuple[bool, str]:
-    """Check the solution of ``name`` with each ``old`` of ``edits`` replaced by its ``new`` in the blank."""
+    """Check the solution of ``name`` with each (old, new) of ``edits`` replaced in its region; each old must be
+    there, so that no edit is vacuous."""
     exercise = EXERCISES[name]
     before, region, after = split_at_markers(exercise.path(solution=True).read_text(), exercise)
     for old, new in edits:
@@ -213,6 +214,31 @@ LAYER_NORM_FORWARD_VARIANTS = [
                          ids=[v[0] for v in LAYER_NORM_FORWARD_VARIANTS])
 def test_a_known_wrong_layer_norm_forward_is_named(tmp_path, device, variant, diagnosis, edits):
     passed, report = check_edited(tmp_path, device, "layer_norm_forward", edits)
+    assert not passed
+    assert_diagnosed(report, diagnosis)
+
+
+FORWARD_VARIANTS = [
+    ("natural exp", "looks like natural exp where the kernel works in base 2: did you fold log2(e) into the scale?",
+     [("tl.math.exp2(s - m_new[:, None])", "tl.exp(s - m_new[:, None])"),
+      ("tl.math.exp2(m_i - m_new)", "tl.exp(m_i - m_new)")]),
+    ("no rescale of acc", "looks like a missing alpha rescale of acc",
+     [("acc = acc * alpha[:, None]", "acc = acc")]),
+    ("band one key short", "looks like the diagonal band one key short",
+     [("tl.minimum(first + BLOCK_M, Tk), Tk,", "tl.minimum(first + BLOCK_M, Tk - 1), Tk,")]),
+    ("no causal mask", "looks like no causal mask on the diagonal band",
+     [('s = tl.where(q_pos[:, None] >= cols[None, :], s, float("-inf"))', "s = s")]),
+    ("lse in natural log", "looks like the log-sum-exp in natural log",
+     [("m_i + tl.math.log2(l_i)", "(m_i + tl.math.log2(l_i)) * 0.6931471805599453")]),
+    ("lse mixing bases", "looks like m_i + ln(l_i)", [("m_i + tl.math.log2(l_i)", "m_i + tl.log(l_i)")]),
+    ("no division by l", "looks like O = acc without the final division by l_i",
+     [("acc = acc * out_scale[:, None]", "acc = acc")]),
+]
+
+
+@pytest.mark.parametrize("variant, diagnosis, edits", FORWARD_VARIANTS, ids=[v[0] for v in FORWARD_VARIANTS])
+def test_a_known_mistake_of_the_whole_forward_is_named(tmp_path, device, variant, diagnosis, edits):
+    passed, report = check_edited(tmp_path, device, "attention_forward", edits)
     assert not passed
     assert_diagnosed(report, diagnosis)
 
@@ -273,6 +299,6 @@ def test_a_known_wrong_dropout_keep_mask_is_named(tmp_path, device, variant, dia
     assert_diagnosed(report, diagnosis)
 
 
-@pytest.mark.parametrize("name", ["layer_norm_forward", "dropout_keep_mask"])
+@pytest.mark.parametrize("name", ["layer_norm_forward", "dropout_keep_mask", "attention_forward"])
 def test_the_solution_copied_unedited_passes(tmp_path, device, name):
     assert check_edited(tmp_path, device, name, []) == (True, f"PASS {name} (lesson {EXERCISES[name].lesson})")

@@ -104,7 +104,7 @@ def test_list_to_a_full_device_is_one_line():
 
 def _real_function_lines(path: Path, function: str) -> list[tuple[str, str]]:
     """(line, line without its trailing comment) for each line of the top-level function ``function`` in ``path``,
-    leading whitespace stripped."""
+    its decorators included, leading whitespace stripped."""
     source = path.read_text()
     lines = source.splitlines()
     comment_at = {}  # line number -> column of its comment
@@ -115,7 +115,7 @@ def _real_function_lines(path: Path, function: str) -> list[tuple[str, str]]:
     node = next((n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == function), None)
     assert node is not None, f"{path.relative_to(ROOT)} has no function {function}: update exercises/check.py"
     return [(lines[i - 1].strip(), lines[i - 1][:comment_at.get(i, len(lines[i - 1]))].strip())
-            for i in range(node.lineno, node.end_lineno + 1)]
+            for i in range(min([node.lineno] + [d.lineno for d in node.decorator_list]), node.end_lineno + 1)]
 
 
 @pytest.mark.parametrize("name", NAMES)
