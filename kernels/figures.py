@@ -19,6 +19,12 @@ change:
     attention_dropout_philox.png       which 16-bit half of which of the four 32-bit words of one Philox call each
                                        of the 8 keys of a group draws (``tiled.PHILOX_KEY_LAYOUT``, which
                                        tests/test_tiled.py and tests/test_figures.py check against the kernel)
+    causal_mask.png                    lesson 1's causal mask for T = 12, element by element, from
+                                       kernels/definitions.py's ``future_mask`` (the definition every kernel is
+                                       checked against), and what softmax makes of equal scores under it
+
+Lesson 1's other figure, one head's attention weights in a trained model, needs the model, which this package never
+imports: ``python -m minigpt.figures`` draws it (minigpt/figures.py).
 
 Regenerate them all with one command:
 
@@ -45,6 +51,7 @@ import torch
 from . import tiled
 from .cli import run_cli
 from .attention_tiles import tiles_for
+from .definitions import future_mask
 from .layer_norm import GPU_TILE, GROUPS_PER_SM, REDUCE_BLOCK_C, REDUCE_BLOCK_G, backward_tile, row_tile
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures"
@@ -395,8 +402,68 @@ def draw_attention_dropout_philox(path: Path) -> Path:
     return _save(fig, path)
 
 
+CAUSAL_MASK_T = 12  # positions in lesson 1's mask figure: small enough to write a number in every cell
+MASKED_COLOR = "#d9d9d9"
+
+
+def causal_mask_panels(T: int = CAUSAL_MASK_T) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the mask figure draws: the (T, T) bool ``future_mask`` (True: key j is in query i's future, its score
+    set to -inf) and the softmax, row by row, of all-equal scores with those -inf in place (float64): row i spreads
+    its weight evenly over its i + 1 visible keys."""
+    masked = future_mask(T, T)
+    scores = torch.zeros(T, T, dtype=torch.float64).masked_fill(masked, float("-inf"))
+    return masked, torch.softmax(scores, dim=-1)
+
+
+def _matrix_axes(ax, T: int) -> None:
+    """A (T, T) matrix panel: query rows top to bottom, key columns left to right, every position ticked."""
+    ax.set_xlim(-0.5, T - 0.5)
+    ax.set_ylim(T - 0.5, -0.5)
+    ax.set_aspect("equal")
+    ax.xaxis.set_ticks_position("top")
+    ax.xaxis.set_label_position("top")
+    ax.set_xticks(range(T))
+    ax.set_yticks(range(T))
+    ax.set_xlabel("key position j")
+    ax.set_ylabel("query position i")
+
+
+def draw_causal_mask(path: Path, T: int = CAUSAL_MASK_T) -> Path:
+    """Two (T, T) panels: the causal mask (which scores become -inf) and the softmax of equal scores under it."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    masked, weights = causal_mask_panels(T)
+    fig = _new_figure(11, 6.6)
+    left, right = fig.add_axes((0.06, 0.13, 0.4, 0.64)), fig.add_axes((0.56, 0.13, 0.4, 0.64))
+    left.imshow(masked.numpy().astype(int), cmap=ListedColormap([TILE_COLORS[UNMASKED], MASKED_COLOR]), vmin=0,
+                vmax=1, interpolation="nearest")
+    shown = np.where(masked.numpy(), np.nan, weights.numpy())  # the masked cells are left blank (grey)
+    right.set_facecolor(MASKED_COLOR)
+    right.imshow(shown, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    for i, j in np.ndindex(T, T):
+        if masked[i, j]:
+            left.text(j, i, "\u2212\u221e", ha="center", va="center", fontsize=8, color="#555555")
+        else:
+            right.text(j, i, "1" if i == 0 else f"1/{i + 1}", ha="center", va="center", fontsize=7.5,
+                       color="black" if weights[i, j] > 0.6 else "white")
+    for ax in (left, right):
+        _matrix_axes(ax, T)
+    left.set_title("the causal mask: score (i, j) kept for j <= i,\nset to \u2212\u221e for j > i (the future)",
+                   fontsize=11, pad=34)
+    right.set_title("softmax of equal scores under the mask:\nrow i spreads its weight 1 over i + 1 keys",
+                    fontsize=11, pad=34)
+    fig.legend(handles=[Patch(facecolor=TILE_COLORS[UNMASKED], label="kept: key j <= query i"),
+                        Patch(facecolor=MASKED_COLOR, edgecolor="#999999",
+                              label="masked: \u2212\u221e before softmax, weight 0 after")],
+               loc="lower center", ncol=2, frameon=False, fontsize=10)
+    fig.suptitle(f"Causal attention over T = {T} positions: query i may look at keys 0 .. i, never ahead\n"
+                 f"(kernels/definitions.py, future_mask; masked_fill(-inf) then softmax, as in lesson 1)", y=0.975)
+    return _save(fig, path)
+
+
 FIGURES = tuple(name for name, _, _ in ATTENTION_FIGURES) + ("layer_norm_backward_reduction.png",
-                                                           "attention_dropout_philox.png")
+                                                           "attention_dropout_philox.png", "causal_mask.png")
 
 
 def render_all(out: Path = DEFAULT_OUT) -> list[Path]:
@@ -410,12 +477,13 @@ def render_all(out: Path = DEFAULT_OUT) -> list[Path]:
         paths = [draw_attention_tile_grid(out / name, Tq, Tk) for name, Tq, Tk in ATTENTION_FIGURES]
         paths.append(draw_layer_norm_backward_reduction(out / "layer_norm_backward_reduction.png"))
         paths.append(draw_attention_dropout_philox(out / "attention_dropout_philox.png"))
+        paths.append(draw_causal_mask(out / "causal_mask.png"))
     return paths
 
 
-def check_out(out: Path) -> None:
-    """Refuse, before anything is drawn, an --out that cannot take the PNGs: a file, a folder under a file, a
-    figure's name taken by a folder, a folder that cannot be written; and a missing matplotlib or Pillow."""
+def check_out(out: Path, names: tuple[str, ...] = FIGURES) -> None:
+    """Refuse, before anything is drawn, an --out that cannot take the PNGs ``names``: a file, a folder under a
+    file, a figure's name taken by a folder, a folder that cannot be written; and a missing matplotlib or Pillow."""
     missing = [name for name in ("matplotlib", "PIL") if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(f"error: drawing the figures needs {' and '.join(missing)} — pip install matplotlib pillow")
@@ -425,7 +493,7 @@ def check_out(out: Path) -> None:
                 what = "is a file, not a folder" if above == out else f"cannot be made: {above} is a file"
                 raise SystemExit(f"error: --out {out} {what} — pass a folder (it is created if missing)")
             break
-    taken = [name for name in FIGURES if (out / name).exists() and not (out / name).is_file()]
+    taken = [name for name in names if (out / name).exists() and not (out / name).is_file()]
     if taken:
         raise SystemExit(f"error: {out / taken[0]} is a folder, not a figure — move it away or pass another --out")
     try:

@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 import kernels.layer_norm as layer_norm  # noqa: E402
 from kernels import figures, tiled  # noqa: E402
 from kernels.definitions import future_mask  # noqa: E402
+from minigpt import figures as model_figures  # noqa: E402
 
 REGENERATE = "python -m kernels.figures"
 MAX_BYTES = 100 * 1024
@@ -41,7 +42,8 @@ def test_committed_figures_are_current(redrawn):
     import matplotlib.image
 
     committed = figures.DEFAULT_OUT
-    stale = sorted(set(p.name for p in committed.glob("*.png")) - set(redrawn))
+    drawn = set(redrawn) | {model_figures.FIGURE}  # that one is redrawn by test_committed_attention_figure_is_current
+    stale = sorted(set(p.name for p in committed.glob("*.png")) - drawn)
     assert not stale, f"{committed} has figures no code draws: {stale} — delete them, or run `{REGENERATE}`"
     for name, path in redrawn.items():
         old = committed / name
@@ -205,3 +207,126 @@ def test_a_write_failing_while_drawing_is_one_line(tmp_path, monkeypatch, capsys
     assert figures.main(["--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err == (f"error: No space left on device: {tmp_path / figures.FIGURES[0]} — free some "
                                        "disk space or write somewhere else\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lesson 1's figures: the causal mask (kernels.figures) and one head's attention in a trained model (minigpt.figures)
+
+
+def test_causal_mask_figure_draws_the_mask_and_its_softmax():
+    """The mask drawn is "key j after query i", pair by pair, and softmax of equal scores under it gives row i the
+    weight 1 / (i + 1) on each of its i + 1 keys."""
+    T = figures.CAUSAL_MASK_T
+    masked, weights = figures.causal_mask_panels(T)
+    for i, j in itertools.product(range(T), range(T)):
+        assert bool(masked[i, j]) == (j > i)
+        assert float(weights[i, j]) == pytest.approx(0.0 if j > i else 1.0 / (i + 1), abs=1e-15)
+
+
+def _small_model(seed: int = 0):
+    from minigpt import GPTConfig, GPTModel
+
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=257, context_length=16, emb_dim=32, n_heads=4, n_layers=3, drop_rate=0.0)
+    return GPTModel(cfg, kernels="torch").double().eval()
+
+
+def test_drawn_attention_weights_are_the_models():
+    """The weights the figure draws, multiplied by the block's own values, merged and projected, are what the
+    block's attention module outputs (the backend's causal_attention, which never returns the weights); each row
+    sums to 1 and nothing of the future is weighted."""
+    model = _small_model()
+    idx = torch.randint(0, 257, (2, 11), generator=torch.Generator().manual_seed(1))
+    B, T = idx.shape
+    for layer in range(model.cfg.n_layers):
+        weights = model_figures.attention_weights(model, idx, layer)  # (B, H, T, T)
+        block = model.trf_blocks[layer]
+        with torch.no_grad():
+            x = model.tok_emb(idx) + model.pos_emb(torch.arange(T))
+            for earlier in model.trf_blocks[:layer]:
+                x = earlier(x)
+            x = block.norm1(x)
+            v = block.att.W_value(x).view(B, T, 4, 8).transpose(1, 2)  # (B, H, T, D)
+            mine = block.att.out_proj((weights @ v).transpose(1, 2).reshape(B, T, 32))
+            theirs = block.att(x)
+        assert torch.allclose(mine, theirs, atol=1e-12), layer
+        assert torch.allclose(weights.sum(-1), torch.ones(B, 4, T, dtype=torch.float64), atol=1e-12)
+        assert (weights[..., future_mask(T, T)] == 0).all()
+
+
+def test_attention_figure_refuses_a_layer_or_head_the_model_lacks(tmp_path):
+    model = _small_model()
+    for layer, head, ids, message in ((3, 0, [1, 2], "--layer 3: the model has layers 0 .. 2"),
+                                      (0, -1, [1, 2], "--head -1: the model has heads 0 .. 3"),
+                                      (0, 0, [1], "--prompt is 1 tokens — give 2 to 16"),
+                                      (0, 0, [1] * 17, "--prompt is 17 tokens — give 2 to 16")):
+        with pytest.raises(model_figures.FigureError, match=message):
+            model_figures.check_choice(model, ids, layer, head)
+
+
+def test_attention_figure_trains_with_lesson_2s_command():
+    """The figure's model is lesson 2's: the flags it trains with are the ones COURSE.md's lesson 2 gives."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    course = (Path(__file__).resolve().parents[1] / "COURSE.md").read_text(encoding="utf-8")
+    lesson_2 = course[course.index("## Lesson 2"):course.index("## Lesson 3")]
+    command = re.search(r"^python -m minigpt\.train (.*)$", lesson_2.replace("\\\n", " "), re.M)
+    flags = shlex.split(command.group(1))
+    out = flags.index("--out-dir")
+    del flags[out:out + 2]
+    assert tuple(flag for flag in flags if flag != "--no-progress") == model_figures.LESSON_2_TRAINING
+
+
+@pytest.fixture(scope="module")
+def lesson_2_model(tmp_path_factory):
+    """The checkpoint of lesson 2's training command, run as ``python -m minigpt.figures`` runs it (float64, CPU)."""
+    return model_figures.train_lesson_2_model(tmp_path_factory.mktemp("lesson-2-model"))
+
+
+@pytest.mark.slow  # the fixture runs lesson 2's training, in float64
+def test_committed_attention_figure_is_current(lesson_2_model, tmp_path):
+    """Pixel for pixel, as the kernels' figures: the training runs in float64, where the last-bit differences
+    between machines and thread counts (which change the float32 run's weights by tenths) stay invisible."""
+    import matplotlib.image
+
+    redrawn = model_figures.draw(tmp_path, lesson_2_model, model_figures.LESSON_2_SOURCE)
+    old = figures.DEFAULT_OUT / model_figures.FIGURE
+    regenerate = "python -m minigpt.figures"
+    assert old.exists(), f"{old} is missing — run `{regenerate}` and commit docs/figures/"
+    new_pixels, old_pixels = (matplotlib.image.imread(p)[..., :3] for p in (redrawn, old))
+    assert new_pixels.shape == old_pixels.shape, f"run `{regenerate}` and commit docs/figures/"
+    differing = int((np.abs(new_pixels - old_pixels).max(-1) > 0.1).sum())
+    assert differing <= MAX_DIFFERING_PIXELS, (f"{differing} pixels differ from what the code draws now — run "
+                                               f"`{regenerate}` and commit docs/figures/")
+    assert redrawn.stat().st_size < MAX_BYTES and old.stat().st_size < MAX_BYTES
+
+
+@pytest.mark.slow  # the fixture runs lesson 2's training, in float64
+def test_attention_figure_without_a_checkpoint_trains_lesson_2s_model(lesson_2_model, tmp_path, monkeypatch):
+    """``python -m minigpt.figures`` with no --checkpoint draws what the test above compares: lesson 2's model,
+    trained first (here the training is the fixture's, handed over instead of run again)."""
+    trained_in = []
+
+    def train(scratch):
+        trained_in.append(scratch)
+        return lesson_2_model
+
+    monkeypatch.setattr(model_figures, "train_lesson_2_model", train)
+    drawn = model_figures.render(tmp_path / "a")
+    assert len(trained_in) == 1 and not trained_in[0].exists()  # trained in a temporary folder, removed after
+    again = model_figures.draw(tmp_path / "b", lesson_2_model, model_figures.LESSON_2_SOURCE)
+    assert drawn.read_bytes() == again.read_bytes()
+
+
+@pytest.mark.slow  # the fixture runs lesson 2's training, in float64
+def test_the_head_drawn_attends_to_the_spaces_as_lesson_1_says(lesson_2_model):
+    """COURSE.md: in the head drawn, from the prompt's first space on, nearly all of each query's weight goes to the
+    spaces before it."""
+    model, tok = model_figures.load_model(lesson_2_model)
+    ids = tok.encode(model_figures.PROMPT)
+    weights = model_figures.attention_weights(model, torch.tensor([ids]), model_figures.LAYER)[0, model_figures.HEAD]
+    spaces = torch.tensor([i == ord(" ") for i in ids])
+    on_spaces = weights[ids.index(ord(" ")):, spaces].sum(-1)  # per query from the first space on
+    assert (on_spaces > 0.8).all(), on_spaces
