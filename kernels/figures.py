@@ -141,7 +141,7 @@ def layer_norm_caption(layout: LayerNormLayout) -> str:
 # Drawing
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     """A figure on the Agg canvas, not registered with pyplot (no global state, no GUI backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -151,7 +151,7 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """Write ``fig`` as a palette PNG: the drawing has a few hundred colours (mostly anti-aliasing shades), and 256
     of them, picked without dithering, look the same at a third of the size of an RGBA file. No metadata (no
     "Software" stamp): the bytes depend on the drawing alone."""
@@ -229,7 +229,7 @@ def draw_attention_tile_grid(path: Path, Tq: int, Tk: int) -> Path:
     width, panel_w, legend_h, above_h, title_h = 11.0, 2.9, 0.8, 1.2, 0.6
     panel_h = panel_w * Tq / Tk
     height = legend_h + panel_h + above_h + title_h
-    fig = _new_figure(width, height)
+    fig = new_figure(width, height)
     for n, kernel in enumerate(tiled.ATTENTION_KERNELS):
         left = 0.7 + n * (panel_w + 0.75)
         ax = fig.add_axes((left / width, legend_h / height, panel_w / width, panel_h / height))
@@ -247,7 +247,7 @@ def draw_attention_tile_grid(path: Path, Tq: int, Tk: int) -> Path:
                 Patch(facecolor="none", edgecolor="black", linewidth=2.0,
                       label="one program's tiles, walked along the arrow")]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 GROUP_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756", "#72b7b2", "#eeca3b", "#9d755d")
@@ -271,7 +271,7 @@ def draw_layer_norm_backward_reduction(path: Path) -> Path:
     G = len(layout.groups)
     shown = _shown_groups(G)
     rows_per_group = len(layout.groups[0])
-    fig = _new_figure(11, 7.4)
+    fig = new_figure(11, 7.4)
     ax = fig.add_axes((0.16, 0.07, 0.58, 0.71))
     skip_h, gap, partial_h, out_h = 0.7 * rows_per_group, 0.55 * rows_per_group, 0.2 * rows_per_group, \
         0.25 * rows_per_group
@@ -357,7 +357,7 @@ def draw_layer_norm_backward_reduction(path: Path) -> Path:
     fig.suptitle("LayerNorm backward: dw = sum over rows of dy * xhat and db = sum over rows of dy, in two stages",
                  y=0.98)
     fig.text(0.5, 0.885, layer_norm_caption(layout), ha="center", va="center", fontsize=10, linespacing=1.5)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 WORD_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2")
@@ -368,7 +368,7 @@ def draw_attention_dropout_philox(path: Path) -> Path:
     from matplotlib.patches import Rectangle
 
     layout = tiled.PHILOX_KEY_LAYOUT
-    fig = _new_figure(11, 4.4)
+    fig = new_figure(11, 4.4)
     ax = fig.add_axes((0.02, 0.02, 0.96, 0.8))
     cell_w, cell_h, top, bottom = 1.0, 0.8, 3.0, 0.4
     # the 8 halves, in memory order: w0 low, w0 high, w1 low, ...
@@ -399,7 +399,7 @@ def draw_attention_dropout_philox(path: Path) -> Path:
     order = ", ".join(f"w{w} {'high' if h else 'low'}" for w, h in layout)
     fig.suptitle(f"Dropout draws 8 keys from one Philox call (kernels/attention.py, _keep_mask)\n"
                  f"keys 0..7 of a group take: {order}", y=0.97)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 CAUSAL_MASK_T = 12  # positions in lesson 1's mask figure: small enough to write a number in every cell
@@ -434,7 +434,7 @@ def draw_causal_mask(path: Path, T: int = CAUSAL_MASK_T) -> Path:
     from matplotlib.patches import Patch
 
     masked, weights = causal_mask_panels(T)
-    fig = _new_figure(11, 6.6)
+    fig = new_figure(11, 6.6)
     left, right = fig.add_axes((0.06, 0.13, 0.4, 0.64)), fig.add_axes((0.56, 0.13, 0.4, 0.64))
     left.imshow(masked.numpy().astype(int), cmap=ListedColormap([TILE_COLORS[UNMASKED], MASKED_COLOR]), vmin=0,
                 vmax=1, interpolation="nearest")
@@ -459,7 +459,7 @@ def draw_causal_mask(path: Path, T: int = CAUSAL_MASK_T) -> Path:
                loc="lower center", ncol=2, frameon=False, fontsize=10)
     fig.suptitle(f"Causal attention over T = {T} positions: query i may look at keys 0 .. i, never ahead\n"
                  f"(kernels/definitions.py, future_mask; masked_fill(-inf) then softmax, as in lesson 1)", y=0.975)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 FIGURES = tuple(name for name, _, _ in ATTENTION_FIGURES) + ("layer_norm_backward_reduction.png",

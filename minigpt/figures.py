@@ -32,7 +32,7 @@ import torch
 
 from kernels.definitions import future_mask
 from kernels.errors import MinigptError
-from kernels.figures import DEFAULT_OUT, RC, _new_figure, _save, check_out
+from kernels.figures import DEFAULT_OUT, RC, check_out, new_figure, save_figure
 
 from .model import GPTModel
 
@@ -142,7 +142,7 @@ def draw_attention_weights(path: Path, weights: torch.Tensor, labels: list[str],
     T = weights.shape[0]
     shown = weights.double().numpy().copy()
     shown[future_mask(T, T).numpy()] = np.nan  # the future: grey, not a weight of 0 coloured like the others
-    fig = _new_figure(11, 10)
+    fig = new_figure(11, 10)
     ax = fig.add_axes((0.1, 0.06, 0.78, 0.78))
     ax.set_facecolor("#d9d9d9")
     image = ax.imshow(shown, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -155,7 +155,7 @@ def draw_attention_weights(path: Path, weights: torch.Tensor, labels: list[str],
     bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     bar.set_label("attention weight (each row sums to 1; grey: masked, the future)")
     fig.suptitle(title, y=0.985, va="top")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def render(out: Path, checkpoint: str | Path | None = None, prompt: str = PROMPT, layer: int = LAYER,
