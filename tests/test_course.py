@@ -9,31 +9,20 @@ the other code path), so a passing run is the claim checked, not just a program 
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-COURSE = ROOT / "COURSE.md"
-BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
+from benchmarks.course_times import BLOCK, COURSE, ROOT, block_command, course_blocks, reader_env
+
 BLOCK_TIMEOUT_S = 600  # a guard against a hang, not a timing: a loaded CI machine can take minutes for a lesson
 
 
 def _blocks(lang: str) -> list[tuple[str, str]]:
     """(lesson, code) for every block fenced as ``lang``; the lesson is the heading above it."""
-    text = COURSE.read_text(encoding="utf-8")
-    found = []
-    for match in BLOCK.finditer(text):
-        if match.group(1) != lang:
-            continue
-        headings = re.findall(r"^## (Lesson \d+)", text[:match.start()], re.M)
-        found.append((headings[-1] if headings else "intro", match.group(2)))
-    return found
+    return [(lesson, code) for lesson, language, code in course_blocks() if language == lang]
 
 
 def _ids(blocks):
@@ -45,21 +34,9 @@ def _ids(blocks):
     return ids
 
 
-def _env(tmp_path: Path) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["MINIGPT_CACHE"] = str(tmp_path / "token-cache")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env["MPLBACKEND"] = "Agg"
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    return env
-
-
 def _run(cmd: list[str], tmp_path: Path, what: str) -> str:
     try:
-        proc = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=tmp_path, env=reader_env(tmp_path), capture_output=True, text=True,
                               timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{what} ran past {BLOCK_TIMEOUT_S} s")
@@ -83,14 +60,12 @@ def test_course_has_every_lesson_and_runnable_blocks():
 
 @pytest.mark.parametrize("lesson,code", BASH_BLOCKS, ids=_ids(BASH_BLOCKS))
 def test_course_commands_run(lesson, code, tmp_path):
-    _run(["bash", "-e", "-o", "pipefail", "-c", code], tmp_path, f"{lesson}: bash block\n{code}")
+    _run(block_command("bash", code, tmp_path), tmp_path, f"{lesson}: bash block\n{code}")
 
 
 @pytest.mark.parametrize("lesson,code", PYTHON_BLOCKS, ids=_ids(PYTHON_BLOCKS))
 def test_course_python_runs(lesson, code, tmp_path):
-    script = tmp_path / "lesson.py"
-    script.write_text(code, encoding="utf-8")
-    _run([sys.executable, str(script)], tmp_path, f"{lesson}: python block\n{code}")
+    _run(block_command("python", code, tmp_path), tmp_path, f"{lesson}: python block\n{code}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
