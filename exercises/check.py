@@ -130,7 +130,8 @@ def _compare(what: str, got: torch.Tensor, exact: torch.Tensor, other: torch.Ten
 def diagnose(results: list[Result]) -> str | None:
     """What the failures among ``results`` have in common, in words: a NaN or inf; else the known wrong variant
     that the result matches in every failure where that variant shows (the closest, if more than one does); else a
-    precision failure. None when nothing is recognised."""
+    precision failure (float16 misses by a little), or arithmetic in float16 (only float16 misses, by more). None
+    when nothing is recognised."""
     failed = [r for r in results if not r.passed]
     for kind, hint in (("NaN", NAN_HINT), ("inf", INF_HINT)):
         if any(r.nonfinite == kind for r in failed):
@@ -148,6 +149,11 @@ def diagnose(results: list[Result]) -> str | None:
         dtypes = " and ".join(sorted({_dtype_name(r.dtype) for r in failed}))
         return (f"a precision failure: the float32 cases pass and the {dtypes} ones miss by at most {worst:.1f}x "
                 f"the allowed error — accumulate in float32?")
+    if float32 and all(r.passed for r in float32) and all(r.dtype == torch.float16 for r in failed):
+        worst = max(r.err / r.allowed for r in failed)
+        return (f"looks like arithmetic in float16: the float32 cases pass and the float16 ones miss by up to "
+                f"{worst:.0f}x the allowed error — convert the loaded values to float32 (.to(tl.float32)) and "
+                "compute and accumulate there")
     return None
 
 

@@ -205,6 +205,8 @@ LAYER_NORM_FORWARD_VARIANTS = [
      [("rstd = 1.0 / tl.sqrt(var + eps)", "rstd = 1.0 / (tl.sqrt(var) + eps)")]),
     ("no bias", "looks like y without the bias b", [(" + b[None, :]", "")]),
     ("no weight", "looks like y without the weight w", [(" * w[None, :]", "")]),
+    ("arithmetic in float16", "looks like arithmetic in float16: the float32 cases pass and the float16 ones miss",
+     [("x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)", "x = tl.load(X + offs, mask=mask, other=0.0)")]),
     ("unmasked load", NAN_HINT,  # the memory past the input holds NaN in the check
      [("x = tl.load(X + offs, mask=mask, other=0.0)", "x = tl.load(X + offs)")]),
 ]
