@@ -13,10 +13,12 @@ these methods (shapes are the only contract):
 
     layer_norm(x, weight, bias, eps=1e-5)        x (..., C), weight/bias (C,) -> (..., C)
     gelu(x, approximate="tanh")                  any shape -> same shape
-    causal_attention(q, k, v, dropout_p=0.0, scale=None)
+    causal_attention(q, k, v, dropout_p=0.0, scale=None, doc_ids=None)
                                                  q (B, H, Tq, D), k, v (B, H, Tk, D), Tq <= Tk -> (B, H, Tq, D);
                                                  the queries are the last Tq of the Tk positions (bottom-right
-                                                 causal mask: query i sees keys 0 .. Tk - Tq + i)
+                                                 causal mask: query i sees keys 0 .. Tk - Tq + i); doc_ids (B, Tk)
+                                                 non-decreasing integers: a query sees only keys of its own
+                                                 document (packed documents)
     linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean")
                                                  x (N, C), weight (V, C) any strides, targets (N,) int64 ->
                                                  F.cross_entropy(x @ weight.T, targets, ...) computed in float32:

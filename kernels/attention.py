@@ -109,11 +109,14 @@ def _keep_mask(rng_key, rows, first_key, T, dropout_p, BLOCK_R: tl.constexpr, BL
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo, hi, Tk, qk_scale, dropout_p,
-               rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, ON_DIAGONAL: tl.constexpr):
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, DOC_START, offs_d, d_ok, lo, hi, Tk, qk_scale,
+               dropout_p, rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, ON_DIAGONAL: tl.constexpr, IN_DOCUMENT: tl.constexpr):
     """Fold the key tiles [lo, hi) into the running (acc, l, m) of one query tile (the online softmax above).
-    ``q_pos``: the tile's query positions among the Tk keys."""
+    ``q_pos``: the tile's query positions among the Tk keys. IN_DOCUMENT: keys before the start of a row's
+    document (``DOC_START``, this window's) are masked."""
+    if IN_DOCUMENT:
+        q_doc_start = tl.load(DOC_START + q_pos, mask=q_pos < Tk, other=0)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + tl.arange(0, BLOCK_N)  # key positions of this tile
@@ -125,7 +128,11 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if ON_DIAGONAL:
             s = tl.where(q_pos[:, None] >= cols[None, :], s, float("-inf"))
+        if IN_DOCUMENT:
+            s = tl.where(cols[None, :] >= q_doc_start[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        if IN_DOCUMENT:  # a row whose document starts after this tile: a finite max, so that exp2 gives 0, not NaN
+            m_new = tl.maximum(m_new, -1.0e30)
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer sums the undropped weights
@@ -144,6 +151,7 @@ def _attention_fwd(
     Q, K, V,  # q (B, H, Tq, D), k and v (B, H, Tk, D), last dim contiguous
     O,  # (B, H, Tq, D) output, contiguous
     LSE,  # (B * H, Tq) float32 output: each row's log-sum-exp in base 2 (LSE * log2 e), for the backward
+    DOC_START,  # (B, Tk) int32: where the document of each position starts (read when DOCS)
     stride_qb, stride_qh, stride_qt,  # q's strides in elements (batch, head, time)
     stride_kb, stride_kh, stride_kt,  # k's strides
     stride_vb, stride_vh, stride_vt,  # v's strides
@@ -158,6 +166,7 @@ def _attention_fwd(
     BLOCK_N: tl.constexpr,  # key rows per loop step
     DROPOUT: tl.constexpr,  # dropout_p > 0
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (full precision), "tf32" otherwise (ignored for 16-bit)
+    DOCS: tl.constexpr,  # packed documents: a query sees only the keys of its own document
 ):
     start_m = tl.program_id(0)  # which query tile
     bh = tl.program_id(1)  # which (batch, head)
@@ -182,13 +191,22 @@ def _attention_fwd(
 
     first = (Tk - Tq) + start_m * BLOCK_M  # the tile's first query position
     lo = first // BLOCK_N * BLOCK_N  # rounded down to a key tile (first itself when Tq == Tk and BLOCK_N | BLOCK_M)
-    # keys [0, lo): in the past of every row of this tile, no mask
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, 0, lo, Tk, qk_scale,
-                               dropout_p, rng_key, BLOCK_M, BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=False)
+    first_key = 0  # keys before it are seen by no row of this tile
+    if DOCS:
+        # Document starts never decrease along a window: the tile's first row has the earliest, and no row sees a
+        # key before it. The tiles from there are masked by document (one comparison a score, cheap next to the
+        # two products), and those before it skipped.
+        DOC_START += b * Tk
+        first_key = tl.load(DOC_START + first) // BLOCK_N * BLOCK_N
+    # keys [first_key, lo): in the past of every row of this tile, no causal mask (masked by document with them)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, DOC_START, offs_d, d_ok,
+                               first_key, lo, Tk, qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N, DROPOUT,
+                               DOT_PRECISION, ON_DIAGONAL=False, IN_DOCUMENT=DOCS)
     # keys [lo, first + BLOCK_M): the diagonal band, masked; every row sees key lo, so no row is all -inf
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo,
+    # (with documents, every row sees at least its own key, and _fwd_inner keeps the max finite until it does)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, DOC_START, offs_d, d_ok, lo,
                                tl.minimum(first + BLOCK_M, Tk), Tk, qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N,
-                               DROPOUT, DOT_PRECISION, ON_DIAGONAL=True)
+                               DROPOUT, DOT_PRECISION, ON_DIAGONAL=True, IN_DOCUMENT=DOCS)
 
     out_scale = 1.0 / l_i
     if DROPOUT:
@@ -228,12 +246,13 @@ def _attention_bwd_preprocess(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, mask_key, offs_d, d_ok, lo,
-                    hi, Tq, Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr,
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, key_doc_rows, mask_key, offs_d,
+                    d_ok, lo, hi, Tq, Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    ON_DIAGONAL: tl.constexpr):
+                    ON_DIAGONAL: tl.constexpr, IN_DOCUMENT: tl.constexpr):
     """Add the query rows [lo, hi) to one key tile's dK and dV. Tiles are kept transposed: (keys, queries).
-    ``key_rows``: the first query row that sees each key of the tile; ``mask_key``: the tile's first key plus
+    ``key_rows``: the first query row that sees each key of the tile; ``key_doc_rows``: the first row past each
+    key's document (read when IN_DOCUMENT: rows from it on are masked); ``mask_key``: the tile's first key plus
     (Tk - Tq) * Tk, for _keep_mask on rows counted from the first query."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -245,6 +264,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
         if ON_DIAGONAL:
             p_t = tl.where(rows[None, :] >= key_rows[:, None], p_t, 0.0)
+        if IN_DOCUMENT:
+            p_t = tl.where(rows[None, :] < key_doc_rows[:, None], p_t, 0.0)
         do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
                      other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO v^T)^T
@@ -267,6 +288,7 @@ def _attention_bwd_dkdv(
     DO,  # (B, H, Tq, D) gradient of the output, last dim contiguous
     LSE, DELTA,  # (B * H, Tq) float32: the forward's base-2 log-sum-exp and rowsum(dO * O)
     DK, DV,  # (B, H, Tk, D) outputs, contiguous
+    DOC_END,  # (B, Tk) int32: where the document of each position ends, exclusive (read when DOCS)
     stride_qb, stride_qh, stride_qt,  # q's strides
     stride_kb, stride_kh, stride_kt,  # k's strides
     stride_vb, stride_vh, stride_vt,  # v's strides
@@ -283,6 +305,7 @@ def _attention_bwd_dkdv(
     BLOCK_N: tl.constexpr,  # key rows per program
     DROPOUT: tl.constexpr,  # dropout_p > 0
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, "tf32" otherwise
+    DOCS: tl.constexpr,  # packed documents: a query sees only the keys of its own document
 ):
     start_n = tl.program_id(0)  # which key tile
     bh = tl.program_id(1)
@@ -317,23 +340,35 @@ def _attention_bwd_dkdv(
     mid = (tl.maximum(first_key + BLOCK_N - 1 - offset, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     key_rows = offs_n - offset  # the first query row that sees each key
     mask_key = first_key + offset * Tk  # _keep_mask's counters for rows counted from the first query
+    key_doc_rows = key_rows  # no documents: nothing read, nothing masked by it
+    last_row = Tq  # rows from here on see no key of the tile
+    if DOCS:
+        # A query sees a key of its past while it is in the key's document, which ends at DOC_END: the rows from
+        # the end of the tile's last key's document on see none of its keys, and are skipped.
+        DOC_END += b * Tk
+        key_doc_rows = tl.load(DOC_END + offs_n, mask=offs_n < Tk, other=0) - offset
+        last_row = tl.maximum(mid, tl.minimum(Tq, tl.load(DOC_END + tl.minimum(first_key + BLOCK_N, Tk) - 1) - offset))
     # queries [lo, mid): the diagonal band, masked
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, mask_key, offs_d, d_ok,
-                             lo, tl.minimum(mid, Tq), Tq, Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M,
-                             BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=True)
-    # queries [mid, Tq): all in the future of this key tile, no mask
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, mask_key, offs_d, d_ok,
-                             mid, Tq, Tq, Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M, BLOCK_N,
-                             DROPOUT, DOT_PRECISION, ON_DIAGONAL=False)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, key_doc_rows, mask_key,
+                             offs_d, d_ok, lo, tl.minimum(mid, Tq), Tq, Tk, qk_scale, dropout_p, dropout_scale,
+                             rng_key, BLOCK_M, BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=True, IN_DOCUMENT=DOCS)
+    # queries [mid, last_row): all in the future of this key tile, no causal mask (masked by document with them)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, key_rows, key_doc_rows, mask_key,
+                             offs_d, d_ok, mid, last_row, Tq, Tk, qk_scale, dropout_p, dropout_scale, rng_key,
+                             BLOCK_M, BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=False, IN_DOCUMENT=DOCS)
     tl.store(DK + offs_n[:, None] * stride_gt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + offs_n[:, None] * stride_gt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo, hi, Tk, qk_scale,
-                  dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ON_DIAGONAL: tl.constexpr):
-    """Add the key tiles [lo, hi) to one query tile's dQ (``q_pos``: its query positions among the keys)."""
+def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, DOC_START, offs_d, d_ok, lo, hi, Tk,
+                  qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ON_DIAGONAL: tl.constexpr,
+                  IN_DOCUMENT: tl.constexpr):
+    """Add the key tiles [lo, hi) to one query tile's dQ (``q_pos``: its query positions among the keys;
+    ``DOC_START``: this window's document starts, read when IN_DOCUMENT)."""
+    if IN_DOCUMENT:
+        q_doc_start = tl.load(DOC_START + q_pos, mask=q_pos < Tk, other=0)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -346,6 +381,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, offs
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if ON_DIAGONAL:
             p = tl.where(q_pos[:, None] >= cols[None, :], p, 0.0)
+        if IN_DOCUMENT:
+            p = tl.where(cols[None, :] >= q_doc_start[:, None], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = _keep_mask(rng_key, q_pos, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N)
@@ -361,6 +398,7 @@ def _attention_bwd_dq(
     DO,  # (B, H, Tq, D) gradient of the output, last dim contiguous
     LSE, DELTA,  # (B * H, Tq) float32: the forward's base-2 log-sum-exp and rowsum(dO * O)
     DQ,  # (B, H, Tq, D) output, contiguous
+    DOC_START,  # (B, Tk) int32: where the document of each position starts (read when DOCS)
     stride_qb, stride_qh, stride_qt,  # q's strides
     stride_kb, stride_kh, stride_kt,  # k's strides
     stride_vb, stride_vh, stride_vt,  # v's strides
@@ -377,6 +415,7 @@ def _attention_bwd_dq(
     BLOCK_N: tl.constexpr,  # key rows per loop step
     DROPOUT: tl.constexpr,  # dropout_p > 0
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, "tf32" otherwise
+    DOCS: tl.constexpr,  # packed documents: a query sees only the keys of its own document
 ):
     start_m = tl.program_id(0)  # which query tile
     bh = tl.program_id(1)
@@ -406,13 +445,18 @@ def _attention_bwd_dq(
 
     first = (Tk - Tq) + start_m * BLOCK_M  # the tile's first query position
     lo = first // BLOCK_N * BLOCK_N  # as in the forward
-    # keys [0, lo): no mask
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, 0, lo, Tk, qk_scale,
-                       dropout_p, dropout_scale, rng_key, BLOCK_M, BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=False)
+    first_key = 0  # keys before it are seen by no row of this tile
+    if DOCS:  # the forward's bound: the first row's document start, rounded down to a key tile
+        DOC_START += b * Tk
+        first_key = tl.load(DOC_START + first) // BLOCK_N * BLOCK_N
+    # keys [first_key, lo): no causal mask (masked by document with them)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, DOC_START, offs_d, d_ok, first_key,
+                       lo, Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M, BLOCK_N, DROPOUT, DOT_PRECISION,
+                       ON_DIAGONAL=False, IN_DOCUMENT=DOCS)
     # keys [lo, first + BLOCK_M): the diagonal band, masked
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, q_pos, DOC_START, offs_d, d_ok, lo,
                        tl.minimum(first + BLOCK_M, Tk), Tk, qk_scale, dropout_p, dropout_scale, rng_key, BLOCK_M,
-                       BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=True)
+                       BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=True, IN_DOCUMENT=DOCS)
     tl.store(DQ + offs_m[:, None] * stride_gt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
 
@@ -458,12 +502,27 @@ def _seed_value(seed: torch.Tensor | None) -> int:
     return 0 if seed is None else int(seed.item())  # no seed without dropout: the kernels do not read it then
 
 
+def _no_documents(q: torch.Tensor) -> torch.Tensor:
+    """What the kernels get for DOC_START / DOC_END without documents: never read, but an int32 pointer, the type
+    kernels/compile_targets.py compiles them with."""
+    return torch.empty(1, dtype=torch.int32, device=q.device)
+
+
+def document_bounds(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(2, B, Tk) int32 from ``doc_ids`` (B, Tk), non-decreasing along each row: [0] where the document of each
+    position starts, [1] where it ends (exclusive) — the kernels' form of the documents, computed once a call."""
+    ids = doc_ids.contiguous()
+    return torch.stack([torch.searchsorted(ids, ids, side=side) for side in ("left", "right")]).to(torch.int32)
+
+
 @torch.library.custom_op("minigpt::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float,
-                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: torch.Tensor | None,
+                  doc_bounds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse2) for q (B, H, Tq, D) and k, v (B, H, Tk, D): o (B, H, Tq, D) in q's dtype, contiguous; lse2
     (B * H, Tq) float32, each row's log-sum-exp in base 2 (LSE * log2 e). ``seed``: the dropout's Philox seed, an
-    int64 tensor of one element on the CPU (attention_seed's), or None when dropout_p is 0."""
+    int64 tensor of one element on the CPU (attention_seed's), or None when dropout_p is 0. ``doc_bounds``:
+    document_bounds(doc_ids), or None without documents."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if q.numel() == 0:  # Tq == 0 or B * H == 0: nothing to launch
@@ -471,14 +530,15 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
     out_dtype, (q, k, v) = q.dtype, (_as_kernel_input(t) for t in (q, k, v))
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, Tq), dtype=torch.float32, device=q.device)
+    doc_start = _no_documents(q) if doc_bounds is None else doc_bounds[0]
 
     def run(tiles: Tiles):
         _attention_fwd[(triton.cdiv(Tq, tiles.BLOCK_M), B * H)](
-            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, Tq, Tk, scale * LOG2E,
-            dropout_p,
+            q, k, v, o, lse, doc_start, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, Tq, Tk,
+            scale * LOG2E, dropout_p,
             _seed_value(seed), HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
-            DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype), num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
+            DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype), DOCS=doc_bounds is not None,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
 
     run(choose_tiles("fwd", q, Tk, dropout_p, run))
@@ -486,15 +546,15 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
 
 
 @attention_fwd.register_fake
-def _(q, k, v, dropout_p, scale, seed):
+def _(q, k, v, dropout_p, scale, seed, doc_bounds=None):
     B, H, Tq, D = q.shape
     return q.new_empty((B, H, Tq, D)), q.new_empty((B * H, Tq), dtype=torch.float32)
 
 
 @torch.library.custom_op("minigpt::attention_bwd", mutates_args=())
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, dropout_p: float, scale: float,
-                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  lse: torch.Tensor, dropout_p: float, scale: float, seed: torch.Tensor | None,
+                  doc_bounds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for the gradient ``do`` of the forward's output ``o``: the delta pass, then the dK/dV and the
     dQ kernels. dq (B, H, Tq, D) and dk, dv (B, H, Tk, D), in q's dtype, contiguous."""
     B, H, Tq, D = q.shape
@@ -510,19 +570,22 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     )
     dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     dk, dv = (torch.empty((B, H, Tk, D), dtype=q.dtype, device=q.device) for _ in range(2))
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype))
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype),
+                  DOCS=doc_bounds is not None)
+    doc_start, doc_end = (_no_documents(q),) * 2 if doc_bounds is None else doc_bounds
     inputs = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     rest = (H, Tq, Tk, scale, scale * LOG2E, dropout_p, _seed_value(seed))
 
     def run_dkdv(t: Tiles):
         _attention_bwd_dkdv[(triton.cdiv(Tk, t.BLOCK_N), B * H)](
-            q, k, v, do, lse, delta, dk, dv, *inputs, *_strides(dk), *rest, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N,
+            q, k, v, do, lse, delta, dk, dv, doc_end, *inputs, *_strides(dk), *rest, BLOCK_M=t.BLOCK_M,
+            BLOCK_N=t.BLOCK_N,
             **common, num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
     def run_dq(t: Tiles):
         _attention_bwd_dq[(triton.cdiv(Tq, t.BLOCK_M), B * H)](
-            q, k, v, do, lse, delta, dq, *inputs, *_strides(dq), *rest, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N,
+            q, k, v, do, lse, delta, dq, doc_start, *inputs, *_strides(dq), *rest, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N,
             **common, num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
@@ -532,27 +595,27 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, o, lse, dropout_p, scale, seed):
+def _(do, q, k, v, o, lse, dropout_p, scale, seed, doc_bounds=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ctx.dropout_p, ctx.scale, seed = inputs
+    q, k, v, ctx.dropout_p, ctx.scale, seed, doc_bounds = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.save_for_backward(q, k, v, o, lse, seed, doc_bounds)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, seed = ctx.saved_tensors
-    return *attention_bwd(do, q, k, v, o, lse, ctx.dropout_p, ctx.scale, seed), None, None, None
+    q, k, v, o, lse, seed, doc_bounds = ctx.saved_tensors
+    return *attention_bwd(do, q, k, v, o, lse, ctx.dropout_p, ctx.scale, seed, doc_bounds), None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Causal scaled-dot-product attention with dropout on the weights, fused in Triton (forward and backward).
 
     q: (B, H, Tq, D), k, v: (B, H, Tk, D) with Tq <= Tk, one dtype among float32 / float16 / bfloat16, on a CUDA
@@ -561,8 +624,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     Returns (B, H, Tq, D) in the input dtype. ``scale`` defaults to 1 / sqrt(D). Dropout (``dropout_p`` in [0, 1))
     acts on the softmax output like nn.Dropout, with its seed drawn from torch's default generator; the rows of a
     chunk (Tq < Tk) get the mask the same rows of the whole (Tk, Tk) problem get with the same seed.
+
+    ``doc_ids`` ((B, Tk) integers, non-decreasing along each row: the document of each key position) packs
+    documents: a query sees only the keys of its own document, and the kernels skip the key tiles no query of a
+    tile can see. Dropout keeps the mask it draws without documents, restricted to each document.
     """
-    check_attention_inputs(q, k, v, dropout_p)
+    check_attention_inputs(q, k, v, dropout_p, doc_ids)
     for t in (q, k, v):
         check_tensor("causal_attention", t)
     Tk, D = k.shape[-2], q.shape[-1]
@@ -577,5 +644,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     # a new seed from torch's default CPU generator (see "The PyTorch op" above); no draw without dropout
     seed = attention_seed(q, k, v) if dropout_p > 0.0 else None
-    out, _lse = attention_fwd(q, k, v, float(dropout_p), float(scale), seed)
+    doc_bounds = None if doc_ids is None else document_bounds(doc_ids)
+    out, _lse = attention_fwd(q, k, v, float(dropout_p), float(scale), seed, doc_bounds)
     return out

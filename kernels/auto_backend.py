@@ -35,8 +35,8 @@ class AutoBackend:
     def gelu(self, x, approximate: str = "tanh"):
         return self._pick(x).gelu(x, approximate)
 
-    def causal_attention(self, q, k, v, dropout_p: float = 0.0, scale: float | None = None):
-        return self._pick(q).causal_attention(q, k, v, dropout_p, scale)
+    def causal_attention(self, q, k, v, dropout_p: float = 0.0, scale: float | None = None, doc_ids=None):
+        return self._pick(q).causal_attention(q, k, v, dropout_p, scale, doc_ids)
 
     def linear_cross_entropy(self, x, weight, targets, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
         return self._pick(x).linear_cross_entropy(x, weight, targets, ignore_index, reduction)

@@ -9,7 +9,8 @@ import torch
 from .definitions import GELU_APPROXIMATIONS, REDUCTIONS
 
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                           doc_ids: torch.Tensor | None = None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"causal_attention: q, k, v must be (B, H, T, D), got shapes {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -25,6 +26,25 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dr
         raise ValueError(f"causal_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"causal_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if doc_ids is not None:
+        check_doc_ids(doc_ids, k.shape[0], k.shape[2], k.device)
+
+
+def check_doc_ids(doc_ids: torch.Tensor, B: int, Tk: int, device: torch.device) -> None:
+    """``doc_ids``: (B, Tk) integers on the attention's device, non-decreasing along each row (a window's documents
+    numbered in order). Whether they are non-decreasing is checked only on the CPU, where it costs no wait for a
+    GPU; on a GPU ids out of order give each backend's own answer (see causal_attention)."""
+    if doc_ids.shape != (B, Tk) or doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex or \
+            doc_ids.dtype == torch.bool:
+        raise ValueError(f"causal_attention: doc_ids must be ({B}, {Tk}) integers, one document id per key "
+                         f"position, got {tuple(doc_ids.shape)} {doc_ids.dtype}")
+    if doc_ids.device != device:
+        raise ValueError(f"causal_attention: doc_ids is on {doc_ids.device}, q, k, v on {device} — move it with "
+                         f"doc_ids.to({str(device)!r})")
+    if doc_ids.device.type == "cpu" and Tk > 1 and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
+        raise ValueError("causal_attention: doc_ids must not decrease along a row (each document is a run of "
+                         "positions, numbered in order) — number a window's documents 0, 1, 2, ... from its start, "
+                         "e.g. with minigpt.token_windows.document_ids")
 
 
 def check_layer_norm_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:

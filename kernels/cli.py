@@ -87,8 +87,8 @@ def run_cli(body: Callable[[], int | None], errors: tuple[type[BaseException], .
     """Run ``body()``, the tool's work, and turn what escapes it into one line and an exit status (see the module's
     docstring).
 
-    ``errors``: exception types printed as ``error: <message>`` besides ``MinigptError``, which always is. ``interrupted``: the line printed
-    on Ctrl-C. ``kept`` (optional): called after an OSError, returns a line saying what was kept (e.g. "the last
+    ``errors``: exception types printed as ``error: <message>`` besides ``MinigptError``, which always is.
+    ``interrupted``: the line printed on Ctrl-C. ``kept`` (optional): called after an OSError, returns a line saying what was kept (e.g. "the last
     good checkpoint is kept in out/"), or None. Returns ``body()``'s status (None counts as 0); the caller passes it
     to ``sys.exit``.
     """

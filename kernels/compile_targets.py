@@ -30,6 +30,7 @@ _ATTENTION_DTYPES = {dtype: TRITON_DTYPE[dtype] for dtype in (torch.float16, tor
 # Attention (kernels/attention.py)
 
 _COMPILE_HEAD_DIMS = (16, 32, 64, 128, 80)  # the power-of-two tiles and one padded (80 -> 128)
+_DOCS_HEAD_DIMS = (64, 128, 80)  # packed documents (DOCS): GPT-2's head dim, the largest tile, the padded one
 
 
 def _signature(fn, ty: str) -> dict:
@@ -42,6 +43,8 @@ def _signature(fn, ty: str) -> dict:
             sig[name] = "constexpr"
         elif name in ("LSE", "DELTA"):
             sig[name] = "*fp32"
+        elif name in ("DOC_START", "DOC_END"):
+            sig[name] = "*i32"
         elif name.isupper() and name != "H":
             sig[name] = f"*{ty}"
         elif name in ("qk_scale", "sm_scale", "dropout_p"):
@@ -53,7 +56,8 @@ def _signature(fn, ty: str) -> dict:
 
 def attention_targets() -> list[dict]:
     """The four attention kernels: every dtype and head dim (the power-of-two tiles and one padded), the training
-    tiles with and without dropout, each tuner alternative, the few-query tiles, and a decoding step."""
+    tiles with and without dropout, each tuner alternative, the few-query tiles, and a decoding step; and with packed
+    documents, the default training tiles with and without dropout at three head dims."""
     targets = []
     for dtype, ty in _ATTENTION_DTYPES.items():
         for head_dim in _COMPILE_HEAD_DIMS:
@@ -72,13 +76,15 @@ def attention_targets() -> list[dict]:
                     if label and tiles == many_q[kernel]:
                         continue
                     for i, t in enumerate(tiles):  # the default, then the tuner's alternatives
-                        for dropout in (False, True):
+                        docs_too = not label and i == 0 and head_dim in _DOCS_HEAD_DIMS
+                        for dropout, docs in [(d, docs) for docs in (False, True)[:1 + docs_too]
+                                              for d in (False, True)]:
                             targets.append(dict(
                                 name=f"attention_{kernel}_{ty}_d{head_dim}{label}{'_dropout' if dropout else ''}"
-                                     f"{f'_alt{i}' if i else ''}",
+                                     f"{'_docs' if docs else ''}{f'_alt{i}' if i else ''}",
                                 fn=fn, **_signature(fn, ty), num_warps=t.num_warps, num_stages=t.num_stages,
                                 constexprs=dict(sizes, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=dropout,
-                                                DOT_PRECISION=dot_precision(dtype)),
+                                                DOT_PRECISION=dot_precision(dtype), DOCS=docs),
                                 spills_allowed=i > 0,  # an alternative that spills is only slower: it loses the tuning
                             ))
             # A decoding step, Tq = 1: a launch specializes an integer argument equal to 1 into a constant, so this
@@ -89,7 +95,7 @@ def attention_targets() -> list[dict]:
                 name=f"attention_fwd_{ty}_d{head_dim}_decode", fn=_attention_fwd, **signature,
                 num_warps=t.num_warps, num_stages=t.num_stages,
                 constexprs=dict(sizes, Tq=1, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, DROPOUT=False,
-                                DOT_PRECISION=dot_precision(dtype)),
+                                DOT_PRECISION=dot_precision(dtype), DOCS=False),
             ))
     return targets
 

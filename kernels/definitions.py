@@ -41,6 +41,7 @@ def causal_attention_math(
     dropout_p: float = 0.0,
     scale: float | None = None,
     dropout_mask: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale, future masked) -> dropout -> @ v, materializing the (Tq, Tk) weights.
 
@@ -48,11 +49,15 @@ def causal_attention_math(
     sits at position Tk - Tq + i and sees keys 0 .. Tk - Tq + i (bottom-right alignment: with Tq = Tk it is the
     usual causal mask; with Tq = 1 the one new token of a decoding step sees every key). ``dropout_mask`` (bool,
     (B, H, Tq, Tk), True = keep) replaces the random draw, so a test can apply exactly the mask a kernel used.
+    ``doc_ids`` ((B, Tk) integers, the document of each key position; the queries are its last Tq): a query also
+    does not see a key of another document.
     """
     Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     attn_scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
     attn_scores = attn_scores.masked_fill(future_mask(Tq, Tk, q.device), float("-inf"))
+    if doc_ids is not None:
+        attn_scores = attn_scores.masked_fill(~same_document(doc_ids, Tq)[:, None], float("-inf"))
     attn_weights = torch.softmax(attn_scores, dim=-1)
     if dropout_mask is not None:
         attn_weights = attn_weights * dropout_mask / (1.0 - dropout_p)
@@ -64,6 +69,12 @@ def causal_attention_math(
 def future_mask(Tq: int, Tk: int, device=None) -> torch.Tensor:
     """(Tq, Tk) bool, True where key j is in the future of query i, i.e. j > (Tk - Tq) + i."""
     return torch.triu(torch.ones(Tq, Tk, dtype=torch.bool, device=device), diagonal=Tk - Tq + 1)
+
+
+def same_document(doc_ids: torch.Tensor, Tq: int) -> torch.Tensor:
+    """(B, Tq, Tk) bool, True where query i (position Tk - Tq + i) and key j are in the same document."""
+    Tk = doc_ids.shape[1]
+    return doc_ids[:, Tk - Tq:, None] == doc_ids[:, None, :]
 
 
 def linear_cross_entropy_math(

@@ -7,12 +7,13 @@ function: its fast path is our own chunk loop (``kernels/chunked_loss.py``).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .checks import check_attention_inputs, check_gelu_approximate, check_layer_norm_inputs, \
     check_linear_cross_entropy_inputs
 from .chunked_loss import chunked_linear_cross_entropy, cross_entropy_rows_step
-from .definitions import EPS, IGNORE_INDEX, future_mask
+from .definitions import EPS, IGNORE_INDEX, future_mask, same_document
 
 
 class TorchBackend:
@@ -29,12 +30,17 @@ class TorchBackend:
         check_gelu_approximate(approximate)
         return F.gelu(x, approximate=approximate)
 
-    def causal_attention(self, q, k, v, dropout_p: float = 0.0, scale: float | None = None):
+    def causal_attention(self, q, k, v, dropout_p: float = 0.0, scale: float | None = None,
+                         doc_ids: torch.Tensor | None = None):
         # scaled_dot_product_attention picks a fused kernel (flash / memory-efficient) when one fits and falls back
         # to the plain math otherwise; its dropout acts on the softmax output, as nn.Dropout does in the original
         # notebook.
-        check_attention_inputs(q, k, v, dropout_p)
+        check_attention_inputs(q, k, v, dropout_p, doc_ids)
         Tq, Tk = q.shape[-2], k.shape[-2]
+        if doc_ids is not None:  # documents: an explicit (B, 1, Tq, Tk) mask, causal and same-document
+            allowed = ~future_mask(Tq, Tk, q.device) & same_document(doc_ids, Tq)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=dropout_p,
+                                                  scale=scale)
         if Tq == Tk:  # training, and a prompt's first forward
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
         if Tq == 1:  # one decoding step: the new token sees every key, nothing to mask

@@ -20,8 +20,8 @@ class TritonBackend:
     def gelu(self, x, approximate: str = "tanh"):
         return gelu(x, approximate)
 
-    def causal_attention(self, q, k, v, dropout_p: float = 0.0, scale: float | None = None):
-        return causal_attention(q, k, v, dropout_p, scale)
+    def causal_attention(self, q, k, v, dropout_p: float = 0.0, scale: float | None = None, doc_ids=None):
+        return causal_attention(q, k, v, dropout_p, scale, doc_ids)
 
     def linear_cross_entropy(self, x, weight, targets, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
         return linear_cross_entropy(x, weight, targets, ignore_index, reduction)

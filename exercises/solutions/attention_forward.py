@@ -8,9 +8,10 @@ marked lines; the signatures and the launcher's other lines are given in it. Che
 
     python -m exercises check attention_forward
 
-This file is a copy of the real forward in kernels/attention.py without dropout (lesson 7): the signatures keep
-dropout's arguments so that the lines you write are the real ones, and the launcher always passes dropout_p = 0
-(DROPOUT is False), so your loop has no dropout to apply. When your answer passes, compare it with the real kernels,
+This file is a copy of the real forward in kernels/attention.py without dropout (lesson 7) and without packed
+documents (a later lesson): the signatures keep their arguments so that the lines you write are the real ones, and
+the launcher always passes dropout_p = 0 and no documents (DROPOUT and DOCS are False), so your loop has neither
+to apply. When your answer passes, compare it with the real kernels,
 ``_fwd_inner`` and ``_attention_fwd`` in kernels/attention.py, and their launcher ``attention_fwd``, and with
 exercises/solutions/attention_forward.py (this file with the real kernels' lines filled in).
 
@@ -49,14 +50,16 @@ What you have at hand
 * In ``_fwd_inner``: the arguments of its signature; ``q`` is the (BLOCK_M, BLOCK_D) tile of queries, ``K`` and
   ``V`` point at this (batch, head)'s keys and values (time stride ``stride_kt``, ``stride_vt``), ``q_pos`` holds
   the rows' positions, ``offs_d`` and ``d_ok`` the head-dim lanes and their mask. Step ``start_n`` over
-  ``range(lo, hi, BLOCK_N)``. Return the updated ``acc, l_i, m_i``. Leave dropout_p, rng_key and DROPOUT unused.
+  ``range(lo, hi, BLOCK_N)``. Return the updated ``acc, l_i, m_i``. Leave dropout_p, rng_key, DROPOUT, DOC_START
+  and IN_DOCUMENT unused.
 * ``tl.dot(a, b, input_precision=DOT_PRECISION)`` (a and b of one dtype; pass an accumulator as the third argument
   to add to it), ``tl.trans(k)``, ``tl.where(cond, a, b)``, ``tl.max(t, 1)``, ``tl.sum(t, 1)``, ``tl.maximum``,
   ``tl.math.exp2``, ``tl.math.log2``, ``tl.minimum``, ``tl.full``, ``tl.zeros``; ``x[:, None]`` and ``x[None, :]``
   broadcast a vector against a tile; cast the weights to the values' dtype for ``tl.dot`` (``p.to(v.dtype)``) and
   the output to O's on the store (``acc.to(O.dtype.element_ty)``).
 * Pass ``_fwd_inner`` the dropout arguments it expects: ``dropout_p``, and the Philox key lesson 7 explains,
-  ``rng_key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)``.
+  ``rng_key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)``; and the documents' ``DOC_START`` and
+  ``IN_DOCUMENT=DOCS`` (both calls), which it leaves unread.
 * In the launcher: ``tiles`` (a ``Tiles``: BLOCK_M, BLOCK_N, num_warps, num_stages), ``Tq`` and ``B * H``.
 """
 from __future__ import annotations
@@ -99,16 +102,22 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _no_documents(q: torch.Tensor) -> torch.Tensor:
+    """What the kernel gets for DOC_START without documents: never read, an int32 pointer."""
+    return torch.empty(1, dtype=torch.int32, device=q.device)
+
+
 def _seed_value(seed: torch.Tensor | None) -> int:
     return 0 if seed is None else int(seed.item())  # no seed without dropout: the kernel does not read it then
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo, hi, Tk, qk_scale, dropout_p,
-               rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, ON_DIAGONAL: tl.constexpr):
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, DOC_START, offs_d, d_ok, lo, hi, Tk, qk_scale,
+               dropout_p, rng_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, ON_DIAGONAL: tl.constexpr, IN_DOCUMENT: tl.constexpr):
     """Fold the key tiles [lo, hi) into the running (acc, l, m) of one query tile (the online softmax above).
-    ``q_pos``: the tile's query positions among the Tk keys."""
+    ``q_pos``: the tile's query positions among the Tk keys. (DOC_START and IN_DOCUMENT: packed documents, which
+    this copy leaves out: IN_DOCUMENT is always False here.)"""
     # ---- your code here (exercise attention_forward, lesson 5) ----
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -137,6 +146,7 @@ def _attention_fwd(
     Q, K, V,  # q (B, H, Tq, D), k and v (B, H, Tk, D), last dim contiguous
     O,  # (B, H, Tq, D) output, contiguous
     LSE,  # (B * H, Tq) float32 output: each row's log-sum-exp in base 2 (LSE * log2 e), for the backward
+    DOC_START,  # (B, Tk) int32: where the document of each position starts (read when DOCS)
     stride_qb, stride_qh, stride_qt,  # q's strides in elements (batch, head, time)
     stride_kb, stride_kh, stride_kt,  # k's strides
     stride_vb, stride_vh, stride_vt,  # v's strides
@@ -151,6 +161,7 @@ def _attention_fwd(
     BLOCK_N: tl.constexpr,  # key rows per loop step
     DROPOUT: tl.constexpr,  # dropout_p > 0
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (full precision), "tf32" otherwise (ignored for 16-bit)
+    DOCS: tl.constexpr,  # packed documents: a query sees only the keys of its own document
 ):
     start_m = tl.program_id(0)  # which query tile
     bh = tl.program_id(1)  # which (batch, head)
@@ -175,13 +186,15 @@ def _attention_fwd(
 
     first = (Tk - Tq) + start_m * BLOCK_M  # the tile's first query position
     lo = first // BLOCK_N * BLOCK_N  # rounded down to a key tile (first itself when Tq == Tk and BLOCK_N | BLOCK_M)
-    # keys [0, lo): in the past of every row of this tile, no mask
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, 0, lo, Tk, qk_scale,
-                               dropout_p, rng_key, BLOCK_M, BLOCK_N, DROPOUT, DOT_PRECISION, ON_DIAGONAL=False)
+    first_key = 0  # keys before it are seen by no row of this tile
+    # keys [first_key, lo): in the past of every row of this tile, no causal mask (masked by document with them)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, DOC_START, offs_d, d_ok,
+                               first_key, lo, Tk, qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N, DROPOUT,
+                               DOT_PRECISION, ON_DIAGONAL=False, IN_DOCUMENT=DOCS)
     # keys [lo, first + BLOCK_M): the diagonal band, masked; every row sees key lo, so no row is all -inf
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, offs_d, d_ok, lo,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, q_pos, DOC_START, offs_d, d_ok, lo,
                                tl.minimum(first + BLOCK_M, Tk), Tk, qk_scale, dropout_p, rng_key, BLOCK_M, BLOCK_N,
-                               DROPOUT, DOT_PRECISION, ON_DIAGONAL=True)
+                               DROPOUT, DOT_PRECISION, ON_DIAGONAL=True, IN_DOCUMENT=DOCS)
 
     out_scale = 1.0 / l_i
     acc = acc * out_scale[:, None]
@@ -191,19 +204,21 @@ def _attention_fwd(
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float,
-                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: torch.Tensor | None,
+                  doc_bounds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, Tq), dtype=torch.float32, device=q.device)
+    doc_start = _no_documents(q) if doc_bounds is None else doc_bounds[0]
 
     def run(tiles: Tiles):
         _attention_fwd[(triton.cdiv(Tq, tiles.BLOCK_M), B * H)](
-            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, Tq, Tk, scale * LOG2E,
-            dropout_p,
+            q, k, v, o, lse, doc_start, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, Tq, Tk,
+            scale * LOG2E, dropout_p,
             _seed_value(seed), HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
-            DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype), num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
+            DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype), DOCS=doc_bounds is not None,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
     # ---- end ----
 
