@@ -27,7 +27,9 @@ LSE stay in base 2, as converting would only add rounding.
 Causality in tiles.  A query tile [r, r + BLOCK_M) needs the keys [0, r + BLOCK_M): key tiles above the diagonal are
 skipped by the loop bounds (half the work), those wholly before r need no mask, and only the diagonal band, in a loop
 of its own, compares positions. With Tq < Tk the band starts at a = (Tk - Tq) + r, rounded down to a key tile; the
-inner loops are the same code for every offset.
+inner loops are the same code for every offset. Packed documents (DOCS) bound the loops too: a query tile starts at
+its first row's document start, a key tile stops at its last key's document end, and the scores of the visited
+tiles are masked by document as well.
 
 Backward.  With dO = dL/dO, and Pd = P * M / (1 - p) the dropped-out weights:
 
@@ -54,9 +56,8 @@ problem; counters fit an int32 while Tk <= 46340 = MAX_DROPOUT_T. Kept: a draw >
 probability p to within 2^-17), scaled by 1 / (1 - p); l and the LSE use the undropped P, as nn.Dropout on the
 softmax output. The seed comes from torch's default CPU generator: torch.manual_seed reproduces a run.
 
-Cost.  Forward FLOPs = 2 * 2 * B * H * T * T * D / 2 (two D-long dot products per kept pair); the backward's five
-such matmuls (S, dV, dP, dQ, dK) make 2.5x that. Decoding (Tq = 1) reads each cached key and value once for 2 FLOPs
-an element: memory-bound; 16-row query tiles, one program a head (``kernels/costs.py``; benchmarks/NOTES.md).
+Cost.  Forward FLOPs = 2 * 2 * B * H * T * T * D / 2, the backward's five matmuls 2.5x that; decoding (Tq = 1) is
+memory-bound: 16-row query tiles, one program a head (``kernels/costs.py``; benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
