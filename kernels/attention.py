@@ -28,8 +28,7 @@ Causality in tiles.  A query tile [r, r + BLOCK_M) needs the keys [0, r + BLOCK_
 skipped by the loop bounds (half the work), those wholly before r need no mask, and only the diagonal band, in a loop
 of its own, compares positions. With Tq < Tk the band starts at a = (Tk - Tq) + r, rounded down to a key tile; the
 inner loops are the same code for every offset. Packed documents (DOCS) bound the loops too: a query tile starts at
-its first row's document start, a key tile stops at its last key's document end, and the scores of the visited
-tiles are masked by document as well.
+its first row's document start, a key tile ends at its last key's document end; visited scores are masked by both.
 
 Backward.  With dO = dL/dO, and Pd = P * M / (1 - p) the dropped-out weights:
 
