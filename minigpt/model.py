@@ -14,6 +14,10 @@ kept, so each new token runs the model over ONE position instead of the whole co
 position new tokens go (``input_pos``); the cache writes there and nothing advances behind the caller's back.
 minigpt/generate.py's ``prefill`` and ``decode_one`` are the two steps that use it.
 
+Packed documents: a training window holds the end of one document and the start of the next. ``doc_ids`` (one
+document number per position, minigpt.token_windows.document_ids) keeps each query's attention inside its own
+document (``--doc-mask``); without it, attention crosses document boundaries, as in the original notebook.
+
 Shapes: B = batch, T = tokens, C = emb_dim, H = n_heads, D = head_dim = C / H, V = vocab_size.
 """
 from __future__ import annotations
@@ -133,7 +137,8 @@ class MultiHeadAttention(nn.Module):
         # allocate it (the kernels mask by position), and the copy in its checkpoints is dropped on load
         # (_load_from_state_dict).
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, input_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, input_pos: int = 0,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, num_tokens, d_out = x.shape  # (B, T, C)
         # (B, T, C) -> (B, T, H, D) -> (B, H, T, D)
         queries = self.W_query(x).view(b, num_tokens, self.n_heads, self.head_dim).transpose(1, 2)
@@ -145,7 +150,10 @@ class MultiHeadAttention(nn.Module):
             keys, values = kv_cache.update(self.layer, input_pos, keys, values)
 
         dropout_p = self.dropout_p if self.training else 0.0
-        context_vec = self.backend.causal_attention(queries, keys, values, dropout_p=dropout_p)  # (B, H, T, D)
+        if doc_ids is None:
+            context_vec = self.backend.causal_attention(queries, keys, values, dropout_p=dropout_p)  # (B, H, T, D)
+        else:  # (B, T) document ids: a query also does not see the keys of another document
+            context_vec = self.backend.causal_attention(queries, keys, values, dropout_p=dropout_p, doc_ids=doc_ids)
 
         # (B, H, T, D) -> (B, T, H, D) -> (B, T, C)
         context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, d_out)
@@ -167,10 +175,11 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim, backend)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, input_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, input_pos: int = 0,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        x = self.att(x, kv_cache, input_pos)
+        x = self.att(x, kv_cache, input_pos, doc_ids)
         x = self.drop_shortcut(x)
         x = x + shortcut
 
@@ -235,6 +244,7 @@ class GPTModel(nn.Module):
         targets: torch.Tensor | None = None,
         last_only: bool = False,
         input_pos: int | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """in_idx: LongTensor (B, T) of token ids. Four calls, three paths below (prefill and decode share one):
 
@@ -255,9 +265,19 @@ class GPTModel(nn.Module):
         Prefill and decode run the same code; they differ only in the position and the number of tokens.
 
         ``last_only``: logits of the last position only, (B, 1, V): all that sampling the next token reads.
+
+        ``doc_ids``: (B, T) integers, non-decreasing along each row, the document of each position
+        (minigpt.token_windows.document_ids): each position attends only to itself and the positions before it in
+        its own document, in every layer. With the loss or the logits, not with ``kv_cache``: generation continues one
+        text, and the cached keys would need ids of their own. None (the default) is the plain causal attention,
+        the very calls the model makes without documents. The position embeddings stay those of the window
+        (0 .. T - 1): a document's tokens keep the positions they have in it.
         """
+        if doc_ids is not None:
+            self._check_doc_ids(in_idx, doc_ids, kv_cache)
         if targets is not None:
-            return self._training_loss(in_idx, targets, generation_args=kv_cache is not None or last_only)
+            return self._training_loss(in_idx, targets, generation_args=kv_cache is not None or last_only,
+                                       doc_ids=doc_ids)
         if kv_cache is not None:
             if input_pos is None or input_pos < 0:
                 raise ValueError(f"model(idx, kv_cache=...) needs input_pos >= 0, the position of idx's first token "
@@ -267,11 +287,24 @@ class GPTModel(nn.Module):
         if input_pos is not None:
             raise ValueError("input_pos says where a KV cache writes — pass kv_cache too, or leave input_pos out "
                              "(without a cache the tokens are positions 0 .. T - 1)")
-        return self._logits(in_idx, last_only)
+        return self._logits(in_idx, last_only, doc_ids)
+
+    @staticmethod
+    def _check_doc_ids(in_idx: torch.Tensor, doc_ids: torch.Tensor, kv_cache: KVCache | None) -> None:
+        """The model's part of the checks (the backend's check_doc_ids looks at the dtype, device and order)."""
+        if kv_cache is not None:
+            raise ValueError("doc_ids keeps attention inside each document of a training window — call the model "
+                             "without kv_cache to use it; generation (with a cache) continues one text and takes "
+                             "no doc_ids")
+        if doc_ids.shape != in_idx.shape:
+            raise ValueError(f"doc_ids must have in_idx's shape {tuple(in_idx.shape)} (one document id per position), "
+                             f"got {tuple(doc_ids.shape)} — make it with minigpt.token_windows.document_ids(in_idx, "
+                             "eot_token)")
 
     # The paths of forward. Each runs the same trunk (embeddings -> blocks -> final norm) and reads it its own way.
 
-    def _training_loss(self, in_idx: torch.Tensor, targets: torch.Tensor, generation_args: bool) -> torch.Tensor:
+    def _training_loss(self, in_idx: torch.Tensor, targets: torch.Tensor, generation_args: bool,
+                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Training: the mean cross-entropy over every position, the logits never materialized."""
         if generation_args:
             raise ValueError("model(idx, targets=...) computes the training loss over every position — call it "
@@ -279,13 +312,13 @@ class GPTModel(nn.Module):
         if targets.shape != in_idx.shape:
             raise ValueError(f"targets must have in_idx's shape {tuple(in_idx.shape)} (the next token at each "
                              f"position), got {tuple(targets.shape)}")
-        x = self._trunk(in_idx, start=0)  # (B, T, C)
+        x = self._trunk(in_idx, start=0, doc_ids=doc_ids)  # (B, T, C)
         # (B, T, C) -> (B*T, C): the head's matmul and the cross-entropy in one op, chunk by chunk
         return self._linear_cross_entropy(x.flatten(0, 1), self.out_head.weight, targets.flatten())
 
-    def _logits(self, in_idx: torch.Tensor, last_only: bool) -> torch.Tensor:
+    def _logits(self, in_idx: torch.Tensor, last_only: bool, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """No cache: positions 0 .. T - 1 -> logits (B, T, V), or (B, 1, V) with ``last_only``."""
-        x = self._trunk(in_idx, start=0, last_only=last_only)
+        x = self._trunk(in_idx, start=0, last_only=last_only, doc_ids=doc_ids)
         return self.out_head(x)
 
     def _cached_logits(self, in_idx: torch.Tensor, kv_cache: KVCache, input_pos: int, last_only: bool):
@@ -294,9 +327,9 @@ class GPTModel(nn.Module):
         return self.out_head(x)
 
     def _trunk(self, in_idx: torch.Tensor, start: int, kv_cache: KVCache | None = None,
-               last_only: bool = False) -> torch.Tensor:
+               last_only: bool = False, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) at positions start .. start + T - 1 -> the final norm's output (B, T, C), or (B, 1, C)
-        of the last position with ``last_only``."""
+        of the last position with ``last_only``; ``doc_ids`` (B, T): attention inside each document."""
         seq_len = in_idx.shape[1]
         if start + seq_len > self.cfg.context_length:
             cached = f" ({start} in the KV cache + {seq_len} new)" if start else ""
@@ -309,7 +342,7 @@ class GPTModel(nn.Module):
         x = tok_embeds + pos_embeds
         x = self.drop_emb(x)
         for block in self.trf_blocks:
-            x = block(x, kv_cache, start)  # (B, T, C)
+            x = block(x, kv_cache, start, doc_ids)  # (B, T, C)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): the norm and the head then run on one position
         return self.final_norm(x)

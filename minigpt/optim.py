@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from .token_windows import document_ids
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer and schedule
@@ -50,21 +52,29 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
 # Loss
 
 
-def calc_loss_batch(input_batch, target_batch, model, device) -> torch.Tensor:
+def calc_loss_batch(input_batch, target_batch, model, device, eot_token: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of one batch (B, T) -> float32 scalar (the original notebook's function of
     the same name).
 
     The original notebook computed ``F.cross_entropy(model(x).flatten(0, 1), y.flatten())``, the (B*T, V) logits whole;
     the model's ``targets=`` path gives the same number through the backend's fused linear + cross-entropy, without
-    them (minigpt/model.py)."""
+    them (minigpt/model.py).
+
+    ``eot_token`` (``--doc-mask``): the end-of-text id; each window's documents are numbered from it
+    (minigpt.token_windows.document_ids) and every position attends only inside its own document. None (the
+    default): attention crosses document boundaries, as in the original notebook."""
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    return model(input_batch, targets=target_batch)
+    if eot_token is None:
+        return model(input_batch, targets=target_batch)
+    return model(input_batch, targets=target_batch, doc_ids=document_ids(input_batch, eot_token))
 
 
 @torch.no_grad()
 def calc_loss_loader(data_loader, model, device, num_batches: int | None = None, *, rank: int = 0,
-                     world_size: int = 1, token_weighted: bool = False, as_sum: bool = False):
-    """Average loss over the first ``num_batches`` batches (the original notebook's calc_loss_loader).
+                     world_size: int = 1, token_weighted: bool = False, as_sum: bool = False,
+                     eot_token: int | None = None):
+    """Average loss over the first ``num_batches`` batches (the original notebook's calc_loss_loader); each batch's
+    loss is ``calc_loss_batch``'s, with its ``eot_token`` (documents masked, as in training, or not).
 
     For evaluation by several processes (the Trainer's): ``world_size`` processes read the first
     ``num_batches * world_size`` batches, process ``rank`` every ``world_size``-th one from its own; with
@@ -80,7 +90,7 @@ def calc_loss_loader(data_loader, model, device, num_batches: int | None = None,
         if i % world_size != rank:
             continue
         w = y.numel() if token_weighted else 1
-        total += calc_loss_batch(x, y, model, device).item() * w
+        total += calc_loss_batch(x, y, model, device, eot_token).item() * w
         weight += w
     if as_sum:
         return total, weight

@@ -20,7 +20,7 @@ from .data_sources import DataError
 from .tokenizer import EOT_TEXT, get_tokenizer
 
 __all__ = ["TokenWindows", "TrainingLoaders", "WindowSampler", "create_dataloader", "create_dataloader_v1",
-           "make_loader", "training_loaders"]
+           "document_ids", "make_loader", "training_loaders"]
 
 
 class TokenWindows(Dataset):
@@ -72,6 +72,28 @@ class TokenWindows(Dataset):
             _, filename, dtype, offset, n = t
             state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=(n,))
         self.__dict__.update(state)
+
+
+def document_ids(idx: torch.Tensor, eot_token: int) -> torch.Tensor:
+    """The document of each position of windows ``idx`` (B, T) of token ids -> (B, T) int64, numbered 0, 1, 2, ...
+    from each window's start: what ``causal_attention(..., doc_ids=)`` reads to keep attention inside a document.
+
+    The token cache writes the end-of-text id after every document, so a new document starts right AFTER each
+    end-of-text token, and the end-of-text token belongs to the document it ends (it is that document's last
+    token): ``ids[b, t]`` is the number of end-of-text tokens in ``idx[b, :t]``, strictly before t. Counting makes the
+    ids non-decreasing along each row by construction. A window that starts inside a document starts with that
+    document (id 0), whatever came before it in the corpus.
+
+        idx   the cat <eot> a dog <eot> <eot> hi
+        ids    0   0    0   1  1    1     2    3
+
+    Why here and from the window itself, not emitted by the loaders: the window holds every end-of-text token its
+    documents need, so the ids are a cumulative sum over it, computed on the device where the batch already is.
+    Every data path (a file, a folder, generated stories, a Hugging Face dataset) reaches the model as the same
+    (input, target) windows, and none of them, nor the sampler's resume position, has to carry a second tensor.
+    """
+    is_eot = (idx == eot_token).to(torch.int64)  # (B, T)
+    return is_eot.cumsum(dim=-1) - is_eot  # the count up to and including t, less t itself: strictly before t
 
 
 def make_loader(tokens, batch_size: int, max_length: int, stride: int, shuffle: bool, drop_last: bool,

@@ -52,6 +52,11 @@ class TrainConfig:
     tokenizer: str = "auto"  # GPT-2's BPE, or bytes when its files cannot be loaded offline
     train_ratio: float = 0.9  # the train share of a source without a validation split
     cache_dir: str | None = None  # None: $MINIGPT_CACHE or ~/.cache/minigpt
+    # Attention inside each document of a window (documents end at end-of-text), in training and evaluation.
+    # Off by default, although every data source ends its documents with end-of-text: off, a run trains the
+    # original notebook's model (attention across documents) and its losses compare with earlier runs', and a
+    # checkpoint written before this setting existed resumes the way it started.
+    doc_mask: bool = False
     # optimization
     batch_size: int = 8  # windows per micro-batch per process
     grad_accum: int = 1
@@ -118,7 +123,7 @@ FINETUNE_DEFAULTS = dict(lr=3e-5, tokenizer="gpt2")
 # too, but that comes with its weights; flags contradicting it are refused in resume.check_resume_flags).
 RESUMED_FLAGS = ("data", "max_docs", "text_field", "train_ratio", "tokenizer", "batch_size", "grad_accum", "lr",
                  "min_lr", "warmup_steps", "weight_decay", "grad_clip", "dtype", "epochs", "max_steps",
-                 "eval_interval", "eval_iters", "seed", "kernels")
+                 "eval_interval", "eval_iters", "seed", "kernels", "doc_mask")
 
 
 def resolve_config(given: TrainConfig, device: torch.device, checkpoint: dict | None = None,

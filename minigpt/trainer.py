@@ -102,8 +102,8 @@ class Trainer:
         self.earlier_run_files: list[Path] = []  # --overwrite: the replaced run's files, removed at the first save
 
         # What the loop reads, built once by setup()'s steps: dist, device, dtype (_start_distributed); tokenizer,
-        # cfg, preset (_build_tokenizer_and_model_config); the loaders and step counts (_build_data); raw_model,
-        # model, eval_model (_build_model); optimizer, scheduler, scaler (_build_optimizer)
+        # cfg, preset, doc_eot (_build_tokenizer_and_model_config); the loaders and step counts (_build_data);
+        # raw_model, model, eval_model (_build_model); optimizer, scheduler, scaler (_build_optimizer)
         self.pretrained_model: GPTModel | None = None  # --init-from: GPT-2's weights
         self.init_from: str | None = None  # and where they came from (recorded in every checkpoint)
 
@@ -200,6 +200,9 @@ class Trainer:
                 n_heads=args.n_heads, context_length=args.context_length, drop_rate=args.drop_rate,
                 qkv_bias=args.qkv_bias)
         check_head_dim(self.cfg, args.kernels, self.device)
+        # --doc-mask: the id each document ends with, from which every batch's document ids are counted (the loss
+        # functions' eot_token); None: attention crosses documents
+        self.doc_eot = self.tokenizer.eot_token if args.doc_mask else None
         # empty: start from end-of-text, as minigpt.generate does (a model needs at least one token to continue)
         self.sample_ids = self.tokenizer.encode(args.sample_prompt) or [self.tokenizer.eot_token]
 
@@ -287,7 +290,9 @@ class Trainer:
         self.log(f"data: {self.data_info['source']} — {self.data_info['train_tokens']:,} train / "
                  f"{self.data_info['val_tokens']:,} val tokens ({self.tokenizer.name} tokenizer, vocab "
                  f"{self.tokenizer.n_vocab}); {self.steps_per_epoch} steps per epoch of {self.tokens_per_step:,} "
-                 f"tokens")
+                 f"tokens"
+                 + ("; attention masked to each document (--doc-mask: documents end at end-of-text)"
+                    if self.doc_eot is not None else ""))
         if self.resume_from:
             self.log(f"resumed from {self.resume_from} at step {self.state['step']}")
 
@@ -408,7 +413,7 @@ class Trainer:
                 # same for any split of the batch over ranks
                 sums.append(calc_loss_loader(loader, self.eval_model, self.device, self.config.eval_iters,
                                              rank=self.dist.rank, world_size=self.dist.world_size,
-                                             token_weighted=True, as_sum=True))
+                                             token_weighted=True, as_sum=True, eot_token=self.doc_eot))
         self.eval_model.train()
         train_loss, val_loss = all_reduce_mean([s for s, _ in sums], [n for _, n in sums], self.dist, self.device)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
@@ -467,7 +472,7 @@ class Trainer:
             sync = contextlib.nullcontext() if (last or not self.dist.enabled) else model.no_sync()
             with sync:
                 with self._autocast():
-                    loss = calc_loss_batch(x, y, model, self.device) / len(micro_batches)
+                    loss = calc_loss_batch(x, y, model, self.device, self.doc_eot) / len(micro_batches)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         loss_value = total.item()

@@ -69,7 +69,7 @@ def test_dropout_trains_through_the_attention_kernel(device, monkeypatch):
     calls = []
     real = A.causal_attention
     monkeypatch.setattr("kernels.triton_backend.causal_attention",
-                        lambda q, k, v, p=0.0, s=None: calls.append(p) or real(q, k, v, p, s))
+                        lambda q, k, v, p=0.0, s=None, d=None: calls.append(p) or real(q, k, v, p, s, d))
     _, tri = _pair(device, drop_rate=0.1)
     tri.train()
     torch.manual_seed(5)

@@ -125,8 +125,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     real = T.calc_loss_batch
     steps = {"n": 0}
 
-    def poisoned(x, y, model, device):
-        loss = real(x, y, model, device)
+    def poisoned(x, y, model, device, eot_token=None):
+        loss = real(x, y, model, device, eot_token)
         if model.training:
             steps["n"] += 1
             if steps["n"] == 5:

@@ -79,3 +79,16 @@ def test_the_machine_decides_the_precision():
     assert resolve_config(TrainConfig.from_args(["--preset", "tiny", "--dtype", "bf16"]), CPU).dtype == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         resolve_config(TrainConfig.from_args(["--preset", "tiny", "--dtype", "fp16"]), CPU)
+
+
+def test_doc_mask_is_off_unless_given_and_a_resume_continues_the_checkpoints():
+    assert resolve_config(TrainConfig.from_args(["--preset", "tiny"]), CPU).doc_mask is False
+    on = resolve_config(TrainConfig.from_args(["--preset", "tiny", "--doc-mask"]), CPU)
+    assert on.doc_mask is True and on.record()["doc_mask"] is True
+    checkpoint = {"args": on.record(), "preset": "tiny"}
+    assert resolve_config(TrainConfig.from_args(["--resume", "auto"]), CPU, checkpoint).doc_mask is True
+    assert resolve_config(TrainConfig.from_args(["--resume", "auto", "--no-doc-mask"]), CPU,
+                          checkpoint).doc_mask is False
+    # a checkpoint written before the setting existed trained across documents, and goes on doing so
+    older = {"args": {k: v for k, v in on.record().items() if k != "doc_mask"}, "preset": "tiny"}
+    assert resolve_config(TrainConfig.from_args(["--resume", "auto"]), CPU, older).doc_mask is False
