@@ -78,22 +78,25 @@ def document_ids(idx: torch.Tensor, eot_token: int) -> torch.Tensor:
     """The document of each position of windows ``idx`` (B, T) of token ids -> (B, T) int64, numbered 0, 1, 2, ...
     from each window's start: what ``causal_attention(..., doc_ids=)`` reads to keep attention inside a document.
 
-    The token cache writes the end-of-text id after every document, so a new document starts right AFTER each
-    end-of-text token, and the end-of-text token belongs to the document it ends (it is that document's last
-    token): ``ids[b, t]`` is the number of end-of-text tokens in ``idx[b, :t]``, strictly before t. Counting makes the
-    ids non-decreasing along each row by construction. A window that starts inside a document starts with that
-    document (id 0), whatever came before it in the corpus.
+    The token cache writes the end-of-text id between documents, and here it OPENS the document that follows, as a
+    beginning-of-sequence token would: ``ids[b, t]`` counts the end-of-text tokens in ``idx[b, :t + 1]``, less the
+    count at the window's first position. Counting makes the ids non-decreasing along each row by construction.
 
         idx   the cat <eot> a dog <eot> <eot> hi
-        ids    0   0    0   1  1    1     2    3
+        ids    0   0    1   1  1    2     3    3
+
+    Why the end-of-text opens a document rather than closes one: no prediction then reads across a boundary — a
+    document's last token predicts the end-of-text from its own document, and the end-of-text predicts the next
+    document's first token from nothing but itself — and every document starts as generation does, from the
+    end-of-text token that an empty prompt is. A window that starts inside a document starts with it (id 0).
 
     Why here and from the window itself, not emitted by the loaders: the window holds every end-of-text token its
     documents need, so the ids are a cumulative sum over it, computed on the device where the batch already is.
     Every data path (a file, a folder, generated stories, a Hugging Face dataset) reaches the model as the same
     (input, target) windows, and none of them, nor the sampler's resume position, has to carry a second tensor.
     """
-    is_eot = (idx == eot_token).to(torch.int64)  # (B, T)
-    return is_eot.cumsum(dim=-1) - is_eot  # the count up to and including t, less t itself: strictly before t
+    count = (idx == eot_token).to(torch.int64).cumsum(dim=-1)  # end-of-text tokens up to and including t
+    return count - count[..., :1]
 
 
 def make_loader(tokens, batch_size: int, max_length: int, stride: int, shuffle: bool, drop_last: bool,

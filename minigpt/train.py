@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-ratio", type=float, default=0.9, help="train share where the source has no val split")
     g.add_argument("--cache-dir", default=None, help="token cache (default $MINIGPT_CACHE or ~/.cache/minigpt)")
     g.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=DEFAULTS.doc_mask,
-                   help="attention only inside each document of a window (documents end at end-of-text), in "
+                   help="attention only inside each document of a window (each end-of-text opens a document), in "
                         "training and evaluation; --resume reuses the checkpoint's")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=None,

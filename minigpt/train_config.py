@@ -52,8 +52,8 @@ class TrainConfig:
     tokenizer: str = "auto"  # GPT-2's BPE, or bytes when its files cannot be loaded offline
     train_ratio: float = 0.9  # the train share of a source without a validation split
     cache_dir: str | None = None  # None: $MINIGPT_CACHE or ~/.cache/minigpt
-    # Attention inside each document of a window (documents end at end-of-text), in training and evaluation.
-    # Off by default, although every data source ends its documents with end-of-text: off, a run trains the
+    # Attention inside each document of a window (each end-of-text opens a document), in training and evaluation.
+    # Off by default, although every data source separates its documents with end-of-text: off, a run trains the
     # original notebook's model (attention across documents) and its losses compare with earlier runs', and a
     # checkpoint written before this setting existed resumes the way it started.
     doc_mask: bool = False

@@ -291,7 +291,7 @@ class Trainer:
                  f"{self.data_info['val_tokens']:,} val tokens ({self.tokenizer.name} tokenizer, vocab "
                  f"{self.tokenizer.n_vocab}); {self.steps_per_epoch} steps per epoch of {self.tokens_per_step:,} "
                  f"tokens"
-                 + ("; attention masked to each document (--doc-mask: documents end at end-of-text)"
+                 + ("; attention masked to each document (--doc-mask: each end-of-text opens a document)"
                     if self.doc_eot is not None else ""))
         if self.resume_from:
             self.log(f"resumed from {self.resume_from} at step {self.state['step']}")
