@@ -11,6 +11,9 @@ change:
                                        loop bounds with the tiled mirror of the kernels
     attention_tile_grid_chunk.png      the same for a chunk: the last Tq = 200 queries against Tk = 512 keys, the
                                        diagonal shifted right and falling across tiles
+    attention_tile_grid_docs.png       the forward's grid for one window of T = 1024 packed with five documents,
+                                       beside the same window as one sequence: the key tiles skipped because no
+                                       query of a tile sees them, and those masked by document
     layer_norm_backward_reduction.png  the LayerNorm backward's two-stage reduction of dw and db, in one
                                        configuration a GPU runs (GPT-2 small's 8192 rows of 768 on 132
                                        multiprocessors): rows cut into G groups (``tiled.layer_norm_groups`` with
@@ -68,11 +71,18 @@ RC = {  # everything a rendering depends on, pinned (on top of matplotlib's defa
     "path.simplify": False,
 }
 
-# The tile grid's states (tiled.attention_tile_grid) and their colours: colour-blind-safe blue and orange.
-SKIPPED, UNMASKED, MASKED = 0, 1, 2
-TILE_COLORS = {SKIPPED: "#eeeeee", UNMASKED: "#4c78a8", MASKED: "#f58518"}
+# The tile grid's states (tiled.attention_tile_grid) and their colours: colour-blind-safe blue, orange and green.
+SKIPPED, UNMASKED, MASKED, DOCUMENT_MASKED = (tiled.TILE_SKIPPED, tiled.TILE_NO_MASK, tiled.TILE_CAUSAL_MASK,
+                                              tiled.TILE_DOCUMENT_MASK)
+TILE_COLORS = {SKIPPED: "#eeeeee", UNMASKED: "#4c78a8", MASKED: "#f58518", DOCUMENT_MASKED: "#54a24b"}
 TILE_LABELS = {SKIPPED: "skipped by the loop bounds", UNMASKED: "visited, no mask",
                MASKED: "visited with the causal mask (diagonal band)"}
+DOCUMENT_TILE_LABELS = {SKIPPED: "skipped: in the future", UNMASKED: "visited, every pair in one document",
+                        MASKED: "diagonal band: causal mask (and document mask)",
+                        DOCUMENT_MASKED: "visited, some pairs masked by document"}
+DOCUMENT_SKIPPED_LABEL = "skipped because of the documents"
+DOCUMENT_SKIPPED_HATCH = "////"
+DOCUMENT_EDGE = "#7a3b8f"  # purple: apart from the black of the diagonal and of a program's outline
 KERNEL_TITLES = {
     "fwd": "forward\none program per query tile (a row)",
     "dkdv": "backward dK / dV\none program per key tile (a column)",
@@ -81,6 +91,15 @@ KERNEL_TITLES = {
 # The attention figures: (file name, Tq, Tk). The tiles are the GPU's defaults for 16-bit inputs with D <= 64.
 ATTENTION_FIGURES = (("attention_tile_grid.png", 512, 512), ("attention_tile_grid_chunk.png", 200, 512))
 ATTENTION_DTYPE, ATTENTION_HEAD_DIM = torch.float16, 64
+# The documents figure: one window of T keys packed with documents of these lengths (short and long ones, some
+# boundaries inside a query tile, one document shorter than a tile), drawn for the forward kernel.
+DOCUMENTS_FIGURE, DOCUMENTS_T, DOCUMENT_LENGTHS = "attention_tile_grid_docs.png", 1024, (180, 330, 90, 250, 174)
+DOCUMENTS_PROGRAM = 3  # the query tile outlined: it starts inside a document and skips two key tiles
+
+
+def document_ids(lengths) -> np.ndarray:
+    """One window's doc_ids, (sum(lengths),): 0, 0, ..., 1, 1, ... for documents of these lengths."""
+    return np.repeat(np.arange(len(lengths)), lengths)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,25 +190,41 @@ def _tile_ticks(ax, n_tiles: int, block: int, extent: int, axis: str) -> None:
     (ax.set_xticks if axis == "x" else ax.set_yticks)(centres, [str(i) for i in index])
 
 
-def _draw_tile_grid(ax, kernel: str, Tq: int, Tk: int, block_m: int, block_n: int) -> None:
+def _draw_tile_grid(ax, kernel: str, Tq: int, Tk: int, block_m: int, block_n: int, doc_ids=None,
+                    title: str | None = None, program: int | None = None) -> None:
     """One kernel's (query tile, key tile) grid, in positions (tiles at their true size), with the causal
-    diagonal and one program's tiles outlined."""
+    diagonal and one program's tiles outlined (``program``: its tile index, default the middle one). With
+    ``doc_ids`` (one window's, (Tk,)), the tiles skipped because of the documents are hatched and each document's
+    triangle of (query, key) pairs is outlined."""
     from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Polygon, Rectangle
 
-    grid = tiled.attention_tile_grid(kernel, Tq, Tk, block_m, block_n)
-    cells, colors = [], []
+    grid = tiled.attention_tile_grid(kernel, Tq, Tk, block_m, block_n, doc_ids)
+    causal = tiled.attention_tile_grid(kernel, Tq, Tk, block_m, block_n)
+    cells, colors, hatched = [], [], []
     for i, j in np.ndindex(*grid.shape):  # query tile i, key tile j; the last ones may be cut short
         y0, x0 = i * block_m, j * block_n
-        cells.append(Rectangle((x0, y0), min(block_n, Tk - x0), min(block_m, Tq - y0)))
-        colors.append(TILE_COLORS[int(grid[i, j])])
+        cell = Rectangle((x0, y0), min(block_n, Tk - x0), min(block_m, Tq - y0))
+        if grid[i, j] == SKIPPED and causal[i, j] != SKIPPED:
+            hatched.append(cell)
+        else:
+            cells.append(cell)
+            colors.append(TILE_COLORS[int(grid[i, j])])
     ax.add_collection(PatchCollection(cells, facecolors=colors, edgecolors="white", linewidths=0.6))
+    if hatched:
+        ax.add_collection(PatchCollection(hatched, facecolors=TILE_COLORS[SKIPPED], edgecolors="#b0b0b0",
+                                          linewidths=0.6, hatch=DOCUMENT_SKIPPED_HATCH))
     offset = Tk - Tq  # query row i sits at position offset + i and sees the keys 0 .. offset + i
     ax.plot([offset, Tk], [0, Tq], color="black", linewidth=1.2, linestyle="--")
+    if doc_ids is not None:  # document [s, e): the queries at s .. e - 1 see the keys from s to their own position
+        starts, ends = tiled.document_bounds(doc_ids)
+        for s, e in sorted(set(zip(starts.tolist(), ends.tolist()))):
+            corners = [(s, s - offset), (s, e - offset), (e, e - offset)]
+            ax.add_patch(Polygon(corners, closed=True, fill=False, edgecolor=DOCUMENT_EDGE, linewidth=1.0))
 
     # one program, in the middle of the grid: its tiles outlined, an arrow along its walk
     if kernel == "dkdv":
-        j = grid.shape[1] // 2
+        j = grid.shape[1] // 2 if program is None else program
         rows = [i for i in range(grid.shape[0]) if grid[i, j]]
         x0, width = j * block_n, min(block_n, Tk - j * block_n)
         y0, y1 = rows[0] * block_m, min((rows[-1] + 1) * block_m, Tq)
@@ -197,16 +232,18 @@ def _draw_tile_grid(ax, kernel: str, Tq: int, Tk: int, block_m: int, block_n: in
         ax.annotate("", xy=(x0 + width / 2, y1 - 0.04 * Tq), xytext=(x0 + width / 2, y0 + 0.04 * Tq),
                     arrowprops=dict(arrowstyle="->", color="black", linewidth=1.5))
     else:
-        i = grid.shape[0] // 2
+        i = grid.shape[0] // 2 if program is None else program
         cols = [j for j in range(grid.shape[1]) if grid[i, j]]
         y0, height = i * block_m, min(block_m, Tq - i * block_m)
-        x1 = min((cols[-1] + 1) * block_n, Tk)
-        ax.add_patch(Rectangle((0, y0), x1, height, fill=False, edgecolor="black", linewidth=2.0))
-        ax.annotate("", xy=(x1 - 0.04 * Tk, y0 + height / 2), xytext=(0.04 * Tk, y0 + height / 2),
+        x0, x1 = cols[0] * block_n, min((cols[-1] + 1) * block_n, Tk)
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, height, fill=False, edgecolor="black", linewidth=2.0))
+        ax.annotate("", xy=(x1 - 0.04 * Tk, y0 + height / 2), xytext=(x0 + 0.04 * Tk, y0 + height / 2),
                     arrowprops=dict(arrowstyle="->", color="black", linewidth=1.5))
 
     visited, masked = int((grid > 0).sum()), int((grid == MASKED).sum())
-    ax.set_title(f"{KERNEL_TITLES[kernel]}\n{visited} of {grid.size} tiles visited, {masked} masked", fontsize=11)
+    if title is None:
+        title = f"{KERNEL_TITLES[kernel]}\n{visited} of {grid.size} tiles visited, {masked} masked"
+    ax.set_title(title, fontsize=11)
     ax.set_xlim(0, Tk)
     ax.set_ylim(Tq, 0)  # query 0 at the top, as a matrix is printed
     ax.set_aspect("equal")
@@ -247,6 +284,56 @@ def draw_attention_tile_grid(path: Path, Tq: int, Tk: int) -> Path:
                 Patch(facecolor="none", edgecolor="black", linewidth=2.0,
                       label="one program's tiles, walked along the arrow")]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=10)
+    return save_figure(fig, path)
+
+
+def documents_tile_counts(T: int = DOCUMENTS_T, lengths=DOCUMENT_LENGTHS) -> dict[str, tuple[int, int]]:
+    """kernel -> (tiles visited with the documents, without them), for the documents figure's window and each
+    kernel's default GPU tiles."""
+    doc_ids = document_ids(lengths)
+    return {kernel: (tiled.tiles_visited(kernel, T, T, *blocks, doc_ids), tiled.tiles_visited(kernel, T, T, *blocks))
+            for kernel, blocks in attention_tiles(T, T).items()}
+
+
+def draw_attention_tile_grid_docs(path: Path, T: int = DOCUMENTS_T, lengths=DOCUMENT_LENGTHS) -> Path:
+    """The forward's tile grid for one window of T positions as one sequence (left) and packed with documents of
+    ``lengths`` (right), with the default GPU tiles."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Polygon
+
+    if sum(lengths) != T:
+        raise ValueError(f"draw_attention_tile_grid_docs: the lengths {lengths} must sum to T = {T}")
+    block_m, block_n = attention_tiles(T, T)["fwd"]
+    doc_ids = document_ids(lengths)
+    counts = documents_tile_counts(T, lengths)
+    width, panel_w, legend_h, above_h, title_h = 11.0, 4.0, 1.15, 1.25, 0.95
+    height = legend_h + panel_w + above_h + title_h
+    fig = new_figure(width, height)
+    panels = (
+        (None, f"one sequence of {T} tokens\n{counts['fwd'][1]} of {{size}} tiles visited"),
+        (doc_ids, f"{len(lengths)} documents packed in the window\n{counts['fwd'][0]} of {{size}} tiles visited "
+                  f"({counts['fwd'][0] / counts['fwd'][1]:.0%} of the left's)"),
+    )
+    size = -(-T // block_m) * -(-T // block_n)
+    for n, (ids, title) in enumerate(panels):
+        left = 1.0 + n * (panel_w + 1.5)
+        ax = fig.add_axes((left / width, legend_h / height, panel_w / width, panel_w / height))
+        _draw_tile_grid(ax, "fwd", T, T, block_m, block_n, doc_ids=ids, title=title.format(size=size),
+                        program=DOCUMENTS_PROGRAM)
+    fig.suptitle(f"Packed documents: the forward skips the key tiles no query of its tile can see\n"
+                 f"T = {T} in documents of {', '.join(map(str, lengths[:-1]))} and {lengths[-1]} tokens\n"
+                 f"default GPU tiles: {block_m} queries x {block_n} keys (16-bit inputs, head dim <= "
+                 f"{ATTENTION_HEAD_DIM})", y=1 - 0.08 / height, va="top")
+    handles = [Patch(facecolor=TILE_COLORS[s], edgecolor="#999999", label=DOCUMENT_TILE_LABELS[s])
+               for s in (UNMASKED, DOCUMENT_MASKED, MASKED, SKIPPED)]
+    handles += [Patch(facecolor=TILE_COLORS[SKIPPED], edgecolor="#b0b0b0", hatch=DOCUMENT_SKIPPED_HATCH,
+                      label=DOCUMENT_SKIPPED_LABEL),
+                Polygon([(0, 0)], closed=True, fill=False, edgecolor=DOCUMENT_EDGE, linewidth=1.0,
+                        label="a document: the pairs its queries see"),
+                Line2D([], [], color="black", linestyle="--", label="causal diagonal: key = query position"),
+                Patch(facecolor="none", edgecolor="black", linewidth=2.0,
+                      label="one program's tiles, walked along the arrow")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False, fontsize=10)
     return save_figure(fig, path)
 
 
@@ -463,7 +550,8 @@ def draw_causal_mask(path: Path, T: int = CAUSAL_MASK_T) -> Path:
 
 
 FIGURES = tuple(name for name, _, _ in ATTENTION_FIGURES) + ("layer_norm_backward_reduction.png",
-                                                           "attention_dropout_philox.png", "causal_mask.png")
+                                                           "attention_dropout_philox.png", "causal_mask.png",
+                                                           DOCUMENTS_FIGURE)
 
 
 def render_all(out: Path = DEFAULT_OUT) -> list[Path]:
@@ -478,6 +566,7 @@ def render_all(out: Path = DEFAULT_OUT) -> list[Path]:
         paths.append(draw_layer_norm_backward_reduction(out / "layer_norm_backward_reduction.png"))
         paths.append(draw_attention_dropout_philox(out / "attention_dropout_philox.png"))
         paths.append(draw_causal_mask(out / "causal_mask.png"))
+        paths.append(draw_attention_tile_grid_docs(out / DOCUMENTS_FIGURE))
     return paths
 
 

@@ -15,7 +15,10 @@ Where a program of the kernel holds a (BLOCK_M, BLOCK_N) tile, the loop here hol
 tile that runs past the end of the sequence is simply sliced shorter (the kernel masks its loads instead). The
 schedule (which tiles each program visits, and which of them need the causal mask) comes from small bound
 functions (``forward_key_bounds``, ``dkdv_query_bounds``) that the loops and ``attention_tile_grid`` share, so a
-figure drawn from the grid shows exactly what the loops do.
+figure drawn from the grid shows exactly what the loops do. Packed documents (``doc_ids``: a query sees only the
+keys of its own document) add one bound each, computed from the kernels' form of the documents
+(``document_bounds``): ``forward_first_key`` (the forward and dQ skip the key tiles before it) and
+``dkdv_last_row`` (dK/dV skips the query rows from it on); ``tiles_visited`` counts what is left.
 
 Arithmetic is in float32 (or float64 for float64 inputs, which the tests use to compare against exact math). The
 kernels also keep their statistics and accumulators in float32, but feed 16-bit operands to their matmuls; that
@@ -34,14 +37,24 @@ import torch
 from .definitions import EPS
 
 __all__ = [
-    "ATTENTION_KERNELS", "PHILOX_KEY_LAYOUT", "attention_backward", "attention_forward", "attention_tile_grid",
-    "dkdv_query_bounds", "dropout_keep_mask", "dropout_threshold", "forward_key_bounds", "gelu_backward",
-    "gelu_forward", "layer_norm_backward", "layer_norm_forward", "layer_norm_groups", "philox4x32",
+    "ATTENTION_KERNELS", "PHILOX_KEY_LAYOUT", "TILE_CAUSAL_MASK", "TILE_DOCUMENT_MASK", "TILE_NO_MASK", "TILE_SKIPPED",
+    "attention_backward", "attention_forward", "attention_tile_grid", "dkdv_last_row", "dkdv_query_bounds",
+    "document_bounds", "dropout_keep_mask", "dropout_threshold", "forward_first_key", "forward_key_bounds",
+    "gelu_backward", "gelu_forward", "layer_norm_backward", "layer_norm_forward", "layer_norm_groups", "philox4x32",
+    "tiles_visited",
 ]
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E), as in kernels/attention.py
 LAYER_NORM_GROUPS = 4  # INTERPRETER_GROUPS of kernels/layer_norm.py (on a GPU: 2 per multiprocessor)
 ATTENTION_KERNELS = ("fwd", "dkdv", "dq")  # the three tiled attention kernels (the delta pass has no tiles)
+# A row whose document starts after a key tile sees none of its keys: _fwd_inner keeps the running max at least
+# this, so that exp2(-inf - max) is 0 and not NaN; the first key the row does see replaces it (alpha = 0).
+MASKED_ROW_MAX = -1.0e30
+# What attention_tile_grid says of each (query tile, key tile) pair
+TILE_SKIPPED = 0  # not computed: outside the loop bounds
+TILE_NO_MASK = 1  # computed, every pair in it allowed (with documents: all in one document, the mask removes nothing)
+TILE_CAUSAL_MASK = 2  # the diagonal band: computed with the causal mask (and the document mask, with documents)
+TILE_DOCUMENT_MASK = 3  # below the band, computed with the document mask, which removes some pairs
 
 # ----------------------------------------------------------------------------------------------------------------
 # Philox-4x32-10, as triton/language/random.py computes it
@@ -163,29 +176,111 @@ def dkdv_query_bounds(start_n: int, Tq: int, Tk: int, block_m: int, block_n: int
     return lo, mid
 
 
-def attention_tile_grid(kernel: str, Tq: int, Tk: int, block_m: int, block_n: int) -> np.ndarray:
+def document_bounds(doc_ids) -> np.ndarray:
+    """(2, ..., Tk) int64 from ``doc_ids`` (..., Tk) integers, non-decreasing along the last axis (a window's
+    documents numbered in order): [0] where the document of each position starts, [1] where it ends (exclusive).
+    The kernels' form of the documents (``kernels.attention.document_bounds`` computes the same, as DOC_START and
+    DOC_END): a run of equal ids is one document, so each bound is a binary search for the run of an id."""
+    ids = np.asarray(doc_ids)
+    if ids.ndim == 0 or ids.dtype.kind not in "iu":
+        raise ValueError(f"document_bounds: doc_ids must be integers, one id per key position, got {ids.dtype} of "
+                         f"shape {ids.shape}")
+    rows = ids.reshape(-1, ids.shape[-1])
+    if (np.diff(rows, axis=-1) < 0).any():
+        raise ValueError("document_bounds: doc_ids must not decrease along a row (each document is a run of "
+                         "positions, numbered in order) — number a window's documents 0, 1, 2, ... from its start")
+    bounds = [[np.searchsorted(row, row, side=side) for row in rows] for side in ("left", "right")]
+    return np.array(bounds, dtype=np.int64).reshape(2, *ids.shape)
+
+
+def forward_first_key(start_m: int, Tq: int, Tk: int, block_m: int, block_n: int, doc_start=None) -> int:
+    """The first key query tile ``start_m`` of the forward (and of the dQ kernel) visits: 0 without documents;
+    with them (``doc_start``: (Tk,), ``document_bounds(doc_ids)[0]`` of the window) the start of the document of the
+    tile's first query, rounded down to a key tile. Document starts never decrease along a window, so no row of the
+    tile sees a key before it: the key tiles [0, first_key) are skipped, [first_key, lo) visited without the
+    causal mask, each score masked by document."""
+    if doc_start is None:
+        return 0
+    first = (Tk - Tq) + start_m * block_m  # the tile's first query position
+    return int(doc_start[first]) // block_n * block_n
+
+
+def dkdv_last_row(start_n: int, Tq: int, Tk: int, block_m: int, block_n: int, doc_end=None) -> int:
+    """The end of the query rows key tile ``start_n`` of the dK/dV kernel visits: Tq without documents; with them
+    (``doc_end``: (Tk,), ``document_bounds(doc_ids)[1]`` of the window) the first row past the document of the
+    tile's last key, kept >= mid (the diagonal band is always walked) and <= Tq. Document ends never decrease, so
+    no query from there on sees a key of the tile: the rows [mid, last_row) are visited without the causal mask,
+    each score masked by document, and [last_row, Tq) skipped. Not rounded: the loop steps from mid, a whole
+    number of query tiles, and stops at the first step at or past last_row."""
+    _, mid = dkdv_query_bounds(start_n, Tq, Tk, block_m, block_n)
+    if doc_end is None:
+        return Tq
+    last_key = min((start_n + 1) * block_n, Tk) - 1
+    return max(mid, min(Tq, int(doc_end[last_key]) - (Tk - Tq)))
+
+
+def _window_doc_ids(doc_ids, Tk: int) -> np.ndarray | None:
+    """One window's doc_ids as an array (Tk,) (int64 when integers; document_bounds refuses anything else), or
+    None."""
+    if doc_ids is None:
+        return None
+    ids = np.asarray(doc_ids)
+    if ids.shape != (Tk,):
+        raise ValueError(f"attention_tile_grid: doc_ids must be one window's ids, shape ({Tk},), got {ids.shape}")
+    return ids.astype(np.int64) if ids.dtype.kind in "iu" else ids
+
+
+def _off_band_state(doc_ids, q_pos, cols) -> int:
+    """A tile below the diagonal band, visited: TILE_DOCUMENT_MASK when some of its (query, key) pairs lie in two
+    documents (the document mask removes them), else TILE_NO_MASK. Every pair of such a tile is causal."""
+    if doc_ids is None or (doc_ids[q_pos][:, None] == doc_ids[cols][None, :]).all():
+        return TILE_NO_MASK
+    return TILE_DOCUMENT_MASK
+
+
+def attention_tile_grid(kernel: str, Tq: int, Tk: int, block_m: int, block_n: int, doc_ids=None) -> np.ndarray:
     """Which (query tile, key tile) pairs ``kernel`` ("fwd", "dkdv" or "dq") computes: an int array
-    (cdiv(Tq, block_m), cdiv(Tk, block_n)), 0 = skipped, 1 = visited without mask, 2 = visited with the causal
-    mask (the diagonal band). Rows are always query tiles of block_m rows and columns key tiles of block_n keys
-    (in dK/dV a program owns a column, in the others a row)."""
+    (cdiv(Tq, block_m), cdiv(Tk, block_n)) of TILE_SKIPPED (0, outside the loop bounds), TILE_NO_MASK (1, visited,
+    no pair masked), TILE_CAUSAL_MASK (2, the diagonal band, visited with the causal mask) and, with documents only,
+    TILE_DOCUMENT_MASK (3, below the band, visited, some pairs masked by document). Rows are always query tiles of
+    block_m rows and columns key tiles of block_n keys (in dK/dV a program owns a column, in the others a row).
+
+    ``doc_ids``: one window's documents, (Tk,) integers, non-decreasing. The kernels then mask every visited tile
+    by document; 1 and 3 tell apart the tiles where that mask changes nothing and those where it removes pairs."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention_tile_grid: kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    ids = _window_doc_ids(doc_ids, Tk)
+    doc_start, doc_end = (None, None) if ids is None else document_bounds(ids)
+    offset = Tk - Tq
     grid = np.zeros((_cdiv(Tq, block_m), _cdiv(Tk, block_n)), dtype=np.int64)
     if kernel == "dkdv":
         for start_n in range(grid.shape[1]):
             lo, mid = dkdv_query_bounds(start_n, Tq, Tk, block_m, block_n)
+            last_row = dkdv_last_row(start_n, Tq, Tk, block_m, block_n, doc_end)
+            cols = np.arange(start_n * block_n, min((start_n + 1) * block_n, Tk))
             for start_m in range(lo, min(mid, Tq), block_m):
-                grid[start_m // block_m, start_n] = 2
-            for start_m in range(mid, Tq, block_m):
-                grid[start_m // block_m, start_n] = 1
+                grid[start_m // block_m, start_n] = TILE_CAUSAL_MASK
+            for start_m in range(mid, last_row, block_m):
+                q_pos = offset + np.arange(start_m, min(start_m + block_m, Tq))
+                grid[start_m // block_m, start_n] = _off_band_state(ids, q_pos, cols)
     else:
         for start_m in range(grid.shape[0]):
             lo, hi = forward_key_bounds(start_m, Tq, Tk, block_m, block_n)
-            for start_n in range(0, lo, block_n):
-                grid[start_m, start_n // block_n] = 1
+            first_key = forward_first_key(start_m, Tq, Tk, block_m, block_n, doc_start)
+            q_pos = offset + np.arange(start_m * block_m, min((start_m + 1) * block_m, Tq))
+            for start_n in range(first_key, lo, block_n):
+                cols = np.arange(start_n, min(start_n + block_n, Tk))
+                grid[start_m, start_n // block_n] = _off_band_state(ids, q_pos, cols)
             for start_n in range(lo, hi, block_n):
-                grid[start_m, start_n // block_n] = 2
+                grid[start_m, start_n // block_n] = TILE_CAUSAL_MASK
     return grid
+
+
+def tiles_visited(kernel: str, Tq: int, Tk: int, block_m: int, block_n: int, doc_ids=None) -> int:
+    """How many (query tile, key tile) pairs ``kernel`` computes for one window (``doc_ids`` as in
+    ``attention_tile_grid``): each is two (BLOCK_M, BLOCK_N, D) matmuls in the forward, four or five in a backward
+    kernel, so the count is the kernel's work up to the cost of one tile."""
+    return int((attention_tile_grid(kernel, Tq, Tk, block_m, block_n, doc_ids) != TILE_SKIPPED).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,20 +298,36 @@ def _check_attention(q, k, block_m, block_n, dropout_p):
                          f"keys; the kernel asserts it too), got {block_n}")
 
 
+def _doc_starts_and_ends(doc_ids, B: int, Tk: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(doc_start, doc_end), each (B, Tk) int64, from ``doc_ids`` (B, Tk); (None, None) without documents."""
+    if doc_ids is None:
+        return None, None
+    if tuple(doc_ids.shape) != (B, Tk):
+        raise ValueError(f"tiled attention: doc_ids must be ({B}, {Tk}), one id per key position, got "
+                         f"{tuple(doc_ids.shape)}")
+    starts, ends = torch.from_numpy(document_bounds(doc_ids.detach().cpu().numpy()))
+    return starts, ends
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # float32 like the kernels; float64 stays float64
 
 
-def _forward_inner(acc, l_i, m_i, q, k, v, q_pos, lo, hi, Tk, qk_scale, block_n, on_diagonal, keep_fn, trace,
-                   program):
+def _forward_inner(acc, l_i, m_i, q, k, v, q_pos, q_doc_start, lo, hi, Tk, qk_scale, block_n, on_diagonal, keep_fn,
+                   trace, program):
     """Mirrors ``_fwd_inner``: fold the key tiles [lo, hi) into the running (acc, l_i, m_i) of one query tile (the
-    online softmax)."""
+    online softmax). ``q_doc_start``: where each row's document starts (None without documents): keys before it
+    are masked."""
     for start_n in range(lo, hi, block_n):
         cols = torch.arange(start_n, min(start_n + block_n, Tk))  # key positions of this tile
         s = (q @ k[cols].T) * qk_scale  # (BLOCK_M, BLOCK_N) scores, base 2
         if on_diagonal:
             s = torch.where(q_pos[:, None] >= cols[None, :], s, float("-inf"))
+        if q_doc_start is not None:
+            s = torch.where(cols[None, :] >= q_doc_start[:, None], s, float("-inf"))
         m_new = torch.maximum(m_i, s.max(1).values)
+        if q_doc_start is not None:  # a row whose document starts after this tile: exp2 must give 0, not NaN
+            m_new = torch.clamp(m_new, min=MASKED_ROW_MAX)
         p = torch.exp2(s - m_new[:, None])
         alpha = torch.exp2(m_i - m_new)  # how much the old terms shrink under the new max
         l_i = l_i * alpha + p.sum(1)  # the normalizer sums the undropped weights
@@ -233,7 +344,8 @@ def _forward_inner(acc, l_i, m_i, q, k, v, q_pos, lo, hi, Tk, qk_scale, block_n,
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
                       scale: float | None = None, dropout_p: float = 0.0, seed: int = 0,
-                      trace: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      trace: list | None = None,
+                      doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirrors ``_attention_fwd``: causal attention with the online softmax, one query tile at a time.
 
     q (B, H, Tq, D), k, v (B, H, Tk, D), Tq <= Tk (the queries are the last Tq positions). Returns o (B, H, Tq, D)
@@ -241,10 +353,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     float32 (float64 for float64 inputs). With ``dropout_p`` > 0 the keep mask is the kernel's for ``seed``.
     ``trace``: a list to append one dict per loop step to (bh, start_m, start_n, on_diagonal, m_i, l_i, and the
     step's query positions q_pos, key positions cols and dropout keep mask keep: None without dropout).
+    ``doc_ids``: (B, Tk) integers, non-decreasing along each row, packs documents: a query sees only the keys of its
+    own document; each query tile starts at ``forward_first_key`` instead of key 0.
     """
     _check_attention(q, k, block_m, block_n, dropout_p)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    doc_start = _doc_starts_and_ends(doc_ids, B, Tk)[0]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qk_scale = scale * LOG2E  # so the scores feed exp2 directly
     dtype = _compute_dtype(q)
@@ -253,21 +368,27 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     lse = torch.empty(B * H, Tq, dtype=dtype)
     for bh in range(B * H):  # grid axis 1
         keep_fn = _tile_keep_mask(seed, bh, Tk, dropout_p) if dropout_p > 0.0 else None
+        window_start = None if doc_start is None else doc_start[bh // H]  # (Tk,): this window's document starts
         for start_m in range(_cdiv(Tq, block_m)):  # grid axis 0: one program per query tile
             offs_m = torch.arange(start_m * block_m, min((start_m + 1) * block_m, Tq))  # query rows
             q_pos = (Tk - Tq) + offs_m  # their positions among the keys
+            q_doc_start = None if window_start is None else window_start[q_pos]
             q_tile = q[bh, offs_m]
             m_i = torch.full((len(offs_m),), float("-inf"), dtype=dtype)
             l_i = torch.zeros(len(offs_m), dtype=dtype)
             acc = torch.zeros(len(offs_m), D, dtype=dtype)
             lo, hi = forward_key_bounds(start_m, Tq, Tk, block_m, block_n)
+            first_key = forward_first_key(start_m, Tq, Tk, block_m, block_n, window_start)  # 0 without documents
             program = dict(bh=bh, start_m=start_m)
-            # keys [0, lo): in the past of every row of this tile, no mask
-            acc, l_i, m_i = _forward_inner(acc, l_i, m_i, q_tile, k[bh], v[bh], q_pos, 0, lo, Tk, qk_scale, block_n,
-                                           on_diagonal=False, keep_fn=keep_fn, trace=trace, program=program)
+            # keys [first_key, lo): in the past of every row of this tile, no causal mask (masked by document)
+            acc, l_i, m_i = _forward_inner(acc, l_i, m_i, q_tile, k[bh], v[bh], q_pos, q_doc_start, first_key, lo, Tk,
+                                           qk_scale, block_n, on_diagonal=False, keep_fn=keep_fn, trace=trace,
+                                           program=program)
             # keys [lo, hi): the diagonal band, masked; every row sees key lo, so no row is all -inf
-            acc, l_i, m_i = _forward_inner(acc, l_i, m_i, q_tile, k[bh], v[bh], q_pos, lo, hi, Tk, qk_scale, block_n,
-                                           on_diagonal=True, keep_fn=keep_fn, trace=trace, program=program)
+            # (with documents, every row sees at least its own key, and the floor keeps the max finite until it does)
+            acc, l_i, m_i = _forward_inner(acc, l_i, m_i, q_tile, k[bh], v[bh], q_pos, q_doc_start, lo, hi, Tk,
+                                           qk_scale, block_n, on_diagonal=True, keep_fn=keep_fn, trace=trace,
+                                           program=program)
             out_scale = 1.0 / l_i
             if dropout_p > 0.0:
                 out_scale = out_scale / (1.0 - dropout_p)  # kept weights are scaled by 1 / (1 - p)
@@ -280,15 +401,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
 # Attention: backward (mirrors _attention_bwd_preprocess, _attention_bwd_dkdv and _attention_bwd_dq)
 
 
-def _backward_dkdv_inner(dk, dv, k, v, q, do, lse, delta, key_rows, cols, lo, hi, Tq, offset, qk_scale,
-                         dropout_scale, block_m, on_diagonal, keep_fn):
+def _backward_dkdv_inner(dk, dv, k, v, q, do, lse, delta, key_rows, key_doc_rows, cols, lo, hi, Tq, offset,
+                         qk_scale, dropout_scale, block_m, on_diagonal, keep_fn):
     """Mirrors ``_bwd_dkdv_inner``: add the query rows [lo, hi) to one key tile's dK and dV. Tiles are kept
-    transposed: (keys, queries)."""
+    transposed: (keys, queries). ``key_doc_rows``: the first row past each key's document (None without
+    documents): rows from it on are masked."""
     for start_m in range(lo, hi, block_m):
         rows = torch.arange(start_m, min(start_m + block_m, Tq))  # query rows of this tile
         p_t = torch.exp2((k @ q[rows].T) * qk_scale - lse[rows][None, :])  # P^T rebuilt from the saved LSE
         if on_diagonal:
             p_t = torch.where(rows[None, :] >= key_rows[:, None], p_t, 0.0)
+        if key_doc_rows is not None:
+            p_t = torch.where(rows[None, :] < key_doc_rows[:, None], p_t, 0.0)
         dp_t = v @ do[rows].T  # (dO v^T)^T
         if keep_fn is not None:
             keep_t = keep_fn(offset + rows, cols).T  # the forward's mask, at the rows' positions
@@ -301,14 +425,17 @@ def _backward_dkdv_inner(dk, dv, k, v, q, do, lse, delta, key_rows, cols, lo, hi
     return dk, dv
 
 
-def _backward_dq_inner(dq, q, do, lse, delta, k, v, q_pos, lo, hi, Tk, qk_scale, dropout_scale, block_n,
+def _backward_dq_inner(dq, q, do, lse, delta, k, v, q_pos, q_doc_start, lo, hi, Tk, qk_scale, dropout_scale, block_n,
                        on_diagonal, keep_fn):
-    """Mirrors ``_bwd_dq_inner``: add the key tiles [lo, hi) to one query tile's dQ."""
+    """Mirrors ``_bwd_dq_inner``: add the key tiles [lo, hi) to one query tile's dQ (``q_doc_start``: where each
+    row's document starts, None without documents)."""
     for start_n in range(lo, hi, block_n):
         cols = torch.arange(start_n, min(start_n + block_n, Tk))
         p = torch.exp2((q @ k[cols].T) * qk_scale - lse[:, None])
         if on_diagonal:
             p = torch.where(q_pos[:, None] >= cols[None, :], p, 0.0)
+        if q_doc_start is not None:
+            p = torch.where(cols[None, :] >= q_doc_start[:, None], p, 0.0)
         dp = do @ v[cols].T
         if keep_fn is not None:
             dp = torch.where(keep_fn(q_pos, cols), dp * dropout_scale, 0.0)
@@ -319,17 +446,20 @@ def _backward_dq_inner(dq, q, do, lse, delta, k, v, q_pos, lo, hi, Tk, qk_scale,
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        lse: torch.Tensor, block_m: int, block_n: int, scale: float | None = None,
-                       dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       dropout_p: float = 0.0, seed: int = 0,
+                       doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mirrors ``attention_bwd``'s three kernels: (dq, dk, dv) for the gradient ``do`` of the forward's output.
 
     do, q, o (B, H, Tq, D); k, v (B, H, Tk, D); lse (B * H, Tq) in base 2, as ``attention_forward`` returns it.
     ``block_m``, ``block_n``: query and key tile sizes (the dK/dV kernel owns key tiles of block_n and steps
     through query rows block_m at a time; the dQ kernel owns query tiles of block_m and steps through keys).
-    ``dropout_p`` and ``seed`` must be the forward's. Returns float32 tensors (float64 for float64 inputs).
+    ``dropout_p``, ``seed`` and ``doc_ids`` must be the forward's. Returns float32 tensors (float64 for float64
+    inputs). With documents dK/dV stops each key tile at ``dkdv_last_row`` and dQ starts at ``forward_first_key``.
     """
     _check_attention(q, k, block_m, block_n, dropout_p)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    doc_start, doc_end = _doc_starts_and_ends(doc_ids, B, Tk)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qk_scale = scale * LOG2E
     dropout_scale = 1.0 / (1.0 - dropout_p)
@@ -342,6 +472,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         keep_fn = _tile_keep_mask(seed, bh, Tk, dropout_p) if dropout_p > 0.0 else None
         # The delta pass (_attention_bwd_preprocess): delta_i = dO_i . O_i = sum_j P_ij dP_ij, for every row at once
         delta = (do[bh] * o[bh]).sum(-1)  # (Tq,)
+        window_start, window_end = (None, None) if doc_start is None else (doc_start[bh // H], doc_end[bh // H])
 
         # dK/dV (_attention_bwd_dkdv): one program per key tile, walking the query rows from the diagonal down
         for start_n in range(_cdiv(Tk, block_n)):
@@ -349,13 +480,15 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             dk_tile = torch.zeros(len(cols), D, dtype=dtype)
             dv_tile = torch.zeros(len(cols), D, dtype=dtype)
             key_rows = cols - offset  # the first query row that sees each key
+            key_doc_rows = None if window_end is None else window_end[cols] - offset  # the first row past its document
             lo, mid = dkdv_query_bounds(start_n, Tq, Tk, block_m, block_n)
-            args = (k[bh, cols], v[bh, cols], q[bh], do[bh], lse[bh], delta, key_rows, cols)
+            last_row = dkdv_last_row(start_n, Tq, Tk, block_m, block_n, window_end)  # Tq without documents
+            args = (k[bh, cols], v[bh, cols], q[bh], do[bh], lse[bh], delta, key_rows, key_doc_rows, cols)
             # queries [lo, mid): the diagonal band, masked
             dk_tile, dv_tile = _backward_dkdv_inner(dk_tile, dv_tile, *args, lo, min(mid, Tq), Tq, offset, qk_scale,
                                                     dropout_scale, block_m, on_diagonal=True, keep_fn=keep_fn)
-            # queries [mid, Tq): all in the future of this key tile, no mask
-            dk_tile, dv_tile = _backward_dkdv_inner(dk_tile, dv_tile, *args, mid, Tq, Tq, offset, qk_scale,
+            # queries [mid, last_row): all in the future of this key tile, no causal mask (masked by document)
+            dk_tile, dv_tile = _backward_dkdv_inner(dk_tile, dv_tile, *args, mid, last_row, Tq, offset, qk_scale,
                                                     dropout_scale, block_m, on_diagonal=False, keep_fn=keep_fn)
             dk[bh, cols] = dk_tile * scale
             dv[bh, cols] = dv_tile
@@ -364,12 +497,14 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         for start_m in range(_cdiv(Tq, block_m)):
             offs_m = torch.arange(start_m * block_m, min((start_m + 1) * block_m, Tq))
             q_pos = offset + offs_m
+            q_doc_start = None if window_start is None else window_start[q_pos]
             dq_tile = torch.zeros(len(offs_m), D, dtype=dtype)
             lo, hi = forward_key_bounds(start_m, Tq, Tk, block_m, block_n)  # the forward's bounds
-            args = (q[bh, offs_m], do[bh, offs_m], lse[bh, offs_m], delta[offs_m], k[bh], v[bh], q_pos)
-            # keys [0, lo): no mask
-            dq_tile = _backward_dq_inner(dq_tile, *args, 0, lo, Tk, qk_scale, dropout_scale, block_n, on_diagonal=False,
-                                         keep_fn=keep_fn)
+            first_key = forward_first_key(start_m, Tq, Tk, block_m, block_n, window_start)
+            args = (q[bh, offs_m], do[bh, offs_m], lse[bh, offs_m], delta[offs_m], k[bh], v[bh], q_pos, q_doc_start)
+            # keys [first_key, lo): no causal mask (masked by document)
+            dq_tile = _backward_dq_inner(dq_tile, *args, first_key, lo, Tk, qk_scale, dropout_scale, block_n,
+                                         on_diagonal=False, keep_fn=keep_fn)
             # keys [lo, hi): the diagonal band, masked
             dq_tile = _backward_dq_inner(dq_tile, *args, lo, hi, Tk, qk_scale, dropout_scale, block_n, on_diagonal=True,
                                          keep_fn=keep_fn)

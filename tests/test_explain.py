@@ -181,6 +181,100 @@ def test_check_line_says_what_is_compared(capsys):
         "computed whole: softmax(q k^T / sqrt(D), future masked) @ v")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Packed documents: the tiles skipped because of them
+
+
+def _allowed(Tq: int, lengths: list[int]) -> np.ndarray:
+    """(Tq, Tk) bool from the lengths alone: query i (position Tk - Tq + i) sees key j when j <= its position and
+    both lie in one run of the lengths."""
+    doc = np.repeat(np.arange(len(lengths)), lengths)
+    Tk = len(doc)
+    pos = np.arange(Tk - Tq, Tk)
+    return (np.arange(Tk)[None, :] <= pos[:, None]) & (doc[pos][:, None] == doc[None, :])
+
+
+def _check_document_printout(out: str, lengths: list[int], Tq: int, block_m: int, block_n: int) -> None:
+    T = sum(lengths)
+    doc_ids = np.repeat(np.arange(len(lengths)), lengths)
+    starts, ends = tiled.document_bounds(doc_ids)
+    grids = {kernel: tiled.attention_tile_grid(kernel, Tq, T, block_m, block_n, doc_ids)
+             for kernel in tiled.ATTENTION_KERNELS}
+    causal = {kernel: tiled.attention_tile_grid(kernel, Tq, T, block_m, block_n) for kernel in tiled.ATTENTION_KERNELS}
+    printed = _grids(out)
+    assert printed == [explain.grid_marks(grids[kernel], causal[kernel]) for kernel in ("fwd", "dkdv", "dq")]
+    # the marks against the pairs each tile holds, from the lengths alone
+    allowed, future = _allowed(Tq, lengths), future_mask(Tq, T).numpy()
+    for marks in printed:
+        for i, row in enumerate(marks):
+            for j, mark in enumerate(row):
+                tile = (slice(i * block_m, (i + 1) * block_m), slice(j * block_n, (j + 1) * block_n))
+                assert (mark in "-.") == (not allowed[tile].any()), (i, j, mark)  # skipped iff nothing to see
+                if mark == "-":  # skipped because of the documents: the causal kernel would have work there
+                    assert not future[tile].all(), (i, j)
+    # each program's bounds, as the mirror computes them
+    for start_m, (first_key, lo, hi) in enumerate(re.findall(r"^  start_m=\d+ .*\(first_key=(\d+), lo=(\d+), "
+                                                             r"hi=(\d+)\)$", out, flags=re.M)):
+        assert int(first_key) == tiled.forward_first_key(start_m, Tq, T, block_m, block_n, starts)
+        assert (int(lo), int(hi)) == tiled.forward_key_bounds(start_m, Tq, T, block_m, block_n)
+    rows = re.findall(r"^  start_n=\d+ .*\(lo=(\d+), mid=(\d+), last_row=(\d+)\)$", out, flags=re.M)
+    assert [int(last) for _, _, last in rows] == [tiled.dkdv_last_row(n, Tq, T, block_m, block_n, ends)
+                                                   for n in range(-(-T // block_n))]
+    counts = re.search(r"^Tiles visited with these documents / without \(tiles_visited\): forward (\d+) / (\d+), "
+                       r"dK/dV (\d+) / (\d+), dQ (\d+) / (\d+)$", out, flags=re.M).groups()
+    assert [int(c) for c in counts] == [tiled.tiles_visited(kernel, Tq, T, block_m, block_n, docs)
+                                        for kernel in tiled.ATTENTION_KERNELS for docs in (doc_ids, None)]
+    assert len(re.findall(r"^\s+keys .* m_i = ", out, flags=re.M)) == int((grids["fwd"] != 0).sum())
+    error = float(re.search(r"^check: max \|O of the tiled loop - O of the float64 math \(causal mask, documents.*\)"
+                            r"\| = (\S+)$", out, flags=re.M).group(1))
+    assert error < 1e-12
+
+
+def test_docs_show_the_tiles_skipped_because_of_them():
+    result = _run("attention", "--docs", "3,5,2")  # the course's command: T = 10 from the lengths
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Documents (--docs 3,5,2): 0: positions 0-2, 1: positions 3-7, 2: positions 8-9" in out
+    _check_document_printout(out, [3, 5, 2], 10, 4, 2)
+    # query tile 1 (rows 4-7) starts in document 1 (positions 3-7): key tile 0 skipped, key tile 1 masked by document
+    assert "  start_m=1 (rows 4-7): key tiles skipped 0 | no causal mask 1 | causal mask 2, 3" in out
+    assert "-" in "".join(_grids(out)[0][1]) and "m_i = [" in out and "-1e30" in out
+
+
+@pytest.mark.parametrize("args, lengths, Tq, block_m, block_n", [
+    (["--docs", "7,1,12,4", "--T", "24", "--Tq", "17", "--block-m", "4", "--block-n", "8"], [7, 1, 12, 4], 17, 4, 8),
+    (["--docs", "5,5,6", "--block-m", "2", "--block-n", "4"], [5, 5, 6], 16, 2, 4),
+    (["--docs", "9,3,8", "--block-m", "4", "--dropout", "0.3", "--seed", "2"], [9, 3, 8], 20, 4, 8),
+])
+def test_docs_with_other_shapes_and_dropout(args, lengths, Tq, block_m, block_n, capsys):
+    assert explain.main(["attention", *args]) == 0
+    out = capsys.readouterr().out
+    _check_document_printout(out, lengths, Tq, block_m, block_n)
+    if "--dropout" in args:  # a key of another document is masked whatever its draw: '.'
+        doc = np.repeat(np.arange(len(lengths)), lengths)
+        lines = _printed_keep(out)
+        assert lines
+        for row, a, _counters, cols, pattern, _dropped in lines:
+            for j, mark in zip(cols, pattern.replace(" ", "")):
+                assert (mark == ".") == (j > a or doc[j] != doc[a]), (row, j, mark)
+
+
+@pytest.mark.parametrize("docs, extra, fix", [
+    ("3,x,2", [], "not a whole number"),
+    ("3,0,2", [], "at least 1"),
+    ("3,-1,2", [], "at least 1"),
+    ("2.5,3", [], "not a whole number"),
+    ("", [], "empty"),
+    ("3,5,2", ["--T", "12"], "sum to T"),
+    ("200,100", [], "at most 256"),
+])
+def test_bad_docs_give_a_one_line_error(docs, extra, fix):
+    with pytest.raises(SystemExit) as info:
+        explain.main(["attention", "--docs", docs, *extra])
+    message = str(info.value.code)
+    assert message.startswith("error: --docs") and "—" in message and "\n" not in message and fix in message
+
+
 def test_layer_norm_prints_groups_and_steps():
     result = _run("layer_norm", "--rows", "9", "--width", "3", "--groups", "4", "--block-m", "2")
     assert result.returncode == 0, result.stderr

@@ -111,6 +111,29 @@ def test_tile_grid_agrees_with_brute_force_causality(kernel, Tq, Tk, block_m, bl
             assert tile.all(), f"{where}: visited without the mask but holds a future pair"
 
 
+def test_documents_figure_draws_the_kernels_schedule():
+    """The documents figure: a window its lengths fill, the GPU's forward tiles, and a grid that agrees with the
+    (query, key) pairs the documents allow, pair by pair (tests/test_document_tiles.py's brute force); every state
+    of its legend appears in it."""
+    from tests.test_document_tiles import check_against_brute_force
+
+    T, lengths = figures.DOCUMENTS_T, figures.DOCUMENT_LENGTHS
+    assert sum(lengths) == T and min(lengths) > 0
+    doc_ids = figures.document_ids(lengths)
+    assert doc_ids.tolist() == [n for n, length in enumerate(lengths) for _ in range(length)]
+    for kernel, (block_m, block_n) in figures.attention_tiles(T, T).items():
+        assert check_against_brute_force(kernel, T, T, block_m, block_n, doc_ids) == 0
+    block_m, block_n = figures.attention_tiles(T, T)["fwd"]
+    grid = tiled.attention_tile_grid("fwd", T, T, block_m, block_n, doc_ids)
+    causal = tiled.attention_tile_grid("fwd", T, T, block_m, block_n)
+    assert set(np.unique(grid)) == set(figures.DOCUMENT_TILE_LABELS)
+    assert ((grid == figures.SKIPPED) & (causal != figures.SKIPPED)).any()  # some tiles hatched
+    program = figures.DOCUMENTS_PROGRAM
+    assert grid[program, 0] == figures.SKIPPED != causal[program, 0]  # the outlined program skips tiles
+    visited, without = figures.documents_tile_counts()["fwd"]
+    assert (visited, without) == (int((grid != 0).sum()), int((causal != 0).sum())) and visited < without / 2
+
+
 class _RecordLaunch:
     """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` records the call, runs nothing."""
 
