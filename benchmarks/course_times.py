@@ -47,6 +47,16 @@ def course_blocks(path: Path = COURSE) -> list[tuple[str, str, str]]:
     return found
 
 
+def block_names(blocks: list[tuple]) -> list[str]:
+    """Each block's name, its lesson and its number within the lesson: "Lesson2-1", "Lesson2-2", ..."""
+    seen: dict[str, int] = {}
+    names = []
+    for lesson, *_ in blocks:
+        seen[lesson] = seen.get(lesson, 0) + 1
+        names.append(f"{lesson.replace(' ', '')}-{seen[lesson]}")
+    return names
+
+
 def reader_env(folder: Path) -> dict:
     """The environment a reader's command runs in: this checkout importable, the token cache in ``folder`` (empty:
     the first tokenization is part of the time), offline, no windows for figures, and Triton's interpreter where
@@ -76,10 +86,8 @@ def block_command(language: str, code: str, folder: Path) -> list[str]:
 
 def time_course(path: Path = COURSE) -> list[dict]:
     rows = []
-    counts: dict[str, int] = {}
-    for lesson, language, code in course_blocks(path):
-        counts[lesson] = counts.get(lesson, 0) + 1
-        name = f"{lesson.replace(' ', '')}-{counts[lesson]}"
+    blocks = course_blocks(path)
+    for name, (lesson, language, code) in zip(block_names(blocks), blocks):
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             start = time.perf_counter()
@@ -156,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         import torch
 
+        from benchmarks.common import check_out_dir
+
+        if args.out:
+            check_out_dir(args.out, ["course_times.json", "course_times.csv"])
         meta = dict(environment=environment(torch.device("cpu")))
         rows = (time_course() if args.only != "notebook" else []) + (time_notebook() if args.only != "course"
                                                                       else [])

@@ -31,6 +31,7 @@ def run(doc_mask: bool, steps: int, eval_interval: int, max_docs: int, folder: P
     median seconds a step."""
     import torch
 
+    from minigpt.metrics import read_metrics_csv
     from minigpt.optim import calc_loss_loader
     from minigpt.token_windows import document_ids
     from minigpt.train import run_trainer
@@ -41,10 +42,8 @@ def run(doc_mask: bool, steps: int, eval_interval: int, max_docs: int, folder: P
                           str(max_docs), "--out-dir", str(folder), "--doc-mask" if doc_mask else "--no-doc-mask"]
     trainer = Trainer(TrainConfig.from_args(flags))
     run_trainer(trainer)
-    metrics = (folder / "metrics.csv").read_text().splitlines()
-    header = metrics[0].split(",")
-    evals = [dict(zip(header, line.split(","))) for line in metrics[1:]]
-    per_step = [trainer.tokens_per_step / float(e["tokens_per_s"]) for e in evals if e["tokens_per_s"]]
+    evals = read_metrics_csv(folder / "metrics.csv")
+    per_step = [trainer.tokens_per_step / e["tokens_per_s"] for e in evals if e["tokens_per_s"]]
     trainer.model.eval()
     eot = trainer.tokenizer.eot_token
     with torch.no_grad():
@@ -53,7 +52,7 @@ def run(doc_mask: bool, steps: int, eval_interval: int, max_docs: int, folder: P
                  for name, token in (("val_masked", eot), ("val_unmasked", None))}
         # the positions the mask changes: those after an end-of-text within their window
         after = [(document_ids(x, eot) > 0).double().mean().item() for x, _ in trainer.val_loader]
-    return dict(doc_mask=doc_mask, evals=[(int(e["step"]), float(e["val_loss"])) for e in evals],
+    return dict(doc_mask=doc_mask, evals=[(int(e["step"]), e["val_loss"]) for e in evals],
                 step_s=statistics.median(per_step) if per_step else None, masked_share=statistics.fmean(after),
                 **final)
 
@@ -93,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         import torch
 
-        from benchmarks.common import BenchmarkError
+        from benchmarks.common import BenchmarkError, check_out_dir, results_names
 
         if args.steps < 1 or args.eval_interval < 1 or args.max_docs < 1:
             raise BenchmarkError("--steps, --eval-interval and --max-docs must be positive — e.g. --steps 300")
+        if args.out:
+            check_out_dir(args.out, results_names("doc_mask"))
         with tempfile.TemporaryDirectory() as tmp:
             results = [run(mask, args.steps, args.eval_interval, args.max_docs, Path(tmp) / f"mask-{mask}")
                        for mask in (False, True)]

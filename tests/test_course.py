@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.course_times import BLOCK, COURSE, ROOT, block_command, course_blocks, reader_env
+from benchmarks.course_times import BLOCK, COURSE, ROOT, block_command, block_names, course_blocks, reader_env
 
 BLOCK_TIMEOUT_S = 600  # a guard against a hang, not a timing: a loaded CI machine can take minutes for a lesson
 
@@ -26,12 +26,7 @@ def _blocks(lang: str) -> list[tuple[str, str]]:
 
 
 def _ids(blocks):
-    seen: dict[str, int] = {}
-    ids = []
-    for lesson, _ in blocks:
-        seen[lesson] = seen.get(lesson, 0) + 1
-        ids.append(f"{lesson.replace(' ', '')}-{seen[lesson]}")
-    return ids
+    return block_names(blocks)
 
 
 def _run(cmd: list[str], tmp_path: Path, what: str) -> str:
