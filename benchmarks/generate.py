@@ -45,7 +45,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks import common, results, timing
+from benchmarks import common, overhead, results, timing
 from kernels.cli import run_cli
 
 CONTENDERS = ("cache", "no cache", "transformers")
@@ -53,8 +53,10 @@ COUNTING = ("tokens/s = batch * new tokens / seconds of the whole generation (pr
             "= floor_bytes_per_token / measured copy bandwidth: the matmuls' weights (the output head once) and the "
             "LayerNorms' + one token and one position embedding row + the KV cache at the step's length (all "
             "layers, K and V), averaged over the new tokens")
-FULL = dict(batches=[1, 8], prompt_len=32, new_tokens=256, context_length=512, emb_dim=768, n_layers=12, n_heads=12)
-QUICK = dict(batches=[1, 2], prompt_len=8, new_tokens=24, context_length=64, emb_dim=128, n_layers=2, n_heads=4)
+FULL = dict(batches=[1, 8], prompt_len=32, new_tokens=256, context_length=512, emb_dim=768, n_layers=12, n_heads=12,
+            stream_rounds=5)
+QUICK = dict(batches=[1, 2], prompt_len=8, new_tokens=24, context_length=64, emb_dim=128, n_layers=2, n_heads=4,
+             stream_rounds=3)
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,8 @@ def summarize(data: dict) -> str:
             f"prompt {a['prompt_len']}, "
             f"{a['new_tokens']} new tokens, {a['dtype']}; copy bandwidth "
             f"{results.fmt_num(meta['ceilings']['bandwidth_gbps'])} GB/s")
-    return head + "\n\n" + table(data["rows"])
+    stream = meta.get("streaming_overhead")
+    return head + "\n\n" + table(data["rows"]) + ("\n\n" + overhead.streaming_line(stream) if stream else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed runs per row, after one warm-up (default 3 on a GPU, 1 on a "
                                                "CPU)")
     p.add_argument("--vocab-size", type=int, default=50257, help="vocabulary of the random model (default GPT-2's)")
+    p.add_argument("--stream-rounds", type=int,
+                   help="generations of the streaming-overhead measurement: minigpt.generate.generate_tokens read "
+                        "token by token against a bare decoding loop, taking turns (benchmarks/overhead.py); "
+                        "default 5, 3 with --quick; 0 skips it")
     common.add_run_args(p, "generate")
     return p
 
@@ -316,7 +323,7 @@ def check_args(args) -> None:
 def run(args) -> int:
     device = common.start_run(args, summarize, QUICK, FULL, check=check_args,
                               positive=("batches", "prompt_len", "new_tokens", "context_length", "repeats",
-                                        "vocab_size"))
+                                        "vocab_size", "stream_rounds"), allow_zero=("stream_rounds",))
     if device is None:  # --summarize
         return 0
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -326,12 +333,15 @@ def run(args) -> int:
     print(f"benchmarks.generate on {common.device_name(device)}; copy {ceilings['bandwidth_gbps']:.0f} GB/s",
           flush=True)
     budget = timing.Budget(args.budget_s)
+    import torch
+
     try:
         ours, theirs, why_not = build_models(args, device, common.torch_dtype(args.dtype))
     except Exception as exc:  # a pretrained name that cannot be loaded, say: one line, not a traceback
         raise common.BenchmarkError(f"cannot build the models: {common.one_line(exc, 300)}") from None
     args.context_length = ours.cfg.context_length
     uncached_tokens = {}  # batch -> the uncached loop's new tokens
+    stream = None  # the streaming loop's overhead, measured after the rows
     # the uncached loop first at each batch: the other rows' tokens are compared with its tokens
     order = sorted(args.contenders, key=lambda c: c != "no cache")
     planned = [Row(b, c) for b in args.batches for c in order]
@@ -346,7 +356,13 @@ def run(args) -> int:
                        f"{r['status']}", lambda: common.free_memory(device),
         save=results.partial_writer(out, args.name, meta))
     add_speedups(rows)
-    results.report(out, args.name, rows, meta(interrupted), plot, summarize)
+    if args.stream_rounds and not interrupted and not budget.expired():
+        prompt = torch.randint(0, ours.cfg.vocab_size, (1, args.prompt_len), device=device,
+                               generator=torch.Generator(device).manual_seed(args.seed))
+        stream = overhead.streaming_overhead(ours, prompt, args.new_tokens, args.stream_rounds, device)
+        stream.pop("tokens")
+        print(overhead.streaming_line(stream), flush=True)
+    results.report(out, args.name, rows, dict(meta(interrupted), streaming_overhead=stream), plot, summarize)
     return 0
 
 

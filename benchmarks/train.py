@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks import common, memory, results, timing
+from benchmarks import overhead as trainer_overhead
 from kernels.cli import run_cli
 
 BACKENDS = ("torch", "triton")
@@ -52,8 +53,10 @@ CHECK_BATCH = 2  # sequences in the logits check
 COMPILE_RESERVE_S = {"model": 45.0, "blocks": 20.0}
 COUNTING = ("MFU = model.flops_per_token(T) * tokens/s / measured matmul FLOP/s; flops_per_token = 6N (N: parameters "
             "without the embeddings) + 6 * n_layers * T * emb_dim (causal attention, forward and backward)")
-QUICK = dict(presets=["tiny"], context_lengths=[64], batch_size=1, warmup_steps=1, steps=3)
-FULL = dict(presets=["gpt2-124m"], context_lengths=[256, 1024], batch_size=None, warmup_steps=3, steps=10)
+QUICK = dict(presets=["tiny"], context_lengths=[64], batch_size=1, warmup_steps=1, steps=3, overhead_steps=60,
+             startup_runs=2)
+FULL = dict(presets=["gpt2-124m"], context_lengths=[256, 1024], batch_size=None, warmup_steps=3, steps=10,
+            overhead_steps=200, startup_runs=3)
 GPU_BUDGET_FRACTION = 0.9  # default memory budget on a GPU: this share of its memory (the rest: the CUDA context,
 #                            the allocator's cache and fragmentation, which max_memory_allocated does not count)
 CPU_BUDGET_GIB = 2.0  # default memory budget on the CPU: small, so that the steps at the largest batch stay short
@@ -406,7 +409,9 @@ def summarize(data: dict) -> str:
             f"({meta.get('memory_method', 'see benchmarks/memory.py')}); max batch: the largest batch whose step peak "
             f"stays within {results.fmt_num(budget)} GiB (+: at least); MiB/seq: the memory one more sequence costs"
             if budget else "")
-    return head + "\n\n" + table(data["rows"]) + ("\n\n" + tail if tail else "")
+    overhead = meta.get("trainer_overhead")
+    return (head + "\n\n" + table(data["rows"]) + ("\n\n" + tail if tail else "")
+            + ("\n\n" + trainer_overhead.training_table(overhead) if overhead else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -438,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary (default: the preset's)")
     p.add_argument("--warmup-steps", type=int, help="untimed steps first (default 3; 1 with --quick)")
     p.add_argument("--steps", type=int, help="timed steps (default 10; 3 with --quick)")
+    p.add_argument("--overhead-steps", type=int,
+                   help="steps of the trainer-overhead measurement: minigpt.train's Trainer and a bare loop taking "
+                        "turns on the CPU demo's run (benchmarks/overhead.py); default 200, 60 with --quick; 0 skips "
+                        "it")
+    p.add_argument("--startup-runs", type=int,
+                   help="fresh processes timed from launch to the first training step, for the trainer and the bare "
+                        "loop (after one that fills the token cache); default 3, 2 with --quick; 0 skips them")
     common.add_run_args(p, "train")  # --quick: the tiny preset at context 64, batch 1, a few steps
     return p
 
@@ -457,9 +469,10 @@ def check_args(args) -> None:
 
 
 def run(args) -> int:
-    device = common.start_run(args, summarize, QUICK, FULL, check=check_args, allow_zero=("warmup_steps",),
+    device = common.start_run(args, summarize, QUICK, FULL, check=check_args,
                               positive=("batch_size", "warmup_steps", "steps", "context_lengths", "vocab_size",
-                                        "memory_budget_gib"))
+                                        "memory_budget_gib", "overhead_steps", "startup_runs"),
+                              allow_zero=("warmup_steps", "overhead_steps", "startup_runs"))
     if device is None:  # --summarize
         return 0
     args.warmup_steps = max(1, args.warmup_steps)  # the first step is always untimed: it allocates and compiles
@@ -487,11 +500,18 @@ def run(args) -> int:
 
     def meta(interrupted=None):
         m = results.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
-        return dict(m, memory_method=args.memory_note or memory.METHOD[device.type])
+        return dict(m, memory_method=args.memory_note or memory.METHOD[device.type], trainer_overhead=overhead)
 
     def cleanup():
         torch._dynamo.reset()
         common.free_memory(device, collect=True)
+
+    overhead = None
+    if (args.overhead_steps or args.startup_runs) and not budget.expired():
+        print(f"trainer overhead: {args.overhead_steps} steps of minigpt.train's Trainer and of a bare loop, taking "
+              f"turns; {args.startup_runs} start-ups of each", flush=True)
+        overhead = trainer_overhead.measure_training(args.overhead_steps, args.startup_runs, device)
+        print(trainer_overhead.training_table(overhead), flush=True)
 
     rows, interrupted = common.run_rows(
         planned, lambda row: run_row(row, args, device, ceilings, budget, expected_by_shape),

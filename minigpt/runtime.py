@@ -1,6 +1,7 @@
 """The machine a run is on: which device, which precision, what the hardware can do, and its random state."""
 from __future__ import annotations
 
+import os
 import random
 
 import torch
@@ -45,6 +46,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU has no bf16 support — use --dtype fp16")
     return DTYPES[name]
+
+
+def cpu_threads(ranks_here: int) -> int:
+    """torch's threads for a run on the CPU, set now and returned: as OMP_NUM_THREADS says when it is set (by the
+    user, or by torchrun, which sets 1 for several processes); else torch's default, one per physical core, shared
+    out between the ``ranks_here`` processes on this machine, so that they never run ranks x cores threads between
+    them (each would otherwise take one per core, and they would wait for each other's)."""
+    if not os.environ.get("OMP_NUM_THREADS") and ranks_here > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // ranks_here))
+    return torch.get_num_threads()
 
 
 def peak_flops(device: torch.device) -> float | None:

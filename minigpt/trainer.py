@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import time
@@ -54,7 +55,7 @@ from .resume import (
     resume_path,
     token_fingerprint,
 )
-from .runtime import peak_flops, resolve_device, resolve_dtype, rng_state, set_rng_state
+from .runtime import cpu_threads, peak_flops, resolve_device, resolve_dtype, rng_state, set_rng_state
 from .stopping import StopRequests
 from .token_windows import training_loaders
 from .train_config import (
@@ -141,6 +142,8 @@ class Trainer:
         args = self.config
         self.dist, device_name = init_distributed(args.device)
         self.device = resolve_device(device_name)
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.dist.enabled else 1
+        self.cpu_threads = cpu_threads(ranks_here) if self.device.type == "cpu" else None
         resolve_dtype(args.dtype, self.device)  # refused now if impossible; resolved once --dtype has its final value
         check_compile(args, self.device)
 
@@ -285,7 +288,8 @@ class Trainer:
                  + (f" initialised from {self.init_from}" if self.init_from else "")
                  + f" {self.raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layers} layers, "
                  f"emb_dim {cfg.emb_dim}, {cfg.n_heads} heads, context {cfg.context_length}; kernels: {backend}; "
-                 f"device: {self.device}; dtype: {str(self.dtype).replace('torch.', '')}"
+                 f"device: {self.device}" + (f" ({self.cpu_threads} threads)" if self.cpu_threads else "")
+                 + f"; dtype: {str(self.dtype).replace('torch.', '')}"
                  + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
         self.log(f"data: {self.data_info['source']} — {self.data_info['train_tokens']:,} train / "
                  f"{self.data_info['val_tokens']:,} val tokens ({self.tokenizer.name} tokenizer, vocab "
@@ -373,6 +377,7 @@ class Trainer:
             save_torch(notebook_state_dict(self.raw_model), self.out_dir / "model.pth")
         if self.rows:
             write_metrics_csv(self.out_dir / "metrics.csv", self.rows)
+        if len(self.rows) >= 2:  # a line needs two evaluations (and drawing the first costs ~0.5 s of start-up)
             save_loss_plot(self.out_dir, self.rows)
         self.saving = False
 
@@ -519,9 +524,10 @@ class Trainer:
                     rate = self.tokens_per_step / max(time.time() - t, 1e-9)
                     tokens_per_s = rate if tokens_per_s is None else 0.9 * tokens_per_s + 0.1 * rate
                     mfu = self._mfu(tokens_per_s)
-                    self.bar.update(1)
-                    self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                    # the postfix without a redraw of its own: update() redraws, at most every 0.1 s
+                    self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False,
                                          **({"mfu": f"{100 * mfu:.0f}%"} if mfu else {}))
+                    self.bar.update(1)
                     if self.on_step is not None:
                         self.on_step(self)
                     if st["step"] % args.eval_interval == 0 or st["step"] == self.total_steps:

@@ -113,7 +113,9 @@ def test_kernels_quick_checks_every_contender_and_times_the_ones_it_may(device, 
 @pytest.mark.parametrize("device", DEVICES)
 def test_train_quick_writes_a_row_per_backend_compile_setting_and_loss(device, tmp_path):
     # a small memory budget keeps the largest-batch search's steps short (the tiny model at context 64)
-    extra = ["--memory-budget-gib", "0.45"] + (["--compile", "no"] if device == "cuda" else [])
+    # (the trainer-overhead measurement has its own tests: tests/test_overhead.py)
+    extra = (["--memory-budget-gib", "0.45", "--overhead-steps", "0", "--startup-runs", "0"]
+             + (["--compile", "no"] if device == "cuda" else []))
     run_quick("benchmarks.train", device, tmp_path, *extra)
     data, _ = read_outputs(tmp_path, "train")
     rows = {(r["backend"], r["compile"], r["loss"]): r for r in data["rows"]}
