@@ -20,6 +20,11 @@ Contenders, run in the same process on the same inputs:
                                                             F.linear_cross_entropy's chunked path for the loss
     chunked       the loss only: our chunked PyTorch        the torch backend's linear_cross_entropy
 
+and for attention over packed documents (``doc_attention``, benchmarks/ops/doc_attention.py), ``triton`` with
+doc_ids against ``flex`` (FlexAttention under torch.compile, block mask causal & same-document), ``sdpa_mask``
+(F.scaled_dot_product_attention with the dense boolean mask) and ``triton_causal`` (our plain causal kernel: the
+speed baseline, checked against the plain causal definition).
+
 Passes: ``fwd`` (inputs require grad, as in training, so what backward needs is saved), ``bwd`` (out.backward(dy)
 alone; the forward ran outside the timed region) and ``fwd+bwd``.
 
@@ -28,7 +33,9 @@ each output written once; formulas below) / median time. Attention: TFLOP/s with
 D-long dot products (q.k, p.v) at 2 FLOPs per multiply-add, causality keeping half the pairs:
 fwd = 4*B*H*T*T*D / 2, bwd = 2.5 * fwd (five matmuls instead of two: S recomputed, dP, dV, dQ, dK; our dQ kernel's
 second S and dP are not counted),
-fwd+bwd = 3.5 * fwd — the same count for every contender, even those that compute the masked half. The loss:
+fwd+bwd = 3.5 * fwd — the same count for every contender, even those that compute the masked half. Attention over
+packed documents counts only the pairs the documents allow (L (L + 1) / 2 per document of L tokens) at the same
+FLOPs per pair. The loss:
 TFLOP/s of its three matmuls, 2*N*C*V each (logits forward; dX and dW backward). Both are also given as a percentage
 of this device's ceilings, measured at the start of the run (``benchmarks/timing.py``). The loss rows also report
 ``peak_mem_mib``: the most memory the pass needed beyond its inputs.
@@ -40,6 +47,10 @@ implementations draw the same mask, so the check is statistical: each result's d
 result must be within 3x of the deviation float64 dropout itself causes. Large definitions are evaluated on a sample
 (two heads of attention, evenly spaced rows of GELU) or in pieces (the loss, chunks of rows). Rows that would not
 fit in memory are skipped, and say so.
+
+An op's module may add columns of its own to its rows (``row_fields``; the document rows: the tiles our kernel
+visits against the plain causal kernel's) and lines printed at the start of the run and kept in the results
+(``notes``): benchmarks/ops/interface.py.
 """
 from __future__ import annotations
 
@@ -63,9 +74,14 @@ DROPOUT_BAND = 3.0  # a deviation within [d / 3, 3 d], d float64 dropout's own, 
 #                     differ by up to ~1.6x; dropout left out (or applied one way only) is off by 10x and more
 ROTATE_SETS_MAX = 8  # at most this many copies of the inputs when rotating them past the L2 cache
 INTERPRETER_MAX_ELEMENTS = 1 << 18  # larger inputs take minutes in Triton's interpreter: not checked there
+TRITON_CONTENDERS = ("triton", "triton_causal")  # our kernels: they need the triton backend, and the interpreter
+#                                               only checks them (its times say nothing about a GPU's)
+COMPILED_CONTENDERS = ("math_compile", "flex")  # under torch.compile: skipped by --no-compile, and on the CPU with
+#                                                --quick (compiling takes longer than the whole quick run)
 RATES = ("gbps", "tflops", "pct_bandwidth", "pct_matmul_peak", "triton_speedup")  # columns add_rates() fills
 COUNTING = ("GB/s: fewest bytes of the pass / median time; TFLOP/s: causal attention, fwd = 4*B*H*T*T*D/2, "
-            "bwd = 2.5*fwd; linear_cross_entropy, 2*N*C*V per matmul: fwd 1, bwd 2, fwd+bwd 3 matmuls; pct_*: of the "
+            "bwd = 2.5*fwd; doc_attention, 4*D per allowed pair (L(L+1)/2 per document of L), bwd = 2.5*fwd; "
+            "linear_cross_entropy, 2*N*C*V per matmul: fwd 1, bwd 2, fwd+bwd 3 matmuls; pct_*: of the "
             "ceilings measured at the start; triton_speedup = contender ms / triton ms; peak_mem_mib: peak memory of "
             "the pass beyond what was in use before it (the inputs)")
 QUICK = dict(warmup_ms=5.0, rep_ms=20.0)
@@ -79,7 +95,8 @@ FULL = dict(warmup_ms=25.0, rep_ms=100.0)
 @dataclass(frozen=True)
 class Case:
     op: str  # a name in benchmarks.ops.MODULES
-    shape: tuple  # (M, C) for gelu and layer_norm, (B, H, T, D) for attention, (N, C, V) for the loss
+    shape: tuple  # (M, C) for gelu and layer_norm, (B, H, T, D) for attention, (B, H, T, D, L) for doc_attention
+    #               (L: the documents' length), (N, C, V) for the loss
     dtype: str
     dropout: float = 0.0
 
@@ -119,14 +136,22 @@ class Case:
         """Rough peak memory of one contender's row."""
         return self.spec.planned_bytes(self.shape, self.elem, contender, copies)
 
+    def row_fields(self, contender: str, pass_: str, interpreting: bool) -> dict:
+        """The op's own columns of a row (its module's ``row_fields``), or none."""
+        if not hasattr(self.spec, "row_fields"):
+            return {}
+        return self.spec.row_fields(self.shape, self.dtype, contender, pass_, interpreting)
+
 
 def build_cases(ops, dtypes, dropout: float, quick: bool, widths=None, seq_lens=None, rows=None,
-                vocab_size=None) -> list[Case]:
-    """The sweep in run order: per dtype, the ops in ``OPS``'s order (attention, the loss, LayerNorm, GELU), the
-    dropout row set (GPT-2 small's heads) right after attention's — when a time budget runs out, what is lost is
-    the tail. ``widths`` replaces the widths of LayerNorm, GELU (4x) and the loss; ``rows`` and ``vocab_size``
-    the loss's N and V."""
-    options = dict(dropout=dropout, widths=widths, seq_lens=seq_lens, rows=rows, vocab_size=vocab_size)
+                vocab_size=None, doc_lens=None) -> list[Case]:
+    """The sweep in run order: per dtype, the ops in ``OPS``'s order (attention, attention over packed documents,
+    the loss, LayerNorm, GELU), the dropout row set (GPT-2 small's heads) right after attention's — when a time
+    budget runs out, what is lost is the tail. ``widths`` replaces the widths of LayerNorm, GELU (4x) and the loss;
+    ``rows`` and ``vocab_size`` the loss's N and V; ``seq_lens`` both attention ops' T, ``doc_lens`` the documents'
+    lengths."""
+    options = dict(dropout=dropout, widths=widths, seq_lens=seq_lens, rows=rows, vocab_size=vocab_size,
+                   doc_lens=doc_lens)
     return [Case(op, shape, dtype, case_dropout) for dtype in dtypes for op in OPS if op in ops
             for shape, case_dropout in MODULES[op].cases(quick, options)]
 
@@ -145,9 +170,23 @@ def selector(case: Case, device):
     return case.spec.selector(case.shape, device)
 
 
-def definition_outputs(case: Case, inputs: InputSet, select, dropout: float = 0.0):
-    """The formula in float64 on the selected part: (output, gradients)."""
-    return case.spec.definition_outputs(inputs, select, dropout)
+def definition_outputs(case: Case, inputs: InputSet, select, dropout: float = 0.0, variant: str | None = None):
+    """The formula in float64 on the selected part: (output, gradients); ``variant``: another definition the op's
+    module has for a contender (its ``DEFINITIONS``)."""
+    if variant is None:
+        return case.spec.definition_outputs(inputs, select, dropout)
+    return case.spec.definition_outputs(inputs, select, dropout, variant=variant)
+
+
+def exact_outputs(case: Case, inputs: InputSet, select, variant: str | None = None) -> dict:
+    """What ``check`` compares a contender with: the float64 definition's output and gradients and, for a case with
+    dropout, how far float64 dropout moves each of them (``dropout_dev``)."""
+    out64, grads64 = definition_outputs(case, inputs, select, variant=variant)
+    exact = {"out": out64, "grads": grads64}
+    if case.dropout:
+        drop_out, drop_grads = definition_outputs(case, inputs, select, case.dropout, variant)
+        exact["dropout_dev"] = [common.rel_err(a, b) for a, b in zip([drop_out] + drop_grads, [out64] + grads64)]
+    return exact
 
 
 def rotation_copies(case: Case, device) -> int:
@@ -214,13 +253,15 @@ class Harness:
             return f"skipped: time budget ({self.args.budget_s:g} s) spent"
         if self.args.contenders and name not in self.args.contenders:
             return "skipped: not in --contenders"
-        if name == "triton" and self.triton is None:
+        if name in TRITON_CONTENDERS and self.triton is None:
             return f"failed: {self.triton_error}"
-        if name == "math_compile" and self.args.no_compile:
+        if hasattr(case.spec, "skip_reason") and (why := case.spec.skip_reason(name, self.device, self.args)):
+            return why
+        if name in COMPILED_CONTENDERS and self.args.no_compile:
             return "skipped: --no-compile"
-        if name == "math_compile" and self.device.type == "cpu" and self.args.quick:
+        if name in COMPILED_CONTENDERS and self.device.type == "cpu" and self.args.quick:
             return "skipped: torch.compile on the CPU is too slow for --quick"
-        if name == "triton" and self.interpreting and case.interpreter_elements > INTERPRETER_MAX_ELEMENTS:
+        if name in TRITON_CONTENDERS and self.interpreting and case.interpreter_elements > INTERPRETER_MAX_ELEMENTS:
             return "not timed (interpreter); not checked: too large for the interpreter"
         need = case.planned_bytes(name, copies)
         have = common.memory_budget(self.device)
@@ -237,11 +278,7 @@ def run_case(case: Case, harness: Harness) -> list[dict]:
     copies = rotation_copies(case, harness.device)
     sets = make_inputs(case, harness.device, copies)
     select = selector(case, harness.device)
-    out64, grads64 = definition_outputs(case, sets[0], select)
-    exact = {"out": out64, "grads": grads64}
-    if case.dropout:
-        drop_out, drop_grads = definition_outputs(case, sets[0], select, case.dropout)
-        exact["dropout_dev"] = [common.rel_err(a, b) for a, b in zip([drop_out] + drop_grads, [out64] + grads64)]
+    exacts = {None: exact_outputs(case, sets[0], select)}  # definition variant -> what the check compares with
     fns, missing = case.spec.contender_fns(case.dropout, harness.triton, harness.compiled)
     rows, ready = [], {}  # ready: the contenders checked correct and to be timed
     for name in contenders(case.op):
@@ -249,11 +286,16 @@ def run_case(case: Case, harness: Harness) -> list[dict]:
         status = harness.skip_reason(case, name, copies) or missing.get(name)
         fn = fns.get(name)
         if status is None:
-            status, fn = check_contender(case, name, fn, sets[0], select, exact, verdict, harness)
+            variant = getattr(case.spec, "DEFINITIONS", {}).get(name)
+            if variant not in exacts:  # evaluated when a contender first needs it
+                exacts[variant] = exact_outputs(case, sets[0], select, variant)
+            status, fn = check_contender(case, name, fn, sets[0], select, exacts[variant], verdict, harness)
+            if variant is not None and verdict["check"]:
+                verdict["check"] += f", against the {variant} definition"
         if status is None:
             ready[name] = fn
         for pass_ in harness.args.passes:
-            row = dict(unmeasured_row(case, name, pass_, status or "ok"), **verdict)
+            row = dict(unmeasured_row(case, name, pass_, status or "ok", harness.interpreting), **verdict)
             if status is None and (name, pass_) in case.spec.PASS_STATUS:
                 row["status"] = case.spec.PASS_STATUS[name, pass_]
             rows.append(row)
@@ -329,7 +371,7 @@ def check_contender(case, name, fn, inputs, select, exact, verdict: dict, harnes
     verdict.update(checked=ok, check_error=err, check=note)
     if not ok:
         return "wrong: " + note, fn
-    if name == "triton" and harness.interpreting:
+    if name in TRITON_CONTENDERS and harness.interpreting:
         return "not timed (interpreter)", fn
     return None, fn
 
@@ -341,13 +383,14 @@ def error_status(exc: Exception, device) -> str:
     return "skipped: out of memory" if common.is_oom(exc) else f"failed: {common.error_text(exc)}"
 
 
-def unmeasured_row(case: Case, contender: str, pass_: str, status: str) -> dict:
-    """A row with every column, nothing measured yet."""
+def unmeasured_row(case: Case, contender: str, pass_: str, status: str, interpreting: bool = False) -> dict:
+    """A row with every column, nothing measured yet (the op's own columns last: ``Case.row_fields``)."""
     nbytes, flops = case.counted_work(pass_)
     return dict(op=case.op, family=case.family, shape=case.label, size=case.size, dtype=case.dtype,
                 dropout=case.dropout, contender=contender, **{"pass": pass_}, status=status, ms=None,
                 **dict.fromkeys(RATES), bytes=nbytes, flops=flops, peak_mem_mib=None, round_ms=None, checked=None,
-                check_error=None, check=None, note=None, copies=None)
+                check_error=None, check=None, note=None, copies=None,
+                **case.row_fields(contender, pass_, interpreting))
 
 
 def add_rates(rows: list[dict], ceilings: dict, dtype: str) -> None:
@@ -363,6 +406,12 @@ def add_rates(rows: list[dict], ceilings: dict, dtype: str) -> None:
         r["pct_matmul_peak"] = 100 * r["tflops"] / peak if r["tflops"] and peak else None
         t = triton_ms.get(r["pass"])
         r["triton_speedup"] = ms / t if ms and t else None  # > 1: triton is that many times faster
+
+
+def op_notes(ops, args) -> dict:
+    """op -> the lines its module's ``notes`` gives for this run (ops without notes are left out)."""
+    options = dict(seq_lens=args.seq_lens, doc_lens=args.doc_lens)
+    return {op: MODULES[op].notes(options, args.dtype) for op in ops if hasattr(MODULES[op], "notes")}
 
 
 def tuned_attention_tiles() -> list[str]:
@@ -388,9 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="widths C instead of the sweep's: LayerNorm's, GELU's (it runs 4C) and the loss's")
     p.add_argument("--rows", type=int, help="the loss's rows N (default 16384 = 16 x 1024; 96 with --quick)")
     p.add_argument("--vocab-size", type=int, help="the loss's vocabulary V (default 50257; 1000 with --quick)")
-    p.add_argument("--seq-lens", type=int, nargs="+", help="attention sequence lengths T instead of the sweep's")
+    p.add_argument("--seq-lens", type=int, nargs="+",
+                   help="attention sequence lengths T instead of the sweep's (both attention ops)")
+    p.add_argument("--doc-lens", type=int, nargs="+",
+                   help="doc_attention: document lengths L instead of the sweep's (128 256 512; 16 32 with --quick): "
+                        "each window packs T // L documents of L tokens (and a shorter last one when L does not divide "
+                        "T)")
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, help="only these contenders (default all)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the contenders under torch.compile (math_compile, flex)")
     p.add_argument("--interleave", action="store_true",
                    help="CPU: time the contenders taking turns, --rounds runs each, instead of one after another "
                         "(on a machine shared with other work, every contender then meets the same load on average)")
@@ -416,7 +471,8 @@ def check_args(args) -> None:
 
 def run(args) -> int:
     device = common.start_run(args, summarize, QUICK, FULL, check=check_args, allow_zero=("warmup_ms",),
-                              positive=("rows", "vocab_size", "rounds", "warmup_ms", "rep_ms", "widths", "seq_lens"))
+                              positive=("rows", "vocab_size", "rounds", "warmup_ms", "rep_ms", "widths", "seq_lens",
+                                        "doc_lens"))
     if device is None:  # --summarize
         return 0
     if args.interleave and device.type == "cuda":
@@ -431,9 +487,12 @@ def run(args) -> int:
         functorch_config.donated_buffer = False
     ops = OPS if "all" in args.op else tuple(o for o in OPS if o in args.op)
     cases = build_cases(ops, args.dtype, args.dropout, args.quick, args.widths, args.seq_lens, args.rows,
-                        args.vocab_size)
+                        args.vocab_size, args.doc_lens)
     print(f"benchmarks.kernels: {len(cases)} cases x up to {len(CONTENDERS)} contenders x {len(args.passes)} "
           f"passes on {common.device_name(device)}", flush=True)
+    notes = op_notes(ops, args)
+    for lines in notes.values():
+        print("\n".join(lines), flush=True)
     ceilings = timing.measure_ceilings(device, ["bf16"] + list(args.dtype), quick=args.quick)
     print(f"ceilings: copy {ceilings['bandwidth_gbps']:.0f} GB/s, matmul "
           + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in ceilings["matmul_tflops"].items()), flush=True)
@@ -443,7 +502,7 @@ def run(args) -> int:
     def meta(interrupted=None):
         m = results.run_meta(device, ceilings, args, harness.budget, interrupted, COUNTING)
         return dict(m, attention_tiles=tuned_attention_tiles(),
-                    memory_method=harness.memory_note or memory.METHOD[device.type])
+                    memory_method=harness.memory_note or memory.METHOD[device.type], notes=notes)
 
     save = results.partial_writer(out, args.name, meta)
     rows, interrupted = [], None
@@ -455,7 +514,8 @@ def run(args) -> int:
                 case_rows = run_case(case, harness)
             except Exception as exc:  # the inputs or the float64 outputs did not fit: every contender's rows say so
                 status = f"skipped: {exc}" if isinstance(exc, TimeoutError) else error_status(exc, device)
-                case_rows = [unmeasured_row(case, c, p, status) for c in contenders(case.op) for p in args.passes]
+                case_rows = [unmeasured_row(case, c, p, status, harness.interpreting) for c in contenders(case.op)
+                             for p in args.passes]
             common.free_memory(device)
             rows += case_rows
             save(rows)  # after every case: a run stopped outright keeps what it measured

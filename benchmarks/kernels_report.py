@@ -2,7 +2,8 @@
 loss rows, the figure and the summary (also ``--summarize JSON`` and ``run_all.sh``'s summary.md).
 
 Each op has its own contenders (its module's ``CONTENDERS``, ``benchmarks/ops/``): a table column or a plot line
-exists for a contender only where it ran. Rows are plain dicts, as written to the JSON file, so a saved run is
+exists for a contender only where it ran. An op's own columns that its module names in ``TABLE_FIELDS`` (the
+document rows' tiles) follow the times. Rows are plain dicts, as written to the JSON file, so a saved run is
 summarized by the same code.
 """
 from __future__ import annotations
@@ -14,7 +15,10 @@ from pathlib import Path
 from benchmarks import results
 from benchmarks.ops import MODULES
 
-CONTENDERS = ("triton", "math", "math_compile", "pytorch", "chunked")  # every contender, in column order
+# every contender, in column order
+CONTENDERS = ("triton", "math", "math_compile", "pytorch", "chunked", "flex", "sdpa_mask", "triton_causal")
+RATE_OPS = ("attention", "doc_attention", "linear_cross_entropy")  # counted in FLOPs; the others in bytes
+SEQUENCE_OPS = ("attention", "doc_attention")  # their x axis is the sequence length
 
 
 def contenders(op: str) -> tuple[str, ...]:
@@ -59,6 +63,17 @@ def _rate(row: dict | None) -> tuple[str, str]:
     return f"{row['gbps']:.0f} GB/s", f"{row['pct_bandwidth']:.0f}%"
 
 
+def _fields(rows: list[dict]) -> list[str]:
+    """The op-specific columns the tables show (``TABLE_FIELDS`` of the rows' ops), in order."""
+    ops = dict.fromkeys(r["op"] for r in rows)
+    return list(dict.fromkeys(f for op in ops if op in MODULES for f in getattr(MODULES[op], "TABLE_FIELDS", ())))
+
+
+def _field_cells(by: dict, fields: list[str]) -> list[str]:
+    """A case's values of ``fields``: the same in every contender's row, taken from the first that has them."""
+    return [next((str(r[f]) for r in by.values() if r.get(f) is not None), "") for f in fields]
+
+
 def _by_case(rows: list[dict]) -> dict:
     cases: dict = {}
     for r in rows:
@@ -70,9 +85,11 @@ def table(rows: list[dict]) -> str:
     """One line per case and pass: triton's time, throughput and share of the ceiling, then every other contender's
     time with triton's speed-up over it in parentheses (> 1: triton is faster)."""
     others = [c for c in _present(rows) if c != "triton"]
+    fields = _fields(rows)
     lines = [[family, pass_, shape, _cell(by.get("triton"), False), *_rate(by.get("triton"))]
-             + [_cell(by.get(c)) for c in others] for (family, shape, pass_), by in _by_case(rows).items()]
-    return results.format_table(["case", "pass", "shape", "triton", "rate", "% ceil", *others], lines,
+             + [_cell(by.get(c)) for c in others] + _field_cells(by, fields)
+             for (family, shape, pass_), by in _by_case(rows).items()]
+    return results.format_table(["case", "pass", "shape", "triton", "rate", "% ceil", *others, *fields], lines,
                                right=set(range(3, 6 + len(others))))
 
 
@@ -125,7 +142,7 @@ def plot(rows: list[dict], ceilings: dict, path: Path) -> Path | None:
 
 def _panel(ax, sel: list[dict], what: str, ceilings: dict) -> None:
     op = sel[0]["op"]
-    key = "peak_mem_mib" if what == "memory" else "gbps" if op in ("gelu", "layer_norm") else "tflops"
+    key = "peak_mem_mib" if what == "memory" else "tflops" if op in RATE_OPS else "gbps"
     sizes = sorted({r["size"] for r in sel})
     names = _present(sel)
     if len(sizes) == 1:  # one size: a bar per contender, its value on top
@@ -145,14 +162,15 @@ def _panel(ax, sel: list[dict], what: str, ceilings: dict) -> None:
                 ax.plot([], [], " ", label=f"{name}: {_cell(next(r for r in sel if r['contender'] == name))}")
         if any(r.get(key) for r in sel):
             ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length T" if op == "attention" else "width C" if op == "linear_cross_entropy"
+        ax.set_xlabel("sequence length T" if op in SEQUENCE_OPS else "width C" if op == "linear_cross_entropy"
                       else "width (columns)")
     if what == "rate":
         matmul = ceilings["matmul_tflops"]
         ceiling = ceilings["bandwidth_gbps"] if key == "gbps" else matmul.get(sel[0]["dtype"], matmul["bf16"])
         ax.axhline(ceiling, color="grey", linestyle="--", linewidth=1, label="device ceiling")
     ax.set_ylabel({"gbps": "GB/s (fewest bytes)", "peak_mem_mib": "peak MiB beyond the inputs"}.get(
-        key, "TFLOP/s (causal count)" if op == "attention" else "TFLOP/s (matmul count)"))
+        key, {"attention": "TFLOP/s (causal count)", "doc_attention": "TFLOP/s (pairs the documents allow)"}.get(
+            op, "TFLOP/s (matmul count)")))
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
@@ -160,11 +178,12 @@ def _panel(ax, sel: list[dict], what: str, ceilings: dict) -> None:
 
 def summarize(data: dict) -> str:
     """Per family and pass: triton at the largest size, and its geometric-mean speed-up over each contender (with
-    the number of sizes it is taken over); the loss rows' peak memory; then the checks and every wrong or failed
-    row."""
+    the number of sizes it is taken over), and the ops' own ``TABLE_FIELDS`` at that size; the loss rows' peak
+    memory; then the checks, every wrong or failed row and the ops' notes."""
     rows, meta = data["rows"], data["meta"]
     env, ceil = meta["environment"], meta["ceilings"]
     others = [c for c in _present(rows) if c != "triton"]
+    fields = _fields(rows)
     lines = []
     for family, pass_ in dict.fromkeys((r["family"], r["pass"]) for r in rows):
         sel = [r for r in rows if r["family"] == family and r["pass"] == pass_]
@@ -173,7 +192,9 @@ def summarize(data: dict) -> str:
         for c in others:
             s = [r["triton_speedup"] for r in sel if r["contender"] == c and r["triton_speedup"]]
             speedups.append(f"{math.exp(sum(map(math.log, s)) / len(s)):.2f}x ({len(s)})" if s else "-")
-        lines.append([family, pass_, top["shape"] if top else "-", _cell(top, False), *_rate(top), *speedups])
+        largest = {r["contender"]: r for r in sel if r["size"] == max(x["size"] for x in sel)}
+        lines.append([family, pass_, top["shape"] if top else "-", _cell(top, False), *_rate(top), *speedups,
+                      *_field_cells(largest, fields)])
     triton = {(r["family"], r["shape"]): r["checked"] for r in rows if r["contender"] == "triton"}
     bad = dict.fromkeys(f"  {r['family']} {r['shape']} {r['contender']}: {r['status'].splitlines()[0]}" for r in rows
                         if r["status"].startswith(("wrong", "failed")))
@@ -183,11 +204,12 @@ def summarize(data: dict) -> str:
         f"{ceil['bandwidth_gbps']:.0f} GB/s, matmul " + ", ".join(f"{k} {results.fmt_num(v)} TFLOP/s"
                                                                 for k, v in ceil["matmul_tflops"].items()), "",
         results.format_table(["family", "pass", "largest", "triton", "rate", "% ceil"]
-                            + [f"vs {c} (geo-mean)" for c in others], lines), ""]
+                            + [f"vs {c} (geo-mean)" for c in others] + [f"{f} (largest)" for f in fields], lines), ""]
         + ([f"time and peak memory beyond the inputs ({meta.get('memory_method', 'see benchmarks/memory.py')}):",
              memory, ""]
            if memory else [])
         + [f"triton checked correct in {sum(v is True for v in triton.values())} of {len(triton)} cases; "
            f"{len(bad)} wrong or failed (case, contender)" + (":" if bad else ""), *bad]
         + (["", "attention tiles (BLOCK_M, BLOCK_N, warps, stages) the tuner chose:"]
-           + [f"  {line}" for line in meta.get("attention_tiles", [])] if meta.get("attention_tiles") else []))
+           + [f"  {line}" for line in meta.get("attention_tiles", [])] if meta.get("attention_tiles") else [])
+        + [line for lines in (meta.get("notes") or {}).values() for line in ["", *lines]])

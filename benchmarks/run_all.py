@@ -4,15 +4,19 @@ A GPU machine comes to this project rarely and briefly — minutes at a time, st
 nothing installable — so this one command turns about seven minutes of it into everything we want to know, and
 leaves room in the window to fix a mistake and run it again:
 
-    env        OUT/env.txt: python, torch, triton, numpy, the GPU, the C compilers, CPU count, optional packages
-    tests      the suite, non-slow, in parallel lanes (one pytest process each, side by side)
-    attention  benchmarks.kernels --op attention: the headline, fwd and fwd+bwd, T 1024 and 4096, D 64 and 128,
-               with and without dropout
-    loss       benchmarks.kernels --op linear_cross_entropy
-    norms      benchmarks.kernels --op layer_norm gelu
-    train      benchmarks.train: torch.compile'd rows first (our custom ops under inductor), the triton backend first
-    generate   benchmarks.generate: tuning done in the warm-up, three timed repeats
-    profile    benchmarks.profile: a training step's time by op
+    env            OUT/env.txt: python, torch, triton, numpy, the GPU, the C compilers, CPU count, optional packages
+    tests          the suite, non-slow, in parallel lanes (one pytest process each, side by side)
+    attention      benchmarks.kernels --op attention: the headline, fwd and fwd+bwd, T 1024 and 4096, D 64 and 128,
+                   with and without dropout
+    doc_attention  benchmarks.kernels --op doc_attention: attention over packed documents, T 4096, documents of 256
+                   first (the case the kernel's target is set at), then 128 and 512; ours against FlexAttention,
+                   SDPA with a dense mask and our plain causal kernel
+    loss           benchmarks.kernels --op linear_cross_entropy
+    norms          benchmarks.kernels --op layer_norm gelu
+    train          benchmarks.train: torch.compile'd rows first (our custom ops under inductor), the triton backend
+                   first
+    generate       benchmarks.generate: tuning done in the warm-up, three timed repeats
+    profile        benchmarks.profile: a training step's time by op
 
 in that order, most valuable first: correctness, then the kernels by how much of a GPT's time they are, then the
 whole model. Each part runs under its own time limit; at the limit it gets SIGINT (pytest then prints its summary,
@@ -107,38 +111,46 @@ def plan(mode: str, py: str, out: Path) -> list[Part]:
     new rows, so that the row in progress and the writing of its files end before the part's limit).
 
     The GPU plan's seconds: each part's limit plus GRACE_S, and env.txt's probes, add up to at most 420 s
-    (``max_seconds``; 415 as set), so the whole command ends within seven minutes by its own clock and a fifteen-minute
-    loan holds the machine's start-up, one run and one rerun. Shared by value: the tests 115 s (the lanes run side
-    by side; compiling each Triton kernel configuration on first use is most of it), attention 70 s (the headline:
-    its tile tuner compiles each candidate once), the whole model's training 65 s (a compiled row spends much of its
-    share compiling the model), and 25-30 s for each of the loss, the norms, generation and the profile."""
+    (``max_seconds``; 420 as set), so the whole command ends within seven minutes by its own clock and a
+    fifteen-minute loan holds the machine's start-up, one run and one rerun. Shared by value: the tests 100 s (the
+    lanes run side by side; compiling each Triton kernel configuration on first use is most of it), attention 55 s
+    (the headline: its tile tuner compiles each candidate once), attention over packed documents 50 s (every
+    contender of a case is checked before any is timed, and the first check of FlexAttention compiles its forward
+    and backward: one sequence length, so that happens once), the whole model's training 65 s (a compiled row
+    spends much of its share compiling the model), and 20-25 s for each of the loss, the norms, generation and the
+    profile."""
     bench = [py, "-m"]
     if mode == "gpu":
         # (part, limit s, command): each benchmark's --budget-s leaves its longest row time to finish
         benchmarks = [
-            ("attention", 70, bench + ["benchmarks.kernels", "--op", "attention", "--seq-lens", "1024", "4096",
+            ("attention", 55, bench + ["benchmarks.kernels", "--op", "attention", "--seq-lens", "1024", "4096",
                                        "--passes", "fwd", "fwd+bwd", "--dropout", "0.1", "--contenders", "triton",
                                        "pytorch", "math_compile", "--warmup-ms", "10", "--rep-ms", "40",
-                                       "--budget-s", "50"]),
-            ("loss", 30, bench + ["benchmarks.kernels", "--op", "linear_cross_entropy", "--warmup-ms", "10",
-                                  "--rep-ms", "40", "--budget-s", "18"]),
-            ("norms", 25, bench + ["benchmarks.kernels", "--op", "layer_norm", "gelu", "--warmup-ms", "10",
-                                   "--rep-ms", "40", "--budget-s", "14"]),
+                                       "--budget-s", "40"]),
+            # documents of 256 in T = 4096 first: the case the document kernel's target is set at
+            ("doc_attention", 50, bench + ["benchmarks.kernels", "--op", "doc_attention", "--seq-lens", "4096",
+                                           "--doc-lens", "256", "128", "512", "--passes", "fwd", "fwd+bwd",
+                                           "--warmup-ms", "10", "--rep-ms", "40", "--budget-s", "38"]),
+            ("loss", 25, bench + ["benchmarks.kernels", "--op", "linear_cross_entropy", "--warmup-ms", "10",
+                                  "--rep-ms", "40", "--budget-s", "14"]),
+            ("norms", 20, bench + ["benchmarks.kernels", "--op", "layer_norm", "gelu", "--warmup-ms", "10",
+                                   "--rep-ms", "40", "--budget-s", "10"]),
             # compiled rows first, the triton backend first, the fused loss first: GPT-2 small at context 1024;
             # no largest-batch search (a memory question, answered at other sizes by benchmarks.train alone)
             ("train", 65, bench + ["benchmarks.train", "--presets", "gpt2-124m", "--context-lengths", "1024",
                                    "--compile", "blocks", "no", "--kernels", "triton", "torch",
                                    "--loss", "fused", "plain", "--no-max-batch", "--budget-s", "40"]),
-            ("generate", 30, bench + ["benchmarks.generate", "--repeats", "3", "--budget-s", "18"]),
-            ("profile", 25, bench + ["benchmarks.profile", "--budget-s", "12"]),
+            ("generate", 25, bench + ["benchmarks.generate", "--repeats", "3", "--budget-s", "14"]),
+            ("profile", 20, bench + ["benchmarks.profile", "--budget-s", "9"]),
         ]
-        tests = Part("tests", 115, test_lanes(py, out, False, XDIST_WORKERS if _has_xdist() else 1))
+        tests = Part("tests", 100, test_lanes(py, out, False, XDIST_WORKERS if _has_xdist() else 1))
     else:
         # The same parts on a CPU: the benchmarks' --quick modes; a dry run only collects each lane's tests
         dry = mode == "dry-run"
         quick = ["--quick", "--device", "cpu"]
         benchmarks = [
             ("attention", 60, bench + ["benchmarks.kernels", "--op", "attention", "--dropout", "0.1", *quick]),
+            ("doc_attention", 60, bench + ["benchmarks.kernels", "--op", "doc_attention", *quick]),
             ("loss", 60, bench + ["benchmarks.kernels", "--op", "linear_cross_entropy", *quick]),
             ("norms", 60, bench + ["benchmarks.kernels", "--op", "layer_norm", "gelu", *quick]),
             ("train", 90, bench + ["benchmarks.train", "--compile", "no", "--no-max-batch", *quick]),

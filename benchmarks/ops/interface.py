@@ -21,6 +21,16 @@ and where the op needs them (the harness looks them up):
     fallback(contender, exc, dropout) -> (function, note) to check instead, when a contender cannot run as asked
     pass_peak_bytes(fn, inputs, pass_, device)          the peak memory of a pass: the rows get ``peak_mem_mib``
     NOTE_WARNINGS = True                                a contender's warning goes in its row's note
+    skip_reason(contender, device, args) -> str | None  why a contender cannot run here ("skipped: ..."), asked
+                                                        before its check (``args``: the command line's options)
+    DEFINITIONS = {contender: variant}                  a contender checked against another definition than the
+                                                        op's: ``definition_outputs(..., variant=variant)``
+    row_fields(shape, dtype, contender, pass_, interpreting) -> dict   columns of the op's own, added to each row
+                                                        (the same keys in every row of the op; results files carry
+                                                        them); ``interpreting``: Triton runs in its interpreter
+    TABLE_FIELDS = (key, ...)                           which of them the printed tables show, after the times
+    notes(options, dtypes) -> [line, ...]               printed at the start of a run and kept in its results
+                                                        (``meta["notes"]``); the summary prints them again
 
 torch is imported inside functions so that importing these modules does no work.
 """
