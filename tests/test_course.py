@@ -47,7 +47,7 @@ PYTHON_BLOCKS = _blocks("python")
 def test_course_has_every_lesson_and_runnable_blocks():
     text = COURSE.read_text(encoding="utf-8")
     lessons = [int(n) for n in re.findall(r"^## Lesson (\d+)", text, re.M)]
-    assert lessons == list(range(12)), f"lessons out of order or missing: {lessons}"
+    assert lessons == list(range(13)), f"lessons out of order or missing: {lessons}"
     assert BASH_BLOCKS and PYTHON_BLOCKS
     langs = {m.group(1) for m in BLOCK.finditer(text)}
     assert langs <= {"bash", "python", "text"}, f"a block fenced as {langs - {'bash', 'python', 'text'}}: run or not?"
@@ -98,7 +98,7 @@ def test_course_exercises_exist():
     names = set(re.findall(r"\*\*Exercise `(\w+)`", text))
     assert names == {"gelu_backward", "layer_norm_dx", "attention_forward_inner", "attention_delta",
                      "elementwise_gelu", "row_softmax", "attention_tile_bounds", "layer_norm_forward",
-                     "dropout_keep_mask", "attention_forward"}
+                     "dropout_keep_mask", "attention_forward", "document_tile_bounds"}
     for name in names:
         assert (ROOT / "exercises" / f"{name}.py").exists()
         assert (ROOT / "exercises" / "solutions" / f"{name}.py").exists()

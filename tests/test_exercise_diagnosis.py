@@ -175,8 +175,8 @@ def test_fill_in_the_blank_only_while_the_placeholder_is_there(tmp_path, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# layer_norm_forward, dropout_keep_mask and attention_forward: each known wrong variant, written into a copy of the
-# solution by editing its lines (a blank may span a kernel and its launcher), is named
+# layer_norm_forward, dropout_keep_mask, attention_forward and document_tile_bounds: each known wrong variant,
+# written into a copy of the solution by editing its lines (a blank may span a kernel and its launcher), is named
 
 
 def check_edited(tmp_path, device, name: str, edits: list[tuple[str, str]]) -> tuple[bool, str]:
@@ -301,6 +301,61 @@ def test_a_known_wrong_dropout_keep_mask_is_named(tmp_path, device, variant, dia
     assert_diagnosed(report, diagnosis)
 
 
-@pytest.mark.parametrize("name", ["layer_norm_forward", "dropout_keep_mask", "attention_forward"])
+FIRST_KEY = "return int(doc_start[first]) // block_n * block_n"
+LAST_ROW = "return max(mid, min(Tq, int(doc_end[last_key]) - (Tk - Tq)))"
+DOCUMENT_TILE_VARIANTS = [
+    ("first key not rounded", "looks like first_key not rounded down to a key tile",
+     [(FIRST_KEY, "return int(doc_start[first])")]),
+    ("first key rounded up", "looks like first_key rounded up to a key tile",
+     [(FIRST_KEY, "return -(-int(doc_start[first]) // block_n) * block_n")]),
+    ("a key tile's number", "looks like first_key as a key tile's number",
+     [(FIRST_KEY, "return int(doc_start[first]) // block_n")]),
+    ("the last row's document", "looks like the document of the tile's last row, not its first",
+     [(FIRST_KEY, "return int(doc_start[min(first + block_m, Tk) - 1]) // block_n * block_n")]),
+    ("rows without the offset", "looks like the tile's first row without the offset Tk - Tq",
+     [("first = (Tk - Tq) + start_m * block_m", "first = start_m * block_m")]),
+    ("the causal lo", "looks like the tile's own first position rounded down (lesson 5's lo)",
+     [(FIRST_KEY, "return first // block_n * block_n")]),
+    ("documents ignored", "looks like the documents ignored", [(FIRST_KEY, "return 0"), (LAST_ROW, "return Tq")]),
+    ("one row short", "looks like one row short at the document's end",
+     [(LAST_ROW, "return max(mid, min(Tq, int(doc_end[last_key]) - 1 - (Tk - Tq)))")]),
+    ("one row past", "looks like one row past the document's end",
+     [(LAST_ROW, "return max(mid, min(Tq, int(doc_end[last_key]) + 1 - (Tk - Tq)))")]),
+    ("the first key's document", "looks like the document of the tile's first key, not its last",
+     [("last_key = min((start_n + 1) * block_n, Tk) - 1", "last_key = start_n * block_n")]),
+    ("doc_end without the offset", "looks like doc_end used as a row without the offset Tk - Tq",
+     [(LAST_ROW, "return max(mid, min(Tq, int(doc_end[last_key])))")]),
+    ("not kept at least mid", "looks like last_row not kept at least mid",
+     [(LAST_ROW, "return min(Tq, int(doc_end[last_key]) - (Tk - Tq))")]),
+    ("last row rounded up", "looks like last_row rounded up to a whole query tile",
+     [(LAST_ROW, "return max(mid, min(Tq, -(-(int(doc_end[last_key]) - (Tk - Tq)) // block_m) * block_m))")]),
+]
+
+
+@pytest.mark.parametrize("variant, diagnosis, edits", DOCUMENT_TILE_VARIANTS,
+                         ids=[v[0] for v in DOCUMENT_TILE_VARIANTS])
+def test_a_known_wrong_document_tile_bound_is_named(tmp_path, device, variant, diagnosis, edits):
+    passed, report = check_edited(tmp_path, device, "document_tile_bounds", edits)
+    assert not passed
+    assert_diagnosed(report, diagnosis)
+
+
+def test_a_wrong_document_tile_bound_says_what_its_tile_does(tmp_path, device):
+    """Each failing case's row names its first wrong tile and what the bound does there: the forward's tile that
+    skips a key its rows see, the dK/dV tile that stops before a row that sees it; a float is refused as such."""
+    passed, report = check_edited(tmp_path, device, "document_tile_bounds",
+                                  [(FIRST_KEY, "return int(doc_start[first]) // block_n * block_n + block_n"),
+                                   (LAST_ROW, "return mid")])
+    assert not passed
+    rows = report.splitlines()[2:]
+    assert any(row.lstrip().startswith("first_key (forward, dQ)") and "skips key" in row for row in rows), report
+    assert any(row.lstrip().startswith("last_row (dK/dV)") and "stops before row" in row for row in rows), report
+    passed, report = check_edited(tmp_path, device, "document_tile_bounds",
+                                  [(FIRST_KEY, "return doc_start[first] / block_n * block_n")])
+    assert not passed and "forward_first_key returned" in report and "not an int" in report, report
+
+
+@pytest.mark.parametrize("name", ["layer_norm_forward", "dropout_keep_mask", "attention_forward",
+                                  "document_tile_bounds"])
 def test_the_solution_copied_unedited_passes(tmp_path, device, name):
     assert check_edited(tmp_path, device, name, []) == (True, f"PASS {name} (lesson {EXERCISES[name].lesson})")

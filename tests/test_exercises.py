@@ -199,6 +199,57 @@ def test_tile_bounds_check_fails_a_bound_one_off(variant):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# document_tile_bounds: the brute-force count it checks against, and a bound one off
+
+
+def test_document_tile_count_gives_the_real_functions_numbers():
+    """The check's brute-force count over every (query, key) pair gives, on every case it runs, exactly the numbers
+    of the real forward_first_key and dkdv_last_row (kernels/tiled.py, whose brute-force test against the grid is
+    tests/test_document_tiles.py); and the cases hold what the exercise's docstring promises."""
+    from exercises.check import _document_tile_cases, _document_tile_truth, _ids_and_bounds
+    from kernels.tiled import dkdv_last_row, document_bounds, forward_first_key
+
+    cases = _document_tile_cases()
+    for Tq, Tk, block_m, block_n, lengths in cases:
+        ids, doc_start, doc_end = _ids_and_bounds(Tk, lengths)
+        assert (document_bounds(ids) == [doc_start, doc_end]).all()
+        truth = _document_tile_truth(Tq, Tk, block_m, block_n, ids)
+        assert truth["first_key"] == [forward_first_key(m, Tq, Tk, block_m, block_n, doc_start)
+                                      for m in range(-(-Tq // block_m))], (Tq, Tk, block_m, block_n, lengths)
+        assert truth["last_row"] == [dkdv_last_row(n, Tq, Tk, block_m, block_n, doc_end)
+                                     for n in range(-(-Tk // block_n))], (Tq, Tk, block_m, block_n, lengths)
+    assert any(Tq < Tk for Tq, Tk, *_ in cases) and any(Tq == 1 for Tq, *_ in cases)
+    assert any(len(lengths) == 1 for *_, lengths in cases) and any(1 in lengths for *_, lengths in cases)
+    assert any(len(lengths) > 1 and all(n % block_n == 0 for n in lengths[:-1])
+               for _, _, _, block_n, lengths in cases)  # documents that end on key tile boundaries
+    assert len({case[:4] for case in cases}) > 10  # shapes and tiles of many kinds
+
+
+@pytest.mark.parametrize("function, change", [
+    ("forward_first_key", lambda value, block_n: value + 1),  # not a tile boundary
+    ("forward_first_key", lambda value, block_n: value + block_n),  # skips keys its rows see
+    ("forward_first_key", lambda value, block_n: max(value - block_n, 0)),  # one key tile for nothing
+    ("dkdv_last_row", lambda value, block_n: value - 1),
+    ("dkdv_last_row", lambda value, block_n: value + 1),
+], ids=["first-unaligned", "first-late", "first-early", "last-1", "last+1"])
+def test_document_tile_check_fails_a_bound_one_off(function, change):
+    """A bound one off in a single tile of the real functions fails the check, wherever a case lets it show."""
+    import kernels.tiled
+    from exercises.check import Mismatch, check_document_tile_bounds
+
+    real = {name: getattr(kernels.tiled, name) for name in ("forward_first_key", "dkdv_last_row")}
+    check_document_tile_bounds(type("Module", (), {k: staticmethod(f) for k, f in real.items()}), "cpu")
+
+    def off(tile, Tq, Tk, block_m, block_n, bounds):
+        value = real[function](tile, Tq, Tk, block_m, block_n, bounds)
+        return change(value, block_n) if tile == 1 else value  # the second tile of each case only
+
+    with pytest.raises(Mismatch, match="differs from the bounds a brute-force count over every"):
+        check_document_tile_bounds(type("Module", (), {**{k: staticmethod(f) for k, f in real.items()},
+                                                       function: staticmethod(off)}), "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # layer_norm_forward and dropout_keep_mask: what their checks stand on
 
 
