@@ -139,8 +139,10 @@ def plan(mode: str, py: str, out: Path) -> list[Part]:
             # no largest-batch search (a memory question, answered at other sizes by benchmarks.train alone)
             ("train", 65, bench + ["benchmarks.train", "--presets", "gpt2-124m", "--context-lengths", "1024",
                                    "--compile", "blocks", "no", "--kernels", "triton", "torch",
-                                   "--loss", "fused", "plain", "--no-max-batch", "--budget-s", "40"]),
-            ("generate", 25, bench + ["benchmarks.generate", "--repeats", "3", "--budget-s", "14"]),
+                                   "--loss", "fused", "plain", "--no-max-batch", "--budget-s", "40",
+                                   "--overhead-steps", "0", "--startup-runs", "0"]),
+            ("generate", 25, bench + ["benchmarks.generate", "--repeats", "3", "--budget-s", "14",
+                                      "--stream-rounds", "0"]),
             ("profile", 20, bench + ["benchmarks.profile", "--budget-s", "9"]),
         ]
         tests = Part("tests", 100, test_lanes(py, out, False, XDIST_WORKERS if _has_xdist() else 1))

@@ -497,6 +497,7 @@ def run(args) -> int:
     expected_by_shape = {}  # (preset, context) -> the torch backend's outputs, computed once
     planned = plan(args.presets, args.context_lengths, args.kernels, args.compile, args.loss)
     out = args.out or common.default_out_dir(device)
+    overhead = None  # the trainer's overhead: measured after the rows, which the time budget goes to first
 
     def meta(interrupted=None):
         m = results.run_meta(device, ceilings, args, budget, interrupted, COUNTING)
@@ -506,13 +507,6 @@ def run(args) -> int:
         torch._dynamo.reset()
         common.free_memory(device, collect=True)
 
-    overhead = None
-    if (args.overhead_steps or args.startup_runs) and not budget.expired():
-        print(f"trainer overhead: {args.overhead_steps} steps of minigpt.train's Trainer and of a bare loop, taking "
-              f"turns; {args.startup_runs} start-ups of each", flush=True)
-        overhead = trainer_overhead.measure_training(args.overhead_steps, args.startup_runs, device)
-        print(trainer_overhead.training_table(overhead), flush=True)
-
     rows, interrupted = common.run_rows(
         planned, lambda row: run_row(row, args, device, ceilings, budget, expected_by_shape),
         lambda row, r: f"{row.preset} T={row.context} {row.backend} compile={row.compile} loss={row.loss}: "
@@ -520,6 +514,12 @@ def run(args) -> int:
                        f"peak {results.fmt_num(r.get('peak_mem_gib'))} "
                        f"GiB, max batch {_max_batch_cell(r)}, {r['status']}", cleanup,
         save=results.partial_writer(out, args.name, meta))
+    if (args.overhead_steps or args.startup_runs) and not interrupted and not budget.expired():
+        print(f"trainer overhead: {args.overhead_steps} steps of minigpt.train's Trainer and of a bare loop, taking "
+              f"turns; {args.startup_runs} start-ups of each", flush=True)
+        overhead = trainer_overhead.measure_training(args.overhead_steps, args.startup_runs, device)
+        print(trainer_overhead.training_table(overhead), flush=True)
+
     results.report(out, args.name, rows, meta(interrupted), plot, summarize)
     return 0
 

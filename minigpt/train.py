@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "run's files are removed at this run's first save)")
     g.add_argument("--log", default=None, choices=["tensorboard"], help="also log to TensorBoard (OUT_DIR/tb)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per evaluation)")
+    g.add_argument("--compare-torch", type=int, default=DEFAULTS.compare_torch, metavar="N",
+                   help="at N steps spread over the run, compute the step's loss again with the torch backend on the "
+                        "same batch and weights and print the difference (default 0: never)")
     return p
 
 

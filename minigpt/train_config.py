@@ -79,6 +79,10 @@ class TrainConfig:
     overwrite: bool = False
     log: str | None = None  # "tensorboard": also log there
     no_progress: bool = False
+    # At this many steps spread over the run (the first and the last among them), the step's loss is computed again
+    # by the torch backend on the same batch and weights, and the difference printed: our kernels checked while
+    # they train. 0: never.
+    compare_torch: int = 0
     # Which of the fields above the user gave (None: every field that differs from its default, for a config
     # built in Python). Not a setting: not compared, not recorded.
     given: frozenset[str] | None = field(default=None, compare=False, repr=False)
@@ -115,6 +119,12 @@ DEFAULTS = TrainConfig()
 CPU_PRESET = "tiny"
 CPU_DEFAULTS = dict(lr=5e-3, batch_size=16, warmup_steps=50, eval_interval=250, tokenizer="bytes", max_docs=2000,
                     max_steps=1000)
+# Step 2b. The same demo with --kernels triton: without a GPU our kernels run in Triton's interpreter, a Python loop
+# over every program instance, about 2 s a step even for this smaller model (the tiny preset's step takes ~35 s
+# there). So the model, the windows and the run shrink to what the interpreter trains in about three minutes on 2
+# cores, and a few steps' losses are checked against the torch backend's on the same batch (--compare-torch).
+INTERPRETER_DEFAULTS = dict(emb_dim=64, n_layers=2, n_heads=2, context_length=64, batch_size=8, lr=1e-2,
+                            warmup_steps=5, max_steps=60, eval_interval=30, eval_iters=2, compare_torch=3)
 # Step 3. Fine-tuning GPT-2 (--init-from): its weights already sit in a good minimum, and the from-scratch rate
 # (close to GPT-2's own pre-training peak, 6e-4) would throw much of that away in the first steps. 3e-5 is nanoGPT's
 # fine-tuning rate (config/finetune_shakespeare.py). GPT-2's ids are BPE ids: never the byte fallback.
@@ -142,7 +152,7 @@ def resolve_config(given: TrainConfig, device: torch.device, checkpoint: dict | 
 
     resuming = checkpoint is not None
     if is_cpu_demo(given, device, resuming, fine_tune):
-        for name, value in CPU_DEFAULTS.items():
+        for name, value in {**CPU_DEFAULTS, **(INTERPRETER_DEFAULTS if given.kernels == "triton" else {})}.items():
             default(name, value)
         default("preset", CPU_PRESET)
     elif fine_tune and not resuming:
@@ -167,6 +177,11 @@ def is_cpu_demo(given: TrainConfig, device: torch.device, resuming: bool, fine_t
 
 
 def cpu_demo_note(config: TrainConfig) -> str:
+    if config.kernels == "triton":
+        return (f"no GPU and no --preset: our Triton kernels in the interpreter — a small model ({config.n_layers} "
+                f"layers x {config.emb_dim}, context {config.context_length}), {config.max_steps} steps of "
+                f"{config.batch_size} windows, the loss checked against the torch backend's at "
+                f"{config.compare_torch} of them (about 3 minutes on 2 cores); --kernels torch for the full CPU demo")
     return (f"no GPU and no --preset: a CPU demo — preset '{CPU_PRESET}', {config.tokenizer} tokenizer, the first "
             f"{config.max_docs} documents, {config.max_steps} steps at lr {config.lr:g} (minutes on 2 cores); pass "
             "--preset gpt2-124m for the original notebook's run")
@@ -205,6 +220,8 @@ def check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if args.compare_torch < 0:
+        raise ConfigError(f"--compare-torch must be >= 0 (the number of steps to check), got {args.compare_torch}")
     if args.max_docs is not None and args.max_docs < 1:
         raise ConfigError(f"--max-docs must be >= 1, got {args.max_docs}")
     check_float_flags(args)  # again: a resumed run takes the flags it was not given from its checkpoint

@@ -242,10 +242,20 @@ class Trainer:
         if self.config.compile:
             self.model = torch.compile(self.model)
         self.eval_model = self.model
+        self.compare_at, self.torch_twin, self.compared = self._comparison_steps(), None, []
+        if self.compare_at:  # the same architecture on PyTorch's own ops: our kernels' losses checked against it
+            self.torch_twin = GPTModel(self.cfg, kernels="torch").to(self.device).eval()
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _comparison_steps(self) -> set[int]:
+        """The steps --compare-torch checks: N spread evenly from the first step to the last."""
+        n, last = min(self.config.compare_torch, self.total_steps), self.total_steps
+        if n == 0:
+            return set()
+        return {1 + round(i * (last - 1) / max(n - 1, 1)) for i in range(n)}
 
     def _build_optimizer(self) -> None:
         """AdamW, the warm-up + cosine schedule (min_lr defaults to a tenth of lr) and the fp16 loss scaler."""
@@ -283,6 +293,7 @@ class Trainer:
         self.peak = peak_flops(self.device)
         self.tb = self._tensorboard() if self.config.log == "tensorboard" and self.dist.is_main else None
         backend = getattr(self.raw_model.backend, "resolved_name", lambda d: self.raw_model.kernels)(self.device)
+        self.backend_name = backend
         cfg = self.cfg
         self.log(f"model: {self.preset or 'custom'}"
                  + (f" initialised from {self.init_from}" if self.init_from else "")
@@ -483,9 +494,29 @@ class Trainer:
         loss_value = total.item()
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(f"training loss is {loss_value} at step {self.state['step'] + 1}")
+        if self.state["step"] + 1 in self.compare_at:
+            self._compare_with_torch(micro_batches, loss_value)
         grad_norm = optimizer_step(self.optimizer, self.raw_model.parameters(), args.grad_clip, self.scaler,
                                    self.scheduler)
         return loss_value, grad_norm.item()
+
+    @torch.no_grad()
+    def _compare_with_torch(self, micro_batches, loss_value: float) -> None:
+        """--compare-torch: this step's loss again, by the torch backend on the same batch and the same weights (the
+        optimizer has not stepped yet), and the difference logged. Dropout draws different masks in the two
+        backends, so with dropout on the check is skipped and says so."""
+        step = self.state["step"] + 1
+        if self.cfg.drop_rate > 0:
+            self.log(f"step {step}: --compare-torch skipped: dropout ({self.cfg.drop_rate:g}) draws different masks "
+                     "in the two backends")
+            return
+        self.torch_twin.load_state_dict(self.raw_model.state_dict())
+        with self._autocast():
+            theirs = sum(calc_loss_batch(x, y, self.torch_twin, self.device, self.doc_eot).item()
+                         for x, y in micro_batches) / len(micro_batches)
+        self.compared.append((step, abs(loss_value - theirs)))
+        self.log(f"step {step}: loss {loss_value:.6f} with the {self.backend_name} backend, {theirs:.6f} with the "
+                 f"torch backend on the same batch and weights (difference {abs(loss_value - theirs):.1e})")
 
     def fit(self) -> dict:
         from tqdm.auto import tqdm
@@ -554,6 +585,10 @@ class Trainer:
             self.stop.restore(self.dist)
             if self.tb is not None:
                 self.tb.close()
+        if self.compared:
+            steps, worst = [s for s, _ in self.compared], max(d for _, d in self.compared)
+            self.log(f"--compare-torch: at steps {', '.join(map(str, steps))} the loss with the {self.backend_name} "
+                     f"backend and with the torch backend differed by at most {worst:.1e}")
         if self.dist.is_main:
             self.log(f"done: {st['step']} steps, {st['tokens_seen']:,} tokens in {time.time() - self.t0:.0f}s; wrote "
                      f"{self.out_dir}/checkpoint.pt, model.pth, metrics.csv, loss.pdf, loss.png")
@@ -562,7 +597,8 @@ class Trainer:
     def _summary(self, interrupted: bool, saved: bool) -> dict:
         return {"steps": self.state["step"], "tokens_seen": self.state["tokens_seen"], "metrics": self.rows,
                 "out_dir": str(self.out_dir), "interrupted": interrupted, "saved": saved, "preset": self.preset,
-                "config": self.cfg, "signal": self.stop.signal if interrupted else None}
+                "config": self.cfg, "signal": self.stop.signal if interrupted else None,
+                "compared_with_torch": list(getattr(self, "compared", []))}  # --compare-torch: (step, |difference|)
 
     def _stop_at_once(self, lost: RuntimeError | None = None) -> dict:
         """A second signal, or another rank that stopped at once (``lost``): no save, and no collective either —

@@ -182,3 +182,20 @@ def test_a_full_output_still_says_what_was_kept(capsys):
     assert status == 1
     assert capsys.readouterr().err == ("error: No space left on device: standard output — free some disk space or "
                                        "write somewhere else; the last good checkpoint is kept in out/\n")
+
+
+def test_every_flag_of_every_command_line_is_in_its_readme():
+    """README.md documents minigpt.train's and minigpt.generate's flags, benchmarks/README.md the benchmarks'."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    readmes = {"README.md": ("minigpt.train", "minigpt.generate"),
+               "benchmarks/README.md": ("benchmarks.kernels", "benchmarks.train", "benchmarks.generate",
+                                        "benchmarks.profile")}
+    for readme, modules in readmes.items():
+        text = (root / readme).read_text(encoding="utf-8")
+        for module in modules:
+            parser = importlib.import_module(module).build_parser()
+            flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+            missing = [f for f in flags if f"`{f}" not in text]
+            assert not missing, f"{readme} does not name {module}'s {missing}"

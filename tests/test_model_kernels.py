@@ -98,6 +98,38 @@ def test_train_cli_runs_the_triton_backend_on_the_tiny_preset(device, tmp_path):
     assert (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_the_triton_demo_configuration_trains_and_its_losses_equal_the_torch_backends(device, tmp_path):
+    """``python -m minigpt.train --kernels triton`` on a machine without a GPU (its settings: INTERPRETER_DEFAULTS),
+    cut to three steps: every step's loss is computed again by the torch backend on the same batch and weights."""
+    from minigpt.train import build_parser, train
+    from minigpt.train_config import INTERPRETER_DEFAULTS
+
+    flags = ["--kernels", "triton", "--max-steps", "3", "--data", "stories", "--max-docs", "200", "--no-progress",
+             "--out-dir", str(tmp_path)]
+    if device == "cuda":  # a GPU is never the demo: give it the demo's settings
+        flags += ["--preset", "tiny", "--tokenizer", "bytes", "--dtype", "fp32"] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in INTERPRETER_DEFAULTS.items() if k != "max_steps"]
+    summary = train(build_parser().parse_args(flags))
+    cfg = summary["config"]
+    assert (cfg.n_layers, cfg.emb_dim, cfg.context_length) == (2, 64, 64) and summary["steps"] == 3
+    compared = summary["compared_with_torch"]
+    assert [step for step, _ in compared] == [1, 2, 3]  # three checks spread over three steps: every one
+    assert all(difference < 1e-4 for _, difference in compared), compared  # float32, the same weights and batch
+
+
+def test_compare_torch_on_the_torch_backend_finds_no_difference(tmp_path):
+    from minigpt.train import build_parser, train
+
+    summary = train(build_parser().parse_args([
+        "--preset", "tiny", "--kernels", "torch", "--n-layers", "1", "--emb-dim", "32", "--n-heads", "2",
+        "--context-length", "32", "--batch-size", "4", "--max-steps", "5", "--compare-torch", "2", "--eval-iters", "1",
+        "--data", "stories", "--max-docs", "200", "--tokenizer", "bytes", "--device", "cpu", "--no-progress",
+        "--out-dir", str(tmp_path)]))
+    assert [step for step, _ in summary["compared_with_torch"]] == [1, 5]  # the first step and the last
+    assert all(difference < 1e-6 for _, difference in summary["compared_with_torch"])
+
+
 IMPORTED_FIRST = """
 import sys
 sys.path.insert(0, {root!r})

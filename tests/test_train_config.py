@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from minigpt.config import ConfigError
-from minigpt.train_config import CPU_DEFAULTS, FINETUNE_DEFAULTS, TrainConfig, resolve_config
+from minigpt.train_config import (
+    CPU_DEFAULTS,
+    FINETUNE_DEFAULTS,
+    INTERPRETER_DEFAULTS,
+    TrainConfig,
+    cpu_demo_note,
+    resolve_config,
+)
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")  # resolve_config only reads the device's type
 
@@ -42,6 +49,28 @@ def test_no_gpu_and_no_preset_is_the_cpu_demo_and_given_flags_still_win():
     for name, value in CPU_DEFAULTS.items():
         if name != "lr":
             assert getattr(config, name) == value, name
+
+
+def test_the_cpu_demo_with_triton_kernels_is_sized_for_the_interpreter_and_given_flags_still_win():
+    config = resolve_config(TrainConfig.from_args(["--kernels", "triton", "--max-steps", "7"]), CPU)
+    assert config.preset == "tiny" and config.max_steps == 7  # given: wins over the interpreter demo's
+    for name, value in {**CPU_DEFAULTS, **INTERPRETER_DEFAULTS}.items():
+        if name != "max_steps":
+            assert getattr(config, name) == value, name
+    note = cpu_demo_note(config)
+    assert note.startswith("no GPU and no --preset: our Triton kernels in the interpreter") and "7 steps" in note
+    assert "--kernels torch for the full CPU demo" in note
+    # the interpreter's sizes only with --kernels triton: the torch demo, a GPU, a preset keep theirs
+    assert resolve_config(TrainConfig.from_args([]), CPU).emb_dim is None
+    assert resolve_config(TrainConfig.from_args(["--kernels", "triton", "--dtype", "fp32"]), GPU).emb_dim is None
+    assert resolve_config(TrainConfig.from_args(["--kernels", "triton", "--preset", "tiny"]), CPU).max_steps is None
+
+
+def test_compare_torch_refuses_a_negative_count():
+    from minigpt.train_config import check_args
+
+    with pytest.raises(ConfigError, match="--compare-torch must be >= 0"):
+        check_args(resolve_config(TrainConfig.from_args(["--compare-torch", "-1"]), CPU))
 
 
 def test_a_preset_on_a_cpu_is_not_the_demo():
