@@ -51,6 +51,14 @@ def causal_attention_math(
     (B, H, Tq, Tk), True = keep) replaces the random draw, so a test can apply exactly the mask a kernel used.
     ``doc_ids`` ((B, Tk) integers, the document of each key position; the queries are its last Tq): a query also
     does not see a key of another document.
+
+    Why an id per position and not the documents' start offsets (FlashAttention's varlen ``cu_seqlens``): the ids
+    are one dense tensor of the batch's own shape, whatever the number of documents in each window, so every
+    backend takes them as they are — this definition and the torch backend compare them (``same_document``), a
+    chunk of the last Tq queries reads the same tensor, the trainer builds them on the device from each window's
+    end-of-text tokens (``minigpt.token_windows.document_ids``) with no trip to the host, and the Triton kernels turn
+    them once per call into each position's document start and end (``kernels.attention.document_bounds``). Offsets
+    are ragged (a different count per window): they would need padding, or a list built on the host.
     """
     Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
