@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tiles import PREPROCESS_TILES, Tiles, block_d, choose_tiles, dot_precision, tuning_report
+from .attention_tiles import Tiles, block_d, choose_tiles, dot_precision, preprocess_tiles, tuning_report
 from .checks import check_attention_inputs
 from .launch import check_tensor, kernel_dtype
 
@@ -563,7 +563,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     out_dtype, (q, k, v, o, do) = q.dtype, (_as_kernel_input(t) for t in (q, k, v, o, do))
     delta = torch.empty_like(lse)
-    pre = PREPROCESS_TILES
+    pre = preprocess_tiles(D, Tq, Tk)
     _attention_bwd_preprocess[(triton.cdiv(Tq, pre.BLOCK_M), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, Tq, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=pre.BLOCK_M,
         num_warps=pre.num_warps, num_stages=pre.num_stages,

@@ -100,20 +100,43 @@ SMALL_Q_TILES = {
 }
 
 # The interpreter runs each program as Python, milliseconds per program and loop step whatever the tiles, while
-# NumPy does a (64, 64) tile in microseconds: so there BLOCK_M is Tq and BLOCK_N is Tk, each rounded up to a power
-# of two between 16 (tl.dot's smallest) and 64: square tiles when Tq == Tk, one 16-row query tile for a decoding
-# step. Tests set INTERPRETER_TILES to small tiles shaped like the GPU's (one side twice the other), so that short
-# sequences also walk several tiles and the diagonal band in several steps.
-INTERPRETER_MAX_BLOCK = 64
-INTERPRETER_TILES: dict[str, Tiles] | None = None  # None: tiles from Tq and Tk (above); else this table
+# NumPy does a (128, 128) tile in microseconds: so there the tiles are as large as the sequence, Tq and Tk each
+# rounded up to a power of two between 16 (tl.dot's smallest) and 128 (at the tiny preset's T = 128, one program a
+# head where (64, 64) tiles took two). One limit more: the interpreter's tl.dot is NumPy's matmul, and NumPy's BLAS
+# (OpenBLAS) splits a product of more than 2^18 multiply-adds across threads; one small product at a time, amid
+# the Python of the interpreter, gains nothing from that, and on a machine whose cores are busy with other work each
+# split product can wait for a free core (benchmarks/NOTES.md, "The interpreter's step"). So the side a kernel streams
+# (the keys of the forward and dQ, the queries of dK/dV) takes steps short enough that BLOCK_M * BLOCK_N * BLOCK_D
+# stays within INTERPRETER_MAX_DOT: at T = 128 and D = 32, (128, 64) tiles for the forward and dQ, (64, 128) for
+# dK/dV, two loop steps a program. One 16-row query tile for a decoding step. Tests set INTERPRETER_TILES to small
+# tiles shaped like the GPU's (one side twice the other), so that short sequences also walk several tiles and the
+# diagonal band in several steps.
+INTERPRETER_MAX_BLOCK = 128
+INTERPRETER_MAX_DOT = 1 << 18  # multiply-adds of one tile product: at most OpenBLAS's one-thread size (64^3)
+INTERPRETER_TILES: dict[str, Tiles] | None = None  # None: tiles from Tq, Tk and D (above); else this table
 
 
-def _interpreter_tiles(q_len: int, k_len: int) -> dict[str, tuple[Tiles, ...]]:
+def _interpreter_tiles(head_dim: int, q_len: int, k_len: int) -> dict[str, tuple[Tiles, ...]]:
     if INTERPRETER_TILES is not None:
         return {kernel: (tiles,) for kernel, tiles in INTERPRETER_TILES.items()}
     block_m, block_n = (min(INTERPRETER_MAX_BLOCK, max(MIN_BLOCK_D, triton_next_power_of_2(n))) for n in (q_len, k_len))
-    tiles = Tiles(block_m, block_n, 1, 1)
-    return dict(fwd=(tiles,), dkdv=(tiles,), dq=(tiles,))
+
+    def step(held: int, streamed: int) -> int:  # the streamed side, halved until a tile product fits
+        while held * streamed * block_d(head_dim) > INTERPRETER_MAX_DOT and streamed > MIN_BLOCK_D:
+            streamed //= 2
+        return streamed
+
+    query_tile = Tiles(block_m, step(block_m, block_n), 1, 1)  # holds queries, streams keys
+    key_tile = Tiles(step(block_n, block_m), block_n, 1, 1)  # holds keys, streams queries
+    return dict(fwd=(query_tile,), dkdv=(key_tile,), dq=(query_tile,))
+
+
+def preprocess_tiles(head_dim: int, q_len: int, k_len: int, interpreting: bool | None = None) -> Tiles:
+    """The delta pass's tile: ``PREPROCESS_TILES`` on a GPU; under the interpreter the forward's query tile, so that
+    it runs no more programs than the forward."""
+    if is_interpreting() if interpreting is None else interpreting:
+        return Tiles(_interpreter_tiles(head_dim, q_len, k_len)["fwd"][0].BLOCK_M, 0, 1, 1)
+    return PREPROCESS_TILES
 
 
 def tiles_for(dtype: torch.dtype, head_dim: int, q_len: int, k_len: int,
@@ -121,7 +144,7 @@ def tiles_for(dtype: torch.dtype, head_dim: int, q_len: int, k_len: int,
     """Each kernel's candidate tiles for inputs of ``dtype`` and ``head_dim``, with ``q_len`` queries against
     ``k_len`` keys (Tq <= Tk); the first is the default."""
     if is_interpreting() if interpreting is None else interpreting:
-        return _interpreter_tiles(q_len, k_len)
+        return _interpreter_tiles(head_dim, q_len, k_len)
     group = ("fp32" if dtype == torch.float32 else "16bit", "D<=64" if head_dim <= 64 else "D=128")
     if q_len <= SMALL_Q_MAX:
         return {**GPU_TILES[group], **SMALL_Q_TILES[group]}

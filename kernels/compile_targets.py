@@ -17,7 +17,7 @@ from .gelu import BLOCK, _gelu_bwd, _gelu_fwd
 from .gelu import NUM_WARPS as GELU_NUM_WARPS
 from .layer_norm import REDUCE_BLOCK_C, REDUCE_BLOCK_G, REDUCE_NUM_WARPS, _layer_norm_bwd_dwdb, _layer_norm_bwd_dx, \
     _layer_norm_fwd, backward_tile, row_tile
-from .linear_cross_entropy import BLOCK_V, _cross_entropy_rows_step
+from .linear_cross_entropy import BLOCK_V, _cross_entropy_row_block, _cross_entropy_rows_step
 from .linear_cross_entropy import NUM_WARPS as ROWS_NUM_WARPS
 
 __all__ = ["TARGETS", "attention_targets", "gelu_targets", "layer_norm_targets", "linear_cross_entropy_targets"]
@@ -167,7 +167,7 @@ def gelu_targets() -> list[dict]:
 
 
 def linear_cross_entropy_targets() -> list[dict]:
-    """The loss's rows kernel.
+    """The loss's rows kernel, and the interpreter's row-block kernel (below).
 
     The logits are float32 whatever the model's dtype, so the configurations are: with and without the gradient
     sweep, times a row stride that is a multiple of 16 (a padded vocabulary such as 50,304, or a chunk buffer with
@@ -186,6 +186,18 @@ def linear_cross_entropy_targets() -> list[dict]:
                 config=f"{'loss+grad' if has_grad else 'loss'} row stride {'%16 == 0' if aligned else 'unaligned'} "
                        f"BLOCK_V={BLOCK_V} w{ROWS_NUM_WARPS}",
             ))
+    # The row-block kernel runs only under the interpreter, with tiles far larger than a GPU's registers; it still
+    # has to be valid Triton for the compiler, so it is compiled here at a tile a GPU holds (4 rows of a 1024-wide
+    # vocabulary, the rows kernel's tile four times).
+    for has_grad in (True, False):
+        sig = {"LOGITS": "*fp32", "TARGETS": "*i64", "LOSS": "*fp32", "GRAD_SCALE": "*fp32", "stride_row": "i32",
+               "n_rows": "i32", "n_vocab": "i32", "ignore_index": "i32"}
+        targets.append(dict(
+            name="linear_cross_entropy_row_block", fn=_cross_entropy_row_block, signature=sig,
+            constexprs={"HAS_GRAD": has_grad, "BLOCK_ROWS": 4, "BLOCK_V": 1024}, num_warps=ROWS_NUM_WARPS,
+            num_stages=1, aligned=[],
+            config=f"{'loss+grad' if has_grad else 'loss'} BLOCK_ROWS=4 BLOCK_V=1024 w{ROWS_NUM_WARPS}",
+        ))
     return targets
 
 

@@ -101,8 +101,9 @@ def to_kernel(t: torch.Tensor) -> torch.Tensor:
 # Triton's interpreter runs every program of a launch as a Python call: a program costs a few milliseconds of
 # Python overhead whatever the size of its tiles, while NumPy handles a tile of tens of thousands of elements in
 # microseconds. So under the interpreter the launchers choose tiles far larger than a GPU would use: one program
-# covers up to this many elements (LayerNorm: rows x padded width; GELU: elements). Tests lower it (monkeypatch
-# ``kernels.launch.INTERPRETER_TILE``) so that small inputs still span several programs and loop steps.
+# covers up to this many elements (LayerNorm: rows x padded width; GELU: elements; the loss: rows x padded
+# vocabulary). Tests lower it (monkeypatch ``kernels.launch.INTERPRETER_TILE``) so that small inputs still span
+# several programs and loop steps.
 INTERPRETER_TILE = 1 << 16
 
 

@@ -45,6 +45,13 @@ One program per row of the chunk (rows share no loads), streaming its row in BLO
 
 Each sweep runs over the whole tiles unmasked, then over one masked last tile, so the whole tiles' loads vectorize.
 
+Under Triton's CPU interpreter a program costs milliseconds of Python whatever its tiles hold (kernels/launch.py),
+so one program a row is the slow choice there: 2048 rows of the CPU demo's 257 logits are 2048 programs. When
+whole rows fit in the interpreter's tile, a second kernel, ``_cross_entropy_row_block``, takes BLOCK_ROWS of them
+a program as one (BLOCK_ROWS, BLOCK_V) tile: the same two steps, the statistics and the gradient, each done on the
+whole tile at once instead of in a loop. It is the launcher's choice only under the interpreter; a GPU keeps one
+program a row.
+
 Targets. An ignored row gets loss 0 and a gradient row of exact zeros (set, not multiplied: with every row ignored,
 "mean" passes g = 1/0 = inf). A target outside [0, V) other than ``ignore_index`` is a bug in the data: the kernel's
 masked load gives NaN there, so that row's loss, its gradient and the "mean" or "sum" are NaN, every backend's
@@ -160,6 +167,49 @@ def _cross_entropy_rows_step(
         _grad_tile(LOGITS, v_full, n_vocab, lse2, target, g, ignored, BLOCK_V, MASKED=True)
 
 
+@triton.jit
+def _cross_entropy_row_block(
+    LOGITS,  # pointer to the float32 logits chunk (n, V); overwritten by the gradient dz when HAS_GRAD
+    TARGETS,  # pointer to the target class of each row (n,), int64
+    LOSS,  # pointer to the loss of each row (n,), float32, written here
+    GRAD_SCALE,  # pointer to the gradient's factor g of each row (n,), float32 (read only when HAS_GRAD)
+    stride_row,  # elements from one row of LOGITS to the next
+    n_rows,  # n, the rows of the chunk
+    n_vocab,  # V, the number of classes (logits a row), at least 1 and at most BLOCK_V
+    ignore_index,  # a target equal to this gives loss 0 and a zero gradient row
+    HAS_GRAD: tl.constexpr,  # True: write g * (softmax - onehot) over the logits
+    BLOCK_ROWS: tl.constexpr,  # rows a program
+    BLOCK_V: tl.constexpr,  # a power of two >= V: one tile row holds a whole row of logits
+):
+    """``_cross_entropy_rows_step`` for BLOCK_ROWS whole rows a program, the interpreter's choice (see the top)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # int64, as in the row kernel
+    row_ok = rows < n_rows
+    # The last program's rows past n repeat row n - 1: every lane then computes on real logits (no -inf - -inf),
+    # and nothing of theirs is stored
+    rows = tl.minimum(rows, n_rows - 1)
+    cols = tl.arange(0, BLOCK_V)
+    col_ok = cols < n_vocab
+    offs = rows[:, None] * stride_row + cols[None, :]  # (BLOCK_ROWS, BLOCK_V)
+    target = tl.load(TARGETS + rows)  # (BLOCK_ROWS,)
+    ignored = target == ignore_index
+    in_vocab = (target >= 0) & (target < n_vocab)
+
+    # The statistics, each row's whole at once (sweep 1 in one step): lanes past V hold -inf and add 2^(-inf) = 0
+    s = tl.load(LOGITS + offs, mask=col_ok[None, :], other=float("-inf")) * LOG2E
+    m = tl.max(s, axis=1)
+    lse2 = m + tl.math.log2(tl.sum(tl.math.exp2(s - m[:, None]), axis=1))  # (BLOCK_ROWS,)
+    target_logit = tl.load(LOGITS + rows * stride_row + target, mask=in_vocab & ~ignored, other=float("nan"))
+    tl.store(LOSS + rows, tl.where(ignored, 0.0, lse2 * LN2 - target_logit), mask=row_ok)
+
+    if HAS_GRAD:  # the gradient from the tile still held (sweep 2 without reading the logits again)
+        g = tl.load(GRAD_SCALE + rows)
+        g = tl.where(in_vocab, g, float("nan"))  # a target outside [0, V): a NaN gradient row (see the top)
+        p = tl.math.exp2(s - lse2[:, None])  # the softmax
+        dz = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * g[:, None]
+        dz = tl.where(ignored[:, None], 0.0, dz)  # exactly 0, whatever g and the logits are
+        tl.store(LOGITS + offs, dz, mask=row_ok[:, None] & col_ok[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The launcher: the chunk loop's rows_step
 
@@ -170,6 +220,16 @@ def _block_v(n_vocab: int) -> int:
     if is_interpreting():
         return min(launch.INTERPRETER_TILE, triton_next_power_of_2(n_vocab))
     return BLOCK_V
+
+
+def rows_per_program(n_rows: int, n_vocab: int, interpreting: bool | None = None) -> int:
+    """Rows of logits a program takes: 1 on a GPU (``_cross_entropy_rows_step``). Under the interpreter, as many
+    whole rows as fit in ``launch.INTERPRETER_TILE`` logits (each padded to a power of two), but not many more than
+    there are; above 1 the launch is ``_cross_entropy_row_block``'s."""
+    if not (is_interpreting() if interpreting is None else interpreting):
+        return 1
+    fit = launch.INTERPRETER_TILE // triton_next_power_of_2(n_vocab)
+    return max(1, min(fit, triton_next_power_of_2(n_rows)))
 
 
 def cross_entropy_rows_step(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
@@ -198,11 +258,20 @@ def cross_entropy_rows_step(logits: torch.Tensor, targets: torch.Tensor, ignore_
             raise ValueError(f"cross_entropy_rows_step: grad_scale must be ({n},), one factor a row, got "
                              f"{tuple(grad_scale.shape)}")
         grad_scale = grad_scale.to(torch.float32).reshape(n).contiguous()
-    _cross_entropy_rows_step[(n,)](
-        logits, targets.to(torch.int64).contiguous(), loss, loss if grad_scale is None else grad_scale,
-        logits.stride(0), V, ignore_index, HAS_GRAD=grad_scale is not None, BLOCK_V=_block_v(V),
-        num_warps=NUM_WARPS,
-    )
+    targets = targets.to(torch.int64).contiguous()
+    grad_or_unread = loss if grad_scale is None else grad_scale
+    block_rows = rows_per_program(n, V)
+    if block_rows == 1:
+        _cross_entropy_rows_step[(n,)](
+            logits, targets, loss, grad_or_unread, logits.stride(0), V, ignore_index,
+            HAS_GRAD=grad_scale is not None, BLOCK_V=_block_v(V), num_warps=NUM_WARPS,
+        )
+    else:  # the interpreter: several whole rows a program
+        _cross_entropy_row_block[(triton.cdiv(n, block_rows),)](
+            logits, targets, loss, grad_or_unread, logits.stride(0), n, V, ignore_index,
+            HAS_GRAD=grad_scale is not None, BLOCK_ROWS=block_rows, BLOCK_V=triton_next_power_of_2(V),
+            num_warps=NUM_WARPS,
+        )
     return loss
 
 

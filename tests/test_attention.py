@@ -3,7 +3,7 @@
 Every check compares with something computed independently: ``causal_attention_math`` in float64 is the truth,
 and the torch backend in the same dtype says how far from it a good implementation lands. Without a GPU the
 kernels run in Triton's interpreter on tiny shapes; on a GPU the same tests also run larger ones. The interpreter's
-own tiles are large and square (fast); the ``tiles`` fixture also runs the value tests with small tiles shaped like
+own tiles are large (fast); the ``tiles`` fixture also runs the value tests with small tiles shaped like
 the GPU's, so that tiny sequences walk several tiles and the diagonal band in several steps, as long ones do there.
 Queries may be the last Tq of Tk positions (a chunk, or Tq = 1 for a decoding step): those cases have tests of
 their own, on an odd Tk so that the shifted diagonal falls across tile boundaries.
@@ -193,6 +193,49 @@ def test_empty_inputs(device):
     assert out.shape == q.shape
     out.sum().backward()
     assert k.grad.shape == k.shape and not k.grad.any() and not v.grad.any()
+
+
+def test_interpreter_tiles():
+    """The interpreter's own tiles: the held side as long as the sequence (a power of two from 16 to 128), the
+    streamed side halved until a tile product is at most INTERPRETER_MAX_DOT multiply-adds; the delta pass takes
+    the forward's query tile. On a GPU the delta pass keeps PREPROCESS_TILES."""
+    at = kernels.attention_tiles
+    assert at.INTERPRETER_TILES is None
+    # the tiny preset's shape, T = 128 and D = 32: 128 x 128 x 32 = 2^19 > 2^18, so the streamed side is 64
+    tiles = tiles_for(torch.float32, 32, 128, 128, interpreting=True)
+    assert tiles == dict(fwd=(Tiles(128, 64, 1, 1),), dkdv=(Tiles(64, 128, 1, 1),), dq=(Tiles(128, 64, 1, 1),))
+    assert tiles_for(torch.float32, 64, 100, 100, interpreting=True)["fwd"] == (Tiles(128, 32, 1, 1),)  # 2^18
+    assert tiles_for(torch.float32, 32, 40, 40, interpreting=True)["dkdv"] == (Tiles(64, 64, 1, 1),)  # 2^17: whole
+    assert tiles_for(torch.float16, 32, 1, 300, interpreting=True)["fwd"] == (Tiles(16, 128, 1, 1),)  # decoding
+    assert at.preprocess_tiles(32, 128, 128, interpreting=True).BLOCK_M == 128
+    assert at.preprocess_tiles(32, 128, 128, interpreting=False) == at.PREPROCESS_TILES
+    for D in (8, 16, 32, 64, 80, 128):
+        for Tq, Tk in [(1, 1), (1, 300), (5, 300), (37, 37), (128, 128), (1000, 1000)]:
+            held_q, held_k = (min(128, max(16, 1 << (n - 1).bit_length())) for n in (Tq, Tk))
+            tiles = tiles_for(torch.float32, D, Tq, Tk, interpreting=True)
+            for kernel, held in (("fwd", "BLOCK_M"), ("dq", "BLOCK_M"), ("dkdv", "BLOCK_N")):
+                (t,) = tiles[kernel]
+                assert getattr(t, held) == (held_k if kernel == "dkdv" else held_q), (kernel, D, Tq, Tk, t)
+                assert t.BLOCK_M >= 16 and t.BLOCK_N >= 16
+                assert t.BLOCK_M * t.BLOCK_N * max(16, 1 << (D - 1).bit_length()) <= at.INTERPRETER_MAX_DOT
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 2, 128, 32), (1, 2, 100, 64)], ids=str)
+def test_default_interpreter_tiles_step_through_the_keys(device, shape):
+    """The interpreter's default tiles where they stream in several steps: at the tiny preset's T = 128, D = 32
+    two key (query) steps of 64 a program; at T = 100, D = 64 four of 32, the last one partial. Values and every
+    gradient against float64, as good as the torch backend. (On a GPU: its own tiles, the same check.)"""
+    if device == "cpu":
+        B, H, T, D = shape
+        assert tiles_for(torch.float32, D, T, T)["fwd"][0].BLOCK_N < T
+    torch.manual_seed(5)
+    q, k, v = _qkv(shape, torch.float32, device)
+    grad_out = torch.randn(shape, device=device)
+    ours = _run(causal_attention, q, k, v, grad_out)
+    theirs = _run(TORCH.causal_attention, q, k, v, grad_out)
+    truth = _run(causal_attention_math, q.double(), k.double(), v.double(), grad_out.double())
+    _assert_as_good_as_torch(ours, theirs, truth, torch.float32, f"{shape}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import kernels.launch  # noqa: E402
 from kernels.compile_targets import linear_cross_entropy_targets  # noqa: E402
 from kernels.costs import rows_step_bytes  # noqa: E402
 from kernels.launch import is_interpreting  # noqa: E402
-from kernels.linear_cross_entropy import cross_entropy_rows_step, linear_cross_entropy  # noqa: E402
+from kernels.linear_cross_entropy import cross_entropy_rows_step, linear_cross_entropy, rows_per_program  # noqa: E402
 from kernels.torch_backend import TorchBackend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,12 +92,51 @@ def test_rows_step_matches_plain_step(monkeypatch, n, V, grad, tile):
     _check_rows_step(logits, targets, scale if grad else None)
 
 
-def test_rows_step_ignored_rows_and_targets_out_of_range():
+# Under the interpreter a launch takes several whole rows a program (_cross_entropy_row_block) when they fit in
+# kernels.launch.INTERPRETER_TILE logits, else one row a program (_cross_entropy_rows_step, the GPU's kernel).
+# (tile, V) -> (BLOCK_V, rows a program): (256, 100) -> (128, 2), (1024, 37) -> (64, 16), (128, 64) -> (64, 2)
+ROW_BLOCK_CASES = [(256, 100), (1024, 37), (128, 64)]
+
+
+def test_rows_per_program():
+    """One row a program on a GPU whatever the sizes; under the interpreter as many whole rows as fit in the tile
+    (the CPU demo's 2048 rows of 257 logits: 128 a program, 16 programs), never many more than there are, and one
+    when a row alone fills the tile."""
+    for n, V in [(1, 37), (2048, 257), (640, 50257)]:
+        assert rows_per_program(n, V, interpreting=False) == 1
+    assert kernels.launch.INTERPRETER_TILE == 1 << 16
+    assert rows_per_program(2048, 257, interpreting=True) == 128
+    assert rows_per_program(7, 257, interpreting=True) == 8  # one program, its last lane past the rows
+    assert rows_per_program(640, 50257, interpreting=True) == 1  # 65536 padded logits: the one-row kernel
+    assert rows_per_program(640, 1 << 15, interpreting=True) == 2
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "loss"])
+@pytest.mark.parametrize("n", [7, 33])  # a ragged last program in every case below
+@pytest.mark.parametrize("tile, V", ROW_BLOCK_CASES)
+def test_row_block_matches_plain_step(monkeypatch, tile, V, n, grad):
+    """Several rows a program, the last program holding fewer rows than its lanes: loss rows and gradient against
+    the plain step in float64, as the one-row kernel is checked."""
+    _cpu_only()
+    monkeypatch.setattr(kernels.launch, "INTERPRETER_TILE", tile)
+    rows = rows_per_program(n, V)
+    assert rows > 1 and n % rows != 0, "the case must launch the row-block kernel with a ragged last program"
+    logits, targets, scale = _rows_inputs(n, V, seed=n + V)
+    _check_rows_step(logits, targets, scale if grad else None)
+
+
+@pytest.mark.parametrize("tile", [None, 32], ids=["row block", "one row"])
+def test_rows_step_ignored_rows_and_targets_out_of_range(monkeypatch, tile):
     """Ignored rows: loss 0 and a gradient of exact zeros, also with grad_scale inf ("mean" with every row ignored)
     and for an ignore_index that is a valid class. Out-of-range targets (-1, V, far past V): loss NaN and a NaN
-    gradient row (the shared contract), and nothing written outside the row: the buffer's padding stays as it was."""
+    gradient row (the shared contract), and nothing written outside the row: the buffer's padding stays as it was.
+    For both kernels: the interpreter's default tile takes the 6 rows in one program of 8 lanes, a 32-logit tile
+    one row a program in two tiles."""
     _cpu_only()
+    if tile:
+        monkeypatch.setattr(kernels.launch, "INTERPRETER_TILE", tile)
     n, V, pad = 6, 37, 11
+    assert (rows_per_program(n, V) > 1) == (tile is None)
     buffer = torch.full((n, V + pad), 123.0)
     buffer[:, :V] = 3 * torch.randn(n, V, generator=torch.Generator().manual_seed(1))
     logits = buffer[:, :V]  # rows V + pad apart: the kernel takes a row stride
@@ -290,6 +329,19 @@ def test_bad_inputs():
         linear_cross_entropy(x, w.T, targets)
 
 
+def test_op_with_several_rows_a_program(monkeypatch):
+    """The whole op (chunk loop, rows step, matmuls) on the row-block kernel, 4 rows a program over 37 rows (the
+    last program holds one): loss and both gradients against float64, as good as the torch backend."""
+    _cpu_only()
+    monkeypatch.setattr(kernels.launch, "INTERPRETER_TILE", 512)
+    N, V, C = 37, 100, 16
+    assert rows_per_program(N, V) == 4
+    x, w, targets = _op_inputs(N, V, C, torch.float32, "cpu", seed=18, ignored=(0, 11, 36))
+    for reduction in ("mean", "none"):
+        _assert_close_to_definition(x, w, targets, reduction, seed=19)
+
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Compile targets: the kernel compiles for real GPUs (no GPU needed), without spilling
 
@@ -301,6 +353,8 @@ def test_compile_targets_are_well_formed():
         (True, True), (True, False), (False, True), (False, False)}
     for t in targets:
         assert set(t["signature"]) | set(t["constexprs"]) == set(t["fn"].arg_names), t["config"]
+    blocks = [t for t in targets if t["name"] == "linear_cross_entropy_row_block"]
+    assert {t["constexprs"]["HAS_GRAD"] for t in blocks} == {True, False}  # the interpreter's kernel compiles too
 
 
 def test_compiles_for_sm80_and_sm90_without_spills():
@@ -311,6 +365,8 @@ def test_compiles_for_sm80_and_sm90_without_spills():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("linear_cross_entropy_rows_step")]
     assert len(rows) == 4 * 2 and {row[-1] for row in rows} == {"ok"}  # 4 configurations x 2 architectures
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("linear_cross_entropy_row_block")]
+    assert len(rows) == 2 * 2 and {row[-1] for row in rows} == {"ok"}  # with and without the gradient
 
 
 # ----------------------------------------------------------------------------------------------------------------
