@@ -123,8 +123,8 @@ CPU_DEFAULTS = dict(lr=5e-3, batch_size=16, warmup_steps=50, eval_interval=250, 
 # over every program instance, about 2 s a step even for this smaller model (the tiny preset's step takes ~35 s
 # there). So the model, the windows and the run shrink to what the interpreter trains in about three minutes on 2
 # cores, and a few steps' losses are checked against the torch backend's on the same batch (--compare-torch).
-INTERPRETER_DEFAULTS = dict(emb_dim=64, n_layers=2, n_heads=2, context_length=64, batch_size=8, lr=1e-2,
-                            warmup_steps=5, max_steps=60, eval_interval=30, eval_iters=2, compare_torch=3)
+INTERPRETER_DEFAULTS = dict(emb_dim=64, n_layers=2, n_heads=2, context_length=128, batch_size=8, lr=1e-2,
+                            warmup_steps=10, max_steps=100, eval_interval=50, eval_iters=2, compare_torch=3)
 # Step 3. Fine-tuning GPT-2 (--init-from): its weights already sit in a good minimum, and the from-scratch rate
 # (close to GPT-2's own pre-training peak, 6e-4) would throw much of that away in the first steps. 3e-5 is nanoGPT's
 # fine-tuning rate (config/finetune_shakespeare.py). GPT-2's ids are BPE ids: never the byte fallback.
