@@ -1,5 +1,5 @@
 r"""What the trainer and the streaming generator cost beyond the model: each timed against the shortest correct loop
-doing the same work, in the same process, taking turns.
+doing the same work, in one fresh process (not the benchmark's own), taking turns.
 
 Training (``trainer_overhead``, printed by ``python -m benchmarks.train``). The CPU demo's run — the tiny preset,
 the byte tokenizer, 16 windows of 128 tokens a step, the generated stories, its learning rate and warm-up — made
@@ -44,7 +44,8 @@ from pathlib import Path
 # the same on any device; --data stories: the generated corpus, which needs no network
 DEMO_FLAGS = ["--preset", "tiny", "--tokenizer", "bytes", "--data", "stories", "--max-docs", "2000",
               "--batch-size", "16", "--lr", "5e-3", "--warmup-steps", "50", "--kernels", "torch"]
-STARTUP_MARK = "minigpt-startup:"  # the child's line with its timings
+STARTUP_MARK = "minigpt-startup:"  # the start-up child's line with its timings
+OVERHEAD_MARK = "minigpt-overhead:"  # the overhead child's
 
 
 def demo_flags(out_dir: Path, steps: int, device: str, cache_dir: Path) -> list[str]:
@@ -163,10 +164,16 @@ def startup(runs: int, device, workdir: Path, timeout_s: float = 300.0) -> dict:
                 trainer_phases_s=median_run["phases_s"], trainer_all_s=[r["first_step_s"] for r in trainer])
 
 
+def _child_env() -> dict:
+    """The children's environment: this one, with the checkout importable (PYTHONPATH) wherever they start."""
+    root = str(Path(__file__).resolve().parents[1])
+    return dict(os.environ, MPLBACKEND=os.environ.get("MPLBACKEND", "Agg"),
+                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+
+
 def _child(cmd: list[str], timeout_s: float) -> dict:
-    env = dict(os.environ, MPLBACKEND=os.environ.get("MPLBACKEND", "Agg"))
     launched = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_child_env())
     lines = [line for line in proc.stdout.splitlines() if line.startswith(STARTUP_MARK)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"start-up run failed ({' '.join(cmd[3:6])}...): {(proc.stderr or proc.stdout)[-500:]}")
@@ -240,13 +247,37 @@ def startup_child() -> None:
                                      "phases_s": {k: round(v, 3) for k, v in marks["phases"].items()}}), flush=True)
 
 
-def measure_training(steps: int, startup_runs: int, device) -> dict:
-    """Both measurements in a scratch folder (the runs' files and their token cache are not kept)."""
+def measure_training(steps: int, startup_runs: int, device, timeout_s: float = 1800.0) -> dict:
+    """Both measurements in a scratch folder (the runs' files and their token cache are not kept), each in fresh
+    processes: the Trainer and the bare loop must meet the machine as ``python -m minigpt.train`` does, not the
+    state a benchmark leaves behind (benchmarks.train's memory measurement sets glibc's malloc to map every large
+    buffer on its own, which makes each step's allocations system calls). The child takes this process's torch
+    thread count."""
+    import torch
+
     with tempfile.TemporaryDirectory(prefix="minigpt-overhead-") as tmp:
-        result = trainer_overhead(steps, device, Path(tmp)) if steps else {}
+        result = {}
+        if steps:
+            cmd = [sys.executable, "-c", "import benchmarks.overhead as o; o.overhead_child()", str(steps),
+                   device.type, str(torch.get_num_threads()), tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_child_env())
+            lines = [line for line in proc.stdout.splitlines() if line.startswith(OVERHEAD_MARK)]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError(f"the overhead run failed: {(proc.stderr or proc.stdout)[-500:]}")
+            result = json.loads(lines[-1][len(OVERHEAD_MARK):])
         if startup_runs:
             result["startup"] = startup(startup_runs, device, Path(tmp))
     return result
+
+
+def overhead_child() -> None:
+    """In a fresh process: ``STEPS DEVICE THREADS WORKDIR`` -> trainer_overhead, printed as OVERHEAD_MARK + JSON."""
+    import torch
+
+    steps, device, threads, workdir = sys.argv[1:5]
+    torch.set_num_threads(int(threads))
+    result = trainer_overhead(int(steps), torch.device(device), Path(workdir))
+    print(OVERHEAD_MARK + json.dumps(result), flush=True)
 
 
 def training_table(o: dict) -> str:

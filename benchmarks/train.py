@@ -6,7 +6,7 @@ compile setting and loss. Each row builds the model from the same seed, gives it
 the data's values do not change the work), runs a few warm-up steps (torch.compile and Triton's JIT happen there)
 and then times full training steps:
 
-    forward (bf16 autocast on a GPU) -> loss -> backward -> clip -> AdamW step (fused on CUDA) -> LR -> zero grads
+    forward (bf16 autocast on a GPU) -> loss -> backward -> clip -> AdamW step (fused) -> LR -> zero grads
 
 with the optimizer ``minigpt.train`` trains with, and dropout as the preset sets it (0.1 for gpt2-124m). The loss
 (``--loss``): ``plain``, the logits whole then F.cross_entropy in float32 (how minigpt trained before the fused op);

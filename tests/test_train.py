@@ -509,7 +509,7 @@ def test_resume_from_a_checkpoint_saved_in_another_memory_order_continues_exactl
 
     trainer = Trainer(build_parser().parse_args(TINY + ["--out-dir", str(tmp_path / "b"), *common, "--resume",
                                                         "auto"]))
-    trainer.setup()  # the moments are restored in their parameter's memory order (the fused CUDA AdamW needs it)
+    trainer.setup()  # the moments are restored in their parameter's memory order (the fused AdamW needs it)
     moments = [(p, v) for p, st in trainer.optimizer.state.items() for v in st.values() if v.shape == p.shape]
     assert moments and all(v.stride() == p.stride() for p, v in moments)
     for out in ("a", "b"):
