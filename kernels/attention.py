@@ -541,7 +541,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
 
-    run(choose_tiles("fwd", q, Tk, dropout_p, run))
+    run(choose_tiles("fwd", q, Tk, dropout_p, run, documents=doc_bounds is not None))
     return o.to(out_dtype), lse  # the cast is a no-op except for bfloat16 under the interpreter
 
 
@@ -589,8 +589,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             **common, num_warps=t.num_warps, num_stages=t.num_stages,
         )
 
-    run_dkdv(choose_tiles("dkdv", q, Tk, dropout_p, run_dkdv))
-    run_dq(choose_tiles("dq", q, Tk, dropout_p, run_dq))
+    run_dkdv(choose_tiles("dkdv", q, Tk, dropout_p, run_dkdv, documents=doc_bounds is not None))
+    run_dq(choose_tiles("dq", q, Tk, dropout_p, run_dq, documents=doc_bounds is not None))
     return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype)
 
 

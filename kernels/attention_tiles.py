@@ -154,14 +154,15 @@ def tiles_for(dtype: torch.dtype, head_dim: int, q_len: int, k_len: int,
 TUNERS = {kernel: TileTuner(f"attention_{kernel}") for kernel in ("fwd", "dkdv", "dq")}
 
 
-def choose_tiles(kernel: str, q: torch.Tensor, k_len: int, dropout_p: float, run) -> Tiles:
+def choose_tiles(kernel: str, q: torch.Tensor, k_len: int, dropout_p: float, run, documents: bool = False) -> Tiles:
     """The tiles to launch ``kernel`` with on queries like ``q`` (B, H, Tq, D) against ``k_len`` keys: the
-    default, or the tuner's pick for this problem class (device, dtype, D, dropout or not, and Tq, Tk and B * H
-    rounded up to powers of two)."""
+    default, or the tuner's pick for this problem class (device, dtype, D, dropout or not, packed documents or not,
+    and Tq, Tk and B * H rounded up to powers of two). Documents are a class of their own: a kernel that skips most
+    key tiles is a different problem from the one that visits them all, and may want other tiles."""
     B, H, Tq, D = q.shape
     candidates = tiles_for(q.dtype, D, Tq, k_len)[kernel]
-    key = (str(q.device), q.dtype, D, dropout_p > 0.0, triton_next_power_of_2(Tq), triton_next_power_of_2(k_len),
-           triton_next_power_of_2(B * H))
+    key = (str(q.device), q.dtype, D, dropout_p > 0.0, documents, triton_next_power_of_2(Tq),
+           triton_next_power_of_2(k_len), triton_next_power_of_2(B * H))
     return TUNERS[kernel].choose(key, candidates, run)
 
 

@@ -184,3 +184,21 @@ def test_bad_doc_ids_are_one_line_errors(backend):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
             attention(q, k, v, doc_ids=doc_ids)
         assert "\n" not in str(info.value)
+
+
+def test_the_tile_tuner_keeps_documents_a_problem_class_of_their_own(monkeypatch):
+    """The tuner's key says whether documents are packed: tiles tuned for the plain causal kernel (which visits
+    every tile below the diagonal) are not reused for one that skips most of them, or the other way round."""
+    import kernels.attention_tiles as tiles
+
+    keys = {kernel: [] for kernel in tiles.TUNERS}
+    for kernel, tuner in tiles.TUNERS.items():
+        monkeypatch.setattr(tuner, "choose", lambda key, candidates, run, kernel=kernel:
+                            keys[kernel].append(key) or candidates[0])
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))
+    doc_ids = doc_ids_from_lengths([[10, 22]])
+    for ids in (None, doc_ids):
+        causal_attention(q, k, v, doc_ids=ids).sum().backward()
+    for kernel, (plain, packed) in keys.items():
+        assert plain != packed, kernel
+        assert [a for a, b in zip(plain, packed) if a != b] == [False]  # they differ in that one field, False/True

@@ -38,7 +38,8 @@ import triton.language as tl
 
 MIN_BLOCK_D = 16  # as the attention kernels pad D, so that the tiles here have the same shape
 # Rows per program: few, so that the checker's inputs span several programs and end in a partial tile (the real
-# pass uses 64 rows per program, PREPROCESS_TILES in kernels/attention_tiles.py).
+# pass uses 64 rows per program on a GPU, PREPROCESS_TILES in kernels/attention_tiles.py, and the forward's query
+# tile in the interpreter: preprocess_tiles).
 BLOCK_M = 16
 
 
