@@ -10,8 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "tour.ipynb"
-CELL_TIMEOUT_S = 90  # the longest cell (the training run) took 21 s on two idle cores (benchmarks.course_times)
-TOTAL_BUDGET_S = 120  # the tour promises under a minute on a laptop CPU (28 s measured on two idle cores)
+CELL_TIMEOUT_S = 90  # the longest cell (the training run) took 7.6 s on two idle cores (benchmarks.course_times)
+TOTAL_BUDGET_S = 120  # the tour promises under a minute on a laptop CPU (10 s measured on two idle cores)
 # What a stripped notebook keeps at the top level (nbstripout keeps the same two)
 NOTEBOOK_METADATA = {"kernelspec", "language_info"}
 REPORT_PREFIX = "TOUR-KERNEL "
