@@ -299,7 +299,7 @@ class Trainer:
                  + (f" initialised from {self.init_from}" if self.init_from else "")
                  + f" {self.raw_model.num_params() / 1e6:.2f}M parameters, {cfg.n_layers} layers, "
                  f"emb_dim {cfg.emb_dim}, {cfg.n_heads} heads, context {cfg.context_length}; kernels: {backend}; "
-                 f"device: {self.device}" + (f" ({self.cpu_threads} threads)" if self.cpu_threads else "")
+                 f"device: {self.device}" + (f" ({self.cpu_threads} thread{'s' if self.cpu_threads > 1 else ''})" if self.cpu_threads else "")
                  + f"; dtype: {str(self.dtype).replace('torch.', '')}"
                  + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
         self.log(f"data: {self.data_info['source']} — {self.data_info['train_tokens']:,} train / "

@@ -62,8 +62,10 @@ def test_quick_run_checks_against_float64_and_reports_tiles(tmp_path):
             assert r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0, where
         else:
             assert r["status"] == "not timed (interpreter)" and r["ms"] is None, where
-    # at T = 128 the forward's second query tile (rows 64-127) starts a document at 64: it skips key tile 0
-    assert {r["tiles"] for r in rows if r["pass"] == "fwd" and r["size"] == 128} == {"2/3 (0.667): fwd 2/3"}
+    # at T = 128 the interpreter's forward holds all 128 queries in one (128, 64) tile: its first row's document
+    # starts at 0, so both key tiles are visited, as by the causal kernel — nothing to skip at this size (the GPU's
+    # counts for the full sweep, in the notes, are where the skipping shows)
+    assert {r["tiles"] for r in rows if r["pass"] == "fwd" and r["size"] == 128} == {"2/2 (1.000): fwd 2/2"}
     # the full sweep's counts with a GPU's default tiles, printed and kept, whatever the run's own sizes: each line
     # is T, L, then each kernel's "visited/causal (ratio)"
     notes = data["meta"]["notes"]["doc_attention"]

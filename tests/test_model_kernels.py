@@ -112,7 +112,9 @@ def test_the_triton_demo_configuration_trains_and_its_losses_equal_the_torch_bac
             f"--{k.replace('_', '-')}={v}" for k, v in INTERPRETER_DEFAULTS.items() if k != "max_steps"]
     summary = train(build_parser().parse_args(flags))
     cfg = summary["config"]
-    assert (cfg.n_layers, cfg.emb_dim, cfg.context_length) == (2, 64, 64) and summary["steps"] == 3
+    demo = INTERPRETER_DEFAULTS
+    assert (cfg.n_layers, cfg.emb_dim, cfg.context_length) == (demo["n_layers"], demo["emb_dim"],
+                                                               demo["context_length"]) and summary["steps"] == 3
     compared = summary["compared_with_torch"]
     assert [step for step, _ in compared] == [1, 2, 3]  # three checks spread over three steps: every one
     assert all(difference < 1e-4 for _, difference in compared), compared  # float32, the same weights and batch

@@ -50,7 +50,7 @@ def test_the_bare_loop_trains_the_trainers_model_from_the_same_weights(tmp_path)
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)  # same seed, same config: the same model
     assert trainer.cfg.vocab_size == 257 and trainer.cfg.context_length == 128 and trainer.config.batch_size == 16
 
-    x = torch.as_tensor(trainer.train_tokens[:129], dtype=torch.long)[None]
+    x = torch.tensor(trainer.train_tokens[:129].tolist())[None]  # (1, 129): a window and its targets
     before = bare_model(x[:, :-1], targets=x[:, 1:]).item()
     for _ in range(3):
         step()
