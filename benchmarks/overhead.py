@@ -291,7 +291,7 @@ def training_table(o: dict) -> str:
              ["bare loop", fmt_num(o["bare_ms"]), fmt_num(o["bare_fastest_ms"]),
               "-".join(fmt_num(v) for v in o["bare_iqr_ms"])]]
     text = (f"trainer overhead: the CPU demo's step (tiny, 16 x 128 bytes), {o['steps']} steps each, taking turns, "
-            f"{o['threads']} threads\n\n"
+            f"{o['threads']} thread{'s' if o['threads'] > 1 else ''}\n\n"
             + format_table(["loop", "median ms/step", "fastest", "middle half"], lines, right={1, 2})
             + f"\n\noverhead per step: {o['overhead_pct']:+.1f}% (target <= 3%)")
     return text + ("\n" + _startup_line(o["startup"]) if o.get("startup") else "")
