@@ -121,3 +121,21 @@ def test_doc_mask_is_off_unless_given_and_a_resume_continues_the_checkpoints():
     # a checkpoint written before the setting existed trained across documents, and goes on doing so
     older = {"args": {k: v for k, v in on.record().items() if k != "doc_mask"}, "preset": "tiny"}
     assert resolve_config(TrainConfig.from_args(["--resume", "auto"]), CPU, older).doc_mask is False
+
+
+def test_cpu_threads_are_shared_between_the_ranks_on_one_machine(monkeypatch):
+    from minigpt.runtime import cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(8)
+        assert cpu_threads(1) == 8  # alone: torch's default stays
+        assert cpu_threads(2) == 4 and torch.get_num_threads() == 4  # two ranks here: half each
+        torch.set_num_threads(3)
+        assert cpu_threads(4) == 1  # never below one
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # given by the user (or torchrun): it wins
+        torch.set_num_threads(3)
+        assert cpu_threads(2) == 3
+    finally:
+        torch.set_num_threads(before)
