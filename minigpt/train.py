@@ -24,7 +24,7 @@ import torch
 from kernels.errors import MinigptError
 
 from .config import PRESETS, ConfigError
-from .distributed import shutdown_distributed, wait_for_all_ranks
+from .distributed import end_process, shutdown_distributed, wait_for_all_ranks, was_a_worker
 from .optim import calc_loss_batch, calc_loss_loader, configure_optimizer, lr_lambda
 from .resume import OUT_DIR_LOCK
 from .train_config import CPU_DEFAULTS, CPU_PRESET, TrainConfig, check_head_dim
@@ -186,9 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(args)
     # run_cli turns an OSError (a full disk, a file-size limit) into one line that says what is kept on disk, and a
     # closed stdout into a quiet exit; the project's errors and Ctrl-C are handled in _run, which knows the phase.
-    status = run_cli(lambda: _run(trainer), kept=trainer.kept_note)
-    if status:
-        sys.exit(status)
+    try:
+        status = run_cli(lambda: _run(trainer), kept=trainer.kept_note)
+    except SystemExit as e:  # the project's errors, "error: ...": a torchrun worker prints it and ends as below
+        if not (was_a_worker() and isinstance(e.code, str)):
+            raise
+        print(e.code, file=sys.stderr)
+        status = 1
+    end_process(status)  # a torchrun worker ends at once: see end_process
 
 
 def _run(trainer: Trainer) -> int:

@@ -283,6 +283,37 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(tmp_path):
     assert resumed["steps"] == 8
 
 
+# A process that was a torchrun worker (the flag init_distributed sets), with a teardown step that would show.
+AS_A_WORKER = """
+import atexit, sys
+import minigpt.distributed as d
+d._joined_a_group = True
+atexit.register(lambda: print("teardown ran", flush=True))
+"""
+
+
+def _python(code, tmp_path):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+
+
+def test_a_worker_ends_with_its_status_its_output_flushed_and_no_teardown(tmp_path):
+    # what the interpreter's teardown would do is skipped (it once aborted a finished worker), not what was printed
+    proc = _python(AS_A_WORKER + "sys.stdout.write('kept'); sys.stderr.write('also kept'); d.end_process(143)",
+                   tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (143, "kept", "also kept")
+    # a process that never joined a group ends as any program does: its status, its teardown
+    plain = _python("import atexit, minigpt.distributed as d; atexit.register(lambda: print('teardown ran')); "
+                    "d.end_process(3)", tmp_path)
+    assert (plain.returncode, plain.stdout) == (3, "teardown ran\n")
+
+
+def test_a_workers_error_is_one_line_and_status_1(tmp_path):
+    args = TINY + ["--resume", str(tmp_path / "missing.pt"), "--out-dir", str(tmp_path / "out")]
+    proc = _python(AS_A_WORKER + f"import minigpt.train as T; T.main({args!r})", tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --resume") and "teardown" not in proc.stdout
+
 def test_calc_loss_batch_is_the_notebooks_loss_without_the_logits():
     import torch.nn.functional as F
 
