@@ -17,7 +17,8 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before the k
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from exercises.check import EXERCISES, NAN_HINT, prepare_device, run_check, split_at_markers  # noqa: E402
+from exercises.check import EXERCISES, prepare_device, run_check, split_at_markers  # noqa: E402
+from exercises.checks.compare import NAN_HINT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -248,12 +249,12 @@ def test_a_known_mistake_of_the_whole_forward_is_named(tmp_path, device, variant
 def test_layer_norm_forward_runs_rows_of_one_feature_once_the_others_pass(tmp_path, device, monkeypatch):
     """The unbiased variance divides by C - 1 = 0 on rows of one feature: named by the other rows, which fail, and
     not run there; run alone, those rows give the NaN, and only they are listed."""
-    import exercises.check
+    import exercises.checks.rows
 
     edits = [("var = tl.sum(xc * xc, axis=1) / width", "var = tl.sum(xc * xc, axis=1) / (width - 1)")]
     passed, report = check_edited(tmp_path, device, "layer_norm_forward", edits)
     assert not passed and "shape (5, 1)" not in report, report
-    monkeypatch.setattr(exercises.check, "LAYER_NORM_FORWARD_CASES", [])
+    monkeypatch.setattr(exercises.checks.rows, "LAYER_NORM_FORWARD_CASES", [])
     passed, report = check_edited(tmp_path, device, "layer_norm_forward", edits)
     assert not passed
     assert_diagnosed(report, NAN_HINT)

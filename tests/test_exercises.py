@@ -187,7 +187,8 @@ def _true_bounds(start_m, Tq, Tk, block_m, block_n):
     lambda lo, hi, first, block_m, block_n, Tk: (first, hi),  # not rounded to a key tile
 ], ids=["hi-1", "hi+1", "hi-unclamped", "lo-up", "lo-tile-early", "lo-unaligned"])
 def test_tile_bounds_check_fails_a_bound_one_off(variant):
-    from exercises.check import Mismatch, check_attention_tile_bounds
+    from exercises.checks.attention import check_attention_tile_bounds
+    from exercises.checks.compare import Mismatch
 
     def bounds(start_m, Tq, Tk, block_m, block_n):
         lo, hi = _true_bounds(start_m, Tq, Tk, block_m, block_n)
@@ -206,7 +207,7 @@ def test_document_tile_count_gives_the_real_functions_numbers():
     """The check's brute-force count over every (query, key) pair gives, on every case it runs, exactly the numbers
     of the real forward_first_key and dkdv_last_row (kernels/tiled.py, whose brute-force test against the grid is
     tests/test_document_tiles.py); and the cases hold what the exercise's docstring promises."""
-    from exercises.check import _document_tile_cases, _document_tile_truth, _ids_and_bounds
+    from exercises.checks.documents import _document_tile_cases, _document_tile_truth, _ids_and_bounds
     from kernels.tiled import dkdv_last_row, document_bounds, forward_first_key
 
     cases = _document_tile_cases()
@@ -235,7 +236,8 @@ def test_document_tile_count_gives_the_real_functions_numbers():
 def test_document_tile_check_fails_a_bound_one_off(function, change):
     """A bound one off in a single tile of the real functions fails the check, wherever a case lets it show."""
     import kernels.tiled
-    from exercises.check import Mismatch, check_document_tile_bounds
+    from exercises.checks.compare import Mismatch
+    from exercises.checks.documents import check_document_tile_bounds
 
     real = {name: getattr(kernels.tiled, name) for name in ("forward_first_key", "dkdv_last_row")}
     check_document_tile_bounds(type("Module", (), {k: staticmethod(f) for k, f in real.items()}), "cpu")
@@ -256,7 +258,7 @@ def test_document_tile_check_fails_a_bound_one_off(function, change):
 def test_layer_norm_forward_inputs_have_nan_past_their_end():
     """The check hands the exercise a view at the head of a buffer of NaN: the launcher's reshape and contiguous
     keep it (no copy), so a load without its mask reads the NaN."""
-    from exercises.check import _nan_past_the_end
+    from exercises.checks.rows import _nan_past_the_end
 
     x = torch.arange(6.0).view(2, 3)
     head = _nan_past_the_end(x, 4)
@@ -271,7 +273,7 @@ def test_dropout_check_draws_as_the_numpy_mirror():
     that > for >= and a threshold cut instead of rounded each change an entry."""
     import numpy as np
 
-    from exercises.check import DROPOUT_LAYOUTS, _dropout_draws, _dropout_threshold_cases, _dropout_variants
+    from exercises.checks.dropout import DROPOUT_LAYOUTS, _dropout_draws, _dropout_threshold_cases, _dropout_variants
     from kernels.tiled import dropout_keep_mask, dropout_threshold
 
     seed, bh, Tq, Tk, p = 1234, 1, 5, 45, 0.1
