@@ -89,12 +89,12 @@ def test_train_cli_runs_the_triton_backend_on_the_tiny_preset(device, tmp_path):
     from minigpt.train import build_parser, train
 
     args = build_parser().parse_args([
-        "--preset", "tiny", "--kernels", "triton", "--max-steps", "20", "--eval-interval", "20", "--eval-iters", "2",
+        "--preset", "tiny", "--kernels", "triton", "--max-steps", "8", "--eval-interval", "8", "--eval-iters", "2",
         "--data", "stories", "--max-docs", "200", "--tokenizer", "bytes", "--batch-size", "4",
         "--context-length", "64", "--device", device, "--no-progress", "--lr", "3e-3", "--out-dir", str(tmp_path)])
     summary = train(args)
     rows = summary["metrics"]
-    assert summary["steps"] == 20 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
+    assert summary["steps"] == 8 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
     assert (tmp_path / "checkpoint.pt").exists()
 
 
