@@ -5,6 +5,14 @@
 
 Heavy or optional packages (datasets, tiktoken, matplotlib, triton) are imported where they are used.
 """
+import kernels as _kernels
+
+if not callable(getattr(_kernels, "get_backend", None)):  # found a `kernels` package, and it is not ours
+    raise ImportError(
+        f"the package `kernels` at {getattr(_kernels, '__file__', None) or _kernels.__path__} is not minigpt's own "
+        "(Hugging Face's `kernels`, which transformers >= 5.25 installs, has the same name) — `pip uninstall "
+        "kernels` and `pip install \"transformers<5.25\"`, or give minigpt a virtual environment of its own")
+
 from .config import (
            GPT_CONFIG_124M,
            GPT_CONFIG_LARGE,

@@ -199,3 +199,21 @@ def test_every_flag_of_every_command_line_is_in_its_readme():
             flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
             missing = [f for f in flags if f"`{f}" not in text]
             assert not missing, f"{readme} does not name {module}'s {missing}"
+
+
+def test_another_package_named_kernels_first_on_the_path_is_named_with_the_fix(tmp_path):
+    # Hugging Face's `kernels` (which transformers >= 5.25 installs) takes our top-level package's name: a stand-in for
+    # it, first on the path, must give one message that names it and the way out, not a failure deep in an import
+    other = tmp_path / "elsewhere" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("def get_kernel(name):\n    pass\n")
+    env = {**os.environ, "PYTHONPATH": f"{other.parent}{os.pathsep}{ROOT}"}
+    proc = subprocess.run([sys.executable, "-m", "minigpt.train", "--help"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and str(other / "__init__.py") in last and "pip uninstall kernels" in last, \
+        proc.stderr[-2000:]
+    # our own package first: the same command works
+    ours = subprocess.run([sys.executable, "-m", "minigpt.train", "--help"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert ours.returncode == 0 and "--kernels" in ours.stdout, ours.stderr[-2000:]
