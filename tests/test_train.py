@@ -314,6 +314,7 @@ def test_a_workers_error_is_one_line_and_status_1(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --resume") and "teardown" not in proc.stdout
 
+
 def test_calc_loss_batch_is_the_notebooks_loss_without_the_logits():
     import torch.nn.functional as F
 

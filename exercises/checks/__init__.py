@@ -1,5 +1,7 @@
 """The checks behind ``python -m exercises check``, one function per exercise (``check_<exercise>(module, device)``),
-grouped by the kernels they test; exercises/check.py registers them and runs them.
+grouped by the kernels they test; exercises/check.py registers them and runs them. Each uses the inputs and
+tolerances of its real kernel's tests, on shapes the interpreter runs in a moment (a partial last block or tile,
+widths and head dims that are not powers of two).
 
 - ``compare``: comparing a result with float64 and PyTorch in the same dtype, recording every comparison, and naming
   what the failures have in common.

@@ -1,4 +1,8 @@
-"""Comparing an exercise's result with float64, and saying what went wrong."""
+"""Comparing an exercise's result with float64, and saying what went wrong.
+
+A check calls _compare once per case and output. While run_check runs a check, each call is recorded (passed or not)
+rather than stopping at the first failure, so that the report can list every failing case in one table and name what
+the failures have in common: a NaN, a known wrong variant, or a precision failure."""
 from __future__ import annotations
 
 import math
@@ -13,13 +17,6 @@ LOG2E = 1.4426950408889634  # log2(e): the attention kernels keep log-sum-exps i
 class Mismatch(Exception):
     """An exercise's result differs from float64's; the message says what, by how much, on which input."""
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Comparing with float64, and saying what went wrong
-#
-# A check calls _compare once per case and output. While run_check runs a check, each call is recorded (passed or
-# not) rather than stopping at the first failure, so that the report can list every failing case in one table and
-# name what the failures have in common: a NaN, a known wrong variant, or a precision failure.
 
 NAN_HINT = "NaN in the output: a division by zero or an unmasked load?"
 INF_HINT = "inf in the output: an overflow (exp of a large number?) or a division by zero?"

@@ -10,15 +10,12 @@ import torch
 from .compare import Mismatch, Result, record
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Exercise document_tile_bounds (lesson 12): with packed documents, the first key a query tile visits and the end of
-# the query rows a key tile visits
-#
-# Against a brute-force count over every (query, key) pair of windows packed with documents: row r (position
-# Tk - Tq + r) sees key j when j <= Tk - Tq + r and both lie in one document. From that count alone: a query tile's
-# first_key is the first key any of its rows sees, rounded down to a key tile (the loop steps by block_n); a key
-# tile's last_row is one past the last row that sees any of its keys, at least mid (lesson 6's band, walked
-# anyway). Every number is compared for every tile; a case's row in the table says what its first wrong tile does.
+# With packed documents, the first key a query tile visits and the end of the query rows a key tile visits, against a
+# brute-force count over every (query, key) pair of windows packed with documents: row r (position Tk - Tq + r) sees
+# key j when j <= Tk - Tq + r and both lie in one document. From that count alone: a query tile's first_key is the
+# first key any of its rows sees, rounded down to a key tile (the loop steps by block_n); a key tile's last_row is one
+# past the last row that sees any of its keys, at least mid (lesson 6's band, walked anyway). Every number is compared
+# for every tile; a case's row in the table says what its first wrong tile does.
 
 # (Tq, Tk, block_m, block_n, document lengths), by hand: kernels.explain's example; one document (the bounds
 # without documents); documents of one token; documents that end on tile boundaries; a chunk of queries whose

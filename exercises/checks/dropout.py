@@ -13,13 +13,11 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Exercise dropout_keep_mask (lesson 7): attention's dropout keep mask, drawn from Philox
-#
-# A mask is right or wrong bit for bit, so it is compared entry by entry with the real kernels' mask as
-# kernels/tiled.py rebuilds it in NumPy (``dropout_keep_mask``; tests/test_tiled.py matches it with the kernel's
-# own), for several tilings of the same problem. A known mistake is recognised when the mask is, in every case
-# where that mistake changes anything, exactly the mask the mistake draws (computed here in NumPy).
+# Attention's dropout keep mask, drawn from Philox. A mask is right or wrong bit for bit, so it is compared entry by
+# entry with the real kernels' mask as kernels/tiled.py rebuilds it in NumPy (``dropout_keep_mask``;
+# tests/test_tiled.py matches it with the kernel's own), for several tilings of the same problem. A known mistake is
+# recognised when the mask is, in every case where that mistake changes anything, exactly the mask the mistake draws
+# (computed here in NumPy).
 
 # (seed, heads, Tq, Tk, p, (block_m, block_n)): the same problem under three tilings (a mask that depends on the
 # tiles differs between them), a chunk of queries (Tq < Tk: the last 5 of 45 positions), a decoding step (Tq = 1),

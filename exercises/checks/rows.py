@@ -10,10 +10,6 @@ import torch
 from .compare import _compare, _dtype_name, _generator, _grad, failed_so_far
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The checks, one per exercise: the inputs and tolerances of the real kernel's tests, on shapes the interpreter
-# runs in a moment (a partial last block or tile, widths and head dims that are not powers of two)
-
 GELU_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}  # relative to max(|dx|, 1), as in tests/test_gelu.py
 GELU_SHAPES = [(7,), (1, 1, 1023), (3, 7, 256)]
 
